@@ -1,0 +1,213 @@
+"""Tokenize and chunk corpora with the model's own tokenizer into parquet.
+
+Two layouts, both with `input_ids` and `labels` (-100 = not in the loss) so training and
+evaluation read the same tokens:
+- instruction: one row per prompt -> completion example; the completion mask is TRL's
+  (tokenize prompt and prompt+completion+EOS, the completion starts where they diverge;
+  `trl.data_utils.common_prefix_length`), truncated at chunk_len from the start.
+- lm: the documents joined by a separator into one token stream, cut into chunk_len rows;
+  every token is in the loss. `token_bytes` keeps the UTF-8 bytes each token adds, so
+  bits-per-byte can be computed for any window of the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from transformers import PreTrainedTokenizerBase
+from trl.data_utils import common_prefix_length
+
+from ftcore.config import FormatSpec
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
+# Used to render conversations when the tokenizer has no chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+BATCH = 512
+
+
+class FormatError(ValueError):
+    """A record that does not fit the configured training format."""
+
+
+@dataclass(frozen=True)
+class ChunkStats:
+    docs: int
+    rows: int
+    tokens: int
+    loss_tokens: int
+    skipped: int
+
+    def as_dict(self) -> dict[str, int]:
+        return self.__dict__.copy()
+
+
+# --- records -> (prompt, completion) -----------------------------------------------------------
+
+def _messages(record: dict, style: str) -> list[dict]:
+    if style == "sharegpt":
+        turns = record["conversations"]
+        try:
+            return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+        except KeyError as exc:
+            raise FormatError(f"sharegpt turn has unknown or missing key {exc}; expected from/value") from None
+    return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+
+
+def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages,
+        chat_template=tokenizer.chat_template or CHATML_TEMPLATE,
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
+    )
+
+
+def prompt_completion(record: dict, fmt: FormatSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """One record as TRL's prompt/completion pair (text), for every supported input style."""
+    if fmt.style == "fields":
+        return fmt.prompt_template.format(prompt=record[fmt.prompt_field]), str(record[fmt.completion_field])
+    if fmt.style == "alpaca":
+        extra = record.get("input") or ""
+        prompt = ALPACA_PROMPT.format(
+            ctx=", paired with an input that provides further context" if extra else "",
+            instruction=record["instruction"],
+            input=f"### Input:\n{extra}\n\n" if extra else "",
+        )
+        return prompt, str(record["output"])
+    messages = list(_messages(record, fmt.style))
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        raise FormatError(f"{fmt.style} conversation has no assistant turn after a prompt")
+    prompt = _render_chat(tokenizer, messages[:last], generation_prompt=True)
+    full = _render_chat(tokenizer, messages[: last + 1], generation_prompt=False)
+    if not full.startswith(prompt):
+        raise FormatError("the chat template renders the prompt differently alone; cannot split the completion")
+    return prompt, full[len(prompt):]
+
+
+# --- token byte lengths ------------------------------------------------------------------------
+
+def token_bytes(text: str, offsets: list[tuple[int, int]], limit: int | None = None) -> list[int]:
+    """UTF-8 bytes each token adds to the text (characters up to `limit`; special tokens add 0)."""
+    limit = len(text) if limit is None else limit
+    seen = 0
+    out = []
+    for start, end in offsets:
+        end = min(end, limit)
+        start = max(start, seen)
+        if end > start:
+            out.append(len(text[start:end].encode("utf-8")))
+            seen = end
+        else:
+            out.append(0)
+    return out
+
+
+# --- instruction rows --------------------------------------------------------------------------
+
+def tokenize_instruction(
+    records: pd.DataFrame, fmt: FormatSpec, tokenizer: PreTrainedTokenizerBase, chunk_len: int
+) -> tuple[pd.DataFrame, ChunkStats]:
+    """Prompt/completion rows with TRL's completion mask; labels are -100 outside the completion."""
+    pairs = [prompt_completion(rec, fmt, tokenizer) for rec in records.to_dict("records")]
+    eos = tokenizer.eos_token or ""
+    rows: dict[str, list] = {"doc": [], "input_ids": [], "labels": [], "completion_mask": [], "n_bytes": []}
+    skipped = 0
+    for start in range(0, len(pairs), BATCH):
+        batch = pairs[start : start + BATCH]
+        prompt_ids = tokenizer([p for p, _ in batch])["input_ids"]
+        texts = [p + c + eos for p, c in batch]
+        enc = tokenizer(texts, return_offsets_mapping=True)
+        for i, (p_ids, ids, offsets, (prompt, completion)) in enumerate(
+            zip(prompt_ids, enc["input_ids"], enc["offset_mapping"], batch)
+        ):
+            plen = common_prefix_length(p_ids, ids)
+            ids = ids[:chunk_len]
+            mask = [0] * min(plen, len(ids)) + [1] * max(len(ids) - plen, 0)
+            # Position 0 is never predicted (the shift), so a row needs a completion token after it.
+            if sum(mask[1:]) == 0:
+                skipped += 1
+                continue
+            nbytes = token_bytes(texts[i], offsets[: len(ids)], limit=len(prompt) + len(completion))
+            rows["doc"].append(start + i)
+            rows["input_ids"].append(ids)
+            rows["completion_mask"].append(mask)
+            rows["labels"].append([t if m else -100 for t, m in zip(ids, mask)])
+            rows["n_bytes"].append(sum(b for b, m in zip(nbytes[1:], mask[1:]) if m))
+    df = pd.DataFrame(rows)
+    stats = ChunkStats(
+        docs=len(pairs),
+        rows=len(df),
+        tokens=int(df["input_ids"].map(len).sum()) if len(df) else 0,
+        loss_tokens=int(df["completion_mask"].map(lambda m: sum(m[1:])).sum()) if len(df) else 0,
+        skipped=skipped,
+    )
+    return df, stats
+
+
+# --- language-modelling stream -----------------------------------------------------------------
+
+def tokenize_stream(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, separator: str = "\n\n"
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Token ids and per-token bytes of the documents joined by `separator`; also the skipped count.
+
+    Documents are tokenized one by one (batched) with the separator appended, which matches
+    tokenizing the joined text except possibly at document boundaries and scales to large corpora.
+    """
+    ids: list[np.ndarray] = []
+    nbytes: list[np.ndarray] = []
+    skipped = 0
+    for start in range(0, len(texts), BATCH):
+        batch = [t + separator for t in texts[start : start + BATCH]]
+        enc = tokenizer(batch, add_special_tokens=False, return_offsets_mapping=True)
+        for text, doc_ids, offsets in zip(batch, enc["input_ids"], enc["offset_mapping"]):
+            if len(doc_ids) < 2:
+                skipped += 1
+                continue
+            ids.append(np.asarray(doc_ids, dtype=np.int32))
+            nbytes.append(np.asarray(token_bytes(text, offsets), dtype=np.int32))
+    if not ids:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), skipped
+    return np.concatenate(ids), np.concatenate(nbytes), skipped
+
+
+def chunk_stream(ids: np.ndarray, nbytes: np.ndarray, chunk_len: int) -> pd.DataFrame:
+    """Cut a stream into rows of chunk_len tokens (the last one shorter; dropped under 2 tokens)."""
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "completion_mask": [], "token_bytes": [], "n_bytes": []}
+    for start in range(0, len(ids), chunk_len):
+        piece = ids[start : start + chunk_len]
+        if len(piece) < 2:
+            break
+        piece_bytes = nbytes[start : start + chunk_len]
+        rows["input_ids"].append(piece.tolist())
+        rows["labels"].append(piece.tolist())
+        rows["completion_mask"].append([1] * len(piece))
+        rows["token_bytes"].append(piece_bytes.tolist())
+        rows["n_bytes"].append(int(piece_bytes[1:].sum()))
+    return pd.DataFrame(rows)
+
+
+def tokenize_lm(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, chunk_len: int, separator: str = "\n\n"
+) -> tuple[pd.DataFrame, ChunkStats]:
+    """Raw language-modelling chunks: every token of the joined documents is in the loss."""
+    ids, nbytes, skipped = tokenize_stream(texts, tokenizer, separator)
+    df = chunk_stream(ids, nbytes, chunk_len)
+    stats = ChunkStats(
+        docs=len(texts),
+        rows=len(df),
+        tokens=int(len(ids)),
+        loss_tokens=int(sum(len(r) - 1 for r in df["input_ids"])) if len(df) else 0,
+        skipped=skipped,
+    )
+    return df, stats

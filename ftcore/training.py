@@ -1,0 +1,255 @@
+"""The training arms: one SFTTrainer setup; arms differ by their training mix and a PEFT config.
+
+- full:   full fine-tune on the domain training rows.
+- replay: the same, with general-text chunks added until they are `replay_ratio` of the tokens.
+- lora:   LoRA adapters (peft) on the domain rows, with LoRA's own learning rate.
+
+An arm's directory holds `checkpoints/` (resume points, TensorBoard under checkpoints/runs),
+`train_log.jsonl` (every logged loss), then `model/` (full weights; for LoRA when merged) or
+`adapter/`, and last `train_summary.json`, written only when the arm finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import PrinterCallback, TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from ftcore.config import StudyConfig
+from ftcore.io import atomic_path, write_json
+from ftcore.models import load_model, load_tokenizer
+
+log = logging.getLogger("ftcore.training")
+datasets.disable_progress_bars()  # TRL's per-map bars flood task logs; ProgressLog reports instead
+SUMMARY = "train_summary.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the arm stops instead of saving garbage."""
+
+
+# --- device and precision ----------------------------------------------------------------------
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+# --- the training mix --------------------------------------------------------------------------
+
+def build_training_mix(domain: pd.DataFrame, replay: pd.DataFrame | None, ratio: float, seed: int) -> pd.DataFrame:
+    """Domain rows plus replay rows drawn (by seed) until replay is `ratio` of all training tokens."""
+    cols = ["input_ids", "completion_mask"]
+    mix = domain[cols].assign(source="domain")
+    if replay is None or ratio == 0:
+        return mix.reset_index(drop=True)
+    domain_tokens = int(domain["input_ids"].map(len).sum())
+    want = ratio / (1 - ratio) * domain_tokens
+    order = np.random.default_rng(seed).permutation(len(replay))
+    lengths = replay["input_ids"].map(len).to_numpy()[order]
+    cumulative = np.cumsum(lengths)
+    if cumulative[-1] < want:
+        raise ValueError(
+            f"replay: {int(cumulative[-1])} tokens available, {int(want)} needed for replay_ratio={ratio}; "
+            "raise replay.max_docs or lower replay_ratio"
+        )
+    # Take the prefix whose token count lands closest to the target.
+    n = int(np.searchsorted(cumulative, want))
+    if n > 0 and abs(cumulative[n - 1] - want) <= abs(cumulative[n] - want):
+        n -= 1
+    picked = replay.iloc[order[: n + 1]][cols].assign(source="replay")
+    return pd.concat([mix, picked], ignore_index=True)
+
+
+def replay_share(mix: pd.DataFrame) -> float:
+    tokens = mix["input_ids"].map(len)
+    return float(tokens[mix["source"] == "replay"].sum() / tokens.sum())
+
+
+# --- trainer setup -----------------------------------------------------------------------------
+
+def sft_config(cfg: StudyConfig, arm: str, out_dir: Path) -> SFTConfig:
+    """The recipe's values, set explicitly: SFTConfig defaults (bf16, checkpointing, lr 2e-5) differ."""
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    t = cfg.train
+    return SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=cfg.lora.learning_rate if arm == "lora" else t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        bf16=precision == "bf16",
+        fp16=False,
+        activation_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        data_seed=t.seed,
+        use_cpu=device == "cpu",
+        report_to=["tensorboard"],
+        disable_tqdm=True,
+        completion_only_loss=True,
+        max_length=cfg.chunk_len,
+        packing=False,
+        dataloader_num_workers=0,
+    )
+
+
+def peft_config(cfg: StudyConfig) -> LoraConfig:
+    lora = cfg.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+
+
+class LossLog(TrainerCallback):
+    """Append every logged loss to train_log.jsonl; stop the arm on a non-finite loss."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        _truncate_log(path, resume_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        loss = float(logs["loss"])
+        entry = {"step": state.global_step, "epoch": state.epoch, "loss": loss,
+                 "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"), "time": time.time()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        log.info("step %d: loss %.4f", state.global_step, loss)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"training loss became {loss} at step {state.global_step}; lower the learning rate")
+
+
+class ProgressLog(TrainerCallback):
+    """Periodic `steps done/total, ETA` lines for long training runs."""
+
+    def __init__(self, label: str, every: float = 15.0):
+        self.label, self.every = label, every
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first, self.last = time.monotonic(), state.global_step, 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        if now - self.last < self.every and state.global_step < state.max_steps:
+            return
+        self.last = now
+        rate = (state.global_step - self.first) / max(now - self.start, 1e-9)
+        eta = (state.max_steps - state.global_step) / rate if rate else float("inf")
+        log.info("%s: step %d/%d, %.2f steps/s, ETA %.0fs", self.label, state.global_step, state.max_steps, rate, eta)
+
+
+def _truncate_log(path: Path, resume_step: int) -> None:
+    """Drop log lines past the resume step: the steps after the checkpoint are trained again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+# --- the arm -----------------------------------------------------------------------------------
+
+def train_arm(
+    cfg: StudyConfig,
+    arm: str,
+    model_dir: str | Path,
+    train_path: str | Path,
+    out_dir: str | Path,
+    replay_path: str | Path | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict[str, Any]:
+    """Train one arm into `out_dir`, resuming from its newest checkpoint; return the summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)
+    replay = pd.read_parquet(replay_path) if arm == "replay" else None
+    mix = build_training_mix(pd.read_parquet(train_path), replay, cfg.replay_ratio if arm == "replay" else 0, cfg.train.seed)
+    dataset = datasets.Dataset.from_pandas(mix[["input_ids", "completion_mask"]], preserve_index=False)
+
+    args = sft_config(cfg, arm, out_dir)
+    checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if checkpoint:
+        log.info("train-%s: resuming from %s", arm, checkpoint)
+    tokenizer = load_tokenizer(model_dir)
+    trainer = SFTTrainer(
+        model=load_model(model_dir),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg) if arm == "lora" else None,
+        callbacks=[LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)), ProgressLog(f"train-{arm}"),
+                   *(callbacks or [])],
+    )
+    trainer.remove_callback(PrinterCallback)  # LossLog and ProgressLog report instead of raw dicts
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    _save_arm(trainer, tokenizer, arm, out_dir, merge=cfg.lora.merge)
+    summary = {
+        "arm": arm,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": _checkpoint_step(checkpoint),
+        "train_loss": result.training_loss,
+        "seconds": time.monotonic() - started,
+        "rows": len(mix),
+        "tokens_per_epoch": int(mix["input_ids"].map(len).sum()),
+        "replay_share": replay_share(mix),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+    write_json(summary, out_dir / SUMMARY)
+    return summary
+
+
+def _save_arm(trainer: SFTTrainer, tokenizer, arm: str, out_dir: Path, merge: bool) -> None:
+    model = trainer.model
+    if isinstance(model, PeftModel):
+        with atomic_path(out_dir / "adapter") as tmp:
+            model.save_pretrained(tmp)
+        if not merge:
+            return
+        model = model.merge_and_unload()
+    with atomic_path(out_dir / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def load_arm_model(arm_dir: str | Path, base_dir: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """A finished arm's model for evaluation: full weights, or the base with its adapter merged in."""
+    arm_dir = Path(arm_dir)
+    if not (arm_dir / SUMMARY).exists():
+        raise FileNotFoundError(f"{arm_dir} has no {SUMMARY}: the arm did not finish training")
+    if (arm_dir / "model").is_dir():
+        return load_model(arm_dir / "model", device=device)
+    model = PeftModel.from_pretrained(load_model(base_dir), arm_dir / "adapter")
+    return model.merge_and_unload().to(device)
