@@ -138,7 +138,7 @@ class StudyConfig(_Frozen):
     replay: CorpusSpec | None = Field(None, description="General text mixed into the replay arm; must be disjoint from `general`.")
     test_docs: int = Field(1000, gt=0, description="Domain documents held out for evaluation.")
     split_seed: int = Field(0, description="Seed of the train/test split of the domain corpus.")
-    format: FormatSpec = Field(default_factory=FormatSpec, description="How domain documents become training examples.")
+    format: FormatSpec = Field(default_factory=FormatSpec, description="Training-example format of the domain corpus: instruction (prompt -> completion) or raw lm.")
     chunk_len: int = Field(512, ge=8, description="Tokens per training example / evaluation window.")
     general_separator: str = Field("\n\n", description="Text between documents of the general and replay streams.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Training hyper-parameters of every arm.")

@@ -1,0 +1,28 @@
+# Two commands from a fresh clone: `make test` and `make demo`. Both create .venv and install first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+
+.PHONY: install test demo smoke clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+smoke: $(STAMP)
+	$(VENV)/bin/ftstudy run --preset smoke
+
+demo: $(STAMP)
+	$(VENV)/bin/ftstudy run --preset demo
+
+clean:
+	rm -rf $(VENV) .prefect artifacts

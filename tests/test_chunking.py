@@ -1,0 +1,100 @@
+"""Tokenize and chunk: lm chunks, TRL's completion mask, input styles, bytes per token."""
+
+import datasets
+import pandas as pd
+import pytest
+from trl import SFTConfig, SFTTrainer
+
+from ftcore.chunking import chunk_stream, prompt_completion, token_bytes, tokenize_instruction, tokenize_lm, tokenize_stream
+from ftcore.config import FormatSpec
+from ftcore.models import load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return load_tokenizer(tiny_model)
+
+
+def test_lm_chunks_cover_the_stream(tok):
+    texts = ["The first document is here.", "A second one, a bit longer than the first one."]
+    ids, nbytes, skipped = tokenize_stream(texts, tok, "\n\n")
+    assert skipped == 0
+    assert tok.decode(ids.tolist()) == "The first document is here.\n\nA second one, a bit longer than the first one.\n\n"
+    assert nbytes.sum() == len("\n\n".join(texts).encode()) + 2
+    df, stats = tokenize_lm(texts, tok, chunk_len=8)
+    assert all(len(r) == 8 for r in df.input_ids[:-1]) and 2 <= len(df.input_ids.iloc[-1]) <= 8
+    assert sum(len(r) for r in df.input_ids) == stats.tokens == len(ids)
+    assert all(list(i) == list(l) for i, l in zip(df.input_ids, df.labels))  # every token in the loss
+    assert df.n_bytes.tolist() == [sum(b[1:]) for b in df.token_bytes]
+
+
+def test_too_short_documents_are_skipped_and_counted(tok):
+    _, _, skipped = tokenize_stream(["", "long enough text"], tok, "")
+    assert skipped == 1
+
+
+def test_chunk_stream_drops_a_one_token_tail():
+    import numpy as np
+    df = chunk_stream(np.arange(9), np.ones(9, int), 4)
+    assert [len(r) for r in df.input_ids] == [4, 4]
+
+
+def test_token_bytes_counts_multibyte_once():
+    text = "héllo"
+    # two tokens sharing the offsets of one character must not count it twice
+    assert token_bytes(text, [(0, 1), (1, 2), (1, 2), (2, 5)]) == [1, 2, 0, 3]
+    assert token_bytes(text + "<eos>", [(0, 5), (5, 10)], limit=5) == [6, 0]
+
+
+def test_completion_mask_prompt_is_ignored(tok):
+    fmt = FormatSpec(prompt_field="t", completion_field="c", prompt_template="Title: {prompt}\nAbstract: ")
+    records = pd.DataFrame({"t": ["Deep nets", "Sparse graphs"], "c": ["We study deep nets.", "Graphs are sparse."]})
+    df, stats = tokenize_instruction(records, fmt, tok, chunk_len=128)
+    assert stats.rows == 2 and stats.skipped == 0
+    for row, rec in zip(df.itertuples(), records.itertuples()):
+        prompt_len = len(tok("Title: " + rec.t + "\nAbstract: ")["input_ids"])
+        ids, labels = list(row.input_ids), list(row.labels)
+        assert labels[:prompt_len] == [-100] * prompt_len
+        assert labels[prompt_len:] == ids[prompt_len:]
+        assert ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[prompt_len:-1]) == rec.c
+        assert row.n_bytes == len(rec.c.encode())
+
+
+def test_mask_matches_trl_own_preparation(tiny_model, tok, tmp_path):
+    """Our parquet rows equal what SFTTrainer builds from the raw prompt/completion pairs."""
+    fmt = FormatSpec(prompt_field="t", completion_field="c", prompt_template="Q: {prompt}\nA: ")
+    records = pd.DataFrame({"t": ["one", "two words", "three more words"], "c": ["alpha beta", "gamma", "delta epsilon zeta"]})
+    ours, _ = tokenize_instruction(records, fmt, tok, chunk_len=64)
+    pairs = [prompt_completion(r, fmt, tok) for r in records.to_dict("records")]
+    raw = datasets.Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
+    args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=64, report_to="none", use_cpu=True,
+                     bf16=False, activation_checkpointing=False)
+    trainer = SFTTrainer(model=load_model(tiny_model), args=args, train_dataset=raw, processing_class=tok)
+    prepared = trainer.train_dataset
+    assert [list(x) for x in prepared["input_ids"]] == [list(x) for x in ours.input_ids]
+    assert [list(x) for x in prepared["labels"]] == [list(x) for x in ours.labels]
+
+
+def test_truncation_and_prompt_filling_the_chunk(tok):
+    fmt = FormatSpec(prompt_field="t", completion_field="c", prompt_template="{prompt}")
+    records = pd.DataFrame({"t": ["word " * 50, "short"], "c": ["the completion", "x " * 100]})
+    df, stats = tokenize_instruction(records, fmt, tok, chunk_len=16)
+    assert stats.skipped == 1 and stats.rows == 1  # the first prompt alone fills the chunk
+    assert len(df.input_ids.iloc[0]) == 16
+
+
+def test_alpaca_sharegpt_chatml(tok):
+    p, c = prompt_completion({"instruction": "Sum", "input": "1 2", "output": "3"}, FormatSpec(style="alpaca"), tok)
+    assert "### Instruction:\nSum" in p and "### Input:\n1 2" in p and p.endswith("### Response:\n") and c == "3"
+    p, _ = prompt_completion({"instruction": "Sum", "input": "", "output": "3"}, FormatSpec(style="alpaca"), tok)
+    assert "### Input" not in p
+    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]
+    p, c = prompt_completion({"conversations": conv}, FormatSpec(style="sharegpt"), tok)
+    assert p.endswith("<|im_start|>assistant\n") and "Be brief." in p and c.startswith("Hello!")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    p2, c2 = prompt_completion({"messages": msgs}, FormatSpec(style="chatml"), tok)
+    assert c2 == c and p2.endswith("<|im_start|>assistant\n")
+    df, _ = tokenize_instruction(pd.DataFrame({"messages": [msgs]}), FormatSpec(style="chatml"), tok, 64)
+    completion = [t for t, lab in zip(df.input_ids[0], df.labels[0]) if lab != -100]
+    assert tok.decode(completion).startswith("Hello!")

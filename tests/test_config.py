@@ -1,0 +1,88 @@
+"""Config validation names the field; presets hold the seed recipe's values; overrides parse."""
+
+import pytest
+from pydantic import ValidationError
+
+from ftcore.config import PRESETS, ConfigError, StudyConfig, describe_error, load_config, parse_override
+
+
+def _error_fields(exc: ValidationError) -> list[str]:
+    return [".".join(map(str, e["loc"])) for e in exc.errors()]
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"train": {"learning_rate": -1}}, "train.learning_rate"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"replay_ratio": 1.0}, "replay_ratio"),
+        ({"replay_ratio": -0.1}, "replay_ratio"),
+        ({"arms": ["full", "dpo"]}, "arms.1"),
+        ({"chunk_len": 2}, "chunk_len"),
+        ({"lora": {"r": 0}}, "lora.r"),
+        ({"domain": {"source": "ftp", "path": "x"}}, "domain.source"),
+        ({"eval": {"precision": "fp8"}}, "eval.precision"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ValidationError) as info:
+        load_config("smoke", **override)
+    assert field in _error_fields(info.value)
+    assert field in describe_error(info.value)
+
+
+def test_cross_field_errors_say_what_is_wrong():
+    with pytest.raises(ValidationError, match="replay .*not set"):
+        load_config("smoke", replay=None)
+    with pytest.raises(ValidationError, match="duplicates"):
+        load_config("smoke", arms=["full", "full"])
+    with pytest.raises(ValidationError, match="stride"):
+        load_config("smoke", eval={"stride": 10_000})
+    with pytest.raises(ValidationError, match="prompt_template"):
+        load_config("smoke", format={"prompt_template": "no slot"})
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="demo.*seed.*smoke"):
+        load_config("nope")
+
+
+def test_seed_preset_holds_the_reference_recipe():
+    cfg = load_config("seed")
+    assert cfg.model.name == "gpt2-medium" and cfg.model.source == "hub"
+    assert (cfg.general.path, cfg.general.subset, cfg.general.split) == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+    assert cfg.replay.subset == "wikitext-103-raw-v1" and cfg.replay.split == "train"
+    assert cfg.domain.max_docs == 10000 and cfg.test_docs == 1000
+    assert cfg.chunk_len == 512
+    t = cfg.train
+    assert (t.batch_size, t.grad_accum, t.learning_rate, t.epochs, t.logging_steps) == (4, 8, 5e-5, 2, 50)
+    assert cfg.replay_ratio == 0.1 and cfg.arms == ("full", "replay", "lora")
+    assert cfg.format.kind == "instruction"
+
+
+def test_presets_validate_and_are_frozen():
+    for name in PRESETS:
+        cfg = load_config(name)
+        assert isinstance(cfg, StudyConfig)
+    with pytest.raises(ValidationError):
+        cfg.chunk_len = 3
+
+
+def test_overrides_are_dotted_and_json_typed():
+    assert parse_override("train.learning_rate=1e-4") == {"train": {"learning_rate": 1e-4}}
+    assert parse_override('arms=["full"]') == {"arms": ["full"]}
+    assert parse_override("name=my study") == {"name": "my study"}
+    cfg = load_config("smoke", ["train.max_steps=3", 'arms=["lora"]'])
+    assert cfg.train.max_steps == 3 and cfg.arms == ("lora",)
+    with pytest.raises(ConfigError, match="field=value"):
+        parse_override("train.max_steps")
+
+
+def test_schema_documents_every_field():
+    schema = StudyConfig.model_json_schema()
+    missing = [name for name, prop in schema["properties"].items() if "description" not in prop]
+    assert not missing
+    for sub in ("TrainSpec", "LoraSpec", "EvalSpec", "CorpusSpec", "FormatSpec", "ModelSpec"):
+        props = schema["$defs"][sub]["properties"]
+        assert all("description" in p for p in props.values()), sub

@@ -1,0 +1,87 @@
+"""Corpus sources: local formats, field checks, fingerprints by content, deterministic split."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from ftcore.config import CorpusSpec, FormatSpec
+from ftcore.corpora import CorpusError, document_texts, load_corpus, split_train_test
+
+
+def test_csv_fields_and_fingerprint(corpus_files):
+    spec = CorpusSpec(source="file", path=str(corpus_files["domain"]), text_fields=("titles", "summaries"))
+    corpus = load_corpus(spec, "domain")
+    assert len(corpus) == 40 and list(corpus.records.columns) == ["titles", "summaries"]
+    texts = document_texts(corpus, spec.text_fields)
+    assert texts[0].startswith(corpus.records.titles[0] + "\n\n")
+    assert load_corpus(spec, "domain").fingerprint == corpus.fingerprint
+
+
+def test_fingerprint_follows_content_not_path(corpus_files, tmp_path):
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(corpus_files["domain"].read_bytes())
+    a = load_corpus(CorpusSpec(source="file", path=str(corpus_files["domain"]), text_fields=("titles",)), "domain")
+    b = load_corpus(CorpusSpec(source="file", path=str(copy), text_fields=("titles",)), "domain")
+    assert a.fingerprint == b.fingerprint
+    df = pd.read_csv(copy)
+    df.loc[3, "titles"] = "A changed title."
+    df.to_csv(copy, index=False)
+    c = load_corpus(CorpusSpec(source="file", path=str(copy), text_fields=("titles",)), "domain")
+    assert c.fingerprint != a.fingerprint
+    # A field the study does not use does not change the fingerprint.
+    df = pd.read_csv(corpus_files["domain"]).assign(extra="x")
+    df.to_csv(copy, index=False)
+    d = load_corpus(CorpusSpec(source="file", path=str(copy), text_fields=("titles",)), "domain")
+    assert d.fingerprint == a.fingerprint
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "text"])
+def test_other_file_formats(tmp_path, fmt):
+    docs = ["first document", "", "second document", "third"]
+    if fmt == "jsonl":
+        path = tmp_path / "c.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    elif fmt == "parquet":
+        path = tmp_path / "c.parquet"
+        pd.DataFrame({"text": docs}).to_parquet(path)
+    else:
+        path = tmp_path / "c.txt"
+        path.write_text("\n".join(docs) + "\n")
+    corpus = load_corpus(CorpusSpec(source="file", path=str(path), max_docs=2), "general")
+    assert corpus.records["text"].tolist() == ["first document", "second document"]
+
+
+def test_instruction_format_uses_its_fields(corpus_files):
+    spec = CorpusSpec(source="file", path=str(corpus_files["domain"]))
+    fmt = FormatSpec(prompt_field="titles", completion_field="summaries")
+    assert list(load_corpus(spec, "domain", fmt).records.columns) == ["titles", "summaries"]
+
+
+def test_split_is_deterministic_disjoint_and_sized(corpus_files):
+    corpus = load_corpus(CorpusSpec(source="file", path=str(corpus_files["domain"]), text_fields=("titles",)), "domain")
+    train, test = split_train_test(corpus, 8, seed=1)
+    again_train, again_test = split_train_test(corpus, 8, seed=1)
+    assert len(test) == 8 and len(train) == 32
+    assert test.records.equals(again_test.records) and train.fingerprint == again_train.fingerprint
+    assert not set(test.records.titles) & set(train.records.titles) or corpus.records.titles.duplicated().any()
+    other, _ = split_train_test(corpus, 8, seed=2)
+    assert other.fingerprint != train.fingerprint
+
+
+def test_bad_inputs_name_field_and_file(corpus_files, tmp_path):
+    with pytest.raises(CorpusError, match=r"domain\.path: file .*missing\.csv does not exist"):
+        load_corpus(CorpusSpec(source="file", path=str(tmp_path / "missing.csv")), "domain")
+    with pytest.raises(CorpusError, match=r"\['abstract'\] not in .*its fields are \['titles', 'summaries'\]"):
+        load_corpus(CorpusSpec(source="file", path=str(corpus_files["domain"]), text_fields=("abstract",)), "domain")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(CorpusError, match="general.path: .*not UTF-8"):
+        load_corpus(CorpusSpec(source="file", path=str(latin1)), "general")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(CorpusError, match="no non-empty documents"):
+        load_corpus(CorpusSpec(source="file", path=str(empty)), "general")
+    corpus = load_corpus(CorpusSpec(source="file", path=str(corpus_files["domain"]), text_fields=("titles",)), "domain")
+    with pytest.raises(CorpusError, match=r"test_docs \(40\) must be smaller than the 40"):
+        split_train_test(corpus, 40, seed=0)

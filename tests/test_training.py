@@ -1,0 +1,107 @@
+"""Each arm trains, logs finite losses and changes what it should; replay ratio; resume."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainerState
+
+from ftcore import study
+from ftcore.training import LossLog, NonFiniteLossError, build_training_mix, replay_share
+
+
+@pytest.fixture
+def prepared(study_config):
+    cfg = study_config(train={"max_steps": 4, "save_steps": 2, "logging_steps": 1})
+    study.check_artifacts_dir(cfg)
+    model = study.fetch_model(cfg)
+    domain = study.tokenize_domain(cfg, model, study.fingerprint_corpus(cfg, "domain"))
+    replay = study.tokenize_stream(cfg, "replay", model, study.fingerprint_corpus(cfg, "replay"))
+    return cfg, model, domain, replay
+
+
+class Snapshot(TrainerCallback):
+    """Parameters before and after training, by name."""
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def changed(self):
+        return {n for n in self.before if not torch.equal(self.before[n], self.after[n])}
+
+
+def _log(arm_dir):
+    return [json.loads(line) for line in (Path(arm_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arm", ["full", "replay", "lora"])
+def test_arm_trains_and_changes_its_trainable_parameters(prepared, arm):
+    cfg, model, domain, replay = prepared
+    snap = Snapshot()
+    result = study.train_arm(cfg, arm, model, domain, replay, callbacks=[snap])
+    log = _log(result["dir"])
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
+    assert result["summary"]["steps"] == 4
+    # every trainable parameter changed, nothing else did (for LoRA: only the adapter)
+    assert snap.changed() == snap.trainable
+    if arm == "lora":
+        assert snap.trainable and all("lora_" in n for n in snap.trainable)
+        assert (Path(result["dir"]) / "adapter" / "adapter_model.safetensors").is_file()
+        assert not (Path(result["dir"]) / "model").exists()
+    else:
+        saved = load_file(Path(result["dir"]) / "model" / "model.safetensors")
+        base = load_file(Path(model["path"]) / "model.safetensors")
+        assert any(not torch.equal(saved[k], base[k]) for k in base)
+    assert any((Path(result["dir"]) / "checkpoints").glob("runs/*/events.out.tfevents.*"))
+
+
+def test_replay_mix_has_the_requested_ratio(prepared):
+    _, _, domain, replay = prepared
+    train = pd.read_parquet(domain["train"])
+    replay_rows = pd.read_parquet(replay["path"])
+    for ratio in (0.1, 0.25):
+        mix = build_training_mix(train, replay_rows, ratio, seed=0)
+        tolerance = max(len(r) for r in replay_rows.input_ids) / mix.input_ids.map(len).sum()
+        assert replay_share(mix) == pytest.approx(ratio, abs=tolerance)
+        assert (mix.source == "domain").sum() == len(train)  # every domain row is kept
+    with pytest.raises(ValueError, match="replay.max_docs"):
+        build_training_mix(train, replay_rows.head(1), 0.5, seed=0)
+
+
+class Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 3:
+            raise KeyboardInterrupt("simulated kill after step 3")
+
+
+def test_resume_continues_from_the_checkpoint(prepared, study_config, tmp_path):
+    cfg, model, domain, replay = prepared
+    with pytest.raises(KeyboardInterrupt):
+        study.train_arm(cfg, "full", model, domain, replay, callbacks=[Crash()])
+    result = study.train_arm(cfg, "full", model, domain, replay)
+    assert result["summary"]["resumed_from_step"] == 2
+    assert [e["step"] for e in _log(result["dir"])] == [1, 2, 3, 4]
+    # an uninterrupted run elsewhere ends with the same weights
+    clean_cfg = cfg.model_copy(update={"artifacts_dir": str(tmp_path / "clean")})
+    clean = study.train_arm(clean_cfg, "full", model, domain, replay)
+    a = load_file(Path(result["dir"]) / "model" / "model.safetensors")
+    b = load_file(Path(clean["dir"]) / "model" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert _log(result["dir"])[-1]["loss"] == pytest.approx(_log(clean["dir"])[-1]["loss"], rel=1e-5)
+
+
+def test_non_finite_loss_stops_the_arm(tmp_path):
+    callback = LossLog(tmp_path / "train_log.jsonl", resume_step=0)
+    state = TrainerState(global_step=7, epoch=0.5)
+    callback.on_log(None, state, None, logs={"loss": 2.5})
+    with pytest.raises(NonFiniteLossError, match="nan at step 7"):
+        callback.on_log(None, state, None, logs={"loss": float("nan")})
+    assert [e["step"] for e in _log(tmp_path)] == [7, 7]  # the bad value is logged before stopping
