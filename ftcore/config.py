@@ -151,6 +151,14 @@ class StudyConfig(_Frozen):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train and evaluate.")
     artifacts_dir: str = Field("artifacts", description="Root of every artifact, cache and report.")
+    executor: Literal["subprocess", "work-pool"] = Field(
+        "subprocess",
+        description="How arms train: subprocess = a child process per arm on this machine, one per device; "
+        "work-pool = each arm as a run of the train-arm deployment, on whichever worker picks it up.",
+    )
+    train_deployment: str = Field(
+        "train-arm/ftstudy-train-arm", description="Deployment (flow/deployment) that the work-pool executor runs."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ftcore.config import CorpusSpec, FormatSpec
-from ftcore.io import hash_texts
+from ftcore.io import hash_file, hash_texts
 
 FILE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".raw": "text"}
 STYLE_FIELDS = {
@@ -99,6 +99,18 @@ def _read_hub(spec: CorpusSpec) -> pd.DataFrame:
 
     ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split, revision=spec.revision)
     return ds.to_pandas()
+
+
+def source_version(spec: CorpusSpec, role: str) -> str:
+    """Cheap identity of the source's current content: the file's bytes, or the Hub dataset's commit."""
+    if spec.source == "file":
+        path = Path(spec.path).expanduser()
+        if not path.is_file():
+            raise CorpusError(f"{role}.path: file {path} does not exist; point {role}.path at a csv/jsonl/parquet/txt file")
+        return hash_file(path)
+    from huggingface_hub import HfApi
+
+    return HfApi().dataset_info(spec.path, revision=spec.revision).sha
 
 
 def _is_empty(value: object) -> bool:

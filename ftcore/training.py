@@ -149,21 +149,23 @@ class LossLog(TrainerCallback):
 
 
 class ProgressLog(TrainerCallback):
-    """Periodic `steps done/total, ETA` lines for long training runs."""
+    """Periodic `steps done/total, ETA` lines, and progress.json for whoever watches the arm."""
 
-    def __init__(self, label: str, every: float = 15.0):
-        self.label, self.every = label, every
+    def __init__(self, label: str, path: Path | None = None, every: float = 15.0):
+        self.label, self.path, self.every = label, path, every
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.first, self.last = time.monotonic(), state.global_step, 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.monotonic()
+        rate = (state.global_step - self.first) / max(now - self.start, 1e-9)
+        eta = (state.max_steps - state.global_step) / rate if rate else float("inf")
+        if self.path is not None:
+            write_json({"step": state.global_step, "max_steps": state.max_steps, "eta_s": eta}, self.path)
         if now - self.last < self.every and state.global_step < state.max_steps:
             return
         self.last = now
-        rate = (state.global_step - self.first) / max(now - self.start, 1e-9)
-        eta = (state.max_steps - state.global_step) / rate if rate else float("inf")
         log.info("%s: step %d/%d, %.2f steps/s, ETA %.0fs", self.label, state.global_step, state.max_steps, rate, eta)
 
 
@@ -209,7 +211,7 @@ def train_arm(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config(cfg) if arm == "lora" else None,
-        callbacks=[LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)), ProgressLog(f"train-{arm}"),
+        callbacks=[LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)), ProgressLog(f"train-{arm}", out_dir / "progress.json"),
                    *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # LossLog and ProgressLog report instead of raw dicts

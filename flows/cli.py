@@ -1,0 +1,121 @@
+"""`ftstudy run` and `ftstudy show`: the flow with an embedded Prefect server, and its results.
+
+Prefect reads its settings when it is imported, so the environment is prepared first: unless the
+user set them, PREFECT_HOME lives under the artifacts root (nothing is written to ~/.prefect) and
+the embedded server gets time to start on a slow machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftstudy", description="What does fine-tuning cost you? "
+                                     "Domain gain vs general forgetting for full FT, FT+replay and LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the study flow and print the table")
+    run.add_argument("--preset", default="smoke", help="smoke (seconds, tiny model), demo (offline SmolLM2, CPU), "
+                     "seed (the reference recipe: gpt2-medium, Hub data, GPU)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                     help="override a config field, dotted, value as JSON when it parses (repeatable)")
+    run.add_argument("--artifacts", help="artifacts root (default: the preset's, ./artifacts)")
+    show = sub.add_parser("show", help="print the latest results found under an artifacts root")
+    show.add_argument("artifacts", nargs="?", default="artifacts", help="artifacts root (default ./artifacts)")
+    sub.add_parser("config", help="print the config schema (JSON)")
+    return parser
+
+
+def _prepare_env(artifacts: Path) -> None:
+    os.environ.setdefault("PREFECT_HOME", str(artifacts.resolve() / ".prefect"))
+    try:
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(_fail(f"artifacts_dir: cannot create {os.environ['PREFECT_HOME']} ({exc.strerror}); "
+                               "choose a writable --artifacts directory"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ftcore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _load(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from ftcore.config import ConfigError, describe_error, load_config
+
+    fields = {"artifacts_dir": args.artifacts} if args.artifacts else {}
+    try:
+        return load_config(args.preset, args.overrides, **fields)
+    except ValidationError as exc:
+        raise SystemExit(_fail("invalid config:\n" + describe_error(exc)))
+    except ConfigError as exc:
+        raise SystemExit(_fail(str(exc)))
+
+
+def _fail(message: str) -> int:
+    print(f"ftstudy: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def print_results(results: dict) -> None:
+    print(Path(results["table"]).with_name("table.md").read_text())
+    print(f"report: {results['report']}")
+    for name in ("perplexity", "tradeoff", "loss"):
+        if name in results:
+            print(f"plot:   {results[name]}")
+    table_dir = Path(results["report"]).parent
+    print(f"models: see the 'model' lines of {table_dir / 'report.md'}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _prepare_env(Path(cfg.artifacts_dir).expanduser())
+    from ftcore.corpora import CorpusError
+    from ftcore.models import ModelError
+    from ftcore.study import StudyError
+    from flows.study import study_flow
+
+    state = study_flow(config=cfg, return_state=True)
+    if state.is_completed():
+        print_results(state.result())
+        return EXIT_OK
+    try:
+        state.result()
+    except (CorpusError, ModelError, StudyError) as exc:
+        return _fail(str(exc))
+    except Exception as exc:  # the flow's own failure (e.g. a failed arm): say what and where
+        print(f"ftstudy: study failed: {exc}", file=sys.stderr)
+        latest = Path(cfg.artifacts_dir).expanduser() / "latest.json"
+        if latest.exists():
+            print_results(json.loads(latest.read_text()))
+    return EXIT_FAILED
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    latest = Path(args.artifacts) / "latest.json"
+    if not latest.exists():
+        return _fail(f"no results under {args.artifacts} (no latest.json); run `ftstudy run` first")
+    print_results(json.loads(latest.read_text()))
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from ftcore.config import StudyConfig
+
+    print(json.dumps(StudyConfig.model_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return {"run": cmd_run, "show": cmd_show, "config": cmd_config}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

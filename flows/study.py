@@ -1,0 +1,87 @@
+"""The study DAG: fetch -> tokenize -> baseline eval -> arms fan out -> final evals -> results.
+
+Arms are submitted together; each holds a device slot while it trains, so they run side by side
+on a multi-GPU machine and one after another on a CPU. An arm that fails does not stop the
+others: its evaluations are skipped, the report lists it, and the flow ends Failed after the
+results are written, so schedules and alerts notice while the finished arms are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from ftcore import study
+from ftcore.config import StudyConfig
+from tasks import steps
+
+
+def _tasks(cfg: StudyConfig) -> SimpleNamespace:
+    """The steps with result storage under this study's artifacts root (shared by every worker)."""
+    storage = Path(cfg.artifacts_dir).expanduser().resolve() / ".prefect-results"
+    names = ("fingerprint_corpus", "fetch_model", "tokenize_domain", "tokenize_stream", "evaluate", "train_arm",
+             "write_results")
+    return SimpleNamespace(**{n: getattr(steps, n).with_options(result_storage=storage) for n in names})
+
+
+@flow(name="ftstudy", flow_run_name="study-{config.name}", log_prints=True)
+def study_flow(config: StudyConfig) -> dict[str, Any]:
+    """Measure what fine-tuning costs: domain gain vs general forgetting for each arm."""
+    cfg = config
+    log = get_run_logger()
+    t = _tasks(cfg)
+    study.check_artifacts_dir(cfg)
+    roles = ["domain", "general"] + (["replay"] if "replay" in cfg.arms else [])
+    # Fingerprints first: a bad corpus fails here, before any model is loaded.
+    fps = {role: t.fingerprint_corpus(cfg, role) for role in roles}
+    model = t.fetch_model(cfg)
+    domain = t.tokenize_domain(cfg, model, fps["domain"])
+    general = t.tokenize_stream(cfg, "general", model, fps["general"])
+    replay = t.tokenize_stream(cfg, "replay", model, fps["replay"]) if "replay" in roles else None
+    data = {"domain": domain, "general": general}
+
+    base = [t.evaluate.submit(cfg, model, data[w], w) for w in data]
+    trained = {arm: t.train_arm.submit(cfg, arm, model, domain, replay) for arm in cfg.arms}
+    arm_evals = {arm: [t.evaluate.submit(cfg, model, data[w], w, arm=fut, label=arm) for w in data]
+                 for arm, fut in trained.items()}
+
+    evals = [f.result() for f in base]
+    arms, failed = [], {}
+    for arm, fut in trained.items():
+        fut.wait()
+        if not fut.state.is_completed():
+            failed[arm] = _reason(fut.state)
+            log.error("train-%s failed: %s", arm, failed[arm])
+            continue
+        arms.append(fut.result())
+        evals += [f.result() for f in arm_evals[arm]]
+
+    results = t.write_results(cfg, evals, arms, failed)
+    study.mark_latest(cfg, results)
+    _publish(results, failed)
+    if failed:
+        raise RuntimeError(f"arm(s) failed: {', '.join(failed)}; finished arms and the report are kept: {results['report']}")
+    return results
+
+
+def _reason(state) -> str:
+    message = state.message or state.name
+    return message.splitlines()[0][:300]
+
+
+def _publish(results: dict[str, Any], failed: dict[str, str]) -> None:
+    """The table and the report as artifacts of the run, for the Prefect UI."""
+    import pandas as pd
+
+    table = pd.read_parquet(results["table"]).round(4)
+    create_table_artifact(table.to_dict("records"), key="ftstudy-table",
+                          description="Perplexity per arm (domain / general) and % change against base")
+    text = Path(results["report"]).read_text()
+    files = "\n".join(f"- {name}: `{path}`" for name, path in results.items() if name != "key")
+    failures = "\n".join(f"- **{arm} failed**: {why}" for arm, why in failed.items())
+    create_markdown_artifact(text + "\n## Files\n\n" + files + ("\n\n## Failed arms\n\n" + failures if failures else ""),
+                             key="ftstudy-report", description="Fine-tuning cost study report")
