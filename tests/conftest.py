@@ -10,7 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import tempfile  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prefect reads these when imported: keep its home out of ~/.prefect and give the server time.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ftstudy-prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ftcore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ftcore.config import load_config  # noqa: E402

@@ -1,0 +1,124 @@
+"""The Prefect flow end to end: table, all-cached rerun, exactly-dependent recomputation, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.study import study_flow
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _run(cfg):
+    state = study_flow(config=cfg, return_state=True)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return state, {r.name: r.state.name for r in runs}
+
+
+def _recomputed(states):
+    return {name for name, s in states.items() if s != "Cached"}
+
+
+ALL_STEPS = {"fingerprint-domain", "fingerprint-general", "fingerprint-replay", "fetch-model", "tokenize-domain",
+             "tokenize-general", "tokenize-replay", "train-full", "train-replay", "train-lora", "write-results",
+             *(f"eval-{a}-{s}" for a in ("base", "full", "replay", "lora") for s in ("domain", "general"))}
+
+
+def test_flow_table_cache_and_dependent_recomputation(study_config, corpus_files, tmp_path):
+    domain_file = tmp_path / "papers.csv"
+    domain_file.write_bytes(corpus_files["domain"].read_bytes())
+    cfg = study_config(domain={"path": str(domain_file)})
+
+    state, states = _run(cfg)
+    assert state.is_completed()
+    assert set(states) == ALL_STEPS and _recomputed(states) == ALL_STEPS
+    table = pd.read_parquet(state.result()["table"])
+    assert table.arm.tolist() == ["base", "full", "replay", "lora"]
+    assert table.shape == (4, 9)
+    assert all(math.isfinite(v) for v in table.select_dtypes("number").to_numpy().ravel())
+
+    # nothing changed: every task is a cache hit and the table is the same
+    state, states = _run(cfg)
+    assert state.is_completed() and _recomputed(states) == set()
+    assert pd.read_parquet(state.result()["table"]).equals(table)
+
+    # a changed domain corpus reruns what depends on it; the base model's general eval stays cached
+    df = pd.read_csv(domain_file)
+    df.loc[0, "summaries"] = "An entirely new abstract about sparse attention for graph transformers."
+    df.to_csv(domain_file, index=False)
+    _, states = _run(cfg)
+    assert _recomputed(states) == {"fingerprint-domain", "tokenize-domain", "eval-base-domain", "train-full",
+                                   "train-replay", "train-lora", "write-results",
+                                   *(f"eval-{a}-{s}" for a in ("full", "replay", "lora") for s in ("domain", "general"))}
+
+    # only LoRA settings changed: only the LoRA arm and its evaluations rerun
+    _, states = _run(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"r": 2})}))
+    assert _recomputed(states) == {"train-lora", "eval-lora-domain", "eval-lora-general", "write-results"}
+
+
+def test_a_failing_arm_fails_alone(study_config):
+    # lora with a target module that does not exist fails inside its own process
+    cfg = study_config(lora={"target_modules": ["no_such_module"]})
+    state, states = _run(cfg)
+    assert state.is_failed()
+    assert states["train-lora"] == "Failed" and states["train-full"] == "Completed"
+    report = json.loads((Path(cfg.artifacts_dir) / "latest.json").read_text())["report"]
+    text = Path(report).read_text()
+    assert "FAILED arm lora" in text and "| full |" in text and "| lora |" not in text
+
+
+def _cli(cfg_args, artifacts, env):
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--artifacts", str(artifacts),
+                             *cfg_args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(study_config, tiny_model, corpus_files, tmp_path):
+    fields = {"arms": ["full"], "train": {"max_steps": 120, "save_steps": 10, "logging_steps": 10}}
+    cfg = study_config(**fields)
+    overrides = [f"--set={k}={json.dumps(v)}" for k, v in cfg.model_dump(mode="json").items()
+                 if k not in ("artifacts_dir",)]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    artifacts = tmp_path / "killed"
+
+    proc = _cli(overrides, artifacts, env)
+    deadline = time.monotonic() + 240
+    while not list(artifacts.glob("train-full/*/checkpoints/checkpoint-20")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(artifacts.glob("train-full/*/train_summary.json"))
+
+    proc = _cli(overrides, artifacts, env)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    assert "resuming from" in out and "resumed from checkpoint step" in out
+    resumed = pd.read_parquet(json.loads((artifacts / "latest.json").read_text())["table"])
+
+    clean_cfg = cfg.model_copy(update={"artifacts_dir": str(tmp_path / "clean")})
+    state, _ = _run(clean_cfg)
+    clean = pd.read_parquet(state.result()["table"])
+    pd.testing.assert_frame_equal(resumed, clean, rtol=1e-4)
