@@ -41,6 +41,7 @@ def _prepare_env(artifacts: Path) -> None:
                                "choose a writable --artifacts directory"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ftcore")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; avoids telemetry errors
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

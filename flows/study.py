@@ -8,6 +8,7 @@ results are written, so schedules and alerts notice while the finished arms are 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +19,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from ftcore import study
 from ftcore.config import StudyConfig
 from tasks import steps
+
+# ftcore reports progress (tokens scored, steps trained, ETA) at INFO; Prefect forwards the
+# "ftcore" logger to the run's logs when PREFECT_LOGGING_EXTRA_LOGGERS names it.
+logging.getLogger("ftcore").setLevel(logging.INFO)
 
 
 def _tasks(cfg: StudyConfig) -> SimpleNamespace:

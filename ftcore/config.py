@@ -219,8 +219,8 @@ DEMO: dict[str, Any] = {
     "test_docs": 100,
     "format": {"kind": "instruction", "style": "fields", "prompt_field": "titles", "completion_field": "summaries"},
     "chunk_len": 256,
-    "train": {"batch_size": 8, "grad_accum": 1, "learning_rate": 3e-4, "max_steps": 60, "logging_steps": 5,
-              "save_steps": 20, "warmup_ratio": 0.05},
+    "train": {"batch_size": 8, "grad_accum": 1, "learning_rate": 3e-4, "max_steps": 40, "logging_steps": 5,
+              "save_steps": 10, "warmup_ratio": 0.05},
     "lora": {"learning_rate": 1e-3},
     "eval": {"batch_size": 8, "max_general_tokens": 16384},
     "precision": "bf16",
@@ -295,3 +295,25 @@ def describe_error(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(config)"
         lines.append(f"{loc}: {err['msg']}")
     return "\n".join(lines)
+
+
+def config_reference() -> str:
+    """Markdown table of every config field (dotted path, type, default, description), from the model itself."""
+    rows = ["| field | type | default | description |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            path = f"{prefix}{name}"
+            sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+            if sub is not None:
+                walk(sub, path + ".")
+                continue
+            default = "required" if field.is_required() else json.dumps(
+                field.get_default(call_default_factory=True), default=str)
+            ann = field.annotation
+            kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+            kind = kind.replace("ftcore.config.", "").replace("CorpusSpec", "corpus (fields as for domain)").replace("|", "\\|")
+            rows.append(f"| `{path}` | {kind} | `{default}` | {(field.description or '').replace('|', '/')} |")
+
+    walk(StudyConfig, "")
+    return "\n".join(rows)

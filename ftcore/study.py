@@ -152,8 +152,9 @@ def arm_key(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str,
 
 
 def train_arm(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
-              replay: dict[str, Any] | None, callbacks: list | None = None) -> dict[str, Any]:
-    key = arm_key(cfg, arm, model, domain, replay)
+              replay: dict[str, Any] | None, callbacks: list | None = None, key: str | None = None) -> dict[str, Any]:
+    """Train one arm in its keyed directory (`key` as computed by the caller, e.g. a parent process)."""
+    key = key or arm_key(cfg, arm, model, domain, replay)
     out = step_dir(cfg, f"train-{arm}", key)
     summary = training.train_arm(cfg, arm, model["path"], domain["train"], out,
                                  replay_path=replay["path"] if arm == "replay" and replay else None, callbacks=callbacks)

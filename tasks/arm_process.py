@@ -36,6 +36,7 @@ def run_arm_process(
     replay: dict[str, Any] | None,
     gpu: int | None,
     log: Callable[[str], None],
+    key: str,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     arm_dir: Path | None = None,
 ) -> dict[str, Any]:
@@ -44,7 +45,8 @@ def run_arm_process(
         request = Path(tmp) / "request.json"
         result = Path(tmp) / "result.json"
         request.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "arm": arm, "model": model,
-                                       "domain": domain, "replay": replay, "result_path": str(result)}))
+                                       "domain": domain, "replay": replay, "key": key,
+                                       "result_path": str(result)}))
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)

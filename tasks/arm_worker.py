@@ -18,7 +18,8 @@ def main(request_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
     request = json.loads(open(request_path).read())
     cfg = StudyConfig.model_validate(request["config"])
-    result = study.train_arm(cfg, request["arm"], request["model"], request["domain"], request["replay"])
+    result = study.train_arm(cfg, request["arm"], request["model"], request["domain"], request["replay"],
+                             key=request["key"])
     with open(request["result_path"], "w") as f:
         json.dump(result, f)
 

@@ -115,7 +115,9 @@ def train_arm(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[st
 def train_in_subprocess(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
                         replay: dict[str, Any] | None) -> dict[str, Any]:
     logger = get_run_logger()
-    arm_dir = study.step_dir(cfg, f"train-{arm}", study.arm_key(cfg, arm, model, domain, replay))
+    # The key is computed here and handed to the child, so both agree on the arm's directory.
+    key = study.arm_key(cfg, arm, model, domain, replay)
+    arm_dir = study.step_dir(cfg, f"train-{arm}", key)
     progress_id = create_progress_artifact(0.0, description=f"train-{arm}: optimizer steps done (%)")
 
     def on_progress(p: dict[str, Any]) -> None:
@@ -125,7 +127,7 @@ def train_in_subprocess(cfg: StudyConfig, arm: str, model: dict[str, str], domai
     with device_slot(cfg.artifacts_dir) as slot:
         gpu = slot if device_count() > 1 or _has_cuda() else None
         logger.info("train-%s on device slot %d%s", arm, slot, f" (CUDA_VISIBLE_DEVICES={gpu})" if gpu is not None else "")
-        result = run_arm_process(cfg, arm, model, domain, replay, gpu, logger.info, on_progress, arm_dir)
+        result = run_arm_process(cfg, arm, model, domain, replay, gpu, logger.info, key, on_progress, arm_dir)
     update_progress_artifact(progress_id, 100.0)
     if result["summary"]["resumed_from_step"]:
         logger.info("train-%s resumed from checkpoint step %d", arm, result["summary"]["resumed_from_step"])

@@ -86,3 +86,16 @@ def test_schema_documents_every_field():
     for sub in ("TrainSpec", "LoraSpec", "EvalSpec", "CorpusSpec", "FormatSpec", "ModelSpec"):
         props = schema["$defs"][sub]["properties"]
         assert all("description" in p for p in props.values()), sub
+
+
+def test_readme_config_reference_is_generated():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from readme import ROOT, section
+
+    from ftcore.config import config_reference
+
+    assert section((ROOT / "README.md").read_text(), "config").strip() == config_reference().strip(), (
+        "README's config reference is stale: run `python tools/readme.py`")
