@@ -85,3 +85,14 @@ def test_bad_inputs_name_field_and_file(corpus_files, tmp_path):
     corpus = load_corpus(CorpusSpec(source="file", path=str(corpus_files["domain"]), text_fields=("titles",)), "domain")
     with pytest.raises(CorpusError, match=r"test_docs \(40\) must be smaller than the 40"):
         split_train_test(corpus, 40, seed=0)
+
+
+def test_hub_source_goes_through_datasets_load_dataset(tmp_path):
+    """The Hub path is `datasets.load_dataset(path, subset, split=...)`; a local dataset directory takes it offline."""
+    repo = tmp_path / "hub_like_dataset"
+    (repo / "data").mkdir(parents=True)
+    pd.DataFrame({"title": ["A", "B", ""], "abstract": ["first", "second", "third"]}).to_parquet(
+        repo / "data" / "train-00000-of-00001.parquet")
+    spec = CorpusSpec(source="hub", path=str(repo), split="train", text_fields=("title", "abstract"))
+    corpus = load_corpus(spec, "domain")
+    assert corpus.records.to_dict("list") == {"title": ["A", "B"], "abstract": ["first", "second"]}

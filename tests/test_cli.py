@@ -1,0 +1,53 @@
+"""The ftstudy command: exit codes, messages that name the field, `show`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--preset", "nope"], "unknown preset 'nope'"),
+    (["run", "--set", "train.learning_rate=-1"], "train.learning_rate: Input should be greater than 0"),
+    (["run", "--set", 'arms=["full","dpo"]'], "arms.1: Input should be 'full', 'replay' or 'lora'"),
+    (["run", "--set", "replay_ratio=1.5"], "replay_ratio: Input should be less than 1"),
+    (["run", "--set", "train.max_steps"], "not of the form field=value"),
+])
+def test_bad_config_exits_2_naming_the_field(args, message, tmp_path):
+    result = _cli(*args, "--artifacts", str(tmp_path / "a"))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "a").exists()  # nothing written
+
+
+def test_missing_corpus_file_exits_2_before_any_model(tmp_path):
+    result = _cli("run", "--preset", "smoke", "--artifacts", str(tmp_path / "a"),
+                  "--set", f"domain.path={tmp_path / 'missing.csv'}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"domain.path: file {tmp_path / 'missing.csv'} does not exist" in result.stderr
+    assert not (tmp_path / "a" / "models").exists() and not list((tmp_path / "a").glob("tokenize-*"))
+
+
+def test_show_prints_latest_results(tmp_path):
+    result = _cli("show", str(tmp_path))
+    assert result.returncode == 2 and "no results under" in result.stderr
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "table.md").write_text("| arm | domain ppl |\n| base | 1.00 |\n")
+    (report / "report.md").write_text("# report\n")
+    (tmp_path / "latest.json").write_text(json.dumps({"table": str(report / "table.parquet"),
+                                                      "report": str(report / "report.md")}))
+    result = _cli("show", str(tmp_path))
+    assert result.returncode == 0 and "| base | 1.00 |" in result.stdout and str(report / "report.md") in result.stdout
