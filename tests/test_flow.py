@@ -122,3 +122,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run(study_config, tiny_model, 
     state, _ = _run(clean_cfg)
     clean = pd.read_parquet(state.result()["table"])
     pd.testing.assert_frame_equal(resumed, clean, rtol=1e-4)
+
+
+def test_damaged_artifact_is_recomputed_not_used(study_config):
+    cfg = study_config(arms=["full"])
+    state, _ = _run(cfg)
+    table = pd.read_parquet(state.result()["table"])
+    scores = next(Path(cfg.artifacts_dir).glob("eval-full-domain/*/scores.parquet"))
+    scores.write_bytes(scores.read_bytes()[:100])  # truncated on disk
+    state, states = _run(cfg)
+    assert _recomputed(states) == {"eval-full-domain"}
+    assert pd.read_parquet(state.result()["table"]).equals(table)

@@ -1,0 +1,64 @@
+"""Faults lose nothing: damaged artifacts are recomputed, concurrent runs share one artifacts root."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pandas as pd
+
+from ftcore import study
+from ftcore.io import verify_manifest
+
+
+def test_run_once_reuses_verified_results_and_recomputes_damaged_ones(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        (tmp_path / "step" / "data.txt").write_text("payload" * 100)
+        return {"n": len(calls)}
+
+    out = tmp_path / "step"
+    out.mkdir()
+    assert study.run_once(out, ["data.txt"], compute) == {"n": 1}
+    assert study.run_once(out, ["data.txt"], compute) == {"n": 1} and len(calls) == 1
+    # truncated on disk: detected by its checksum, recomputed, never used
+    (out / "data.txt").write_text("payl")
+    assert not verify_manifest(out)
+    assert study.run_once(out, ["data.txt"], compute) == {"n": 2}
+    # edited in place with the same size
+    (out / "data.txt").write_text("PAYLOAD" + "payload" * 99)
+    assert study.run_once(out, ["data.txt"], compute) == {"n": 3}
+    # an unfinished step (no manifest) is not reused either
+    (out / "manifest.json").unlink()
+    assert study.run_once(out, ["data.txt"], compute) == {"n": 4}
+
+
+def _run(cfg_json: str, queue) -> None:
+    from ftcore.config import StudyConfig
+
+    queue.put(study.run_study(StudyConfig.model_validate_json(cfg_json))["table"])
+
+
+def test_two_concurrent_runs_produce_the_same_table(study_config):
+    cfg = study_config(arms=["full", "lora"])
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_run, args=(cfg.model_dump_json(), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    tables = [pd.read_parquet(queue.get(timeout=5)) for _ in procs]
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+    # each step ran once: one directory per step, each with a valid manifest
+    root = Path(cfg.artifacts_dir)
+    for step in ("tokenize-domain", "train-full", "train-lora", "eval-base-domain", "eval-lora-general"):
+        dirs = [d for d in (root / step).iterdir() if d.is_dir()]
+        assert len(dirs) == 1 and verify_manifest(dirs[0]), step
+        if step.startswith("train-"):
+            log = [json.loads(x) for x in (dirs[0] / "train_log.jsonl").read_text().splitlines()]
+            assert [e["step"] for e in log] == sorted({e["step"] for e in log})  # trained once, not twice
