@@ -82,6 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ftcore.corpora import CorpusError
     from ftcore.models import ModelError
     from ftcore.study import StudyError
+    from ftcore.training import ReplayBudgetError
     from flows.study import study_flow
 
     state = study_flow(config=cfg, return_state=True)
@@ -90,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     try:
         state.result()
-    except (CorpusError, ModelError, StudyError) as exc:
+    except (CorpusError, ModelError, StudyError, ReplayBudgetError) as exc:
         return _fail(str(exc))
     except Exception as exc:  # the flow's own failure (e.g. a failed arm): say what and where
         print(f"ftstudy: study failed: {exc}", file=sys.stderr)

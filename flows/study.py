@@ -47,6 +47,7 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     domain = t.tokenize_domain(cfg, model, fps["domain"])
     general = t.tokenize_stream(cfg, "general", model, fps["general"])
     replay = t.tokenize_stream(cfg, "replay", model, fps["replay"]) if "replay" in roles else None
+    study.check_replay_budget(cfg, domain, replay)  # before any model is loaded for eval or training
     data = {"domain": domain, "general": general}
 
     base = [t.evaluate.submit(cfg, model, data[w], w) for w in data]

@@ -35,7 +35,7 @@ def fetch_model(spec: ModelSpec, cache_dir: str | Path) -> Path:
     if spec.source == "local":
         return check_model_dir(Path(spec.name).expanduser(), "model.name")
     if spec.source == "hub":
-        return _hub_snapshot(spec)
+        return check_model_dir(_hub_snapshot(spec), "model.name")
     target = Path(cache_dir) / "models" / _slug(spec)
     with step_lock(target):
         if verify_manifest(target):
@@ -71,7 +71,23 @@ def check_model_dir(path: Path, field: str) -> Path:
         json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{field}: {path / 'config.json'} is corrupt ({exc}); re-save or re-download the model") from None
+    check_weights(path, field)
     return path
+
+
+def check_weights(path: Path, field: str) -> None:
+    """Open every safetensors file's header (cheap): a truncated or corrupt file fails here, not mid-run."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files and not any(path.glob("*.bin")):
+        raise ModelError(f"{field}: {path} has no weights (*.safetensors or *.bin)")
+    for file in files:
+        try:
+            with safe_open(file, "pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise ModelError(f"{field}: weights file {file} is corrupt ({exc}); re-save or re-download the model") from None
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:

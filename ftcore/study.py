@@ -105,6 +105,15 @@ def check_model_fits(cfg: StudyConfig, model_dir: str | Path) -> None:
         raise StudyError(f"chunk_len: {cfg.chunk_len} tokens exceed the model's context of {limit}; lower chunk_len")
 
 
+def check_replay_budget(cfg: StudyConfig, domain: dict[str, Any], replay: dict[str, Any] | None) -> None:
+    """Enough replay tokens for replay_ratio, checked before any training starts."""
+    if "replay" not in cfg.arms or replay is None:
+        return
+    training.build_training_mix(pd.read_parquet(domain["train"], columns=["input_ids", "completion_mask"]),
+                                pd.read_parquet(replay["path"], columns=["input_ids", "completion_mask"]),
+                                cfg.replay_ratio, cfg.train.seed)
+
+
 # --- steps -------------------------------------------------------------------------------------
 
 def fetch_model(cfg: StudyConfig) -> dict[str, str]:
@@ -288,6 +297,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     domain = tokenize_domain(cfg, model, fps["domain"])
     general = tokenize_stream(cfg, "general", model, fps["general"])
     replay = tokenize_stream(cfg, "replay", model, fps["replay"]) if "replay" in cfg.arms else None
+    check_replay_budget(cfg, domain, replay)
     evals = [evaluate(cfg, model, domain, "domain"), evaluate(cfg, model, general, "general")]
     arms = [train_arm(cfg, arm, model, domain, replay) for arm in cfg.arms]
     for arm in arms:

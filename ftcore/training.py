@@ -36,6 +36,10 @@ datasets.disable_progress_bars()  # TRL's per-map bars flood task logs; Progress
 SUMMARY = "train_summary.json"
 
 
+class ReplayBudgetError(ValueError):
+    """The replay corpus is too small for the requested replay_ratio."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the arm stops instead of saving garbage."""
 
@@ -68,7 +72,7 @@ def build_training_mix(domain: pd.DataFrame, replay: pd.DataFrame | None, ratio:
     lengths = replay["input_ids"].map(len).to_numpy()[order]
     cumulative = np.cumsum(lengths)
     if cumulative[-1] < want:
-        raise ValueError(
+        raise ReplayBudgetError(
             f"replay: {int(cumulative[-1])} tokens available, {int(want)} needed for replay_ratio={ratio}; "
             "raise replay.max_docs or lower replay_ratio"
         )

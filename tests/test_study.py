@@ -1,6 +1,7 @@
 """The steps chained without Prefect; ftcore never imports Prefect; bad input fails early."""
 
 import math
+from pathlib import Path
 import subprocess
 import sys
 
@@ -47,3 +48,27 @@ def test_bad_model_and_artifacts_dir_fail_early(study_config, tmp_path):
     cfg = study_config(chunk_len=4096)
     with pytest.raises(study.StudyError, match="chunk_len: 4096 tokens exceed the model's context of 1024"):
         study.check_model_fits(cfg, study.fetch_model(cfg)["path"])
+
+
+def test_corrupt_weights_fail_when_the_model_is_fetched(study_config, tiny_model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(ModelError, match=r"model.name: weights file .*model.safetensors is corrupt"):
+        study.fetch_model(study_config(model={"source": "local", "name": str(broken)}))
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json is corrupt"):
+        study.fetch_model(study_config(model={"source": "local", "name": str(broken)}))
+
+
+def test_too_little_replay_text_fails_before_training(study_config):
+    from ftcore.training import ReplayBudgetError
+
+    cfg = study_config(replay={"max_docs": 1}, replay_ratio=0.5)
+    with pytest.raises(ReplayBudgetError, match="raise replay.max_docs or lower replay_ratio"):
+        study.run_study(cfg)
+    root = Path(cfg.artifacts_dir)
+    assert not list(root.glob("train-*")) and not list(root.glob("eval-*"))
