@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _tmp_sibling(path)
     try:
         yield tmp
+        crash_point(f"rename:{path.name}")
         if path.is_dir() and tmp.is_dir():
             # A directory cannot be replaced in one rename; move the old one aside first.
             old = _tmp_sibling(path)
@@ -40,6 +42,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the crash tests: FTSTUDY_CRASH_AT=<name> SIGKILLs this process here.
+
+    Used at the most delicate moment of every write (the finished temp file, not yet renamed), so
+    tests can prove that a kill there loses nothing and is never read as a whole artifact.
+    """
+    if os.environ.get("FTSTUDY_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ import pandas as pd
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import PrinterCallback, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from ftcore.config import StudyConfig
@@ -181,6 +181,27 @@ def _truncate_log(path: Path, resume_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def newest_complete_checkpoint(checkpoint_dir: str | Path) -> str | None:
+    """The newest checkpoint that was fully written; partial ones (a kill while saving) are removed.
+
+    Trainer writes trainer_state.json after the weights, optimizer and RNG states, so a checkpoint
+    without it was interrupted mid-save and cannot be resumed from.
+    """
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return None
+    complete = []
+    for path in root.glob("checkpoint-*"):
+        if not path.name.split("-")[-1].isdigit():
+            continue
+        if (path / "trainer_state.json").is_file():
+            complete.append(path)
+        else:
+            log.warning("removing incomplete checkpoint %s (interrupted while saving)", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
 def _checkpoint_step(checkpoint: str | None) -> int:
     return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0
 
@@ -205,7 +226,7 @@ def train_arm(
     dataset = datasets.Dataset.from_pandas(mix[["input_ids", "completion_mask"]], preserve_index=False)
 
     args = sft_config(cfg, arm, out_dir)
-    checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    checkpoint = newest_complete_checkpoint(args.output_dir)
     if checkpoint:
         log.info("train-%s: resuming from %s", arm, checkpoint)
     tokenizer = load_tokenizer(model_dir)

@@ -133,3 +133,45 @@ def test_damaged_artifact_is_recomputed_not_used(study_config):
     state, states = _run(cfg)
     assert _recomputed(states) == {"eval-full-domain"}
     assert pd.read_parquet(state.result()["table"]).equals(table)
+
+
+def test_sigkill_at_each_write_then_rerun_gives_the_same_table(corpus_files, tmp_path):
+    """Kill the run (SIGKILL) at the moment each kind of artifact is about to be renamed into place."""
+    files = {"domain": {"path": str(corpus_files["domain"]), "max_docs": None},
+             "general": {"path": str(corpus_files["general"]), "max_docs": None},
+             "replay": {"path": str(corpus_files["replay"]), "max_docs": None}}
+    overrides = [f"--set={k}={json.dumps(v)}" for k, v in files.items()]
+    overrides += ['--set=arms=["full"]', "--set=chunk_len=96", "--set=test_docs=8",
+                  '--set=format.prompt_template="Title: {prompt}\\nAbstract: "']
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+
+    def run(artifacts, crash_at=None):
+        # Output to a file, not a pipe: a killed run's orphaned API server would hold a pipe open.
+        log = tmp_path / "cli.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--artifacts", str(artifacts), *overrides],
+                cwd=REPO, env={**env, **({"FTSTUDY_CRASH_AT": crash_at} if crash_at else {})}, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+            code = proc.wait(timeout=300)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # what the killed run left behind (its API server)
+        except ProcessLookupError:
+            pass
+        return code, log.read_text()
+
+    code, out = run(tmp_path / "reference")
+    assert code == 0, out
+    reference = pd.read_parquet(json.loads((tmp_path / "reference" / "latest.json").read_text())["table"])
+
+    artifacts = tmp_path / "crashed"
+    points = ["rename:tiny-random-tiny-llama", "rename:train.parquet", "rename:chunks.parquet",
+              "rename:scores.parquet", "rename:model", "rename:report.md"]
+    for point in points:
+        code, out = run(artifacts, point)
+        # the flow process was killed (-9), or, for the arm's own process, the flow failed (1)
+        assert code in (-signal.SIGKILL, 1), (point, code, out[-2000:])
+    code, out = run(artifacts)
+    assert code == 0, out
+    table = pd.read_parquet(json.loads((artifacts / "latest.json").read_text())["table"])
+    pd.testing.assert_frame_equal(table, reference)

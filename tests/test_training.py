@@ -105,3 +105,18 @@ def test_non_finite_loss_stops_the_arm(tmp_path):
     with pytest.raises(NonFiniteLossError, match="nan at step 7"):
         callback.on_log(None, state, None, logs={"loss": float("nan")})
     assert [e["step"] for e in _log(tmp_path)] == [7, 7]  # the bad value is logged before stopping
+
+
+def test_a_checkpoint_killed_mid_save_is_skipped(prepared):
+    from ftcore.training import newest_complete_checkpoint
+
+    cfg, model, domain, replay = prepared
+    with pytest.raises(KeyboardInterrupt):
+        study.train_arm(cfg, "full", model, domain, replay, callbacks=[Crash()])
+    ckpts = next(Path(cfg.artifacts_dir).glob("train-full/*/checkpoints"))
+    partial = ckpts / "checkpoint-4"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")  # killed before trainer_state.json
+    assert newest_complete_checkpoint(ckpts).endswith("checkpoint-2") and not partial.exists()
+    result = study.train_arm(cfg, "full", model, domain, replay)
+    assert result["summary"]["resumed_from_step"] == 2 and result["summary"]["steps"] == 4
