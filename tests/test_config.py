@@ -99,3 +99,15 @@ def test_readme_config_reference_is_generated():
 
     assert section((ROOT / "README.md").read_text(), "config").strip() == config_reference().strip(), (
         "README's config reference is stale: run `python tools/readme.py`")
+
+
+def test_demo_reads_shared_data_when_present_else_the_hub(monkeypatch, tmp_path):
+    import ftcore.config as config
+
+    monkeypatch.setattr(config, "SHARED_DATA", tmp_path / "shared-data")
+    (tmp_path / "shared-data").mkdir()
+    assert load_config("demo").domain.source == "file"
+    monkeypatch.setattr(config, "SHARED_DATA", tmp_path / "absent")
+    cfg = load_config("demo")
+    assert (cfg.domain.source, cfg.domain.path, cfg.format.completion_field) == ("hub", "CShorten/ML-ArXiv-Papers", "abstract")
+    assert cfg.general.subset == "wikitext-2-raw-v1" and cfg.replay.subset == "wikitext-103-raw-v1"
