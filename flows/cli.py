@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the latest results found under an artifacts root")
     show.add_argument("artifacts", nargs="?", default="artifacts", help="artifacts root (default ./artifacts)")
     sub.add_parser("config", help="print the config schema (JSON)")
+    serve = sub.add_parser("serve", help="local Prefect server + UI, work pools, workers and the deployments; Ctrl-C stops all")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=4200, help="port of the API and UI (default 4200)")
+    serve.add_argument("--home", help="PREFECT_HOME of the server: its database and logs (default $PREFECT_HOME or ./.prefect)")
     return parser
 
 
@@ -116,11 +120,17 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deployments.serve import main as serve
+
+    return serve(args.host, args.port, args.home)
+
+
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the embedded server is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args = _parser().parse_args(argv)
-    return {"run": cmd_run, "show": cmd_show, "config": cmd_config}[args.command](args)
+    return {"run": cmd_run, "show": cmd_show, "config": cmd_config, "serve": cmd_serve}[args.command](args)
 
 
 if __name__ == "__main__":

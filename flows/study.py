@@ -40,7 +40,8 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     log = get_run_logger()
     t = _tasks(cfg)
     study.check_artifacts_dir(cfg)
-    roles = ["domain", "general"] + (["replay"] if "replay" in cfg.arms else [])
+    roles = study.corpus_roles(cfg)
+    versions = study.corpus_versions(cfg)  # what the corpus check compares against after success
     # Fingerprints first: a bad corpus fails here, before any model is loaded.
     fps = {role: t.fingerprint_corpus(cfg, role) for role in roles}
     model = t.fetch_model(cfg)
@@ -71,6 +72,7 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     _publish(results, failed)
     if failed:
         raise RuntimeError(f"arm(s) failed: {', '.join(failed)}; finished arms and the report are kept: {results['report']}")
+    study.record_corpus_versions(cfg, versions)
     return results
 
 

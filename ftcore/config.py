@@ -157,7 +157,7 @@ class StudyConfig(_Frozen):
         "work-pool = each arm as a run of the train-arm deployment, on whichever worker picks it up.",
     )
     train_deployment: str = Field(
-        "train-arm/ftstudy-train-arm", description="Deployment (flow/deployment) that the work-pool executor runs."
+        "ftstudy-train-arm/train-arm", description="Deployment (flow/deployment) that the work-pool executor runs."
     )
 
     @model_validator(mode="after")

@@ -288,9 +288,45 @@ def mark_latest(cfg: StudyConfig, results: dict[str, Any]) -> Path:
     return write_json(results, Path(cfg.artifacts_dir).expanduser() / "latest.json")
 
 
+# --- corpus change detection (what a scheduled check compares) -------------------------------------
+
+def corpus_roles(cfg: StudyConfig) -> list[str]:
+    """The corpora this study reads: domain, general, and replay when the replay arm is on."""
+    return ["domain", "general"] + (["replay"] if "replay" in cfg.arms else [])
+
+
+def corpus_versions(cfg: StudyConfig) -> dict[str, str]:
+    """Cheap identity of every corpus source now: a file's sha256 or a Hub dataset's commit."""
+    return {role: corpora.source_version(getattr(cfg, role), role) for role in corpus_roles(cfg)}
+
+
+def _corpus_state_path(cfg: StudyConfig) -> Path:
+    # One record per set of corpus sources, so studies sharing an artifacts root do not mix.
+    specs = {role: getattr(cfg, role).model_dump(mode="json") for role in corpus_roles(cfg)}
+    digest = hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.artifacts_dir).expanduser() / "corpus-state" / f"{cfg.name}-{digest}.json"
+
+
+def record_corpus_versions(cfg: StudyConfig, versions: dict[str, str]) -> Path:
+    """Remember the corpus versions a successful study measured."""
+    return write_json({"name": cfg.name, "versions": versions}, _corpus_state_path(cfg))
+
+
+def changed_corpora(cfg: StudyConfig, versions: dict[str, str] | None = None) -> dict[str, str]:
+    """Roles whose source differs from the last successful study, each with why; empty when none."""
+    versions = versions if versions is not None else corpus_versions(cfg)
+    path = _corpus_state_path(cfg)
+    if not path.exists():
+        return {role: "no successful study recorded yet" for role in versions}
+    seen = json.loads(path.read_text())["versions"]
+    return {role: f"{seen.get(role, 'none')[:12]} -> {version[:12]}"
+            for role, version in versions.items() if seen.get(role) != version}
+
+
 def run_study(cfg: StudyConfig) -> dict[str, Any]:
     """Every step in order, without Prefect: fetch, tokenize, baseline, arms, final evals, report."""
     check_artifacts_dir(cfg)
+    versions = corpus_versions(cfg)
     fps = {role: fingerprint_corpus(cfg, role) for role in ("domain", "general", "replay") if getattr(cfg, role)}
     model = fetch_model(cfg)
     check_model_fits(cfg, model["path"])
@@ -304,4 +340,5 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
         evals += [evaluate(cfg, model, domain, "domain", arm), evaluate(cfg, model, general, "general", arm)]
     results = write_results(cfg, evals, arms)
     mark_latest(cfg, results)
+    record_corpus_versions(cfg, versions)
     return results

@@ -34,7 +34,7 @@ def run_arm_process(
     model: dict[str, Any],
     domain: dict[str, Any],
     replay: dict[str, Any] | None,
-    gpu: int | None,
+    gpu: str | None,
     log: Callable[[str], None],
     key: str,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
@@ -49,7 +49,7 @@ def run_arm_process(
                                        "result_path": str(result)}))
         env = dict(os.environ)
         if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         proc = subprocess.Popen(
             [sys.executable, "-m", "tasks.arm_worker", str(request)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

@@ -20,7 +20,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from ftcore import corpora, models, study
 from ftcore.config import StudyConfig
 from tasks.arm_process import run_arm_process
-from tasks.devices import device_count, device_slot
+from tasks.devices import device_count, device_slot, visible_gpu
 
 
 def _hash(*parts: Any) -> str:
@@ -119,7 +119,7 @@ def tokenize_stream(cfg: StudyConfig, role: str, model: dict[str, str], corpus_f
 def evaluate(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], which: str,
              arm: dict[str, Any] | None = None, label: str = "base") -> dict[str, Any]:
     """Perplexity and bits per byte of the base model or an arm, on one set; holds a device slot."""
-    with device_slot(cfg.artifacts_dir) as slot:
+    with device_slot() as slot:
         return study.evaluate(cfg, model, data, which, arm, device=_device(slot))
 
 
@@ -133,10 +133,11 @@ def train_arm(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[st
 
 
 def train_in_subprocess(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
-                        replay: dict[str, Any] | None) -> dict[str, Any]:
+                        replay: dict[str, Any] | None, key: str | None = None) -> dict[str, Any]:
+    """Train one arm in a child process on a free device slot of this machine (from a task or a flow)."""
     logger = get_run_logger()
-    # The key is computed here and handed to the child, so both agree on the arm's directory.
-    key = study.arm_key(cfg, arm, model, domain, replay)
+    # The key is computed once and handed to the child, so both agree on the arm's directory.
+    key = key or study.arm_key(cfg, arm, model, domain, replay)
     arm_dir = study.step_dir(cfg, f"train-{arm}", key)
     progress_id = create_progress_artifact(0.0, description=f"train-{arm}: optimizer steps done (%)")
 
@@ -144,8 +145,8 @@ def train_in_subprocess(cfg: StudyConfig, arm: str, model: dict[str, str], domai
         if p.get("max_steps"):
             update_progress_artifact(progress_id, 100.0 * p["step"] / p["max_steps"])
 
-    with device_slot(cfg.artifacts_dir) as slot:
-        gpu = slot if device_count() > 1 or _has_cuda() else None
+    with device_slot() as slot:
+        gpu = visible_gpu(slot) if device_count() > 1 or _has_cuda() else None
         logger.info("train-%s on device slot %d%s", arm, slot, f" (CUDA_VISIBLE_DEVICES={gpu})" if gpu is not None else "")
         result = run_arm_process(cfg, arm, model, domain, replay, gpu, logger.info, key, on_progress, arm_dir)
     update_progress_artifact(progress_id, 100.0)
@@ -156,18 +157,28 @@ def train_in_subprocess(cfg: StudyConfig, arm: str, model: dict[str, str], domai
 
 def train_on_work_pool(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
                        replay: dict[str, Any] | None) -> dict[str, Any]:
-    """Run the train-arm deployment and read the arm's result from the shared artifacts root."""
+    """Run the train-arm deployment and read the arm's result from the shared artifacts root.
+
+    The arm's run is a subflow of this task, so the UI shows it under the study run; the worker
+    that picks it up writes to the same artifacts root (a path every worker mounts).
+    """
     from prefect.deployments import run_deployment
 
+    key = study.arm_key(cfg, arm, model, domain, replay)
     run = run_deployment(
         cfg.train_deployment,
-        parameters={"config": cfg.model_dump(mode="json"), "arm": arm, "model": model, "domain": domain, "replay": replay},
+        parameters={"config": cfg.model_dump(mode="json"), "arm": arm, "model": model, "domain": domain,
+                    "replay": replay, "key": key},
         timeout=None,
     )
     if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"train-{arm}: deployment run {run.name} ended {run.state.name if run.state else 'unknown'}")
-    key = study.arm_key(cfg, arm, model, domain, replay)
+        state = run.state.name if run.state else "unknown"
+        raise RuntimeError(f"train-{arm}: deployment run {run.name} ({cfg.train_deployment}) ended {state}: "
+                           f"{(run.state.message or '') if run.state else ''}"[:400])
     arm_dir = study.step_dir(cfg, f"train-{arm}", key)
+    if not study.is_done(arm_dir):
+        raise RuntimeError(f"train-{arm}: run {run.name} completed but {arm_dir} holds no complete arm; "
+                           "is artifacts_dir a path every worker mounts?")
     summary = json.loads((Path(arm_dir) / "train_summary.json").read_text())
     return {"key": key, "arm": arm, "dir": str(arm_dir), "summary": summary}
 

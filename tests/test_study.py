@@ -72,3 +72,18 @@ def test_too_little_replay_text_fails_before_training(study_config):
         study.run_study(cfg)
     root = Path(cfg.artifacts_dir)
     assert not list(root.glob("train-*")) and not list(root.glob("eval-*"))
+
+
+def test_changed_corpora_compares_with_the_last_successful_study(study_config, corpus_files, tmp_path):
+    import shutil
+
+    domain = Path(shutil.copy(corpus_files["domain"], tmp_path / "papers.csv"))
+    cfg = study_config(domain={"path": str(domain)})
+    assert set(study.changed_corpora(cfg)) == {"domain", "general", "replay"}  # nothing recorded yet
+    study.record_corpus_versions(cfg, study.corpus_versions(cfg))
+    assert study.changed_corpora(cfg) == {}
+    domain.write_text(domain.read_text() + "A new title,A new abstract about sparse kernels.\n")
+    assert list(study.changed_corpora(cfg)) == ["domain"]
+    # another study (other sources) in the same artifacts root keeps its own record
+    other = study_config(domain={"path": str(corpus_files["domain"])})
+    assert set(study.changed_corpora(other)) == {"domain", "general", "replay"}

@@ -1,0 +1,208 @@
+"""`ftstudy serve`: a local Prefect server with its UI, the work pools, workers and deployments.
+
+One command for a team's box: it starts `prefect server` on a loopback port, creates the process
+work pools `ftstudy` (study and corpus check) and `ftstudy-gpu` (arms), registers the deployments of
+deployments/prefect.yaml, starts one worker per pool, prints the UI address and waits. Ctrl-C (or
+SIGTERM) stops every process it started, and their children, by process id. Output of each process
+goes to `<PREFECT_HOME>/serve-logs/`; the process ids are in `<PREFECT_HOME>/serve.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
+POOLS = ("ftstudy", "ftstudy-gpu")  # process pools: the study and its check; the arms (GPU machines)
+
+
+class ServeError(RuntimeError):
+    """A step of bringing the service up failed; the message says which and where its log is."""
+
+
+@dataclass
+class Service:
+    host: str
+    port: int
+    home: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "serve-logs"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_EXTRA_LOGGERS": "ftcore",
+            "TOKENIZERS_PARALLELISM": "false",
+        })
+        env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "5")
+        return env
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        """Start `prefect ARGS` in its own session, output to serve-logs/NAME.log."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        out = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen([_prefect(), *args], cwd=ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+        self.procs[name] = proc
+        self._write_pids()
+        return proc
+
+    def call(self, name: str, *args: str, timeout: float = 300) -> None:
+        """Run `prefect ARGS` to completion; raise with the tail of its output if it fails."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as out:
+            code = subprocess.call([_prefect(), "--no-prompt", *args], cwd=ROOT, env=self.env(), stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
+        if code != 0:
+            raise ServeError(f"`prefect {' '.join(args)}` failed (exit {code}); see {log}:\n{_tail(log)}")
+
+    def _write_pids(self) -> None:
+        (self.home / "serve.json").write_text(json.dumps(
+            {"pid": os.getpid(), "api_url": self.api_url, "ui_url": self.ui_url,
+             "processes": {name: p.pid for name, p in self.procs.items()}}, indent=2))
+
+    def stop(self, grace: float = 15.0) -> None:
+        """Stop every started process and its descendants (a worker's flow runs), newest first.
+
+        Workers go before the server, so they can still report their runs' end to it.
+        """
+        for proc in reversed(list(self.procs.values())):
+            try:
+                parent = psutil.Process(proc.pid)
+                tree = [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for p in tree:
+                _signal(p, signal.SIGTERM)
+            _, alive = psutil.wait_procs(tree, timeout=grace)
+            for p in alive:
+                _signal(p, signal.SIGKILL)
+            psutil.wait_procs(alive, timeout=5)
+            proc.poll()
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _signal(p: psutil.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _prefect() -> str:
+    exe = Path(sys.executable).with_name("prefect")
+    return str(exe) if exe.exists() else "prefect"
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_healthy(service: Service, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    server = service.procs["server"]
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            log = service.logs / "server.log"
+            raise ServeError(f"prefect server exited with code {server.returncode}; see {log}:\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(f"{service.api_url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise ServeError(f"prefect server did not answer on {service.api_url} within {timeout:.0f} s; "
+                     f"see {service.logs / 'server.log'}")
+
+
+def port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def bring_up(service: Service, say=print) -> None:
+    """Server, pools, deployments, workers; raises ServeError naming the step that failed."""
+    if not port_free(service.host, service.port):
+        raise ServeError(f"port {service.port} on {service.host} is in use; choose another with --port")
+    service.home.mkdir(parents=True, exist_ok=True)
+    say(f"starting prefect server on {service.ui_url} (PREFECT_HOME={service.home}) ...")
+    service.start("server", "server", "start", "--host", service.host, "--port", str(service.port))
+    wait_healthy(service)
+    for pool in POOLS:
+        service.call(f"pool-{pool}", "work-pool", "create", pool, "--type", "process", "--overwrite")
+    say(f"deploying {PREFECT_FILE.relative_to(ROOT)} ...")
+    service.call("deploy", "deploy", "--prefect-file", str(PREFECT_FILE), "--all")
+    for pool in POOLS:
+        service.start(f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process",
+                      "--name", f"{pool}-{os.uname().nodename}", "--install-policy", "never")
+
+
+def main(host: str = "127.0.0.1", port: int = 4200, home: str | None = None) -> int:
+    service = Service(host, port, Path(home or os.environ.get("PREFECT_HOME") or ROOT / ".prefect").resolve())
+    # Both stop the service, also when started from a script that ignores SIGINT in background jobs.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        bring_up(service)
+        print(f"""
+ftstudy serve: ready
+  UI:          {service.ui_url}
+  API:         {service.api_url}   (export PREFECT_API_URL={service.api_url} to use the prefect CLI)
+  deployments: ftstudy/study, ftstudy-train-arm/train-arm, ftstudy-corpus-check/corpus-check
+  work pools:  ftstudy (study, corpus check), ftstudy-gpu (arms); one process worker each on this machine
+  logs:        {service.logs}
+Ctrl-C stops the server, the workers and their runs.""", flush=True)
+        while True:
+            for name, proc in service.procs.items():
+                if proc.poll() is not None:
+                    raise ServeError(f"{name} exited with code {proc.returncode}; see {service.logs / name}.log:\n"
+                                     f"{_tail(service.logs / f'{name}.log')}")
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("ftstudy serve: stopping ...", flush=True)
+        return 0
+    except ServeError as exc:
+        print(f"ftstudy serve: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        service.stop()
+        print("ftstudy serve: stopped", flush=True)

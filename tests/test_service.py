@@ -1,0 +1,217 @@
+"""`ftstudy serve` end to end: a real Prefect server, the deployments of deployments/prefect.yaml, process workers.
+
+A study run is created through the API the way the UI's run form does it (smoke config, arms on the
+work-pool executor); a wrong parameter type is refused by the server; a failed run is retried with
+`prefect flow-run retry` without retraining finished arms; the corpus check starts a study only
+after the corpus changed. At the end every process `serve` started is gone, checked by process id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ftcore.config import load_config
+
+pytestmark = pytest.mark.slow
+FTSTUDY = str(Path(sys.executable).with_name("ftstudy"))
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("service")
+    port = _free_port()
+    home = root / "prefect-home"
+    out = root / "serve.out"
+    env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([FTSTUDY, "serve", "--port", str(port), "--home", str(home)], stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    svc = {"proc": proc, "home": home, "root": root, "api": f"http://127.0.0.1:{port}/api", "out": out}
+    try:
+        deadline = time.monotonic() + 300
+        while "ftstudy serve: ready" not in out.read_text():
+            assert proc.poll() is None, f"ftstudy serve exited {proc.returncode}:\n{out.read_text()}"
+            assert time.monotonic() < deadline, f"ftstudy serve not ready in 300 s:\n{out.read_text()}"
+            time.sleep(1)
+        svc["pids"] = json.loads((home / "serve.json").read_text())["processes"]
+        yield svc
+    finally:
+        if proc.poll() is None:  # the last test stops it; this is the fallback when a test failed early
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        for pid in svc.get("pids", {}).values():
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: service["api"]}):
+        with get_client(sync_client=True) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
+def config(service, tiny_model, corpus_files):
+    """The smoke config on the fixture model, with its own copy of the domain corpus (changed later)."""
+    data = service["root"] / "data"
+    data.mkdir()
+    domain = Path(shutil.copy(corpus_files["domain"], data / "papers.csv"))
+    return load_config(
+        "smoke",
+        model={"source": "local", "name": str(tiny_model)},
+        domain={"source": "file", "path": str(domain), "text_fields": ["titles", "summaries"], "max_docs": None},
+        general={"source": "file", "path": str(corpus_files["general"]), "file_format": "text", "max_docs": None},
+        replay={"source": "file", "path": str(corpus_files["replay"]), "text_fields": ["text"], "max_docs": None},
+        test_docs=8, chunk_len=96, format={"prompt_template": "Title: {prompt}\nAbstract: "},
+        executor="work-pool", artifacts_dir=str(service["root"] / "artifacts"),
+    )
+
+
+def _deployment(client, name):
+    return client.read_deployment_by_name(name)
+
+
+def _wait(client, run_id, timeout=420):
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.read_flow_run(run_id)
+        if run.state and run.state.is_final():
+            return run
+        assert time.monotonic() < deadline, f"flow run {run.name} still {run.state.name} after {timeout} s"
+        time.sleep(2)
+
+
+def _runs(client, deployment):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    dep = _deployment(client, deployment)
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+
+
+def _train_runs(client, arm):
+    return [r for r in _runs(client, "ftstudy-train-arm/train-arm") if r.name.startswith(f"train-{arm}-")]
+
+
+def _run_check(client, config):
+    check = _deployment(client, "ftstudy-corpus-check/corpus-check")
+    run = client.create_flow_run_from_deployment(check.id, parameters={"config": config.model_dump(mode="json")})
+    run = _wait(client, run.id, timeout=180)
+    assert run.state.is_completed(), run.state
+    return run
+
+
+def test_deployments_are_registered_with_the_config_form(client):
+    study = _deployment(client, "ftstudy/study")
+    assert study.work_pool_name == "ftstudy"
+    schema = study.parameter_openapi_schema
+    assert schema["properties"]["config"]["$ref"].endswith("StudyConfig")
+    assert study.parameters["config"]["executor"] == "work-pool"  # the preset's values fill the form
+    arm = _deployment(client, "ftstudy-train-arm/train-arm")
+    assert arm.work_pool_name == "ftstudy-gpu"
+    assert "PREFECT_LOGGING_EXTRA_LOGGERS" in arm.job_variables["env"]
+    check = _deployment(client, "ftstudy-corpus-check/corpus-check")
+    assert [s.schedule.cron for s in check.schedules] == ["0 * * * *"]
+    # No hourly check of the demo config during the test: it would start a real demo study.
+    for s in check.schedules:
+        client.update_deployment_schedule(check.id, s.id, active=False)
+
+
+def test_a_wrong_parameter_type_is_refused_by_the_server(client, config):
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    study = _deployment(client, "ftstudy/study")
+    bad = {**config.model_dump(mode="json"), "chunk_len": "long"}
+    with pytest.raises(PrefectHTTPStatusError, match="config.chunk_len"):
+        client.create_flow_run_from_deployment(study.id, parameters={"config": bad})
+
+
+def test_a_failed_study_is_retried_without_retraining_finished_arms(client, config, service):
+    # The lora arm cannot create its directory (a file is in the way): it fails, full and replay finish.
+    blocker = Path(config.artifacts_dir) / "train-lora"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("in the way")
+    study = _deployment(client, "ftstudy/study")
+    run = client.create_flow_run_from_deployment(study.id, parameters={"config": config.model_dump(mode="json")})
+    run = _wait(client, run.id)
+    assert run.state.is_failed(), run.state
+    assert "lora" in (run.state.message or "")
+    assert [r.state.name for r in _train_runs(client, "full")] == ["Completed"]
+
+    blocker.unlink()
+    env = {**os.environ, "PREFECT_API_URL": service["api"]}
+    subprocess.run([PREFECT, "--no-prompt", "flow-run", "retry", str(run.id)], env=env, check=True,
+                   capture_output=True, timeout=120)
+    run = _wait(client, run.id)
+    assert run.state.is_completed(), run.state
+    # The finished arms were cache hits: one deployment run each; lora ran twice (failed, then completed).
+    assert len(_train_runs(client, "full")) == 1 and len(_train_runs(client, "replay")) == 1
+    assert sorted(r.state.name for r in _train_runs(client, "lora")) == ["Completed", "Failed"]
+    artifacts = client.read_artifacts()
+    assert any(a.key == "ftstudy-table" and a.flow_run_id == run.id for a in artifacts)
+
+
+def test_corpus_check_starts_a_study_only_after_a_change(client, config):
+    before = len(_runs(client, "ftstudy/study"))
+    _run_check(client, config)
+    time.sleep(10)  # an event, had one been emitted, reaches the trigger within seconds
+    assert len(_runs(client, "ftstudy/study")) == before, "a study ran although no corpus changed"
+
+    domain = Path(config.domain.path)
+    domain.write_text(domain.read_text().replace("Loss", "Losses", 1))
+    _run_check(client, config)
+    deadline = time.monotonic() + 120
+    while len(runs := _runs(client, "ftstudy/study")) == before:
+        assert time.monotonic() < deadline, "no study run triggered by ftstudy.corpus.changed"
+        time.sleep(2)
+    triggered = max(runs, key=lambda r: r.created)
+    assert triggered.parameters["config"]["domain"]["path"] == str(domain)
+    triggered = _wait(client, triggered.id)
+    assert triggered.state.is_completed(), triggered.state
+    # Only what depends on the domain corpus recomputed: the base model's general eval was a cache hit.
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[triggered.id])))
+    states = {t.name: t.state.name for t in tasks}
+    assert states["eval-base-general"] == "Cached" and states["fingerprint-general"] == "Cached"
+    assert states["tokenize-domain"] == "Completed"
+    # After that successful study the same corpus is unchanged again: the check stays quiet.
+    after = len(_runs(client, "ftstudy/study"))
+    _run_check(client, config)
+    time.sleep(10)
+    assert len(_runs(client, "ftstudy/study")) == after
+
+
+def test_ctrl_c_stops_every_process_serve_started(service):
+    proc = service["proc"]
+    tree = [psutil.Process(pid) for pid in service["pids"].values()]
+    tree += [c for p in tree for c in p.children(recursive=True)]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(90) == 0
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, f"still running after Ctrl-C: {[(p.pid, p.name()) for p in alive]}"
+    assert "ftstudy serve: stopped" in service["out"].read_text()
