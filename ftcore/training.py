@@ -108,6 +108,9 @@ def sft_config(cfg: StudyConfig, arm: str, out_dir: Path) -> SFTConfig:
         weight_decay=t.weight_decay,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        # Trainer's default replaces NaN/inf step losses in the logged mean by the window's average
+        # (0.0 when every step is NaN), which hides divergence from LossLog; log the true mean.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -148,8 +151,11 @@ class LossLog(TrainerCallback):
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         log.info("step %d: loss %.4f", state.global_step, loss)
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(f"training loss became {loss} at step {state.global_step}; lower the learning rate")
+        grad_norm = logs.get("grad_norm")
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss})"
+            raise NonFiniteLossError(f"training diverged: {what} at step {state.global_step}; "
+                                     "lower the learning rate (or lora.alpha / lora.learning_rate for LoRA)")
 
 
 class ProgressLog(TrainerCallback):

@@ -73,8 +73,19 @@ def run_arm_process(
             watcher.join()
         if code != 0:
             reason = "killed (out of memory?)" if code in (-signal.SIGKILL, 137) else f"exit code {code}"
-            raise RuntimeError(f"arm {arm} failed: {reason}\n" + "\n".join(tail))
+            error = _last_error(tail)
+            # The first line is what the report and the UI show as the arm's failure.
+            raise RuntimeError(f"arm {arm} failed ({reason})" + (f": {error}" if error else "") + "\n" + "\n".join(tail))
         return json.loads(result.read_text())
+
+
+def _last_error(lines) -> str | None:
+    """The child's exception line (`SomeError: message`), if its output ends with a traceback."""
+    for line in reversed(list(lines)):
+        head = line.split(":", 1)[0]
+        if ":" in line and " " not in head and (head.endswith("Error") or head.endswith("Exception")):
+            return line.strip()
+    return None
 
 
 def _watch_progress(path: Path, on_progress: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:

@@ -51,3 +51,26 @@ def test_show_prints_latest_results(tmp_path):
                                                       "report": str(report / "report.md")}))
     result = _cli("show", str(tmp_path))
     assert result.returncode == 0 and "| base | 1.00 |" in result.stdout and str(report / "report.md") in result.stdout
+
+
+@pytest.mark.slow
+def test_two_cli_runs_on_one_artifacts_root_at_once_print_the_same_table(tmp_path):
+    """Two `ftstudy run` processes (two flow runs, two embedded servers, one PREFECT_HOME) at once."""
+    artifacts = tmp_path / "a"
+    args = [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--artifacts", str(artifacts),
+            "--set", 'arms=["full","lora"]']
+    outs = [tmp_path / f"run{i}.out" for i in range(2)]
+    procs = []
+    for out in outs:
+        with open(out, "w") as f:
+            procs.append(subprocess.Popen(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ)))
+    codes = [p.wait(timeout=600) for p in procs]
+    texts = [out.read_text() for out in outs]
+    assert codes == [0, 0], texts
+    tables = [t[t.index("| arm |"):t.index("report:")] for t in texts]
+    assert tables[0] == tables[1]
+    for step in ("train-full", "train-lora", "eval-base-domain", "report"):
+        assert len([d for d in (artifacts / step).iterdir() if d.is_dir()]) == 1, step
+    log = (next((artifacts / "train-full").iterdir()) / "train_log.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in log]
+    assert steps == sorted(set(steps))  # trained once, not twice

@@ -88,6 +88,18 @@ def test_a_failing_arm_fails_alone(study_config):
     assert "FAILED arm lora" in text and "| full |" in text and "| lora |" not in text
 
 
+def test_a_diverging_arm_stops_with_a_clear_error_and_the_others_finish(study_config):
+    # A LoRA scale of alpha/r = 2.5e39 overflows fp32: the first loss is NaN.
+    cfg = study_config(arms=["full", "lora"], lora={"alpha": 10**40})
+    state, states = _run(cfg)
+    assert state.is_failed()
+    assert states["train-lora"] == "Failed" and states["train-full"] == "Completed"
+    assert states["eval-full-general"] == "Completed"
+    text = Path(json.loads((Path(cfg.artifacts_dir) / "latest.json").read_text())["report"]).read_text()
+    assert "NonFiniteLossError: training diverged: loss nan at step 1" in text
+    assert "| full |" in text and "| lora |" not in text
+
+
 def _cli(cfg_args, artifacts, env):
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--artifacts", str(artifacts),
                              *cfg_args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

