@@ -1,0 +1,53 @@
+"""Shared setup of the benchmarks: the demo's model and data, built once under bench-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+from ftcore import study
+from ftcore.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("FTSTUDY_BENCH_ARTIFACTS", ROOT / "bench-artifacts"))
+
+
+def demo_config(**fields):
+    """The demo preset (SmolLM2-135M, offline corpora) with artifacts under bench-artifacts/."""
+    return load_config("demo", artifacts_dir=str(ARTIFACTS), **fields)
+
+
+def prepared(cfg):
+    """Model directory and tokenized domain/general data of `cfg` (cached across benchmark runs)."""
+    fps = {role: study.fingerprint_corpus(cfg, role) for role in ("domain", "general")}
+    model = study.fetch_model(cfg)
+    domain = study.tokenize_domain(cfg, model, fps["domain"])
+    general = study.tokenize_stream(cfg, "general", model, fps["general"])
+    return model, domain, general
+
+
+def timed(fn, repeats: int = 3):
+    """(median seconds, last result) of `fn()` run `repeats` times."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def record(name: str, data: dict) -> None:
+    """Print the results and keep them as bench/results/NAME.json (what BENCHMARKS.md quotes)."""
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    data = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), **data}
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    print(json.dumps(data, indent=2))
