@@ -53,6 +53,11 @@ def flow_span(log: str) -> float | None:
     return (datetime.strptime(end, fmt) - datetime.strptime(begin, fmt)).total_seconds()
 
 
+def step_seconds(root: Path) -> float:
+    """Sum of the steps' own compute time (timing.json of every step directory a run computed)."""
+    return sum(json.loads(p.read_text())["seconds"] for p in root.glob("*/*/timing.json"))
+
+
 def import_seconds() -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import flows.study"], cwd=ROOT, check=True)
@@ -63,16 +68,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="smoke")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-plain", action="store_true", help="skip the run_study baseline (the demo: 2x the time)")
+    parser.add_argument("--model-from", help="copy models/ from this artifacts root first (skips the model build)")
     args = parser.parse_args()
-    plain, flow, rerun, span, span_rerun = [], [], [], [], []
+    plain, flow, rerun, span, span_rerun, steps = [], [], [], [], [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-            start = time.perf_counter()
-            study.run_study(load_config(args.preset, artifacts_dir=a))
-            plain.append(time.perf_counter() - start)
+            if args.model_from:
+                for root in (a, b):
+                    shutil.copytree(Path(args.model_from) / "models", Path(root) / "models")
+            if not args.no_plain:
+                start = time.perf_counter()
+                study.run_study(load_config(args.preset, artifacts_dir=a))
+                plain.append(time.perf_counter() - start)
             seconds, log = cli_run(args.preset, Path(b))
             flow.append(seconds)
             span.append(flow_span(log))
+            steps.append(step_seconds(Path(b)))
             seconds, log = cli_run(args.preset, Path(b))
             rerun.append(seconds)
             span_rerun.append(flow_span(log))
@@ -80,15 +92,18 @@ def main() -> None:
     med = statistics.median
     record(f"flow-{args.preset}", {
         "preset": args.preset, "repeats": args.repeats,
-        "plain_run_study_s": round(med(plain), 1),
+        "plain_run_study_s": round(med(plain), 1) if plain else None,
         "ftstudy_run_s": round(med(flow), 1),
         "ftstudy_run_flow_span_s": round(med(span), 1) if all(span) else None,
-        "overhead_vs_plain": round(med(flow) / med(plain) - 1, 3),
+        "sum_of_step_compute_s": round(med(steps), 1),
+        "overhead_vs_plain": round(med(flow) / med(plain) - 1, 3) if plain else None,
+        "overhead_vs_step_compute": round(med(flow) / med(steps) - 1, 3),
         "cached_rerun_s": round(med(rerun), 1),
         "cached_rerun_flow_span_s": round(med(span_rerun), 1) if all(span_rerun) else None,
         "cached_rerun_vs_first": round(med(rerun) / med(flow), 3),
         "process_imports_s": round(imports, 1),
         "runs": {"plain": [round(x, 1) for x in plain], "flow": [round(x, 1) for x in flow],
+                 "steps": [round(x, 1) for x in steps],
                  "rerun": [round(x, 1) for x in rerun]},
     })
 

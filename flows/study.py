@@ -40,6 +40,7 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     log = get_run_logger()
     t = _tasks(cfg)
     study.check_artifacts_dir(cfg)
+    _check_executor(cfg)
     roles = study.corpus_roles(cfg)
     versions = study.corpus_versions(cfg)  # what the corpus check compares against after success
     # Fingerprints first: a bad corpus fails here, before any model is loaded.
@@ -74,6 +75,23 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
         raise RuntimeError(f"arm(s) failed: {', '.join(failed)}; finished arms and the report are kept: {results['report']}")
     study.record_corpus_versions(cfg, versions)
     return results
+
+
+def _check_executor(cfg: StudyConfig) -> None:
+    """With executor=work-pool, the train-arm deployment must exist on this server before anything runs."""
+    if cfg.executor != "work-pool":
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(cfg.train_deployment)
+        except ObjectNotFound:
+            raise study.StudyError(
+                f"train_deployment: no deployment {cfg.train_deployment!r} on the Prefect server at "
+                f"{client.api_url}; run `ftstudy serve` (or deploy deployments/prefect.yaml and start a worker on "
+                "its ftstudy-gpu pool) and point PREFECT_API_URL at it, or use executor=subprocess") from None
 
 
 def _reason(state) -> str:

@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -60,6 +61,7 @@ def step_dir(cfg: StudyConfig, step: str, key: str) -> Path:
 # --- run a step once per key ---------------------------------------------------------------------
 
 RESULT = "result.json"
+TIMING = "timing.json"
 
 
 def run_once(out: Path, files: list[str], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -74,9 +76,12 @@ def run_once(out: Path, files: list[str], compute: Callable[[], dict[str, Any]])
             return json.loads((out / RESULT).read_text())
         if out.exists():
             log.info("%s: no valid manifest (unfinished, or changed on disk): computing it again", out)
+        started = time.perf_counter()
         result = compute()
+        # The step's own compute time: what orchestration overhead is measured against (bench/flow.py).
+        write_json({"seconds": round(time.perf_counter() - started, 3)}, out / TIMING)
         write_json(result, out / RESULT)
-        write_manifest(out, [*files, RESULT])
+        write_manifest(out, [*files, TIMING, RESULT])
         return result
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import PrinterCallback, TrainerCallback, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from ftcore.config import StudyConfig
@@ -214,6 +214,29 @@ def _checkpoint_step(checkpoint: str | None) -> int:
 
 # --- the arm -----------------------------------------------------------------------------------
 
+class SkipFinalCheckpoint(TrainerCallback):
+    """No checkpoint at the last step: the arm's model is saved right after, and a checkpoint of a
+    full fine-tune is three times the model (weights and two Adam moments) written for nothing."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_save = False
+
+
+class PlainLossSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is the model's own cross-entropy over the completion labels.
+
+    TRL 1.x computes the loss through a fused, chunked LM head that also yields entropy and top-1
+    accuracy for its logs. Without Triton (on a CPU) it scores every position, recomputes the head
+    in the backward pass and computes a softmax entropy over the vocabulary: a training step took
+    1.8x as long as a plain Trainer's on the same rows (bench/train.py). The loss is the same mean
+    over completion tokens; only TRL's entropy/accuracy log fields are lost. On GPUs TRL's fused
+    head is kept: there it skips prompt positions and never holds the full logits.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
 def train_arm(
     cfg: StudyConfig,
     arm: str,
@@ -236,14 +259,15 @@ def train_arm(
     if checkpoint:
         log.info("train-%s: resuming from %s", arm, checkpoint)
     tokenizer = load_tokenizer(model_dir)
-    trainer = SFTTrainer(
+    trainer_class = PlainLossSFTTrainer if args.use_cpu else SFTTrainer
+    trainer = trainer_class(
         model=load_model(model_dir),
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config(cfg) if arm == "lora" else None,
         callbacks=[LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)), ProgressLog(f"train-{arm}", out_dir / "progress.json"),
-                   *(callbacks or [])],
+                   SkipFinalCheckpoint(), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # LossLog and ProgressLog report instead of raw dicts
     started = time.monotonic()

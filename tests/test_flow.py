@@ -100,6 +100,15 @@ def test_a_diverging_arm_stops_with_a_clear_error_and_the_others_finish(study_co
     assert "| full |" in text and "| lora |" not in text
 
 
+def test_work_pool_executor_without_its_deployment_fails_before_any_work(study_config):
+    cfg = study_config(executor="work-pool")
+    state, states = _run(cfg)
+    assert state.is_failed()
+    assert "train_deployment: no deployment 'ftstudy-train-arm/train-arm'" in state.message
+    assert not states  # no task ran
+    assert not (Path(cfg.artifacts_dir) / "models").exists()
+
+
 def _cli(cfg_args, artifacts, env):
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--artifacts", str(artifacts),
                              *cfg_args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -107,7 +116,7 @@ def _cli(cfg_args, artifacts, env):
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(study_config, tiny_model, corpus_files, tmp_path):
-    fields = {"arms": ["full"], "train": {"max_steps": 120, "save_steps": 10, "logging_steps": 10}}
+    fields = {"arms": ["full"], "train": {"max_steps": 300, "save_steps": 10, "logging_steps": 10}}
     cfg = study_config(**fields)
     overrides = [f"--set={k}={json.dumps(v)}" for k, v in cfg.model_dump(mode="json").items()
                  if k not in ("artifacts_dir",)]
@@ -116,7 +125,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(study_config, tiny_model, 
 
     proc = _cli(overrides, artifacts, env)
     deadline = time.monotonic() + 240
-    while not list(artifacts.glob("train-full/*/checkpoints/checkpoint-20")):
+    # Kill as soon as a checkpoint is complete (only the newest two are kept, so wait for any).
+    while not list(artifacts.glob("train-full/*/checkpoints/checkpoint-*/trainer_state.json")):
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)

@@ -120,3 +120,29 @@ def test_a_checkpoint_killed_mid_save_is_skipped(prepared):
     assert newest_complete_checkpoint(ckpts).endswith("checkpoint-2") and not partial.exists()
     result = study.train_arm(cfg, "full", model, domain, replay)
     assert result["summary"]["resumed_from_step"] == 2 and result["summary"]["steps"] == 4
+
+
+@pytest.mark.parametrize("arm", ["full", "lora"])
+def test_plain_loss_equals_trls_fused_loss(prepared, arm, tmp_path):
+    """The CPU trainer's loss (the model's own cross-entropy) is TRL's completion-only loss, for the same batch."""
+    import datasets
+    from trl import SFTTrainer
+
+    from ftcore import training
+    from ftcore.models import load_model, load_tokenizer
+
+    cfg, model, domain, _ = prepared
+    rows = pd.read_parquet(domain["train"])[["input_ids", "completion_mask"]].head(4)
+    dataset = datasets.Dataset.from_pandas(rows, preserve_index=False)
+    losses = []
+    for cls in (training.PlainLossSFTTrainer, SFTTrainer):
+        torch.manual_seed(0)
+        trainer = cls(model=load_model(model["path"]), args=training.sft_config(cfg, arm, tmp_path / cls.__name__),
+                      train_dataset=dataset, processing_class=load_tokenizer(model["path"]),
+                      peft_config=training.peft_config(cfg) if arm == "lora" else None)
+        trainer.model.eval()  # no dropout: both see the same function
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        with torch.no_grad():
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            losses.append(float(trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(n))))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
