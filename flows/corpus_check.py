@@ -25,6 +25,32 @@ def resource_id(cfg: StudyConfig) -> str:
     return f"ftstudy.study.{cfg.name}"
 
 
+def _same_corpora(a: StudyConfig, b: StudyConfig) -> bool:
+    roles = study.corpus_roles(a)
+    return roles == study.corpus_roles(b) and all(getattr(a, r) == getattr(b, r) for r in roles)
+
+
+def _study_in_progress(config: StudyConfig):
+    """A scheduled, pending or running study flow run over the same corpora, if any."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    active = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]))
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["ftstudy"])),
+                                     flow_run_filter=FlowRunFilter(state=active))
+    for run in runs:
+        try:
+            other = StudyConfig.model_validate(run.parameters.get("config") or {})
+        except ValueError:
+            continue
+        if _same_corpora(config, other):
+            return run
+    return None
+
+
 @flow(name="ftstudy-corpus-check", flow_run_name="corpus-check-{config.name}")
 def corpus_check_flow(config: StudyConfig) -> dict[str, Any]:
     """Compare the corpus sources with the last successful study; emit an event if one changed."""
@@ -34,6 +60,11 @@ def corpus_check_flow(config: StudyConfig) -> dict[str, Any]:
     if not changed:
         log.info("corpora unchanged since the last successful study: %s", ", ".join(versions))
         return {"changed": {}, "versions": versions}
+    if busy := _study_in_progress(config):
+        # Its success will record these versions; another run now would only wait on its locks.
+        log.info("corpus changed (%s), but study run %s of the same corpora is %s; not emitting",
+                 ", ".join(changed), busy.name, busy.state.name)
+        return {"changed": changed, "versions": versions, "in_progress": str(busy.id)}
     log.info("corpus changed: %s; emitting %s", "; ".join(f"{r} {why}" for r, why in changed.items()), EVENT)
     event = emit_event(
         event=EVENT,

@@ -197,3 +197,21 @@ def test_sigkill_at_each_write_then_rerun_gives_the_same_table(corpus_files, tmp
     assert code == 0, out
     table = pd.read_parquet(json.loads((artifacts / "latest.json").read_text())["table"])
     pd.testing.assert_frame_equal(table, reference)
+
+
+def test_corpus_check_does_not_emit_while_a_study_of_the_same_corpora_is_in_progress(study_config, corpus_files, tmp_path):
+    import shutil
+
+    from prefect.states import Cancelled, Scheduled
+
+    from flows.corpus_check import corpus_check_flow
+
+    domain = Path(shutil.copy(corpus_files["domain"], tmp_path / "papers.csv"))
+    cfg = study_config(domain={"path": str(domain)})
+    with get_client(sync_client=True) as client:
+        pending = client.create_flow_run(study_flow, parameters={"config": cfg.model_dump(mode="json")}, state=Scheduled())
+        result = corpus_check_flow(config=cfg)  # nothing recorded yet: changed, but a study is on its way
+        assert result["in_progress"] == str(pending.id) and "event_id" not in result
+        client.set_flow_run_state(pending.id, Cancelled(), force=True)
+    result = corpus_check_flow(config=cfg)
+    assert set(result["changed"]) == {"domain", "general", "replay"} and result.get("event_id")
