@@ -52,8 +52,11 @@ def targets(api: str) -> dict[str, str]:
             sort=FlowRunSort.START_TIME_DESC, limit=1)
         if not runs:
             raise SystemExit("screenshots: no completed run of ftstudy/study yet; run a study first")
-        (table,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+        tables = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["ftstudy-table"]), flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id])))
+        if not tables:
+            raise SystemExit(f"screenshots: study run {runs[0].name} has no ftstudy-table artifact")
+        table = tables[0]
     return {"run-form": f"{ui}/deployments/deployment/{study.id}/run",
             "results-table": f"{ui}/artifacts/artifact/{table.id}",
             "study-run": f"{ui}/runs/flow-run/{runs[0].id}"}
