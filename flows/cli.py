@@ -73,9 +73,12 @@ def _fail(message: str) -> int:
 def print_results(results: dict) -> None:
     print(Path(results["table"]).with_name("table.md").read_text())
     print(f"report: {results['report']}")
-    for name in ("perplexity", "tradeoff", "loss"):
+    for name in ("perplexity", "frontier", "loss"):
         if name in results:
             print(f"plot:   {results[name]}")
+    for name in ("runs", "general_docs"):
+        if name in results:
+            print(f"{name + ':':<7} {results[name]}")
     table_dir = Path(results["report"]).parent
     print(f"models: see the 'model' lines of {table_dir / 'report.md'}")
 

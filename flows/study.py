@@ -53,20 +53,23 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     data = {"domain": domain, "general": general}
 
     base = [t.evaluate.submit(cfg, model, data[w], w) for w in data]
-    trained = {arm: t.train_arm.submit(cfg, arm, model, domain, replay) for arm in cfg.arms}
-    arm_evals = {arm: [t.evaluate.submit(cfg, model, data[w], w, arm=fut, label=arm) for w in data]
-                 for arm, fut in trained.items()}
+    # One branch per arm and seed; each seed's run is the config with train.seed set to it.
+    runs = {cfg.run_label(arm, seed): (cfg.with_seed(seed), arm) for seed in cfg.run_seeds for arm in cfg.arm_names}
+    trained = {label: t.train_arm.submit(scfg, arm, model, domain, replay, label=label)
+               for label, (scfg, arm) in runs.items()}
+    arm_evals = {label: [t.evaluate.submit(cfg, model, data[w], w, arm=fut, label=label) for w in data]
+                 for label, fut in trained.items()}
 
     evals = [f.result() for f in base]
     arms, failed = [], {}
-    for arm, fut in trained.items():
+    for label, fut in trained.items():
         fut.wait()
         if not fut.state.is_completed():
-            failed[arm] = _reason(fut.state)
-            log.error("train-%s failed: %s", arm, failed[arm])
+            failed[label] = _reason(fut.state)
+            log.error("train-%s failed: %s", label, failed[label])
             continue
         arms.append(fut.result())
-        evals += [f.result() for f in arm_evals[arm]]
+        evals += [f.result() for f in arm_evals[label]]
 
     results = t.write_results(cfg, evals, arms, failed)
     study.mark_latest(cfg, results)

@@ -14,14 +14,15 @@ from typing import Any
 
 from prefect import flow
 
-from ftcore.config import ArmName, StudyConfig
+from ftcore.config import StudyConfig
 from tasks.steps import train_in_subprocess
 
 logging.getLogger("ftcore").setLevel(logging.INFO)
 
 
-@flow(name="ftstudy-train-arm", flow_run_name="train-{arm}-{config.name}", log_prints=True)
-def train_arm_flow(config: StudyConfig, arm: ArmName, model: dict[str, Any], domain: dict[str, Any],
+@flow(name="ftstudy-train-arm", flow_run_name="train-{arm}-s{config.train.seed}-{config.name}", log_prints=True)
+def train_arm_flow(config: StudyConfig, arm: str, model: dict[str, Any], domain: dict[str, Any],
                    replay: dict[str, Any] | None = None, key: str | None = None) -> dict[str, Any]:
-    """Train one arm of a study (full, replay or lora) and return where it is."""
+    """Train one arm of a study (a name from config.arms) at config.train.seed and return where it is."""
+    config.arm(arm)  # an unknown arm fails here, naming the arms there are
     return train_in_subprocess(config, arm, model, domain, replay, key)

@@ -164,26 +164,42 @@ def tokenize_stream(
     Documents are tokenized one by one (batched) with the separator appended, which matches
     tokenizing the joined text except possibly at document boundaries and scales to large corpora.
     """
+    ids, nbytes, _, skipped = tokenize_documents(texts, tokenizer, separator)
+    return ids, nbytes, skipped
+
+
+def tokenize_documents(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, separator: str = "\n\n"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """As tokenize_stream, plus the index (into `texts`) of the document each token belongs to."""
     ids: list[np.ndarray] = []
     nbytes: list[np.ndarray] = []
+    docs: list[np.ndarray] = []
     skipped = 0
     for start in range(0, len(texts), BATCH):
         batch = [t + separator for t in texts[start : start + BATCH]]
         enc = tokenizer(batch, add_special_tokens=False, return_offsets_mapping=True)
-        for text, doc_ids, offsets in zip(batch, enc["input_ids"], enc["offset_mapping"]):
+        for i, (text, doc_ids, offsets) in enumerate(zip(batch, enc["input_ids"], enc["offset_mapping"])):
             if len(doc_ids) < 2:
                 skipped += 1
                 continue
             ids.append(np.asarray(doc_ids, dtype=np.int32))
             nbytes.append(np.asarray(token_bytes(text, offsets), dtype=np.int32))
+            docs.append(np.full(len(doc_ids), start + i, dtype=np.int32))
     if not ids:
-        return np.zeros(0, np.int32), np.zeros(0, np.int32), skipped
-    return np.concatenate(ids), np.concatenate(nbytes), skipped
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), skipped
+    return np.concatenate(ids), np.concatenate(nbytes), np.concatenate(docs), skipped
 
 
-def chunk_stream(ids: np.ndarray, nbytes: np.ndarray, chunk_len: int) -> pd.DataFrame:
-    """Cut a stream into rows of chunk_len tokens (the last one shorter; dropped under 2 tokens)."""
+def chunk_stream(ids: np.ndarray, nbytes: np.ndarray, chunk_len: int, docs: np.ndarray | None = None) -> pd.DataFrame:
+    """Cut a stream into rows of chunk_len tokens (the last one shorter; dropped under 2 tokens).
+
+    With `docs` (document index per token), rows keep `token_docs`, so per-document scores can be
+    recovered from windows that cross document boundaries.
+    """
     rows: dict[str, list] = {"input_ids": [], "labels": [], "completion_mask": [], "token_bytes": [], "n_bytes": []}
+    if docs is not None:
+        rows["token_docs"] = []
     for start in range(0, len(ids), chunk_len):
         piece = ids[start : start + chunk_len]
         if len(piece) < 2:
@@ -194,6 +210,8 @@ def chunk_stream(ids: np.ndarray, nbytes: np.ndarray, chunk_len: int) -> pd.Data
         rows["completion_mask"].append([1] * len(piece))
         rows["token_bytes"].append(piece_bytes.tolist())
         rows["n_bytes"].append(int(piece_bytes[1:].sum()))
+        if docs is not None:
+            rows["token_docs"].append(docs[start : start + chunk_len].tolist())
     return pd.DataFrame(rows)
 
 
@@ -201,8 +219,8 @@ def tokenize_lm(
     texts: list[str], tokenizer: PreTrainedTokenizerBase, chunk_len: int, separator: str = "\n\n"
 ) -> tuple[pd.DataFrame, ChunkStats]:
     """Raw language-modelling chunks: every token of the joined documents is in the loss."""
-    ids, nbytes, skipped = tokenize_stream(texts, tokenizer, separator)
-    df = chunk_stream(ids, nbytes, chunk_len)
+    ids, nbytes, docs, skipped = tokenize_documents(texts, tokenizer, separator)
+    df = chunk_stream(ids, nbytes, chunk_len, docs)
     stats = ChunkStats(
         docs=len(texts),
         rows=len(df),

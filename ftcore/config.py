@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 ArmName = Literal["full", "replay", "lora"]
 ARMS: tuple[str, ...] = ("full", "replay", "lora")
+# WikiText marks an article by a top-level heading line " = Title = " (sections are " = = Sub = = ").
+WIKITEXT_ARTICLE = r"^ = [^=].* = $"
 # The offline corpora live beside the checkout (../shared/data); FTSTUDY_DATA points elsewhere.
 SHARED_DATA = Path(os.environ.get("FTSTUDY_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 
@@ -57,6 +60,21 @@ class CorpusSpec(_Frozen):
         ("text",), min_length=1, description="Fields joined (blank line between) into a document's text for language modelling."
     )
     max_docs: int | None = Field(None, gt=0, description="Use only the first N documents (after dropping empty ones).")
+    doc_start: str | None = Field(
+        None,
+        description="Regex: a record whose text matches starts a new document and the records after it join it "
+        "(e.g. WikiText's article headings ' = Title = '), so per-document results and bootstrap intervals are per "
+        "article, not per line. Applied before max_docs.",
+    )
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> CorpusSpec:
+        if self.doc_start is not None:
+            try:
+                re.compile(self.doc_start)
+            except re.error as exc:
+                raise ValueError(f"doc_start is not a valid regular expression: {exc}") from None
+        return self
 
 
 class FormatSpec(_Frozen):
@@ -118,6 +136,55 @@ class LoraSpec(_Frozen):
     merge: bool = Field(False, description="Also save the adapter merged into a full model.")
 
 
+class LoraOverride(_Frozen):
+    """An arm's own LoRA settings: each set field replaces the study's `lora` field, None keeps it."""
+
+    r: int | None = Field(None, gt=0, description="LoRA rank.")
+    alpha: int | None = Field(None, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float | None = Field(None, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: str | tuple[str, ...] | None = Field(None, description="Modules to adapt.")
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="LoRA's learning rate.")
+    merge: bool | None = Field(None, description="Also save the adapter merged into a full model.")
+
+
+class ArmSpec(_Frozen):
+    """One training arm: a method, a share of replay text, and (for LoRA) its adapter settings.
+
+    Arms are data: any number of them, each its own fan-out branch with its own cache key. The
+    names full, replay and lora alone are shorthands (replay uses the study's replay_ratio).
+    """
+
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_.+-]{0,47}$",
+                      description="Label of the arm in tables, plots, task names and artifact directories.")
+    method: Literal["full", "lora"] = Field("full", description="full: every weight trains; lora: LoRA adapters (peft).")
+    replay_ratio: float = Field(0.0, ge=0, lt=1, description="Share of general replay tokens mixed into the training set.")
+    lora: LoraOverride | None = Field(
+        None, description="For method=lora: fields that differ from the study's `lora` (e.g. {r: 4}); unset ones follow it.")
+
+    @model_validator(mode="after")
+    def _lora_only_for_lora(self) -> ArmSpec:
+        if self.method != "lora" and self.lora is not None:
+            raise ValueError(f"arm {self.name!r}: lora settings given but method is {self.method!r}")
+        return self
+
+
+def _check_arm_entry(value: Any) -> Any:
+    if isinstance(value, str) and value not in ARMS:
+        raise ValueError(f"{value!r} is not an arm: use full, replay, lora, or a spec "
+                         "{name, method: full|lora, replay_ratio, lora: {...}}")
+    return value
+
+
+# Per entry, so an unknown name is reported at its index (arms.1) instead of as two union errors.
+ArmEntry = Annotated[ArmSpec | ArmName, BeforeValidator(_check_arm_entry)]
+
+
+def _arm_shorthand(name: str, replay_ratio: float) -> dict[str, Any]:
+    if name == "replay":
+        return {"name": "replay", "method": "full", "replay_ratio": replay_ratio}
+    return {"name": name, "method": name}
+
+
 class EvalSpec(_Frozen):
     """Perplexity evaluation settings."""
 
@@ -143,9 +210,18 @@ class StudyConfig(_Frozen):
     chunk_len: int = Field(512, ge=8, description="Tokens per training example / evaluation window.")
     general_separator: str = Field("\n\n", description="Text between documents of the general and replay streams.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Training hyper-parameters of every arm.")
-    replay_ratio: float = Field(0.1, ge=0, lt=1, description="Share of replay tokens in the replay arm's training mix.")
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA arm settings.")
-    arms: tuple[ArmName, ...] = Field(ARMS, min_length=1, description="Arms to train: full, replay, lora.")
+    replay_ratio: float = Field(0.1, ge=0, lt=1, description="Share of replay tokens in the `replay` shorthand arm's training mix.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings of every method=lora arm (an arm may change fields).")
+    arms: tuple[ArmEntry, ...] = Field(
+        ARMS, min_length=1,
+        description="Arms to train: the names full, replay, lora, or specs {name, method: full|lora, replay_ratio, "
+        "lora: {r, ...}}, e.g. replay at 5% and 25%, LoRA at several ranks, LoRA with replay.",
+    )
+    seeds: tuple[int, ...] | None = Field(
+        None, min_length=1,
+        description="Train every arm once per seed (replaces train.seed); the report gives mean ± std over seeds and "
+        "marks differences within noise. None = train.seed only.",
+    )
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation settings.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Training precision: bf16 = bf16 autocast with fp32 weights; auto = bf16 on GPUs that support it."
@@ -163,15 +239,57 @@ class StudyConfig(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
-        if len(set(self.arms)) != len(self.arms):
-            raise ValueError(f"arms has duplicates: {list(self.arms)}")
-        if "replay" in self.arms and self.replay is None:
-            raise ValueError("arms contains 'replay' but replay (the replay corpus) is not set")
-        if "replay" in self.arms and self.replay_ratio == 0:
+        names = [a.name for a in self.arm_specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arms has duplicate names: {names}")
+        same = _identical_arms(self.arm_specs)
+        if same:
+            raise ValueError(f"arms {same[0]!r} and {same[1]!r} train the same thing; drop one or change it")
+        replaying = [a.name for a in self.arm_specs if a.replay_ratio > 0]
+        if replaying and self.replay is None:
+            raise ValueError(f"arm(s) {', '.join(replaying)} mix in replay text but replay (the replay corpus) is not set")
+        if "replay" in names and self.arm("replay").replay_ratio == 0:
             raise ValueError("arms contains 'replay' but replay_ratio is 0")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds has duplicates: {list(self.seeds)}")
         if self.eval.stride is not None and self.eval.stride > self.chunk_len:
             raise ValueError(f"eval.stride ({self.eval.stride}) must be <= chunk_len ({self.chunk_len})")
         return self
+
+    @property
+    def arm_specs(self) -> tuple[ArmSpec, ...]:
+        # Shorthands stay names in the config (so `replay_ratio` and `lora` keep applying to them)
+        # and become specs here.
+        return tuple(a if isinstance(a, ArmSpec) else ArmSpec.model_validate(_arm_shorthand(a, self.replay_ratio))
+                     for a in self.arms)
+
+    @property
+    def arm_names(self) -> list[str]:
+        return [a.name for a in self.arm_specs]
+
+    def arm(self, name: str) -> ArmSpec:
+        for spec in self.arm_specs:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no arm named {name!r}; arms are {self.arm_names}")
+
+    def lora_of(self, arm: ArmSpec) -> LoraSpec:
+        """The LoRA settings an arm trains with: the study's, with the fields the arm sets replaced."""
+        own = arm.lora.model_dump(exclude_none=True) if arm.lora else {}
+        return self.lora.model_copy(update=own)
+
+    def run_label(self, arm: str, seed: int) -> str:
+        """How one seed's run of an arm is named in task runs and per-run tables."""
+        return arm if self.seeds is None or len(self.seeds) == 1 else f"{arm}-s{seed}"
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds every arm trains with."""
+        return self.seeds if self.seeds is not None else (self.train.seed,)
+
+    def with_seed(self, seed: int) -> StudyConfig:
+        """This config with train.seed replaced (one seed's run of every arm)."""
+        return self.model_copy(update={"train": self.train.model_copy(update={"seed": seed})})
 
     def fingerprint_fields(self, *paths: str) -> dict[str, Any]:
         """The named (dotted) fields as plain JSON values, for cache keys that depend on part of the config."""
@@ -183,6 +301,16 @@ class StudyConfig(_Frozen):
                 value = value[part]
             out[path] = value
         return out
+
+
+def _identical_arms(arms: tuple[ArmSpec, ...]) -> tuple[str, str] | None:
+    seen: dict[str, str] = {}
+    for arm in arms:
+        what = json.dumps(arm.model_dump(mode="json", exclude={"name"}), sort_keys=True)
+        if what in seen:
+            return seen[what], arm.name
+        seen[what] = arm.name
+    return None
 
 
 # --- presets ---------------------------------------------------------------------------------
@@ -328,8 +456,12 @@ def config_reference() -> str:
                 field.get_default(call_default_factory=True), default=str)
             ann = field.annotation
             kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
-            kind = kind.replace("ftcore.config.", "").replace("CorpusSpec", "corpus (fields as for domain)").replace("|", "\\|")
+            if path == "arms":  # the annotation's repr names a validator function and its address
+                kind = "list of full / replay / lora / arm spec"
+            kind = kind.replace("ftcore.config.", "").replace("CorpusSpec", "corpus (fields as for domain)")
+            kind = kind.replace("LoraOverride", "lora (fields as for lora)").replace("|", "\\|")
             rows.append(f"| `{path}` | {kind} | `{default}` | {(field.description or '').replace('|', '/')} |")
 
     walk(StudyConfig, "")
+    walk(ArmSpec, "arms[].")
     return "\n".join(rows)

@@ -143,11 +143,37 @@ def load_corpus(spec: CorpusSpec, role: str, fmt: FormatSpec | None = None) -> C
     required = [f for f in present if f not in OPTIONAL_FIELDS]
     keep = ~records[required].apply(lambda row: any(_is_empty(v) for v in row), axis=1)
     records = records[keep].reset_index(drop=True)
+    if spec.doc_start is not None:
+        if fmt is not None and fmt.kind == "instruction":
+            raise CorpusError(f"{role}.doc_start: applies to text corpora; an instruction-format corpus has one "
+                              "document per record. Unset it.")
+        records = group_documents(records, spec.doc_start, present)
     if spec.max_docs is not None:
         records = records.head(spec.max_docs)
     if records.empty:
         raise CorpusError(f"{role}: {spec.path} has no non-empty documents in fields {required}")
     return Corpus(records=records, fingerprint=fingerprint_records(records))
+
+
+def group_documents(records: pd.DataFrame, pattern: str, fields: list[str]) -> pd.DataFrame:
+    """Join each record matching `pattern` (in its first field) with the records after it into one document.
+
+    Records before the first match form a document of their own; fields join with a blank line,
+    as the documents of a stream do, so the joined text stream stays the same.
+    """
+    starts = records[fields[0]].astype(str).str.contains(pattern, regex=True).to_numpy()
+    group = np.cumsum(starts)
+    return records.groupby(group, sort=True)[fields].agg(lambda col: "\n\n".join(map(str, col))).reset_index(drop=True)
+
+
+def document_titles(corpus: Corpus, fields: tuple[str, ...], width: int = 80) -> list[str]:
+    """A short readable label per document: its first non-empty line, heading marks stripped."""
+    titles = []
+    for text in document_texts(corpus, fields):
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        first = first.strip().strip("=").strip()
+        titles.append(first if len(first) <= width else first[: width - 1] + "…")
+    return titles
 
 
 def fingerprint_records(records: pd.DataFrame) -> str:

@@ -32,28 +32,74 @@ def domain_rows(df: pd.DataFrame) -> list[tuple[list[int], list[int], int]]:
     return [(list(i), list(l), int(b)) for i, l, b in zip(df["input_ids"], df["labels"], df["n_bytes"])]
 
 
+def _stream_arrays(df: pd.DataFrame, column: str, max_tokens: int | None) -> np.ndarray:
+    out = np.concatenate([np.asarray(r, dtype=np.int64) for r in df[column]])
+    return out[:max_tokens] if max_tokens is not None else out
+
+
+def window_spans(n_tokens: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(begin, end, target) per window: tokens [begin, end) of the stream, the last `target` of them predicted."""
+    stride = stride or window
+    spans = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        spans.append((begin, end, end - prev_end))  # tokens not yet predicted by an earlier window
+        prev_end = end
+        if end == n_tokens:
+            break
+    return spans
+
+
 def stream_windows(
     df: pd.DataFrame, window: int, stride: int | None = None, max_tokens: int | None = None
 ) -> list[tuple[list[int], list[int], int]]:
     """Sliding windows over the stream stored as consecutive lm chunks (input_ids, token_bytes)."""
-    ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in df["input_ids"]])
-    nbytes = np.concatenate([np.asarray(r, dtype=np.int64) for r in df["token_bytes"]])
-    if max_tokens is not None:
-        ids, nbytes = ids[:max_tokens], nbytes[:max_tokens]
-    stride = stride or window
+    ids = _stream_arrays(df, "input_ids", max_tokens)
+    nbytes = _stream_arrays(df, "token_bytes", max_tokens)
     rows = []
-    prev_end = 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + window, len(ids))
-        target = end - prev_end  # tokens not yet predicted by an earlier window
+    for begin, end, target in window_spans(len(ids), window, stride):
         piece = ids[begin:end].tolist()
         labels = [IGNORE] * (len(piece) - target) + piece[len(piece) - target :]
         first = max(1, len(piece) - target)
         rows.append((piece, labels, int(nbytes[begin + first : end].sum())))
-        prev_end = end
-        if end == len(ids):
-            break
     return rows
+
+
+def stream_token_docs(
+    df: pd.DataFrame, window: int, stride: int | None = None, max_tokens: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per window of stream_windows: the document index and UTF-8 bytes of each of its tokens."""
+    docs = _stream_arrays(df, "token_docs", max_tokens)
+    nbytes = _stream_arrays(df, "token_bytes", max_tokens)
+    return [(docs[b:e], nbytes[b:e]) for b, e, _ in window_spans(len(docs), window, stride)]
+
+
+def document_scores(scores: pd.DataFrame, token_docs: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                    row_docs: pd.Series | None = None) -> pd.DataFrame:
+    """Summed NLL, predicted tokens and bytes per document, from per-row scores.
+
+    Either each row is one document (`row_docs`, e.g. an instruction example's source record), or
+    rows span documents and `token_docs` gives each token's document and bytes (stream windows):
+    then the per-token NLL of the scores (score_rows(keep_tokens=True)) is split at the boundaries.
+    """
+    if row_docs is not None:
+        df = pd.DataFrame({"doc": np.asarray(row_docs), "n_tokens": scores["n_tokens"], "nll_sum": scores["nll_sum"],
+                           "n_bytes": scores["n_bytes"]})
+        return df.groupby("doc", sort=True).sum().reset_index()
+    if token_docs is None:
+        raise ValueError("document_scores needs row_docs or token_docs")
+    docs, nll, nbytes = [], [], []
+    for token_nll, (d, b) in zip(scores["token_nll"], token_docs):
+        token_nll = np.asarray(token_nll, dtype=np.float64)
+        predicted = ~np.isnan(token_nll)  # position j scores token j + 1
+        docs.append(d[1:][predicted])
+        nll.append(token_nll[predicted])
+        nbytes.append(b[1:][predicted])
+    df = pd.DataFrame({"doc": np.concatenate(docs), "nll_sum": np.concatenate(nll), "n_bytes": np.concatenate(nbytes)})
+    out = df.groupby("doc", sort=True).agg(n_tokens=("nll_sum", "size"), nll_sum=("nll_sum", "sum"),
+                                           n_bytes=("n_bytes", "sum"))
+    return out.reset_index()[["doc", "n_tokens", "nll_sum", "n_bytes"]]
 
 
 def _autocast(precision: str, device: str):
@@ -69,12 +115,18 @@ def score_rows(
     pad_id: int = 0,
     precision: str = "fp32",
     label: str = "eval",
+    keep_tokens: bool = False,
 ) -> pd.DataFrame:
-    """Summed NLL and predicted-token count per row; rows are batched longest-first to limit padding."""
+    """Summed NLL and predicted-token count per row; rows are batched longest-first to limit padding.
+
+    keep_tokens adds `token_nll`: per row, the NLL at each position 1..n-1 (NaN where not predicted),
+    so results can be split by document.
+    """
     device = str(next(model.parameters()).device)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     nll = np.zeros(len(rows))
     count = np.zeros(len(rows), dtype=np.int64)
+    per_token: list[np.ndarray | None] = [None] * len(rows)
     model.eval()
     progress = Progress(label, total=sum(len(r[0]) for r in rows), unit="tokens")
     with torch.inference_mode(), _autocast(precision, device):
@@ -96,10 +148,15 @@ def score_rows(
             ).view(target.shape)
             nll[idx] = losses.sum(dim=1).double().cpu().numpy()
             count[idx] = (target != IGNORE).sum(dim=1).cpu().numpy()
+            if keep_tokens:
+                token = losses.masked_fill(target == IGNORE, float("nan")).float().cpu().numpy()
+                for j, i in enumerate(idx):
+                    per_token[i] = token[j, : len(rows[i][0]) - 1]
             progress.advance(int(attention.sum()))
-    return pd.DataFrame(
-        {"row": np.arange(len(rows)), "n_tokens": count, "nll_sum": nll, "n_bytes": [r[2] for r in rows]}
-    )
+    out = pd.DataFrame({"row": np.arange(len(rows)), "n_tokens": count, "nll_sum": nll, "n_bytes": [r[2] for r in rows]})
+    if keep_tokens:
+        out["token_nll"] = per_token
+    return out
 
 
 def summarize(scores: pd.DataFrame) -> dict[str, float]:

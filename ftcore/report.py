@@ -1,8 +1,20 @@
-"""The study's table (parquet + markdown), the check against the seed's expectations, and plots."""
+"""The study's results: tables (parquet + markdown), uncertainty, the frontier, where forgetting happens.
+
+Inputs are the evaluations (one per model and set: base, and every arm at every seed), each with
+its per-document scores. Outputs, all under the report directory:
+- table.parquet / table.md: one row per arm (mean over seeds), % change against base with the seed
+  spread and a bootstrap interval over documents, a mark where a change is within noise, and
+  whether the arm is on the learning-forgetting Pareto front;
+- runs.parquet: one row per arm and seed;
+- general_docs.parquet: per arm, seed and general document, the change in NLL per token;
+- report.md and the plots: perplexity, frontier (domain gain vs general forgetting), loss.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,71 +22,244 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on workers
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ftcore import stats  # noqa: E402
 from ftcore.io import atomic_path, write_parquet, write_text  # noqa: E402
 
-ROW_ORDER = ["base", "full", "replay", "lora"]
+SETS = ("domain", "general")
 EXPECTED = {
     "domain": "domain perplexity falls 20-40% under fine-tuning",
     "general": "general perplexity rises under full FT, rises less with replay; LoRA keeps most of the domain gain with less forgetting",
 }
+NOISE_RULE = ("≈ marks a change within noise: its 95% bootstrap interval over documents contains 0, or it is "
+              "smaller than twice the standard deviation over seeds (a rule of thumb, not a significance test)")
+TOP_DOCS = 5
 
 
-def build_table(evals: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
-    """evals[arm][set] = perplexity summary -> one row per arm with % change against base."""
-    if "base" not in evals:
+@dataclass(frozen=True)
+class Analysis:
+    arms: pd.DataFrame
+    runs: pd.DataFrame
+    comparisons: pd.DataFrame
+    general_docs: pd.DataFrame
+
+
+def _docs(e: dict[str, Any]) -> pd.DataFrame:
+    return e["docs"] if isinstance(e["docs"], pd.DataFrame) else pd.read_parquet(e["docs"])
+
+
+def _arm_order(evals: list[dict[str, Any]], order: list[str] | None) -> list[str]:
+    names = list(dict.fromkeys(e["arm"] for e in evals if e["arm"] != "base"))
+    if order:
+        names = [a for a in order if a in names] + [a for a in names if a not in order]
+    return names
+
+
+def run_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per model run (base, every arm at every seed) with both sets' numbers and % change."""
+    if not any(e["arm"] == "base" for e in evals):
         raise ValueError("the table needs the base model's evaluation")
-    rows = []
-    for arm in sorted(evals, key=lambda a: (ROW_ORDER.index(a) if a in ROW_ORDER else len(ROW_ORDER), a)):
-        row: dict[str, Any] = {"arm": arm}
-        for name in ("domain", "general"):
-            s, base = evals[arm][name], evals["base"][name]
-            row[f"{name}_ppl"] = s["ppl"]
-            row[f"{name}_change_pct"] = 100 * (s["ppl"] / base["ppl"] - 1)
-            row[f"{name}_bpb"] = s["bpb"]
-            row[f"{name}_tokens"] = s["tokens"]
-        rows.append(row)
-    return pd.DataFrame(rows)
+    base = {e["set"]: e for e in evals if e["arm"] == "base"}
+    rows: dict[tuple, dict[str, Any]] = {}
+    for e in evals:
+        key = (e["arm"], e.get("seed"))
+        row = rows.setdefault(key, {"arm": e["arm"], "seed": e.get("seed")})
+        row[f"{e['set']}_ppl"] = e["ppl"]
+        row[f"{e['set']}_change_pct"] = 100 * (e["ppl"] / base[e["set"]]["ppl"] - 1)
+        row[f"{e['set']}_bpb"] = e["bpb"]
+        row[f"{e['set']}_tokens"] = e["tokens"]
+    df = pd.DataFrame(list(rows.values()))
+    df["seed"] = df["seed"].astype("Int64")
+    return df
 
 
-def expectation_checks(table: pd.DataFrame) -> list[str]:
-    """Each seed expectation, stated against the measured numbers (true or not)."""
-    t = table.set_index("arm")
-    lines = []
-    arms = [a for a in t.index if a != "base"]
-    for arm in arms:
-        d = t.loc[arm, "domain_change_pct"]
-        verdict = "within" if -40 <= d <= -20 else ("a smaller fall than" if d > -20 else "a larger fall than")
-        lines.append(f"{arm}: domain perplexity {d:+.1f}% ({verdict} the expected -20…-40%)")
-    if "full" in t.index:
-        g = t.loc["full", "general_change_pct"]
-        lines.append(f"full: general perplexity {g:+.1f}% ({'rose, as expected' if g > 0 else 'did not rise: no forgetting measured'})")
-        for arm, claim in (("replay", "less forgetting than full"), ("lora", "less forgetting than full")):
-            if arm in t.index:
-                ga = t.loc[arm, "general_change_pct"]
-                holds = ga < g
-                lines.append(f"{arm}: general {ga:+.1f}% vs full {g:+.1f}% ({claim}: {'yes' if holds else 'no'})")
-        if "lora" in t.index and t.loc["full", "domain_change_pct"] < 0:
-            kept = t.loc["lora", "domain_change_pct"] / t.loc["full", "domain_change_pct"]
-            lines.append(f"lora: keeps {100 * kept:.0f}% of full FT's domain gain ({'most' if kept >= 0.5 else 'less than half'})")
-    return lines
+def analyse(evals: list[dict[str, Any]], order: list[str] | None = None, titles: pd.DataFrame | None = None,
+            resamples: int = stats.RESAMPLES) -> Analysis:
+    """Every number of the report from the evaluations and their per-document scores."""
+    runs = run_table(evals)
+    arms = _arm_order(evals, order)
+    by = {(e["arm"], e.get("seed"), e["set"]): e for e in evals}
+    seeds = {a: sorted(int(s) for s in runs.loc[runs.arm == a, "seed"].dropna()) for a in arms}
+    table = [{"arm": "base", "seeds": 0} | {f"{s}_{k}": runs.loc[runs.arm == "base", f"{s}_{k}"].item()
+                                           for s in SETS for k in ("ppl", "bpb", "tokens")}]
+    table += [{"arm": a, "seeds": len(seeds[a])} for a in arms]
+    comparisons = []
+    reference = "full" if "full" in arms else (arms[0] if arms else None)
+    mean_change_samples: dict[tuple[str, str], np.ndarray] = {}
+    for s in SETS:
+        models = [by[("base", None, s)]] + [by[(a, seed, s)] for a in arms for seed in seeds[a]]
+        _, nll, tokens = stats.doc_matrix([_docs(e) for e in models])
+        ppl = stats.resampled_ppl(nll, tokens, stats.resample_weights(len(tokens), resamples))
+        table[0][f"{s}_ppl_ci_low"], table[0][f"{s}_ppl_ci_high"] = stats.interval(ppl[:, 0])
+        table[0][f"{s}_change_pct"] = 0.0
+        col = 1
+        for i, a in enumerate(arms, start=1):
+            cols = list(range(col, col + len(seeds[a])))
+            col += len(seeds[a])
+            per_seed = runs.set_index(["arm", "seed"]).loc[[(a, sd) for sd in seeds[a]]]
+            change = per_seed[f"{s}_change_pct"].to_numpy()
+            samples = 100 * (ppl[:, cols] / ppl[:, [0]] - 1).mean(axis=1)
+            mean_change_samples[(a, s)] = samples
+            row = table[i]
+            row[f"{s}_ppl"] = float(per_seed[f"{s}_ppl"].mean())
+            row[f"{s}_ppl_std"] = stats.seed_std(per_seed[f"{s}_ppl"].to_numpy())
+            row[f"{s}_ppl_ci_low"], row[f"{s}_ppl_ci_high"] = stats.interval(ppl[:, cols].mean(axis=1))
+            row[f"{s}_change_pct"] = float(change.mean())
+            row[f"{s}_change_std"] = stats.seed_std(change)
+            row[f"{s}_change_ci_low"], row[f"{s}_change_ci_high"] = stats.interval(samples)
+            row[f"{s}_within_noise"] = stats.within_noise(
+                row[f"{s}_change_pct"], (row[f"{s}_change_ci_low"], row[f"{s}_change_ci_high"]), row[f"{s}_change_std"])
+            row[f"{s}_bpb"] = float(per_seed[f"{s}_bpb"].mean())
+            row[f"{s}_tokens"] = int(per_seed[f"{s}_tokens"].iloc[0])
+    table_df = pd.DataFrame(table)
+    if arms:
+        sub = table_df[table_df.arm != "base"]
+        front = stats.pareto_front(-sub["domain_change_pct"], sub["general_change_pct"])
+        table_df["pareto"] = [False] + front
+        for a in arms:
+            if a == reference:
+                continue
+            for s in SETS:
+                diff_samples = mean_change_samples[(a, s)] - mean_change_samples[(reference, s)]
+                ra, rr = table_df.set_index("arm").loc[a], table_df.set_index("arm").loc[reference]
+                diff = ra[f"{s}_change_pct"] - rr[f"{s}_change_pct"]
+                spread = math.sqrt(ra[f"{s}_change_std"] ** 2 + rr[f"{s}_change_std"] ** 2)
+                ci = stats.interval(diff_samples)
+                comparisons.append({"arm": a, "reference": reference, "set": s, "diff_pp": diff, "ci_low": ci[0],
+                                    "ci_high": ci[1], "seed_std": spread, "within_noise": stats.within_noise(diff, ci, spread)})
+    return Analysis(arms=table_df, runs=runs, comparisons=pd.DataFrame(comparisons),
+                    general_docs=general_doc_changes(evals, titles))
+
+
+def general_doc_changes(evals: list[dict[str, Any]], titles: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per arm, seed and general document: NLL per token of base and arm, and the change (where forgetting is)."""
+    base = _docs(next(e for e in evals if e["arm"] == "base" and e["set"] == "general"))
+    base = base.assign(base_nll=base["nll_sum"] / base["n_tokens"])[["doc", "n_tokens", "base_nll"]]
+    parts = []
+    for e in evals:
+        if e["arm"] == "base" or e["set"] != "general":
+            continue
+        d = _docs(e)
+        part = base.merge(d.assign(nll=d["nll_sum"] / d["n_tokens"])[["doc", "nll"]], on="doc", validate="1:1")
+        parts.append(part.assign(arm=e["arm"], seed=e.get("seed")))
+    if not parts:
+        return pd.DataFrame(columns=["arm", "seed", "doc", "title", "n_tokens", "base_nll", "nll", "delta_nll", "ppl_change_pct"])
+    df = pd.concat(parts, ignore_index=True)
+    df["delta_nll"] = df["nll"] - df["base_nll"]
+    df["ppl_change_pct"] = 100 * np.expm1(df["delta_nll"])
+    df["title"] = df["doc"].map(titles.set_index("doc")["title"]) if titles is not None else df["doc"].astype(str)
+    df["seed"] = df["seed"].astype("Int64")
+    return df[["arm", "seed", "doc", "title", "n_tokens", "base_nll", "nll", "delta_nll", "ppl_change_pct"]]
+
+
+# --- words -------------------------------------------------------------------------------------
+
+def _pct(row: pd.Series, s: str) -> str:
+    text = f"{row[f'{s}_change_pct']:+.1f}%"
+    if row["seeds"] > 1:
+        text += f" ± {row[f'{s}_change_std']:.1f}"
+    text += f" [{row[f'{s}_change_ci_low']:+.1f}, {row[f'{s}_change_ci_high']:+.1f}]"
+    return ("≈ " if row[f"{s}_within_noise"] else "") + text
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    out = ["| arm | domain ppl | Δ domain | general ppl | Δ general | domain bits/byte | general bits/byte |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in table.itertuples(index=False):
-        dd = "—" if r.arm == "base" else f"{r.domain_change_pct:+.1f}%"
-        dg = "—" if r.arm == "base" else f"{r.general_change_pct:+.1f}%"
-        out.append(f"| {r.arm} | {r.domain_ppl:.2f} | {dd} | {r.general_ppl:.2f} | {dg} | {r.domain_bpb:.3f} | {r.general_bpb:.3f} |")
+    """Arms as rows: perplexity and change against base per set, with seeds, spread and intervals."""
+    out = ["| arm | seeds | domain ppl | Δ domain ± std [95% CI] | general ppl | Δ general ± std [95% CI] | "
+           "domain bits/byte | general bits/byte | front |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    for _, r in table.iterrows():
+        base = r["arm"] == "base"
+        cells = [r["arm"], "—" if base else str(int(r["seeds"]))]
+        for s in SETS:
+            cells.append(f"{r[f'{s}_ppl']:.2f}")
+            cells.append(f"[{r[f'{s}_ppl_ci_low']:.2f}, {r[f'{s}_ppl_ci_high']:.2f}]" if base else _pct(r, s))
+        cells += [f"{r['domain_bpb']:.3f}", f"{r['general_bpb']:.3f}", "" if base else ("●" if r.get("pareto") else "")]
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
-def render_markdown(table: pd.DataFrame, title: str, details: dict[str, Any], plots: dict[str, Path]) -> str:
-    lines = [f"# Fine-tuning cost study: {title}", "", markdown_table(table), "",
+def runs_markdown(runs: pd.DataFrame) -> str:
+    out = ["| arm | seed | domain ppl | Δ domain | general ppl | Δ general |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for _, r in runs[runs.arm != "base"].iterrows():
+        out.append(f"| {r['arm']} | {r['seed']} | {r['domain_ppl']:.2f} | {r['domain_change_pct']:+.1f}% | "
+                   f"{r['general_ppl']:.2f} | {r['general_change_pct']:+.1f}% |")
+    return "\n".join(out)
+
+
+def expectation_checks(a: Analysis, methods: dict[str, str] | None = None) -> list[str]:
+    """Each seed expectation, stated against the measured numbers (true or not), with noise marks."""
+    t = a.arms.set_index("arm")
+    methods = methods or {}
+    arms = [x for x in t.index if x != "base"]
+    lines = []
+    for arm in arms:
+        d = t.loc[arm, "domain_change_pct"]
+        verdict = "within" if -40 <= d <= -20 else ("a smaller fall than" if d > -20 else "a larger fall than")
+        noise = " — within noise" if t.loc[arm, "domain_within_noise"] else ""
+        lines.append(f"{arm}: domain perplexity {d:+.1f}% ({verdict} the expected -20…-40%){noise}")
+    if "full" not in t.index:
+        return lines
+    g = t.loc["full", "general_change_pct"]
+    rose = "rose, as expected" if g > 0 else "did not rise: no forgetting measured"
+    lines.append(f"full: general perplexity {g:+.1f}% ({rose}){' — within noise' if t.loc['full', 'general_within_noise'] else ''}")
+    cmp = a.comparisons.set_index(["arm", "set"]) if len(a.comparisons) else None
+    for arm in arms:
+        if arm == "full" or cmp is None:
+            continue
+        c = cmp.loc[(arm, "general")]
+        ga = t.loc[arm, "general_change_pct"]
+        holds = "yes" if ga < g else "no"
+        noise = "within noise" if c["within_noise"] else "outside noise"
+        lines.append(f"{arm}: general {ga:+.1f}% vs full {g:+.1f}% (less forgetting than full: {holds}; difference "
+                     f"{c['diff_pp']:+.1f} pp [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}], {noise})")
+    full_gain = t.loc["full", "domain_change_pct"]
+    for arm in arms:
+        if methods.get(arm) == "lora" and full_gain < 0:
+            kept = t.loc[arm, "domain_change_pct"] / full_gain
+            lines.append(f"{arm}: keeps {100 * kept:.0f}% of full FT's domain gain ({'most' if kept >= 0.5 else 'less than half'})")
+    return lines
+
+
+def forgetting_summary(docs: pd.DataFrame, order: list[str], top: int = TOP_DOCS) -> list[str]:
+    """Where forgetting happens: per arm the share of documents that got worse, then the worst documents."""
+    if docs.empty:
+        return []
+    per_arm = docs.groupby(["arm", "doc", "title"], sort=False).agg(
+        n_tokens=("n_tokens", "first"), ppl_change_pct=("ppl_change_pct", "mean")).reset_index()
+    lines = ["Per document of the general benchmark (seed mean), the change in perplexity against the base model.", ""]
+    for arm in order:
+        d = per_arm[per_arm.arm == arm]
+        if d.empty:
+            continue
+        worse = (d["ppl_change_pct"] > 0).mean()
+        lines.append(f"- {arm}: {100 * worse:.0f}% of {len(d)} documents got worse; median {d['ppl_change_pct'].median():+.1f}%, "
+                     f"worst {d['ppl_change_pct'].max():+.1f}%, best {d['ppl_change_pct'].min():+.1f}%")
+    wide = per_arm.pivot_table(index=["doc", "title", "n_tokens"], columns="arm", values="ppl_change_pct")
+    wide = wide[[a for a in order if a in wide.columns]]
+    worst = wide.assign(mean=wide.mean(axis=1)).sort_values("mean", ascending=False).head(top)
+    lines += ["", f"The {len(worst)} documents that got worse most (mean over arms):", "",
+              "| document | tokens | " + " | ".join(wide.columns) + " |",
+              "| --- | ---: | " + " | ".join("---:" for _ in wide.columns) + " |"]
+    for (doc, title, n), r in worst.iterrows():
+        lines.append(f"| {title.replace('|', '/')} | {n} | " + " | ".join(f"{r[a]:+.1f}%" for a in wide.columns) + " |")
+    return lines
+
+
+def render_markdown(a: Analysis, title: str, details: dict[str, Any], plots: dict[str, Path],
+                    methods: dict[str, str] | None = None) -> str:
+    lines = [f"# Fine-tuning cost study: {title}", "", markdown_table(a.arms), "",
+             f"Δ is the % change in perplexity against the base model; ± the standard deviation over seeds; "
+             f"[..] the 95% bootstrap interval over documents ({stats.RESAMPLES} resamples, paired across models). "
+             f"{NOISE_RULE}. ● marks the arms on the Pareto front of domain gain vs general forgetting.", "",
              "## Against the seed recipe's expectations", "", f"Expected: {EXPECTED['domain']}; {EXPECTED['general']}.", ""]
-    lines += [f"- {line}" for line in expectation_checks(table)]
+    lines += [f"- {line}" for line in expectation_checks(a, methods)]
+    if a.runs["seed"].notna().any() and a.arms["seeds"].max() > 1:
+        lines += ["", "## Every seed", "", runs_markdown(a.runs)]
+    forgetting = forgetting_summary(a.general_docs, [x for x in a.arms.arm if x != "base"])
+    if forgetting:
+        lines += ["", "## Where forgetting happens", ""] + forgetting
     if details:
         lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in details.items()]
     if plots:
@@ -92,26 +277,45 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_perplexity(table: pd.DataFrame, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, name in zip(axes, ("domain", "general")):
-        ax.bar(table["arm"], table[f"{name}_ppl"], color=["#888"] + ["#4a7ebb"] * (len(table) - 1))
-        ax.axhline(table.loc[table["arm"] == "base", f"{name}_ppl"].item(), color="k", lw=0.8, ls="--")
-        ax.set_title(f"{name} perplexity (lower is better)")
-        for i, v in enumerate(table[f"{name}_ppl"]):
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.3 * len(table) + 4), 3.8))
+    x = np.arange(len(table))
+    for ax, name in zip(axes, SETS):
+        values = table[f"{name}_ppl"].to_numpy()
+        err = np.vstack([values - table[f"{name}_ppl_ci_low"], table[f"{name}_ppl_ci_high"] - values])
+        ax.bar(x, values, yerr=err, capsize=3, color=["#888"] + ["#4a7ebb"] * (len(table) - 1))
+        ax.axhline(values[0], color="k", lw=0.8, ls="--")
+        ax.set_xticks(x, table["arm"], rotation=30, ha="right")
+        ax.set_title(f"{name} perplexity, 95% CI (lower is better)")
+        for i, v in enumerate(values):
             ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
     return _save(fig, path)
 
 
-def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 4))
-    arms = table[table["arm"] != "base"]
-    ax.scatter(-arms["domain_change_pct"], arms["general_change_pct"], s=40)
-    for r in arms.itertuples(index=False):
-        ax.annotate(r.arm, (-r.domain_change_pct, r.general_change_pct), textcoords="offset points", xytext=(5, 5))
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xlabel("domain gain (% fall in perplexity)")
-    ax.set_ylabel("general forgetting (% rise in perplexity)")
-    ax.set_title("learning vs forgetting")
+def plot_frontier(a: Analysis, path: Path) -> Path:
+    """Domain gain vs general forgetting: every seed's run, each arm's mean with its intervals, the front."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    arms = a.arms[a.arms.arm != "base"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (_, r) in enumerate(arms.iterrows()):
+        c = colors[i % len(colors)]
+        runs = a.runs[a.runs.arm == r["arm"]]
+        ax.scatter(-runs["domain_change_pct"], runs["general_change_pct"], s=14, color=c, alpha=0.5)
+        gain, forget = -r["domain_change_pct"], r["general_change_pct"]
+        xerr = [[gain - -r["domain_change_ci_high"]], [-r["domain_change_ci_low"] - gain]]
+        yerr = [[forget - r["general_change_ci_low"]], [r["general_change_ci_high"] - forget]]
+        ax.errorbar(gain, forget, xerr=xerr, yerr=yerr, fmt="o", color=c, ms=7, capsize=3, lw=1,
+                    mec="k" if r.get("pareto") else c, label=r["arm"])
+        ax.annotate(r["arm"], (gain, forget), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    front = arms[arms["pareto"]].sort_values("domain_change_pct", ascending=False) if "pareto" in arms else arms.iloc[:0]
+    if len(front):
+        ax.step(-front["domain_change_pct"], front["general_change_pct"], where="post", color="k", lw=1, ls="--",
+                label="Pareto front")
+    ax.scatter([0], [0], marker="x", color="k", label="base")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("domain gain (% fall in perplexity) →")
+    ax.set_ylabel("general forgetting (% rise in perplexity) ↓")
+    ax.set_title("learning vs forgetting (small dots: seeds; bars: 95% CI)")
+    ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 
@@ -123,25 +327,28 @@ def plot_losses(logs: dict[str, Path], path: Path) -> Path:
             ax.plot([e["step"] for e in entries], [e["loss"] for e in entries], label=arm)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.set_title("training loss")
     return _save(fig, path)
 
 
 def write_report(
-    evals: dict[str, dict[str, dict[str, float]]], out_dir: str | Path, title: str,
+    evals: list[dict[str, Any]], out_dir: str | Path, title: str,
     loss_logs: dict[str, Path] | None = None, details: dict[str, Any] | None = None,
+    order: list[str] | None = None, methods: dict[str, str] | None = None, titles: pd.DataFrame | None = None,
 ) -> dict[str, str]:
-    """Write table.parquet, table.md, report.md and the plots into out_dir; return their paths."""
+    """Write the tables, report.md and the plots into out_dir; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = build_table(evals)
-    plots = {"perplexity": plot_perplexity(table, out / "perplexity.png"),
-             "tradeoff": plot_tradeoff(table, out / "tradeoff.png")}
+    a = analyse(evals, order, titles)
+    plots = {"perplexity": plot_perplexity(a.arms, out / "perplexity.png"), "frontier": plot_frontier(a, out / "frontier.png")}
     if loss_logs:
         plots["loss"] = plot_losses(loss_logs, out / "loss.png")
-    write_parquet(table, out / "table.parquet")
-    write_text(markdown_table(table) + "\n", out / "table.md")
-    write_text(render_markdown(table, title, details or {}, plots), out / "report.md")
-    return {"table": str(out / "table.parquet"), "report": str(out / "report.md"),
+    write_parquet(a.arms, out / "table.parquet")
+    write_parquet(a.runs, out / "runs.parquet")
+    write_parquet(a.general_docs, out / "general_docs.parquet")
+    write_text(markdown_table(a.arms) + "\n", out / "table.md")
+    write_text(render_markdown(a, title, details or {}, plots, methods), out / "report.md")
+    return {"table": str(out / "table.parquet"), "runs": str(out / "runs.parquet"),
+            "general_docs": str(out / "general_docs.parquet"), "report": str(out / "report.md"),
             **{name: str(p) for name, p in plots.items()}}

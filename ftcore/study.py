@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ftcore import chunking, corpora, models, perplexity, report, training
@@ -111,12 +112,18 @@ def check_model_fits(cfg: StudyConfig, model_dir: str | Path) -> None:
 
 
 def check_replay_budget(cfg: StudyConfig, domain: dict[str, Any], replay: dict[str, Any] | None) -> None:
-    """Enough replay tokens for replay_ratio, checked before any training starts."""
-    if "replay" not in cfg.arms or replay is None:
+    """Enough replay tokens for every arm's replay_ratio, checked before any training starts."""
+    ratios = {a.name: a.replay_ratio for a in cfg.arm_specs if a.replay_ratio > 0}
+    if not ratios or replay is None:
         return
-    training.build_training_mix(pd.read_parquet(domain["train"], columns=["input_ids", "completion_mask"]),
-                                pd.read_parquet(replay["path"], columns=["input_ids", "completion_mask"]),
-                                cfg.replay_ratio, cfg.train.seed)
+    train = pd.read_parquet(domain["train"], columns=["input_ids", "completion_mask"])
+    stream = pd.read_parquet(replay["path"], columns=["input_ids", "completion_mask"])
+    for name, ratio in sorted(ratios.items(), key=lambda kv: -kv[1]):
+        try:
+            training.build_training_mix(train, stream, ratio, cfg.train.seed)
+        except training.ReplayBudgetError as exc:
+            raise training.ReplayBudgetError(f"arm {name}: {exc}") from None
+        break  # the largest ratio needs the most replay tokens
 
 
 # --- steps -------------------------------------------------------------------------------------
@@ -181,7 +188,7 @@ def tokenize_stream(cfg: StudyConfig, role: str, model: dict[str, str], corpus_f
     """The general benchmark or the replay corpus as language-modelling chunks."""
     key = stream_key(cfg, role, model, corpus_fp)
     out = step_dir(cfg, f"tokenize-{role}", key)
-    return run_once(out, ["chunks.parquet"], lambda: _tokenize_stream(cfg, role, model, key, out / "chunks.parquet"))
+    return run_once(out, ["chunks.parquet", "docs.parquet"], lambda: _tokenize_stream(cfg, role, model, key, out / "chunks.parquet"))
 
 
 def _tokenize_stream(cfg: StudyConfig, role: str, model: dict[str, str], key: str, out: Path) -> dict[str, Any]:
@@ -191,32 +198,38 @@ def _tokenize_stream(cfg: StudyConfig, role: str, model: dict[str, str], key: st
     if df.empty:
         raise StudyError(f"{role}: nothing left after tokenizing ({st.skipped} documents under 2 tokens)")
     write_parquet(df, out)
+    titles = corpora.document_titles(corpus, getattr(cfg, role).text_fields)
+    write_parquet(pd.DataFrame({"doc": range(len(titles)), "title": titles}), out.with_name("docs.parquet"))
     log.info("tokenize-%s: %s", role, st.as_dict())
-    return {"key": key, "path": str(out), "stats": st.as_dict()}
+    return {"key": key, "path": str(out), "docs": str(out.with_name("docs.parquet")), "stats": st.as_dict()}
 
 
 def arm_key(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
             replay: dict[str, Any] | None) -> str:
-    fields = ("train", "chunk_len", "precision") + (("lora",) if arm == "lora" else ()) + (
-        ("replay_ratio",) if arm == "replay" else ())
-    return step_key(f"train-{arm}", cfg, fields, model=model["fingerprint"], domain=domain["key"],
-                    replay=replay["key"] if arm == "replay" and replay else None)
+    """Key of one arm at cfg.train.seed: the arm's own spec (LoRA settings resolved), never the other arms."""
+    spec = cfg.arm(arm)
+    what = spec.model_dump(mode="json") | {"lora": cfg.lora_of(spec).model_dump(mode="json") if spec.method == "lora" else None}
+    return step_key(f"train-{arm}", cfg, ("train", "chunk_len", "precision"), arm=what, model=model["fingerprint"],
+                    domain=domain["key"], replay=replay["key"] if spec.replay_ratio > 0 and replay else None)
 
 
 def train_arm(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
               replay: dict[str, Any] | None, callbacks: list | None = None, key: str | None = None) -> dict[str, Any]:
-    """Train one arm in its keyed directory (`key` as computed by the caller, e.g. a parent process)."""
+    """Train one arm at cfg.train.seed in its keyed directory (`key` as computed by the caller, e.g. a parent process)."""
+    spec = cfg.arm(arm)
     key = key or arm_key(cfg, arm, model, domain, replay)
     out = step_dir(cfg, f"train-{arm}", key)
+    seed = cfg.train.seed
 
     def compute() -> dict[str, Any]:
         summary = training.train_arm(cfg, arm, model["path"], domain["train"], out, callbacks=callbacks,
-                                     replay_path=replay["path"] if arm == "replay" and replay else None)
-        return {"key": key, "arm": arm, "dir": str(out), "summary": summary}
+                                     replay_path=replay["path"] if spec.replay_ratio > 0 and replay else None)
+        return {"key": key, "arm": arm, "seed": seed, "dir": str(out), "summary": summary}
 
     # Checkpoints stay out of the manifest: they are resume points, not results.
-    files = ["adapter" if arm == "lora" else "model", "train_log.jsonl", training.SUMMARY]
-    if arm == "lora" and cfg.lora.merge:
+    lora = spec.method == "lora"
+    files = ["adapter" if lora else "model", "train_log.jsonl", training.SUMMARY]
+    if lora and cfg.lora_of(spec).merge:
         files.append("model")
     return run_once(out, files, compute)
 
@@ -234,7 +247,7 @@ def evaluate(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], whic
     name = arm["arm"] if arm else "base"
     key = eval_key(cfg, model, data, which, arm)
     out = step_dir(cfg, f"eval-{name}-{which}", key)
-    return run_once(out, ["scores.parquet", "summary.json"],
+    return run_once(out, ["scores.parquet", "docs.parquet", "summary.json"],
                     lambda: _evaluate(cfg, model, data, which, arm, device, key, out))
 
 
@@ -242,21 +255,31 @@ def _evaluate(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], whi
               arm: dict[str, Any] | None, device: str | None, key: str, out: Path) -> dict[str, Any]:
     name = arm["arm"] if arm else "base"
     device = device or training.resolve_device(cfg.device)
+    frame = pd.read_parquet(data["test"] if which == "domain" else data["path"])
     if which == "domain":
-        rows = perplexity.domain_rows(pd.read_parquet(data["test"]))
+        rows = perplexity.domain_rows(frame)
+        # Instruction rows are one document each; lm rows are chunks of a stream, split by token.
+        token_docs = (list(zip(map(np.asarray, frame["token_docs"]), map(np.asarray, frame["token_bytes"])))
+                      if "token_docs" in frame else None)
     else:
-        rows = perplexity.stream_windows(pd.read_parquet(data["path"]), cfg.chunk_len, cfg.eval.stride,
-                                         cfg.eval.max_general_tokens)
+        window = (cfg.chunk_len, cfg.eval.stride, cfg.eval.max_general_tokens)
+        rows = perplexity.stream_windows(frame, *window)
+        token_docs = perplexity.stream_token_docs(frame, *window)
     net = training.load_arm_model(arm["dir"], model["path"], device) if arm else models.load_model(model["path"], device=device)
     tokenizer = models.load_tokenizer(model["path"])
     scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
-                                   label=f"eval-{name}-{which}")
+                                   label=f"eval-{name}-{which}", keep_tokens=token_docs is not None)
     del net
+    docs = perplexity.document_scores(scores, token_docs=token_docs,
+                                      row_docs=None if token_docs is not None else frame["doc"])
     write_parquet(scores, out / "scores.parquet")
+    write_parquet(docs, out / "docs.parquet")
     summary = perplexity.summarize(scores)
     write_json(summary, out / "summary.json")
     log.info("eval-%s-%s: ppl %.3f, bits/byte %.4f over %d tokens", name, which, summary["ppl"], summary["bpb"], summary["tokens"])
-    return {"key": key, "arm": name, "set": which, "scores": str(out / "scores.parquet"), **summary}
+    return {"key": key, "arm": name, "seed": arm["seed"] if arm else None, "set": which,
+            "scores": str(out / "scores.parquet"), "docs": str(out / "docs.parquet"),
+            "titles": data.get("docs"), **summary}
 
 
 def report_key(cfg: StudyConfig, evals: list[dict[str, Any]], failed: dict[str, str] | None = None) -> str:
@@ -271,20 +294,25 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
     """
     key = report_key(cfg, evals, failed)
     out = step_dir(cfg, "report", key)
-    files = ["table.parquet", "table.md", "report.md", "perplexity.png", "tradeoff.png"] + (["loss.png"] if arms else [])
+    files = ["table.parquet", "runs.parquet", "general_docs.parquet", "table.md", "report.md", "perplexity.png",
+             "frontier.png"] + (["loss.png"] if arms else [])
     return run_once(out, files, lambda: _write_results(cfg, evals, arms, failed, key, out))
 
 
 def _write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
                    failed: dict[str, str] | None, key: str, out: Path) -> dict[str, Any]:
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for e in evals:
-        table.setdefault(e["arm"], {})[e["set"]] = e
-    logs = {a["arm"]: Path(a["dir"]) / "train_log.jsonl" for a in arms}
+    logs = {cfg.run_label(a["arm"], a["seed"]): Path(a["dir"]) / "train_log.jsonl" for a in arms}
     details = {"config": cfg.name, "artifacts": str(Path(cfg.artifacts_dir).resolve()),
-               **{f"model ({a['arm']})": a["dir"] for a in arms}}
+               "seeds": ", ".join(map(str, cfg.run_seeds)),
+               **{f"model ({cfg.run_label(a['arm'], a['seed'])})": a["dir"] for a in arms}}
     details.update({f"FAILED arm {arm}": why for arm, why in (failed or {}).items()})
-    paths = report.write_report(table, out, cfg.name, logs, details)
+    titles = next((e.get("titles") for e in evals if e["set"] == "general" and e.get("titles")), None)
+    # Only arms whose every seed finished are compared: a partial arm would mix seeds unevenly.
+    broken = {a for a in cfg.arm_names for seed in cfg.run_seeds if cfg.run_label(a, seed) in (failed or {})}
+    done = [e for e in evals if e["arm"] not in broken]
+    paths = report.write_report(done, out, cfg.name, logs, details, order=cfg.arm_names,
+                                methods={a.name: a.method for a in cfg.arm_specs},
+                                titles=pd.read_parquet(titles) if titles else None)
     return {"key": key, **paths}
 
 
@@ -296,8 +324,8 @@ def mark_latest(cfg: StudyConfig, results: dict[str, Any]) -> Path:
 # --- corpus change detection (what a scheduled check compares) -------------------------------------
 
 def corpus_roles(cfg: StudyConfig) -> list[str]:
-    """The corpora this study reads: domain, general, and replay when the replay arm is on."""
-    return ["domain", "general"] + (["replay"] if "replay" in cfg.arms else [])
+    """The corpora this study reads: domain, general, and replay when an arm mixes replay text in."""
+    return ["domain", "general"] + (["replay"] if any(a.replay_ratio > 0 for a in cfg.arm_specs) else [])
 
 
 def corpus_versions(cfg: StudyConfig) -> dict[str, str]:
@@ -332,15 +360,15 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     """Every step in order, without Prefect: fetch, tokenize, baseline, arms, final evals, report."""
     check_artifacts_dir(cfg)
     versions = corpus_versions(cfg)
-    fps = {role: fingerprint_corpus(cfg, role) for role in ("domain", "general", "replay") if getattr(cfg, role)}
+    fps = {role: fingerprint_corpus(cfg, role) for role in corpus_roles(cfg)}
     model = fetch_model(cfg)
     check_model_fits(cfg, model["path"])
     domain = tokenize_domain(cfg, model, fps["domain"])
     general = tokenize_stream(cfg, "general", model, fps["general"])
-    replay = tokenize_stream(cfg, "replay", model, fps["replay"]) if "replay" in cfg.arms else None
+    replay = tokenize_stream(cfg, "replay", model, fps["replay"]) if "replay" in corpus_roles(cfg) else None
     check_replay_budget(cfg, domain, replay)
     evals = [evaluate(cfg, model, domain, "domain"), evaluate(cfg, model, general, "general")]
-    arms = [train_arm(cfg, arm, model, domain, replay) for arm in cfg.arms]
+    arms = [train_arm(cfg.with_seed(seed), arm, model, domain, replay) for seed in cfg.run_seeds for arm in cfg.arm_names]
     for arm in arms:
         evals += [evaluate(cfg, model, domain, "domain", arm), evaluate(cfg, model, general, "general", arm)]
     results = write_results(cfg, evals, arms)

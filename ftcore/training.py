@@ -1,8 +1,10 @@
 """The training arms: one SFTTrainer setup; arms differ by their training mix and a PEFT config.
 
-- full:   full fine-tune on the domain training rows.
-- replay: the same, with general-text chunks added until they are `replay_ratio` of the tokens.
-- lora:   LoRA adapters (peft) on the domain rows, with LoRA's own learning rate.
+An arm (config.ArmSpec) is a method and a replay share:
+- method full: every weight trains, at train.learning_rate;
+- method lora: LoRA adapters (peft) with the arm's LoRA settings and their own learning rate;
+- replay_ratio > 0: general-text chunks are added to the domain rows until they are that share
+  of the training tokens (the `replay` shorthand is full at the study's replay_ratio).
 
 An arm's directory holds `checkpoints/` (resume points, TensorBoard under checkpoints/runs),
 `train_log.jsonl` (every logged loss), then `model/` (full weights; for LoRA when merged) or
@@ -93,6 +95,7 @@ def replay_share(mix: pd.DataFrame) -> float:
 
 def sft_config(cfg: StudyConfig, arm: str, out_dir: Path) -> SFTConfig:
     """The recipe's values, set explicitly: SFTConfig defaults (bf16, checkpointing, lr 2e-5) differ."""
+    spec = cfg.arm(arm)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     t = cfg.train
@@ -100,7 +103,7 @@ def sft_config(cfg: StudyConfig, arm: str, out_dir: Path) -> SFTConfig:
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        learning_rate=cfg.lora.learning_rate if arm == "lora" else t.learning_rate,
+        learning_rate=cfg.lora_of(spec).learning_rate if spec.method == "lora" else t.learning_rate,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         lr_scheduler_type=t.lr_scheduler,
@@ -129,8 +132,8 @@ def sft_config(cfg: StudyConfig, arm: str, out_dir: Path) -> SFTConfig:
     )
 
 
-def peft_config(cfg: StudyConfig) -> LoraConfig:
-    lora = cfg.lora
+def peft_config(cfg: StudyConfig, arm: str) -> LoraConfig:
+    lora = cfg.lora_of(cfg.arm(arm))
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
 
@@ -249,9 +252,12 @@ def train_arm(
     """Train one arm into `out_dir`, resuming from its newest checkpoint; return the summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    spec = cfg.arm(arm)
     set_seed(cfg.train.seed)
-    replay = pd.read_parquet(replay_path) if arm == "replay" else None
-    mix = build_training_mix(pd.read_parquet(train_path), replay, cfg.replay_ratio if arm == "replay" else 0, cfg.train.seed)
+    if spec.replay_ratio > 0 and replay_path is None:
+        raise ReplayBudgetError(f"arm {arm}: replay_ratio {spec.replay_ratio} but no tokenized replay corpus was given")
+    replay = pd.read_parquet(replay_path) if spec.replay_ratio > 0 else None
+    mix = build_training_mix(pd.read_parquet(train_path), replay, spec.replay_ratio, cfg.train.seed)
     dataset = datasets.Dataset.from_pandas(mix[["input_ids", "completion_mask"]], preserve_index=False)
 
     args = sft_config(cfg, arm, out_dir)
@@ -265,16 +271,18 @@ def train_arm(
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=peft_config(cfg) if arm == "lora" else None,
+        peft_config=peft_config(cfg, arm) if spec.method == "lora" else None,
         callbacks=[LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)), ProgressLog(f"train-{arm}", out_dir / "progress.json"),
                    SkipFinalCheckpoint(), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # LossLog and ProgressLog report instead of raw dicts
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    _save_arm(trainer, tokenizer, arm, out_dir, merge=cfg.lora.merge)
+    _save_arm(trainer, tokenizer, arm, out_dir, merge=spec.method == "lora" and cfg.lora_of(spec).merge)
     summary = {
         "arm": arm,
+        "method": spec.method,
+        "seed": cfg.train.seed,
         "steps": trainer.state.global_step,
         "resumed_from_step": _checkpoint_step(checkpoint),
         "train_loss": result.training_loss,

@@ -123,10 +123,18 @@ def evaluate(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], whic
         return study.evaluate(cfg, model, data, which, arm, device=_device(slot))
 
 
-@task(name="train-arm", task_run_name="train-{arm}", cache_key_fn=_arm_key, **CACHED)
+def _train_run_name() -> str:
+    from prefect.runtime import task_run
+
+    return f"train-{task_run.parameters.get('label') or task_run.parameters['arm']}"
+
+
+@task(name="train-arm", task_run_name=_train_run_name, cache_key_fn=_arm_key, **CACHED)
 def train_arm(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str, Any],
-              replay: dict[str, Any] | None) -> dict[str, Any]:
-    """One arm, in its own process on a free device slot, or as a run of the train-arm deployment."""
+              replay: dict[str, Any] | None, label: str | None = None) -> dict[str, Any]:
+    """One arm at cfg.train.seed, in its own process on a free device slot, or as a run of the train-arm deployment.
+
+    `label` names the task run (the arm, with its seed when the study has several)."""
     if cfg.executor == "work-pool":
         return train_on_work_pool(cfg, arm, model, domain, replay)
     return train_in_subprocess(cfg, arm, model, domain, replay)
@@ -197,5 +205,5 @@ def _results_key(ctx, p) -> str:
 @task(name="write-results", task_run_name="write-results", cache_key_fn=_results_key, **CACHED)
 def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
                   failed: dict[str, str]) -> dict[str, Any]:
-    """The 4x2 table (parquet, markdown), the report and the plots."""
+    """The arms x (domain, general) table (parquet, markdown), the report and the plots."""
     return study.write_results(cfg, evals, arms, failed)

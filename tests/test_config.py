@@ -35,8 +35,16 @@ def test_invalid_values_name_the_field(override, field):
 def test_cross_field_errors_say_what_is_wrong():
     with pytest.raises(ValidationError, match="replay .*not set"):
         load_config("smoke", replay=None)
-    with pytest.raises(ValidationError, match="duplicates"):
+    with pytest.raises(ValidationError, match="duplicate names"):
         load_config("smoke", arms=["full", "full"])
+    with pytest.raises(ValidationError, match="'full' and 'again' train the same thing"):
+        load_config("smoke", arms=["full", {"name": "again"}])
+    with pytest.raises(ValidationError, match="arm 'x': lora settings given but method is 'full'"):
+        load_config("smoke", arms=[{"name": "x", "lora": {"r": 2}}])
+    with pytest.raises(ValidationError, match="arm.s. r5 mix in replay text but replay .* is not set"):
+        load_config("smoke", replay=None, arms=[{"name": "r5", "replay_ratio": 0.05}])
+    with pytest.raises(ValidationError, match="seeds has duplicates"):
+        load_config("smoke", seeds=[1, 1])
     with pytest.raises(ValidationError, match="stride"):
         load_config("smoke", eval={"stride": 10_000})
     with pytest.raises(ValidationError, match="prompt_template"):
@@ -69,12 +77,33 @@ def test_presets_validate_and_are_frozen():
         cfg.chunk_len = 3
 
 
+def test_arms_are_data():
+    cfg = load_config("smoke", arms=["full", "replay", {"name": "replay-25", "replay_ratio": 0.25},
+                                     {"name": "lora-r2", "method": "lora", "lora": {"r": 2}}, "lora"],
+                      lora={"learning_rate": 0.005}, replay_ratio=0.05)
+    assert cfg.arm_names == ["full", "replay", "replay-25", "lora-r2", "lora"]
+    assert cfg.arm("replay").replay_ratio == 0.05 and cfg.arm("replay").method == "full"
+    # An arm's LoRA settings change only the fields it names; the rest come from the study's `lora`.
+    lora_r2 = cfg.lora_of(cfg.arm("lora-r2"))
+    assert (lora_r2.r, lora_r2.alpha, lora_r2.learning_rate) == (2, 8, 0.005)
+    assert cfg.lora_of(cfg.arm("lora")).r == 4
+    # The dumped config (what a deployment or an arm process receives) validates to the same arms.
+    assert StudyConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_seeds_replace_train_seed_per_run():
+    cfg = load_config("smoke", seeds=[3, 4])
+    assert cfg.run_seeds == (3, 4) and cfg.with_seed(4).train.seed == 4
+    assert cfg.run_label("full", 4) == "full-s4" and load_config("smoke").run_label("full", 0) == "full"
+    assert load_config("smoke").run_seeds == (0,)
+
+
 def test_overrides_are_dotted_and_json_typed():
     assert parse_override("train.learning_rate=1e-4") == {"train": {"learning_rate": 1e-4}}
     assert parse_override('arms=["full"]') == {"arms": ["full"]}
     assert parse_override("name=my study") == {"name": "my study"}
     cfg = load_config("smoke", ["train.max_steps=3", 'arms=["lora"]'])
-    assert cfg.train.max_steps == 3 and cfg.arms == ("lora",)
+    assert cfg.train.max_steps == 3 and cfg.arm_names == ["lora"]
     with pytest.raises(ConfigError, match="field=value"):
         parse_override("train.max_steps")
 

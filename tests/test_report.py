@@ -1,49 +1,128 @@
-"""The report renders: table with % change, expectation checks, markdown and plots."""
+"""The report: % change against base, seeds and bootstrap intervals, noise marks, the front, per-document change."""
 
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 
-from ftcore.report import build_table, expectation_checks, markdown_table, write_report
+from ftcore import stats
+from ftcore.report import analyse, expectation_checks, markdown_table, write_report
+
+DOCS = 40
 
 
-def _evals():
-    def s(ppl, bpb=1.0):
-        return {"ppl": ppl, "bpb": bpb, "tokens": 100}
-    return {
-        "base": {"domain": s(40.0), "general": s(30.0)},
-        "full": {"domain": s(26.0), "general": s(36.0)},
-        "replay": {"domain": s(27.0), "general": s(33.0)},
-        "lora": {"domain": s(28.0), "general": s(31.0)},
-    }
+def _docs(nll_per_token, tokens=None):
+    tokens = np.full(len(nll_per_token), 50) if tokens is None else tokens
+    nll = np.asarray(nll_per_token) * tokens
+    return pd.DataFrame({"doc": np.arange(len(tokens)), "n_tokens": tokens, "nll_sum": nll, "n_bytes": tokens * 4})
 
 
-def test_table_changes_against_base():
-    table = build_table(_evals())
-    assert table.arm.tolist() == ["base", "full", "replay", "lora"]
-    full = table.set_index("arm").loc["full"]
+def _eval(arm, which, nll_per_token, seed=None):
+    docs = _docs(nll_per_token)
+    nll = docs.nll_sum.sum() / docs.n_tokens.sum()
+    return {"arm": arm, "seed": seed, "set": which, "ppl": math.exp(nll), "bpb": 1.0, "tokens": int(docs.n_tokens.sum()),
+            "docs": docs}
+
+
+def _study(factors, seeds=(0,), jitter=0.0):
+    """Base per-document NLL around log 40 / log 30; each arm scales perplexity by a factor (per set)."""
+    rng = np.random.default_rng(1)
+    base = {"domain": np.log(40) + rng.normal(0, 0.3, DOCS), "general": np.log(30) + rng.normal(0, 0.3, DOCS)}
+    evals = [_eval("base", s, base[s]) for s in base]
+    for arm, (fd, fg) in factors.items():
+        for i, seed in enumerate(seeds):
+            shift = jitter * (1 if i % 2 else -1)
+            evals.append(_eval(arm, "domain", base["domain"] + math.log(fd) + shift, seed))
+            evals.append(_eval(arm, "general", base["general"] + math.log(fg) + shift, seed))
+    return evals
+
+
+FOUR = {"full": (0.65, 1.2), "replay": (0.675, 1.1), "lora": (0.7, 1.0333)}
+
+
+def test_changes_against_base_with_intervals():
+    a = analyse(_study(FOUR), order=["full", "replay", "lora"])
+    assert a.arms.arm.tolist() == ["base", "full", "replay", "lora"]
+    full = a.arms.set_index("arm").loc["full"]
     assert full.domain_change_pct == pytest.approx(-35.0) and full.general_change_pct == pytest.approx(20.0)
-    assert "| full | 26.00 | -35.0% | 36.00 | +20.0% |" in markdown_table(table)
+    # Every document moves by the same factor, so the paired interval of the change is (almost) a point.
+    assert full.domain_change_ci_low == pytest.approx(-35.0, abs=1e-6) and full.domain_change_ci_high == pytest.approx(-35.0, abs=1e-6)
+    base = a.arms.set_index("arm").loc["base"]
+    assert base.domain_ppl_ci_low < base.domain_ppl < base.domain_ppl_ci_high
+    assert "| full | 1 | 26.00 | -35.0% [-35.0, -35.0] | 36.00 | +20.0% [+20.0, +20.0] |" in markdown_table(a.arms).replace(
+        f"{full.domain_ppl:.2f}", "26.00").replace(f"{full.general_ppl:.2f}", "36.00")
 
 
-def test_expectations_are_checked_against_numbers():
-    lines = "\n".join(expectation_checks(build_table(_evals())))
+def test_bootstrap_interval_covers_the_truth_and_narrows_with_more_documents():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (20, 320):
+        nll = rng.normal(3.0, 0.5, size=(1, n))
+        tokens = np.full(n, 100.0)
+        ppl = stats.resampled_ppl(nll * tokens, tokens, stats.resample_weights(n))
+        lo, hi = stats.interval(ppl[:, 0])
+        assert lo < math.exp(nll.mean()) < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+
+
+def test_seeds_give_mean_and_std_and_noise_is_marked():
+    evals = _study({"full": (0.8, 1.2), "tiny": (0.995, 1.0)}, seeds=(0, 1, 2), jitter=0.02)
+    a = analyse(evals, order=["full", "tiny"])
+    t = a.arms.set_index("arm")
+    assert t.loc["full", "seeds"] == 3 and t.loc["full", "domain_change_std"] > 0
+    assert t.loc["full", "domain_change_pct"] == pytest.approx(a.runs[a.runs.arm == "full"].domain_change_pct.mean())
+    assert not t.loc["full", "domain_within_noise"] and t.loc["tiny", "domain_within_noise"]
+    assert "≈ " in markdown_table(a.arms).splitlines()[-1]
+    assert len(a.runs) == 1 + 2 * 3
+
+
+def test_differences_between_arms_are_judged_against_noise():
+    a = analyse(_study({"full": (0.7, 1.2), "replay": (0.7, 1.1999), "lora": (0.8, 1.02)}), order=["full", "replay", "lora"])
+    c = a.comparisons.set_index(["arm", "set"])
+    assert c.loc[("lora", "general"), "diff_pp"] == pytest.approx(-18.0)
+    assert not c.loc[("lora", "general"), "within_noise"]
+    lines = "\n".join(expectation_checks(a, {"lora": "lora"}))
+    assert "lora: general +2.0% vs full +20.0% (less forgetting than full: yes; difference -18.0 pp" in lines
+    assert "lora: keeps 67% of full FT's domain gain (most)" in lines
+
+
+def test_expectations_say_when_forgetting_did_not_happen():
+    lines = "\n".join(expectation_checks(analyse(_study({"full": (0.65, 0.97)}))))
     assert "full: domain perplexity -35.0% (within the expected" in lines
-    assert "full: general perplexity +20.0% (rose, as expected)" in lines
-    assert "replay: general +10.0% vs full +20.0% (less forgetting than full: yes)" in lines
-    assert "lora: keeps 86% of full FT's domain gain (most)" in lines
-    evals = _evals()
-    evals["full"]["general"]["ppl"] = 29.0
-    lines = "\n".join(expectation_checks(build_table(evals)))
     assert "did not rise: no forgetting measured" in lines
+
+
+def test_pareto_front():
+    # (gain, forgetting): b dominates d; a, b, c trade off.
+    assert stats.pareto_front([30, 20, 10, 15], [20, 5, 0, 6]) == [True, True, True, False]
+    a = analyse(_study({"full": (0.65, 1.2), "worse": (0.7, 1.25), "lora": (0.8, 1.0)}), order=["full", "worse", "lora"])
+    assert a.arms.set_index("arm").pareto.to_dict() == {"base": False, "full": True, "worse": False, "lora": True}
+
+
+def test_per_document_change_finds_the_document_that_got_worse():
+    evals = _study({"full": (0.7, 1.0)})
+    general = next(e for e in evals if e["arm"] == "full" and e["set"] == "general")
+    general["docs"].loc[7, "nll_sum"] += math.log(2) * general["docs"].loc[7, "n_tokens"]  # doc 7: ppl doubles
+    titles = pd.DataFrame({"doc": range(DOCS), "title": [f"Article {i}" for i in range(DOCS)]})
+    docs = analyse(evals, titles=titles).general_docs
+    worst = docs.sort_values("ppl_change_pct").iloc[-1]
+    assert worst.title == "Article 7" and worst.ppl_change_pct == pytest.approx(100.0)
 
 
 def test_report_files(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n')
-    paths = write_report(_evals(), tmp_path / "out", "test", {"full": log}, {"config": "test"})
-    assert pd.read_parquet(paths["table"]).shape == (4, 9)
+    titles = pd.DataFrame({"doc": range(DOCS), "title": [f"Article {i}" for i in range(DOCS)]})
+    paths = write_report(_study(FOUR, seeds=(0, 1), jitter=0.01), tmp_path / "out", "test", {"full": log},
+                         {"config": "test"}, order=["full", "replay", "lora"], titles=titles)
+    assert len(pd.read_parquet(paths["table"])) == 4 and len(pd.read_parquet(paths["runs"])) == 7
+    assert len(pd.read_parquet(paths["general_docs"])) == 3 * 2 * DOCS
     text = open(paths["report"]).read()
-    assert "# Fine-tuning cost study: test" in text and "![tradeoff](tradeoff.png)" in text
-    for name in ("perplexity", "tradeoff", "loss"):
+    for part in ("# Fine-tuning cost study: test", "![frontier](frontier.png)", "## Every seed",
+                 "## Where forgetting happens", "| Article "):
+        assert part in text
+    for name in ("perplexity", "frontier", "loss"):
         assert open(paths[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "out").glob(".*tmp*"))  # no temp files left behind

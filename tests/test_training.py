@@ -139,7 +139,7 @@ def test_plain_loss_equals_trls_fused_loss(prepared, arm, tmp_path):
         torch.manual_seed(0)
         trainer = cls(model=load_model(model["path"]), args=training.sft_config(cfg, arm, tmp_path / cls.__name__),
                       train_dataset=dataset, processing_class=load_tokenizer(model["path"]),
-                      peft_config=training.peft_config(cfg) if arm == "lora" else None)
+                      peft_config=training.peft_config(cfg, arm) if arm == "lora" else None)
         trainer.model.eval()  # no dropout: both see the same function
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         with torch.no_grad():
