@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 ArmName = Literal["full", "replay", "lora"]
 ARMS: tuple[str, ...] = ("full", "replay", "lora")
 # WikiText marks an article by a top-level heading line " = Title = " (sections are " = = Sub = = ").
-WIKITEXT_ARTICLE = r"^ = [^=].* = $"
+WIKITEXT_ARTICLE = r"^\s*= [^=].* =\s*$"
 # The offline corpora live beside the checkout (../shared/data); FTSTUDY_DATA points elsewhere.
 SHARED_DATA = Path(os.environ.get("FTSTUDY_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 
@@ -324,7 +324,8 @@ SEED: dict[str, Any] = {
     "model": {"source": "hub", "name": "gpt2-medium"},
     "domain": {"source": "hub", "path": "CShorten/ML-ArXiv-Papers", "split": "train",
                "text_fields": ["title", "abstract"], "max_docs": 10000},
-    "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test"},
+    "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test",
+                "doc_start": WIKITEXT_ARTICLE},
     "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "split": "train",
                "max_docs": 20000},
     "test_docs": 1000,
@@ -345,7 +346,8 @@ DEMO: dict[str, Any] = {
     "model": {"source": "smollm2-wheel", "name": "SmolLM2-135M"},
     "domain": {"source": "file", "path": _shared("arxiv-cs/arxiv_cs_abstracts_1k.csv"),
                "text_fields": ["titles", "summaries"], "max_docs": 600},
-    "general": {"source": "file", "path": _shared("wikitext-2-raw/wiki.test.raw"), "file_format": "text"},
+    "general": {"source": "file", "path": _shared("wikitext-2-raw/wiki.test.raw"), "file_format": "text",
+                "doc_start": WIKITEXT_ARTICLE},
     "replay": {"source": "file", "path": _shared("sotu/sotu.jsonl"), "text_fields": ["text"]},
     "test_docs": 100,
     "format": {"kind": "instruction", "style": "fields", "prompt_field": "titles", "completion_field": "summaries"},
@@ -363,7 +365,8 @@ DEMO: dict[str, Any] = {
 DEMO_FROM_HUB: dict[str, Any] = {
     "domain": {"source": "hub", "path": "CShorten/ML-ArXiv-Papers", "split": "train",
                "text_fields": ["title", "abstract"], "max_docs": 600},
-    "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test"},
+    "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test",
+                "doc_start": WIKITEXT_ARTICLE},
     "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "split": "train",
                "max_docs": 5000},
     "format": {"kind": "instruction", "style": "fields", "prompt_field": "title", "completion_field": "abstract"},
@@ -388,9 +391,6 @@ SMOKE: dict[str, Any] = {
     "device": "cpu",
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO, "smoke": SMOKE}
-
-
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
@@ -399,6 +399,23 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+# The demo as a sweep, within an hour on 2 CPU cores: six arms (replay at 10% and 25%, LoRA at rank
+# 16 and 4, LoRA with replay) x two seeds, trained exactly as the demo's arms (its full, replay and
+# lora at seed 0 are the demo's, reused from the cache when the demo ran first). Evaluation is in
+# bf16 (2.5x faster here, +0.1% perplexity for every model alike, BENCHMARKS.md) so that 40k tokens
+# of WikiText-2, about 7 articles, can be scored per model for the per-article view.
+DEMO_SWEEP: dict[str, Any] = _deep_merge(DEMO, {
+    "name": "demo-sweep",
+    "arms": ["full", "replay", {"name": "replay-25", "replay_ratio": 0.25},
+             "lora", {"name": "lora-r4", "method": "lora", "lora": {"r": 4, "alpha": 8}},
+             {"name": "lora+replay", "method": "lora", "replay_ratio": 0.1}],
+    "seeds": [0, 1],
+    "eval": {"precision": "bf16", "max_general_tokens": 40960},
+})
+
+PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO, "demo-sweep": DEMO_SWEEP, "smoke": SMOKE}
 
 
 def parse_override(item: str) -> dict[str, Any]:
@@ -424,7 +441,7 @@ def load_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] = 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     data = PRESETS[preset]
-    if preset == "demo" and not SHARED_DATA.is_dir():
+    if preset in ("demo", "demo-sweep") and not SHARED_DATA.is_dir():
         data = {**data, **DEMO_FROM_HUB}
     for item in overrides:
         data = _deep_merge(data, parse_override(item))
