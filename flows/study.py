@@ -107,8 +107,10 @@ def _publish(results: dict[str, Any], failed: dict[str, str]) -> None:
     import pandas as pd
 
     table = pd.read_parquet(results["table"]).round(4)
+    table = table.astype(object).where(table.notna(), None)  # JSON has no NaN (std of a single seed)
     create_table_artifact(table.to_dict("records"), key="ftstudy-table",
-                          description="Perplexity per arm (domain / general) and % change against base")
+                          description="Per arm: perplexity (domain / general), % change against base with std over "
+                                      "seeds and 95% bootstrap interval over documents, within-noise marks, Pareto front")
     text = Path(results["report"]).read_text()
     files = "\n".join(f"- {name}: `{path}`" for name, path in results.items() if name != "key")
     failures = "\n".join(f"- **{arm} failed**: {why}" for arm, why in failed.items())

@@ -283,7 +283,8 @@ def _evaluate(cfg: StudyConfig, model: dict[str, str], data: dict[str, Any], whi
 
 
 def report_key(cfg: StudyConfig, evals: list[dict[str, Any]], failed: dict[str, str] | None = None) -> str:
-    return step_key("report", cfg, ("name",), evals=sorted(e["key"] for e in evals), failed=failed or {})
+    # arms: their order and methods shape the report (rows, the LoRA checks), not only the evaluations.
+    return step_key("report", cfg, ("name", "arms"), evals=sorted(e["key"] for e in evals), failed=failed or {})
 
 
 def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],

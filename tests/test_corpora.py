@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from ftcore.config import CorpusSpec, FormatSpec
-from ftcore.corpora import CorpusError, document_texts, load_corpus, split_train_test
+from ftcore.config import WIKITEXT_ARTICLE, CorpusSpec, FormatSpec
+from ftcore.corpora import CorpusError, document_texts, document_titles, load_corpus, split_train_test
 
 
 def test_csv_fields_and_fingerprint(corpus_files):
@@ -98,3 +98,25 @@ def test_hub_source_goes_through_datasets_load_dataset(tmp_path):
     spec = CorpusSpec(source="hub", path=str(repo), split="train", text_fields=("title", "abstract"))
     corpus = load_corpus(spec, "domain")
     assert corpus.records.to_dict("list") == {"title": ["A", "B"], "abstract": ["first", "second"]}
+
+
+def test_doc_start_joins_records_into_articles(tmp_path):
+    lines = ["intro line", " = First = ", " text of first ", " = = Section = = ", "more first", " = Second = ", "second"]
+    path = tmp_path / "wiki.txt"
+    path.write_text("\n".join(lines) + "\n")
+    spec = CorpusSpec(source="file", path=str(path), doc_start=WIKITEXT_ARTICLE)
+    corpus = load_corpus(spec, "general")
+    assert len(corpus) == 3  # the lines before the first heading are a document of their own
+    assert document_titles(corpus, ("text",)) == ["intro line", "First", "Second"]
+    # The joined stream is the same text whether lines or articles are the documents.
+    lines_corpus = load_corpus(CorpusSpec(source="file", path=str(path)), "general")
+    assert "\n\n".join(document_texts(corpus, ("text",))) == "\n\n".join(document_texts(lines_corpus, ("text",)))
+    assert len(load_corpus(spec.model_copy(update={"max_docs": 2}), "general")) == 2  # max_docs counts articles
+
+
+def test_doc_start_errors_name_the_field(corpus_files):
+    with pytest.raises(ValueError, match="doc_start is not a valid regular expression"):
+        CorpusSpec(source="file", path="x", doc_start="(")
+    spec = CorpusSpec(source="file", path=str(corpus_files["domain"]), doc_start="^x")
+    with pytest.raises(CorpusError, match="domain.doc_start: applies to text corpora"):
+        load_corpus(spec, "domain", FormatSpec(prompt_field="titles", completion_field="summaries"))

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ftcore.perplexity import stream_windows, score_rows, summarize
+from ftcore.perplexity import document_scores, score_rows, stream_token_docs, stream_windows, summarize
 from ftcore.models import load_model
 
 
@@ -68,3 +68,29 @@ def test_stride_gives_more_context_and_max_tokens_cuts(tiny_model):
     model = load_model(tiny_model)
     full = summarize(score_rows(model, stream_windows(df, 32, 8), 4))
     assert full["tokens"] == 63
+
+
+@pytest.mark.parametrize("stride", [None, 8])
+def test_document_scores_split_windows_at_document_boundaries(tiny_model, stride):
+    df = _stream(70, 32)
+    docs = np.repeat([0, 1, 2], [30, 25, 15])  # three documents of a stream; windows cross their borders
+    df["token_docs"] = [docs[i:i + 32].tolist() for i in range(0, 70, 32)]
+    rows = stream_windows(df, 32, stride)
+    scores = score_rows(load_model(tiny_model), rows, 4, keep_tokens=True)
+    per_doc = document_scores(scores, token_docs=stream_token_docs(df, 32, stride))
+    assert per_doc["doc"].tolist() == [0, 1, 2]
+    assert per_doc["nll_sum"].sum() == pytest.approx(scores["nll_sum"].sum(), rel=1e-6)
+    assert per_doc["n_tokens"].sum() == scores["n_tokens"].sum() and per_doc["n_bytes"].sum() == scores["n_bytes"].sum()
+    # Every token after the stream's first is predicted once with stride; doc 0 loses the first token.
+    if stride:
+        assert per_doc["n_tokens"].tolist() == [29, 25, 15]
+    # A token's NLL goes to the document the token is in: doc 1's share is the NLL of positions 30..54.
+    token = np.concatenate([np.asarray(t)[~np.isnan(t)] for t in scores["token_nll"]])
+    if stride:
+        assert per_doc.loc[1, "nll_sum"] == pytest.approx(token[29:54].sum(), rel=1e-6)
+
+
+def test_document_scores_of_one_row_per_document():
+    scores = pd.DataFrame({"n_tokens": [3, 4, 5], "nll_sum": [1.0, 2.0, 3.0], "n_bytes": [9, 9, 9]})
+    per_doc = document_scores(scores, row_docs=pd.Series([7, 2, 7]))
+    assert per_doc.to_dict("list") == {"doc": [2, 7], "n_tokens": [4, 8], "nll_sum": [2.0, 4.0], "n_bytes": [9, 18]}

@@ -76,6 +76,17 @@ def test_replay_mix_has_the_requested_ratio(prepared):
         build_training_mix(train, replay_rows.head(1), 0.5, seed=0)
 
 
+def test_an_arms_own_lora_rank_and_replay_ratio_are_used(prepared, study_config):
+    _, model, domain, replay = prepared
+    cfg = study_config(train={"max_steps": 1, "save_steps": 5, "logging_steps": 1},
+                       arms=["lora", {"name": "lora-r2", "method": "lora", "lora": {"r": 2}},
+                             {"name": "r25", "replay_ratio": 0.25}])
+    params = {arm: study.train_arm(cfg, arm, model, domain, replay)["summary"]["trainable_params"] for arm in ("lora", "lora-r2")}
+    assert params["lora"] == 2 * params["lora-r2"]  # the smoke preset's rank is 4; LoRA's size is linear in r
+    summary = study.train_arm(cfg, "r25", model, domain, replay)["summary"]
+    assert summary["method"] == "full" and summary["replay_share"] == pytest.approx(0.25, abs=0.05)
+
+
 class Crash(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == 3:
