@@ -405,7 +405,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 # 16 and 4, LoRA with replay) x two seeds, trained exactly as the demo's arms (its full, replay and
 # lora at seed 0 are the demo's, reused from the cache when the demo ran first). Evaluation is in
 # bf16 (2.5x faster here, +0.1% perplexity for every model alike, BENCHMARKS.md) so that 40k tokens
-# of WikiText-2, about 7 articles, can be scored per model for the per-article view.
+# of WikiText-2, can be scored per model for the per-article view (9 articles).
 DEMO_SWEEP: dict[str, Any] = _deep_merge(DEMO, {
     "name": "demo-sweep",
     "arms": ["full", "replay", {"name": "replay-25", "replay_ratio": 0.25},

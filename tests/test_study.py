@@ -107,3 +107,19 @@ def test_changed_corpora_compares_with_the_last_successful_study(study_config, c
     # another study (other sources) in the same artifacts root keeps its own record
     other = study_config(domain={"path": str(corpus_files["domain"])})
     assert set(study.changed_corpora(other)) == {"domain", "general", "replay"}
+
+
+def test_the_sweep_reuses_the_demos_arms():
+    """demo-sweep's seed-0 full/replay/lora have the demo's keys: after `make demo` they are cache hits."""
+    from ftcore.config import load_config
+
+    demo, sweep = load_config("demo"), load_config("demo-sweep").with_seed(0)
+    model, domain, replay = {"fingerprint": "m"}, {"key": "d"}, {"key": "r"}
+    for arm in ("full", "replay", "lora"):
+        assert study.arm_key(demo, arm, model, domain, replay) == study.arm_key(sweep, arm, model, domain, replay)
+    assert study.domain_key(demo, model, "c") == study.domain_key(sweep, model, "c")
+    assert study.stream_key(demo, "replay", model, "c") == study.stream_key(sweep, "replay", model, "c")
+    # and a different seed, rank or replay share is a different key
+    assert study.arm_key(sweep, "full", model, domain, replay) != study.arm_key(
+        load_config("demo-sweep").with_seed(1), "full", model, domain, replay)
+    assert len({study.arm_key(sweep, a, model, domain, replay) for a in sweep.arm_names}) == 6
