@@ -188,7 +188,7 @@ def train_on_work_pool(cfg: StudyConfig, arm: str, model: dict[str, str], domain
         raise RuntimeError(f"train-{arm}: run {run.name} completed but {arm_dir} holds no complete arm; "
                            "is artifacts_dir a path every worker mounts?")
     summary = json.loads((Path(arm_dir) / "train_summary.json").read_text())
-    return {"key": key, "arm": arm, "dir": str(arm_dir), "summary": summary}
+    return {"key": key, "arm": arm, "seed": cfg.train.seed, "dir": str(arm_dir), "summary": summary}
 
 
 def _has_cuda() -> bool:

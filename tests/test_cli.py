@@ -71,6 +71,7 @@ def test_two_cli_runs_on_one_artifacts_root_at_once_print_the_same_table(tmp_pat
     assert tables[0] == tables[1]
     for step in ("train-full", "train-lora", "eval-base-domain", "report"):
         assert len([d for d in (artifacts / step).iterdir() if d.is_dir()]) == 1, step
-    log = (next((artifacts / "train-full").iterdir()) / "train_log.jsonl").read_text().splitlines()
+    (arm_dir,) = [d for d in (artifacts / "train-full").iterdir() if d.is_dir()]  # beside it: the step lock file
+    log = (arm_dir / "train_log.jsonl").read_text().splitlines()
     steps = [json.loads(x)["step"] for x in log]
     assert steps == sorted(set(steps))  # trained once, not twice
