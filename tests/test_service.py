@@ -206,6 +206,23 @@ def test_corpus_check_starts_a_study_only_after_a_change(client, config):
     assert len(_runs(client, "ftstudy/study")) == after
 
 
+def test_arms_and_seeds_fan_out_on_the_work_pool(client, config):
+    """A sweep through the service: one train-arm run per arm and seed, joined into one table."""
+    sweep = type(config).model_validate({**config.model_dump(mode="json"), "seeds": [0, 1],
+                                         "arms": ["full", {"name": "lora-r2", "method": "lora", "lora": {"r": 2}}]})
+    study = _deployment(client, "ftstudy/study")
+    run = client.create_flow_run_from_deployment(study.id, parameters={"config": sweep.model_dump(mode="json")})
+    run = _wait(client, run.id)
+    assert run.state.is_completed(), run.state
+    names = {r.name.rsplit("-", 1)[0] for r in _runs(client, "ftstudy-train-arm/train-arm")}
+    # full at seed 0 was trained by the earlier study (same key): a cache hit, no new deployment run.
+    assert {"train-full-s1", "train-lora-r2-s0", "train-lora-r2-s1"} <= names
+    artifacts = [a for a in client.read_artifacts() if a.key == "ftstudy-table" and a.flow_run_id == run.id]
+    (artifact,) = artifacts
+    rows = artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
+    assert [r["arm"] for r in rows] == ["base", "full", "lora-r2"] and [r["seeds"] for r in rows] == [0, 2, 2]
+
+
 def test_ctrl_c_stops_every_process_serve_started(service):
     proc = service["proc"]
     tree = [psutil.Process(pid) for pid in service["pids"].values()]
