@@ -242,7 +242,7 @@ class StudyConfig(_Frozen):
         names = [a.name for a in self.arm_specs]
         if len(set(names)) != len(names):
             raise ValueError(f"arms has duplicate names: {names}")
-        same = _identical_arms(self.arm_specs)
+        same = self._identical_arms()
         if same:
             raise ValueError(f"arms {same[0]!r} and {same[1]!r} train the same thing; drop one or change it")
         replaying = [a.name for a in self.arm_specs if a.replay_ratio > 0]
@@ -291,6 +291,20 @@ class StudyConfig(_Frozen):
         """This config with train.seed replaced (one seed's run of every arm)."""
         return self.model_copy(update={"train": self.train.model_copy(update={"seed": seed})})
 
+    def resolved_arm(self, arm: ArmSpec) -> dict[str, Any]:
+        """What an arm trains, as plain JSON: its spec with the LoRA settings it really uses."""
+        lora = self.lora_of(arm).model_dump(mode="json") if arm.method == "lora" else None
+        return arm.model_dump(mode="json") | {"lora": lora}
+
+    def _identical_arms(self) -> tuple[str, str] | None:
+        seen: dict[str, str] = {}
+        for arm in self.arm_specs:
+            what = json.dumps({k: v for k, v in self.resolved_arm(arm).items() if k != "name"}, sort_keys=True)
+            if what in seen:
+                return seen[what], arm.name
+            seen[what] = arm.name
+        return None
+
     def fingerprint_fields(self, *paths: str) -> dict[str, Any]:
         """The named (dotted) fields as plain JSON values, for cache keys that depend on part of the config."""
         data = self.model_dump(mode="json")
@@ -301,16 +315,6 @@ class StudyConfig(_Frozen):
                 value = value[part]
             out[path] = value
         return out
-
-
-def _identical_arms(arms: tuple[ArmSpec, ...]) -> tuple[str, str] | None:
-    seen: dict[str, str] = {}
-    for arm in arms:
-        what = json.dumps(arm.model_dump(mode="json", exclude={"name"}), sort_keys=True)
-        if what in seen:
-            return seen[what], arm.name
-        seen[what] = arm.name
-    return None
 
 
 # --- presets ---------------------------------------------------------------------------------

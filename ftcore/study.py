@@ -113,17 +113,16 @@ def check_model_fits(cfg: StudyConfig, model_dir: str | Path) -> None:
 
 def check_replay_budget(cfg: StudyConfig, domain: dict[str, Any], replay: dict[str, Any] | None) -> None:
     """Enough replay tokens for every arm's replay_ratio, checked before any training starts."""
-    ratios = {a.name: a.replay_ratio for a in cfg.arm_specs if a.replay_ratio > 0}
-    if not ratios or replay is None:
+    replaying = [a for a in cfg.arm_specs if a.replay_ratio > 0]
+    if not replaying or replay is None:
         return
-    train = pd.read_parquet(domain["train"], columns=["input_ids", "completion_mask"])
-    stream = pd.read_parquet(replay["path"], columns=["input_ids", "completion_mask"])
-    for name, ratio in sorted(ratios.items(), key=lambda kv: -kv[1]):
-        try:
-            training.build_training_mix(train, stream, ratio, cfg.train.seed)
-        except training.ReplayBudgetError as exc:
-            raise training.ReplayBudgetError(f"arm {name}: {exc}") from None
-        break  # the largest ratio needs the most replay tokens
+    greediest = max(replaying, key=lambda a: a.replay_ratio)  # the largest ratio needs the most replay tokens
+    try:
+        training.build_training_mix(pd.read_parquet(domain["train"], columns=["input_ids", "completion_mask"]),
+                                    pd.read_parquet(replay["path"], columns=["input_ids", "completion_mask"]),
+                                    greediest.replay_ratio, cfg.train.seed)
+    except training.ReplayBudgetError as exc:
+        raise training.ReplayBudgetError(f"arm {greediest.name}: {exc}") from None
 
 
 # --- steps -------------------------------------------------------------------------------------
@@ -208,8 +207,7 @@ def arm_key(cfg: StudyConfig, arm: str, model: dict[str, str], domain: dict[str,
             replay: dict[str, Any] | None) -> str:
     """Key of one arm at cfg.train.seed: the arm's own spec (LoRA settings resolved), never the other arms."""
     spec = cfg.arm(arm)
-    what = spec.model_dump(mode="json") | {"lora": cfg.lora_of(spec).model_dump(mode="json") if spec.method == "lora" else None}
-    return step_key(f"train-{arm}", cfg, ("train", "chunk_len", "precision"), arm=what, model=model["fingerprint"],
+    return step_key(f"train-{arm}", cfg, ("train", "chunk_len", "precision"), arm=cfg.resolved_arm(spec), model=model["fingerprint"],
                     domain=domain["key"], replay=replay["key"] if spec.replay_ratio > 0 and replay else None)
 
 

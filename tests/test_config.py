@@ -39,6 +39,8 @@ def test_cross_field_errors_say_what_is_wrong():
         load_config("smoke", arms=["full", "full"])
     with pytest.raises(ValidationError, match="'full' and 'again' train the same thing"):
         load_config("smoke", arms=["full", {"name": "again"}])
+    with pytest.raises(ValidationError, match="'lora' and 'lora-r4' train the same thing"):  # r=4 is the study's
+        load_config("smoke", arms=["lora", {"name": "lora-r4", "method": "lora", "lora": {"r": 4}}])
     with pytest.raises(ValidationError, match="arm 'x': lora settings given but method is 'full'"):
         load_config("smoke", arms=[{"name": "x", "lora": {"r": 2}}])
     with pytest.raises(ValidationError, match="arm.s. r5 mix in replay text but replay .* is not set"):

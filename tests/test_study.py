@@ -92,6 +92,10 @@ def test_too_little_replay_text_fails_before_training(study_config):
         study.run_study(cfg)
     root = Path(cfg.artifacts_dir)
     assert not list(root.glob("train-*")) and not list(root.glob("eval-*"))
+    # With several replaying arms, the one with the largest share is named.
+    cfg = study_config(replay={"max_docs": 1}, arms=["replay", {"name": "r60", "replay_ratio": 0.6}])
+    with pytest.raises(ReplayBudgetError, match="arm r60: replay: .* needed for replay_ratio=0.6"):
+        study.run_study(cfg)
 
 
 def test_changed_corpora_compares_with_the_last_successful_study(study_config, corpus_files, tmp_path):
