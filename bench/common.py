@@ -21,13 +21,9 @@ def demo_config(**fields):
     return load_config("demo", artifacts_dir=str(ARTIFACTS), **fields)
 
 
-def prepared(cfg):
-    """Model directory and tokenized domain/general data of `cfg` (cached across benchmark runs)."""
-    fps = {role: study.fingerprint_corpus(cfg, role) for role in ("domain", "general")}
-    model = study.fetch_model(cfg)
-    domain = study.tokenize_domain(cfg, model, fps["domain"])
-    general = study.tokenize_stream(cfg, "general", model, fps["general"])
-    return model, domain, general
+def prepared(cfg) -> study.Prepared:
+    """The model and tokenized data of `cfg`, by the study's own first steps (cached across benchmark runs)."""
+    return study.prepare(cfg)
 
 
 def timed(fn, repeats: int = 3):

@@ -56,9 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = demo_config()
-    model_info, domain, general = prepared(cfg)
-    model = models.load_model(model_info["path"])
-    windows = perplexity.stream_windows(pd.read_parquet(general["path"]), cfg.chunk_len)[: args.windows]
+    data = prepared(cfg)
+    model = models.load_model(data.model_dir)
+    windows = perplexity.stream_windows(pd.read_parquet(data.path(data.general["path"])), cfg.chunk_len)[: args.windows]
     windows = [w for w in windows if len(w[0]) == cfg.chunk_len]  # equal lengths: the bare loop needs no padding
     tokens = sum(len(w[0]) for w in windows)
     bs = cfg.eval.batch_size
@@ -73,11 +73,11 @@ def main() -> None:
 
     # Speed tricks and what they do to perplexity (relative change against the fp32 reference).
     t_bf16, p_bf16 = timed(lambda: ppl(model, windows, bs, "bf16"), args.repeats)
-    eager = models.load_model(model_info["path"])
+    eager = models.load_model(data.model_dir)
     eager.config._attn_implementation = "eager"
     t_eager, p_eager = timed(lambda: ppl(eager, windows, bs), 1)
     del eager
-    rows = perplexity.domain_rows(pd.read_parquet(domain["test"]))[:32]
+    rows = perplexity.domain_rows(pd.read_parquet(data.path(data.domain["test"])))[:32]
     p_sorted = ppl(model, rows, bs)
     p_unbatched = ppl(model, rows, 1)  # batch 1: no padding at all, the order-free reference
 

@@ -69,14 +69,14 @@ def main() -> None:
     parser.add_argument("--preset", default="smoke")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-plain", action="store_true", help="skip the run_study baseline (the demo: 2x the time)")
-    parser.add_argument("--model-from", help="copy models/ from this artifacts root first (skips the model build)")
+    parser.add_argument("--model-from", help="copy fetch-model/ from this artifacts root first (skips the model build)")
     args = parser.parse_args()
     plain, flow, rerun, span, span_rerun, steps = [], [], [], [], [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
             if args.model_from:
                 for root in (a, b):
-                    shutil.copytree(Path(args.model_from) / "models", Path(root) / "models")
+                    shutil.copytree(Path(args.model_from) / "fetch-model", Path(root) / "fetch-model")
             if not args.no_plain:
                 start = time.perf_counter()
                 study.run_study(load_config(args.preset, artifacts_dir=a))

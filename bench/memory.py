@@ -24,26 +24,28 @@ STAGES = ("imports", "tokenize", "eval", "train-full", "train-lora", "eval-lora"
 
 
 def run_stage(stage: str, work: Path) -> None:
-    from ftcore import chunking, corpora, models, perplexity, training
+    from ftcore import chunking, corpora, models, perplexity, study, training
 
     if stage == "imports":
         print(json.dumps({"stage": stage, "peak_rss_mb": round(peak_rss_mb()), "rss_before_stage_mb": round(peak_rss_mb())}))
         return
     cfg = demo_config(train={**demo_config().train.model_dump(), "max_steps": 2})
-    model, domain, general = prepared(cfg)
-    windows = perplexity.stream_windows(pd.read_parquet(general["path"]), cfg.chunk_len)[:16]
+    data = prepared(cfg)
+    windows = perplexity.stream_windows(pd.read_parquet(data.path(data.general["path"])), cfg.chunk_len)[:16]
     before = peak_rss_mb()
     if stage == "tokenize":
-        tokenizer = models.load_tokenizer(model["path"])
+        tokenizer = models.load_tokenizer(data.model_dir)
         corpus = corpora.load_corpus(cfg.domain, "domain", cfg.format)
         chunking.tokenize_instruction(corpus.records, cfg.format, tokenizer, cfg.chunk_len)
     elif stage == "eval":
-        perplexity.score_rows(models.load_model(model["path"]), windows, cfg.eval.batch_size)
+        perplexity.score_rows(models.load_model(data.model_dir), windows, cfg.eval.batch_size)
     elif stage.startswith("train-"):
         arm = stage.split("-")[1]
-        training.train_arm(cfg, arm, model["path"], domain["train"], work / arm)
+        plan = next(p for p in study.plan_arms(data) if p.name == arm)
+        # An absolute dir outside the artifacts root: a fresh training, not the cached arm.
+        training.train_arm(plan.model_copy(update={"dir": str(work / arm)}), data.cfg.artifacts_dir)
     elif stage == "eval-lora":
-        perplexity.score_rows(training.load_arm_model(work / "lora", model["path"]), windows, cfg.eval.batch_size)
+        perplexity.score_rows(models.load_trained(work / "lora", data.model_dir), windows, cfg.eval.batch_size)
     print(json.dumps({"stage": stage, "peak_rss_mb": round(peak_rss_mb()), "rss_before_stage_mb": round(before)}))
 
 
@@ -55,8 +57,7 @@ def main() -> None:
     if args.stage:
         return run_stage(args.stage, Path(args.work))
     cfg = demo_config()
-    model, _, _ = prepared(cfg)
-    weights_mb = sum(p.stat().st_size for p in Path(model["path"]).glob("*.safetensors")) / 2**20
+    weights_mb = sum(p.stat().st_size for p in prepared(cfg).model_dir.glob("*.safetensors")) / 2**20
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for stage in STAGES:

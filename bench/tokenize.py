@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import demo_config, record, timed
-from ftcore import chunking, corpora, models, study
+from bench.common import demo_config, prepared, record, timed
+from ftcore import chunking, corpora, models
 
 
 def main() -> None:
@@ -21,8 +21,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     cfg = demo_config()
-    model = study.fetch_model(cfg)
-    tokenizer = models.load_tokenizer(model["path"])
+    tokenizer = models.load_tokenizer(prepared(cfg).model_dir)
     domain = corpora.load_corpus(cfg.domain, "domain", cfg.format)
     pairs = [chunking.prompt_completion(r, cfg.format, tokenizer) for r in domain.records.to_dict("records")]
     texts = [p + c + tokenizer.eos_token for p, c in pairs]

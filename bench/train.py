@@ -23,7 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from bench.common import demo_config, prepared, record
-from ftcore import models, training
+from ftcore import models, study, training
 
 
 class Clock(TrainerCallback):
@@ -37,7 +37,8 @@ class Clock(TrainerCallback):
         self.tokens = state.num_input_tokens_seen
 
 
-def ftcore_arm(cfg, arm, model_dir, train_path) -> float:
+def ftcore_arm(data, arm) -> float:
+    plan = next(p for p in study.plan_arms(data) if p.name == arm)
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
         original = training.sft_config
@@ -49,7 +50,8 @@ def ftcore_arm(cfg, arm, model_dir, train_path) -> float:
 
         training.sft_config = counting
         try:
-            training.train_arm(cfg, arm, model_dir, train_path, out, callbacks=[clock])
+            # An absolute dir outside the artifacts root: a fresh training, not the cached arm.
+            training.train_arm(plan.model_copy(update={"dir": out}), data.cfg.artifacts_dir, callbacks=[clock])
         finally:
             training.sft_config = original
     return clock.tokens / clock.seconds
@@ -75,7 +77,7 @@ def plain_trainer(cfg, arm, model_dir, train_path) -> float:
     if arm == "lora":
         from peft import get_peft_model
 
-        model = get_peft_model(model, training.peft_config(cfg))
+        model = get_peft_model(model, training.peft_config(cfg.lora))
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
@@ -96,13 +98,13 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["full", "lora"])
     args = parser.parse_args()
     cfg = demo_config(train={**demo_config().train.model_dump(), "max_steps": args.steps, "logging_steps": 1})
-    model, domain, _ = prepared(cfg)
+    data = prepared(cfg)
     results = {}
     for arm in args.arms:
         ours, base = [], []
         for _ in range(args.repeats):  # interleaved, so drift of the machine hits both alike
-            ours.append(ftcore_arm(cfg, arm, model["path"], domain["train"]))
-            base.append(plain_trainer(cfg, arm, model["path"], domain["train"]))
+            ours.append(ftcore_arm(data, arm))
+            base.append(plain_trainer(cfg, arm, data.model_dir, data.path(data.domain["train"])))
         results[arm] = {"ftcore_tokens_per_s": round(statistics.median(ours), 1),
                         "plain_trainer_tokens_per_s": round(statistics.median(base), 1),
                         "ratio": round(statistics.median(ours) / statistics.median(base), 3),

@@ -1,8 +1,8 @@
 """`ftstudy serve`: a local Prefect server with its UI, the work pools, workers and deployments.
 
 One command for a team's box: it starts `prefect server` on a loopback port, creates the process
-work pools `ftstudy` (study and corpus check) and `ftstudy-gpu` (arms), registers the deployments of
-deployments/prefect.yaml, starts one worker per pool, prints the UI address and waits. Ctrl-C (or
+work pools `ftstudy` (study and corpus check) and `ftstudy-gpu` (arms), registers the deployments
+(deployments/deploy.py, `ftstudy deploy`), starts one worker per pool, prints the UI address and waits. Ctrl-C (or
 SIGTERM) stops every process it started, and their children, by process id. Output of each process
 goes to `<PREFECT_HOME>/serve-logs/`; the process ids are in `<PREFECT_HOME>/serve.json`.
 """
@@ -22,7 +22,6 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
 POOLS = ("ftstudy", "ftstudy-gpu")  # process pools: the study and its check; the arms (GPU machines)
 
 
@@ -35,6 +34,7 @@ class Service:
     host: str
     port: int
     home: Path
+    preset: str = "demo"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -72,15 +72,15 @@ class Service:
         self._write_pids()
         return proc
 
-    def call(self, name: str, *args: str, timeout: float = 300) -> None:
-        """Run `prefect ARGS` to completion; raise with the tail of its output if it fails."""
+    def call(self, name: str, *command: str, timeout: float = 300) -> None:
+        """Run COMMAND to completion against the server; raise with the tail of its output if it fails."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.log"
         with open(log, "ab") as out:
-            code = subprocess.call([_prefect(), "--no-prompt", *args], cwd=ROOT, env=self.env(), stdout=out,
+            code = subprocess.call(list(command), cwd=ROOT, env=self.env(), stdout=out,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
         if code != 0:
-            raise ServeError(f"`prefect {' '.join(args)}` failed (exit {code}); see {log}:\n{_tail(log)}")
+            raise ServeError(f"`{' '.join(command)}` failed (exit {code}); see {log}:\n{_tail(log)}")
 
     def _write_pids(self) -> None:
         (self.home / "serve.json").write_text(json.dumps(
@@ -168,16 +168,17 @@ def bring_up(service: Service, say=print) -> None:
     service.start("server", "server", "start", "--host", service.host, "--port", str(service.port))
     wait_healthy(service)
     for pool in POOLS:
-        service.call(f"pool-{pool}", "work-pool", "create", pool, "--type", "process", "--overwrite")
-    say(f"deploying {PREFECT_FILE.relative_to(ROOT)} ...")
-    service.call("deploy", "deploy", "--prefect-file", str(PREFECT_FILE), "--all")
+        service.call(f"pool-{pool}", _prefect(), "--no-prompt", "work-pool", "create", pool, "--type", "process",
+                     "--overwrite")
+    say(f"deploying (preset {service.preset}) ...")
+    service.call("deploy", sys.executable, "-m", "flows.cli", "deploy", "--preset", service.preset)
     for pool in POOLS:
         service.start(f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process",
                       "--name", f"{pool}-{os.uname().nodename}", "--install-policy", "never")
 
 
-def main(host: str = "127.0.0.1", port: int = 4200, home: str | None = None) -> int:
-    service = Service(host, port, Path(home or os.environ.get("PREFECT_HOME") or ROOT / ".prefect").resolve())
+def main(host: str = "127.0.0.1", port: int = 4200, home: str | None = None, preset: str = "demo") -> int:
+    service = Service(host, port, Path(home or os.environ.get("PREFECT_HOME") or ROOT / ".prefect").resolve(), preset)
     # Both stop the service, also when started from a script that ignores SIGINT in background jobs.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)

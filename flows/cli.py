@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=4200, help="port of the API and UI (default 4200)")
     serve.add_argument("--home", help="PREFECT_HOME of the server: its database and logs (default $PREFECT_HOME or ./.prefect)")
+    serve.add_argument("--preset", default="demo", help="preset whose config fills the study's run form (default demo)")
+    deploy = sub.add_parser("deploy", help="register the study, train-arm and corpus-check deployments with the "
+                            "Prefect server at PREFECT_API_URL")
+    deploy.add_argument("--preset", default="demo", help="preset whose config fills the study's run form (default demo)")
+    deploy.add_argument("--pool", default="ftstudy", help="work pool of the study and the corpus check (default ftstudy)")
+    deploy.add_argument("--gpu-pool", default="ftstudy-gpu", help="work pool of the arms (default ftstudy-gpu)")
     return parser
 
 
@@ -70,49 +76,57 @@ def _fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def print_results(results: dict) -> None:
-    print(Path(results["table"]).with_name("table.md").read_text())
-    print(f"report: {results['report']}")
+def print_results(root: Path, results: dict) -> None:
+    """The table and where the report, plots and per-run tables are (paths in `results` are relative to root)."""
+    from ftcore.study import report_files
+
+    files = report_files(root, results)
+    print(files["table"].with_name("table.md").read_text())
+    print(f"report: {files['report']}")
     for name in ("perplexity", "frontier", "loss"):
-        if name in results:
-            print(f"plot:   {results[name]}")
+        if name in files:
+            print(f"plot:   {files[name]}")
     for name in ("runs", "general_docs"):
-        if name in results:
-            print(f"{name + ':':<7} {results[name]}")
-    table_dir = Path(results["report"]).parent
-    print(f"models: see the 'model' lines of {table_dir / 'report.md'}")
+        if name in files:
+            print(f"{name + ':':<7} {files[name]}")
+    print(f"models: see the 'model' lines of {files['report']} (relative to {root})")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    _prepare_env(Path(cfg.artifacts_dir).expanduser())
-    from ftcore.corpora import CorpusError
-    from ftcore.models import ModelError
-    from ftcore.study import StudyError
-    from ftcore.training import ReplayBudgetError
+    root = Path(cfg.artifacts_dir).expanduser().resolve()
+    _prepare_env(root)
+    from ftcore import study
+    from ftcore.config import InputError
+
+    try:  # before Prefect starts: a missing file or an unwritable root exits 2 at once
+        cfg = study.check_inputs(cfg)
+    except InputError as exc:
+        return _fail(str(exc))
     from flows.study import study_flow
 
     state = study_flow(config=cfg, return_state=True)
     if state.is_completed():
-        print_results(state.result())
+        print_results(root, state.result())
         return EXIT_OK
     try:
         state.result()
-    except (CorpusError, ModelError, StudyError, ReplayBudgetError) as exc:
+    except InputError as exc:
         return _fail(str(exc))
     except Exception as exc:  # the flow's own failure (e.g. a failed arm): say what and where
         print(f"ftstudy: study failed: {exc}", file=sys.stderr)
-        latest = Path(cfg.artifacts_dir).expanduser() / "latest.json"
+        latest = root / study.LATEST
         if latest.exists():
-            print_results(json.loads(latest.read_text()))
+            print_results(root, json.loads(latest.read_text()))
     return EXIT_FAILED
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    latest = Path(args.artifacts) / "latest.json"
+    root = Path(args.artifacts)
+    latest = root / "latest.json"
     if not latest.exists():
         return _fail(f"no results under {args.artifacts} (no latest.json); run `ftstudy run` first")
-    print_results(json.loads(latest.read_text()))
+    print_results(root, json.loads(latest.read_text()))
     return EXIT_OK
 
 
@@ -126,14 +140,28 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from deployments.serve import main as serve
 
-    return serve(args.host, args.port, args.home)
+    return serve(args.host, args.port, args.home, args.preset)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from ftcore.config import ConfigError
+
+    from deployments.deploy import deploy
+
+    try:
+        names = deploy(args.preset, args.pool, args.gpu_pool)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    print("deployed: " + ", ".join(names))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the embedded server is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args = _parser().parse_args(argv)
-    return {"run": cmd_run, "show": cmd_show, "config": cmd_config, "serve": cmd_serve}[args.command](args)
+    commands = {"run": cmd_run, "show": cmd_show, "config": cmd_config, "serve": cmd_serve, "deploy": cmd_deploy}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,17 @@ from ftcore.config import StudyConfig
 EVENT = "ftstudy.corpus.changed"
 
 
+def resource_id_prefix() -> str:
+    return "ftstudy.study."
+
+
 def resource_id(cfg: StudyConfig) -> str:
     """The event's resource: one per study name, what the study deployment's trigger matches."""
-    return f"ftstudy.study.{cfg.name}"
+    return f"{resource_id_prefix()}{cfg.name}"
 
 
 def _same_corpora(a: StudyConfig, b: StudyConfig) -> bool:
+    a, b = study.resolve_paths(a), study.resolve_paths(b)
     roles = study.corpus_roles(a)
     return roles == study.corpus_roles(b) and all(getattr(a, r) == getattr(b, r) for r in roles)
 
@@ -55,6 +60,7 @@ def _study_in_progress(config: StudyConfig):
 def corpus_check_flow(config: StudyConfig) -> dict[str, Any]:
     """Compare the corpus sources with the last successful study; emit an event if one changed."""
     log = get_run_logger()
+    config = study.resolve_paths(config)  # as the study resolves them, so both read the same record
     versions = study.corpus_versions(config)
     changed = study.changed_corpora(config, versions)
     if not changed:

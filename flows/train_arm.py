@@ -1,10 +1,11 @@
 """One arm as its own flow: what the `train-arm` deployment runs on a (GPU) work pool.
 
-The study flow's work-pool executor starts one run of this deployment per arm, so the arms fan
-out across the pool's workers and join back in the study's results task. The arm trains in a
-child process on a free device slot of the worker's machine, in the same keyed directory of the
-shared artifacts root that the study computed; a finished arm directory is reused, a killed one
-resumes from its newest checkpoint.
+The study's work-pool executor starts one run of this deployment per arm and seed, with the arm's
+resolved plan (ftcore.plan.ArmPlan) and the artifacts root; the arms fan out across the pool's
+workers and join back in the study's results task. The worker trains the plan in a child process
+on a free device slot of its machine, in the plan's directory of the shared artifacts root; a
+finished arm directory is reused, a killed one resumes from its newest checkpoint. A worker that
+mounts the root at another path sets FTSTUDY_ARTIFACTS_DIR.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
-from ftcore.config import StudyConfig
-from tasks.steps import train_in_subprocess
+from ftcore.plan import ArmPlan
+from ftcore.steps import TRAIN
+from tasks.steps import artifacts_root, cached, train_here
 
 logging.getLogger("ftcore").setLevel(logging.INFO)
 
 
-@flow(name="ftstudy-train-arm", flow_run_name="train-{arm}-s{config.train.seed}-{config.name}", log_prints=True)
-def train_arm_flow(config: StudyConfig, arm: str, model: dict[str, Any], domain: dict[str, Any],
-                   replay: dict[str, Any] | None = None, key: str | None = None) -> dict[str, Any]:
-    """Train one arm of a study (a name from config.arms) at config.train.seed and return where it is."""
-    config.arm(arm)  # an unknown arm fails here, naming the arms there are
-    return train_in_subprocess(config, arm, model, domain, replay, key)
+@flow(name="ftstudy-train-arm", flow_run_name="train-{plan.label}-{plan.key}", log_prints=True)
+def train_arm_flow(plan: ArmPlan, root: str) -> dict[str, Any]:
+    """Train one planned arm under the artifacts root and return its recorded result."""
+    root = artifacts_root(root)
+    if done := cached(TRAIN, plan, root):
+        get_run_logger().info("train-%s: already trained in %s", plan.label, plan.dir)
+        return done.result()
+    return train_here(plan, root)

@@ -19,7 +19,7 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import common_prefix_length
 
-from ftcore.config import FormatSpec
+from ftcore.config import FormatSpec, InputError
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request.\n\n"
@@ -34,7 +34,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 BATCH = 512
 
 
-class FormatError(ValueError):
+class FormatError(InputError):
     """A record that does not fit the configured training format."""
 
 

@@ -1,29 +1,32 @@
-"""The one study configuration: a frozen pydantic model, its presets, and `--set` overrides.
+"""The one study configuration: a frozen pydantic model, and `--set` overrides on top of a preset.
 
 Prefect renders this model's JSON schema as the run form, so every field carries a description.
 Invalid values raise `pydantic.ValidationError`, whose message names the field path
 (e.g. `train.learning_rate`); `ConfigError` wraps the errors raised outside pydantic.
+Presets (ftcore.presets) are small overrides of these defaults.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      model_validator)
 
-ArmName = Literal["full", "replay", "lora"]
+from ftcore import presets
+
+# The arm names that stand for a whole spec (expanded once, when the config is validated).
 ARMS: tuple[str, ...] = ("full", "replay", "lora")
-# WikiText marks an article by a top-level heading line " = Title = " (sections are " = = Sub = = ").
-WIKITEXT_ARTICLE = r"^\s*= [^=].* =\s*$"
-# The offline corpora live beside the checkout (../shared/data); FTSTUDY_DATA points elsewhere.
-SHARED_DATA = Path(os.environ.get("FTSTUDY_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Input the study cannot run with (a config value, a file, a model); the message names the field
+    or file and what to do. Raised before expensive work; never retried; the command exits 2."""
+
+
+class ConfigError(InputError):
     """A configuration problem found outside pydantic's field checks (preset, override, file)."""
 
 
@@ -168,21 +171,20 @@ class ArmSpec(_Frozen):
         return self
 
 
-def _check_arm_entry(value: Any) -> Any:
-    if isinstance(value, str) and value not in ARMS:
+def _expand_shorthand(value: Any, info: ValidationInfo) -> Any:
+    """`full`, `replay` and `lora` become specs here, once; `replay` takes the study's replay_ratio."""
+    if not isinstance(value, str):
+        return value
+    if value not in ARMS:
         raise ValueError(f"{value!r} is not an arm: use full, replay, lora, or a spec "
                          "{name, method: full|lora, replay_ratio, lora: {...}}")
-    return value
+    if value == "replay":
+        return {"name": "replay", "method": "full", "replay_ratio": info.data.get("replay_ratio", 0.1)}
+    return {"name": value, "method": value}
 
 
-# Per entry, so an unknown name is reported at its index (arms.1) instead of as two union errors.
-ArmEntry = Annotated[ArmSpec | ArmName, BeforeValidator(_check_arm_entry)]
-
-
-def _arm_shorthand(name: str, replay_ratio: float) -> dict[str, Any]:
-    if name == "replay":
-        return {"name": "replay", "method": "full", "replay_ratio": replay_ratio}
-    return {"name": name, "method": name}
+# Per entry, so an unknown name is reported at its index (arms.1), not as a union of two errors.
+ArmEntry = Annotated[ArmSpec, BeforeValidator(_expand_shorthand)]
 
 
 class EvalSpec(_Frozen):
@@ -213,10 +215,14 @@ class StudyConfig(_Frozen):
     replay_ratio: float = Field(0.1, ge=0, lt=1, description="Share of replay tokens in the `replay` shorthand arm's training mix.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings of every method=lora arm (an arm may change fields).")
     arms: tuple[ArmEntry, ...] = Field(
-        ARMS, min_length=1,
-        description="Arms to train: the names full, replay, lora, or specs {name, method: full|lora, replay_ratio, "
-        "lora: {r, ...}}, e.g. replay at 5% and 25%, LoRA at several ranks, LoRA with replay.",
+        ARMS, min_length=1, validate_default=True,
+        description="Arms to train: specs {name, method: full|lora, replay_ratio, lora: {r, ...}}, e.g. replay at 5% "
+        "and 25%, LoRA at several ranks, LoRA with replay; the names full, replay and lora are shorthands "
+        "(replay at replay_ratio, lora with the study's lora settings).",
     )
+    reference_arm: str | None = Field(
+        None, description="The arm every other arm's forgetting is compared with in the report; None = the arm named "
+        "full if there is one, else the first arm.")
     seeds: tuple[int, ...] | None = Field(
         None, min_length=1,
         description="Train every arm once per seed (replaces train.seed); the report gives mean ± std over seeds and "
@@ -239,17 +245,17 @@ class StudyConfig(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
-        names = [a.name for a in self.arm_specs]
+        names = self.arm_names
         if len(set(names)) != len(names):
             raise ValueError(f"arms has duplicate names: {names}")
         same = self._identical_arms()
         if same:
             raise ValueError(f"arms {same[0]!r} and {same[1]!r} train the same thing; drop one or change it")
-        replaying = [a.name for a in self.arm_specs if a.replay_ratio > 0]
+        replaying = [a.name for a in self.arms if a.replay_ratio > 0]
         if replaying and self.replay is None:
             raise ValueError(f"arm(s) {', '.join(replaying)} mix in replay text but replay (the replay corpus) is not set")
-        if "replay" in names and self.arm("replay").replay_ratio == 0:
-            raise ValueError("arms contains 'replay' but replay_ratio is 0")
+        if self.reference_arm is not None and self.reference_arm not in names:
+            raise ValueError(f"reference_arm {self.reference_arm!r} is not one of the arms {names}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds has duplicates: {list(self.seeds)}")
         if self.eval.stride is not None and self.eval.stride > self.chunk_len:
@@ -257,21 +263,15 @@ class StudyConfig(_Frozen):
         return self
 
     @property
-    def arm_specs(self) -> tuple[ArmSpec, ...]:
-        # Shorthands stay names in the config (so `replay_ratio` and `lora` keep applying to them)
-        # and become specs here.
-        return tuple(a if isinstance(a, ArmSpec) else ArmSpec.model_validate(_arm_shorthand(a, self.replay_ratio))
-                     for a in self.arms)
+    def arm_names(self) -> list[str]:
+        return [a.name for a in self.arms]
 
     @property
-    def arm_names(self) -> list[str]:
-        return [a.name for a in self.arm_specs]
-
-    def arm(self, name: str) -> ArmSpec:
-        for spec in self.arm_specs:
-            if spec.name == name:
-                return spec
-        raise KeyError(f"no arm named {name!r}; arms are {self.arm_names}")
+    def reference(self) -> str:
+        """The arm the report compares every other arm's forgetting with."""
+        if self.reference_arm is not None:
+            return self.reference_arm
+        return "full" if "full" in self.arm_names else self.arms[0].name
 
     def lora_of(self, arm: ArmSpec) -> LoraSpec:
         """The LoRA settings an arm trains with: the study's, with the fields the arm sets replaced."""
@@ -287,139 +287,26 @@ class StudyConfig(_Frozen):
         """The seeds every arm trains with."""
         return self.seeds if self.seeds is not None else (self.train.seed,)
 
-    def with_seed(self, seed: int) -> StudyConfig:
-        """This config with train.seed replaced (one seed's run of every arm)."""
-        return self.model_copy(update={"train": self.train.model_copy(update={"seed": seed})})
-
-    def resolved_arm(self, arm: ArmSpec) -> dict[str, Any]:
-        """What an arm trains, as plain JSON: its spec with the LoRA settings it really uses."""
-        lora = self.lora_of(arm).model_dump(mode="json") if arm.method == "lora" else None
-        return arm.model_dump(mode="json") | {"lora": lora}
-
     def _identical_arms(self) -> tuple[str, str] | None:
         seen: dict[str, str] = {}
-        for arm in self.arm_specs:
-            what = json.dumps({k: v for k, v in self.resolved_arm(arm).items() if k != "name"}, sort_keys=True)
+        for arm in self.arms:
+            lora = self.lora_of(arm).model_dump(mode="json") if arm.method == "lora" else None
+            what = json.dumps([arm.method, arm.replay_ratio, lora], sort_keys=True)
             if what in seen:
                 return seen[what], arm.name
             seen[what] = arm.name
         return None
 
-    def fingerprint_fields(self, *paths: str) -> dict[str, Any]:
-        """The named (dotted) fields as plain JSON values, for cache keys that depend on part of the config."""
-        data = self.model_dump(mode="json")
-        out = {}
-        for path in paths:
-            value: Any = data
-            for part in path.split("."):
-                value = value[part]
-            out[path] = value
-        return out
 
-
-# --- presets ---------------------------------------------------------------------------------
-
-def _shared(rel: str) -> str:
-    return str(SHARED_DATA / rel)
-
-
-SEED: dict[str, Any] = {
-    "name": "seed",
-    "model": {"source": "hub", "name": "gpt2-medium"},
-    "domain": {"source": "hub", "path": "CShorten/ML-ArXiv-Papers", "split": "train",
-               "text_fields": ["title", "abstract"], "max_docs": 10000},
-    "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test",
-                "doc_start": WIKITEXT_ARTICLE},
-    "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "split": "train",
-               "max_docs": 20000},
-    "test_docs": 1000,
-    "format": {"kind": "instruction", "style": "fields", "prompt_field": "title", "completion_field": "abstract"},
-    "chunk_len": 512,
-    "train": {"batch_size": 4, "grad_accum": 8, "learning_rate": 5e-5, "epochs": 2, "logging_steps": 50,
-              "save_steps": 200},
-    "replay_ratio": 0.1,
-}
-
-# Offline on 2 CPU cores: SmolLM2-135M from its PyPI wheel and ../shared/data. Sizes are cut so the
-# whole study stays under 25 minutes (30 steps of 8 x <=256 tokens, about half an epoch). The lr is
-# raised because at the seed's 5e-5 (and at 3e-4 for 40 steps, measured here) this short run lowers
-# general perplexity too: the base is an instruction-tuned, 4-bit-dequantized model that plain text
-# first repairs (../shared/data/README.md). The report states whichever way general perplexity moves.
-DEMO: dict[str, Any] = {
-    "name": "demo",
-    "model": {"source": "smollm2-wheel", "name": "SmolLM2-135M"},
-    "domain": {"source": "file", "path": _shared("arxiv-cs/arxiv_cs_abstracts_1k.csv"),
-               "text_fields": ["titles", "summaries"], "max_docs": 600},
-    "general": {"source": "file", "path": _shared("wikitext-2-raw/wiki.test.raw"), "file_format": "text",
-                "doc_start": WIKITEXT_ARTICLE},
-    "replay": {"source": "file", "path": _shared("sotu/sotu.jsonl"), "text_fields": ["text"]},
-    "test_docs": 100,
-    "format": {"kind": "instruction", "style": "fields", "prompt_field": "titles", "completion_field": "summaries"},
-    "chunk_len": 256,
-    "train": {"batch_size": 8, "grad_accum": 1, "learning_rate": 6e-4, "max_steps": 30, "logging_steps": 5,
-              "save_steps": 10, "warmup_ratio": 0.1},
-    "lora": {"learning_rate": 1e-3},
-    "eval": {"batch_size": 8, "max_general_tokens": 16384},
-    "precision": "bf16",
-    "device": "cpu",
-}
-
-# The same corpora from the Hub, for a checkout without ../shared/data beside it (SOTU is not on
-# the Hub under a known name; WikiText-103 train is the general text disjoint from the benchmark).
-DEMO_FROM_HUB: dict[str, Any] = {
-    "domain": {"source": "hub", "path": "CShorten/ML-ArXiv-Papers", "split": "train",
-               "text_fields": ["title", "abstract"], "max_docs": 600},
-    "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test",
-                "doc_start": WIKITEXT_ARTICLE},
-    "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "split": "train",
-               "max_docs": 5000},
-    "format": {"kind": "instruction", "style": "fields", "prompt_field": "title", "completion_field": "abstract"},
-}
-
-SMOKE: dict[str, Any] = {
-    "name": "smoke",
-    "model": {"source": "tiny-random", "name": "tiny-llama"},
-    "domain": {"source": "file", "path": _shared("arxiv-cs/arxiv_cs_abstracts_1k.csv"),
-               "text_fields": ["titles", "summaries"], "max_docs": 40},
-    "general": {"source": "file", "path": _shared("wikitext-2-raw/wiki.test.raw"), "file_format": "text",
-                "max_docs": 60},
-    "replay": {"source": "file", "path": _shared("sotu/sotu.jsonl"), "text_fields": ["text"], "max_docs": 2},
-    "test_docs": 8,
-    "format": {"kind": "instruction", "style": "fields", "prompt_field": "titles", "completion_field": "summaries"},
-    "chunk_len": 192,
-    "train": {"batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3, "max_steps": 6, "logging_steps": 1,
-              "save_steps": 3, "warmup_ratio": 0.0},
-    "lora": {"r": 4, "alpha": 8, "learning_rate": 1e-2},
-    "eval": {"batch_size": 8, "max_general_tokens": 2048},
-    "precision": "fp32",
-    "device": "cpu",
-}
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, nested dicts merged key by key (what a preset, --set and a config file do)."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
-
-
-# The demo as a sweep, within an hour on 2 CPU cores: six arms (replay at 10% and 25%, LoRA at rank
-# 16 and 4, LoRA with replay) x two seeds, trained exactly as the demo's arms (its full, replay and
-# lora at seed 0 are the demo's, reused from the cache when the demo ran first). Evaluation is in
-# bf16 (2.5x faster here, +0.1% perplexity for every model alike, BENCHMARKS.md) so that 40k tokens
-# of WikiText-2, can be scored per model for the per-article view (9 articles).
-DEMO_SWEEP: dict[str, Any] = _deep_merge(DEMO, {
-    "name": "demo-sweep",
-    "arms": ["full", "replay", {"name": "replay-25", "replay_ratio": 0.25},
-             "lora", {"name": "lora-r4", "method": "lora", "lora": {"r": 4, "alpha": 8}},
-             {"name": "lora+replay", "method": "lora", "replay_ratio": 0.1}],
-    "seeds": [0, 1],
-    "eval": {"precision": "bf16", "max_general_tokens": 40960},
-})
-
-PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO, "demo-sweep": DEMO_SWEEP, "smoke": SMOKE}
 
 
 def parse_override(item: str) -> dict[str, Any]:
@@ -441,15 +328,18 @@ def parse_override(item: str) -> dict[str, Any]:
 
 
 def load_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] = (), **fields: Any) -> StudyConfig:
-    """Build a StudyConfig from a preset, `field=value` overrides and keyword fields (in that order)."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    data = PRESETS[preset]
-    if preset in ("demo", "demo-sweep") and not SHARED_DATA.is_dir():
-        data = {**data, **DEMO_FROM_HUB}
+    """Build a StudyConfig from a preset, `field=value` overrides and keyword fields (in that order).
+
+    Raises ConfigError for an unknown preset or a malformed override, and pydantic.ValidationError,
+    naming the field, for an invalid value.
+    """
+    try:
+        data = presets.preset(preset)
+    except KeyError:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(presets.PRESETS)}") from None
     for item in overrides:
-        data = _deep_merge(data, parse_override(item))
-    data = _deep_merge(data, fields)
+        data = deep_merge(data, parse_override(item))
+    data = deep_merge(data, fields)
     return StudyConfig.model_validate(data)
 
 
@@ -478,7 +368,7 @@ def config_reference() -> str:
             ann = field.annotation
             kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
             if path == "arms":  # the annotation's repr names a validator function and its address
-                kind = "list of full / replay / lora / arm spec"
+                kind = "list of arm specs (or full / replay / lora)"
             kind = kind.replace("ftcore.config.", "").replace("CorpusSpec", "corpus (fields as for domain)")
             kind = kind.replace("LoraOverride", "lora (fields as for lora)").replace("|", "\\|")
             rows.append(f"| `{path}` | {kind} | `{default}` | {(field.description or '').replace('|', '/')} |")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ftcore.config import CorpusSpec, FormatSpec
+from ftcore.config import CorpusSpec, FormatSpec, InputError
 from ftcore.io import hash_file, hash_texts
 
 FILE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".raw": "text"}
@@ -25,7 +25,7 @@ STYLE_FIELDS = {
 OPTIONAL_FIELDS = {"input"}
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """A corpus that cannot be used; the message names the config field and the file."""
 
 
@@ -108,9 +108,9 @@ def source_version(spec: CorpusSpec, role: str) -> str:
         if not path.is_file():
             raise CorpusError(f"{role}.path: file {path} does not exist; point {role}.path at a csv/jsonl/parquet/txt file")
         return hash_file(path)
-    from huggingface_hub import HfApi
+    from ftcore.sources import hub_commit  # offline mode resolves the commit from the local cache
 
-    return HfApi().dataset_info(spec.path, revision=spec.revision).sha
+    return hub_commit(spec.path, spec.revision, "dataset", field=f"{role}.path")
 
 
 def _is_empty(value: object) -> bool:

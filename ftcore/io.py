@@ -105,9 +105,8 @@ def hash_dir(path: str | os.PathLike) -> str:
 MANIFEST = "manifest.json"
 
 
-def write_manifest(step_dir: str | os.PathLike, files: list[str]) -> Path:
-    """Record sha256 and size of `files` (relative to step_dir; directories are walked). Written last,
-    so a step directory without a valid manifest is unfinished or damaged and is never reused."""
+def file_entries(step_dir: str | os.PathLike, files: list[str]) -> dict[str, dict[str, Any]]:
+    """sha256 and size of each of `files` (relative to step_dir; a directory stands for every file under it)."""
     root = Path(step_dir)
     entries = {}
     for name in files:
@@ -115,7 +114,19 @@ def write_manifest(step_dir: str | os.PathLike, files: list[str]) -> Path:
         paths = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
         for path in paths:
             entries[str(path.relative_to(root))] = {"sha256": hash_file(path), "size": path.stat().st_size}
-    return write_json(entries, root / MANIFEST)
+    return entries
+
+
+def entries_digest(entries: dict[str, dict[str, Any]]) -> str:
+    """One sha256 over the names and checksums of manifest entries: the content identity of those files."""
+    return hashlib.sha256(json.dumps({k: v["sha256"] for k, v in entries.items()}, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(step_dir: str | os.PathLike, files: list[str], known: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Record sha256 and size of `files` (plus entries already hashed, `known`). Written last, so a step
+    directory without a valid manifest is unfinished or damaged and is never reused."""
+    entries = {**(known or {}), **file_entries(step_dir, files)}
+    return write_json(entries, Path(step_dir) / MANIFEST)
 
 
 def verify_manifest(step_dir: str | os.PathLike) -> bool:

@@ -76,8 +76,12 @@ def run_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def analyse(evals: list[dict[str, Any]], order: list[str] | None = None, titles: pd.DataFrame | None = None,
-            resamples: int = stats.RESAMPLES) -> Analysis:
-    """Every number of the report from the evaluations and their per-document scores."""
+            resamples: int = stats.RESAMPLES, reference: str | None = None) -> Analysis:
+    """Every number of the report from the evaluations and their per-document scores.
+
+    `reference` is the arm every other arm's change is compared with (default: full if present,
+    else the first arm).
+    """
     runs = run_table(evals)
     arms = _arm_order(evals, order)
     by = {(e["arm"], e.get("seed"), e["set"]): e for e in evals}
@@ -86,7 +90,8 @@ def analyse(evals: list[dict[str, Any]], order: list[str] | None = None, titles:
                                            for s in SETS for k in ("ppl", "bpb", "tokens")}]
     table += [{"arm": a, "seeds": len(seeds[a])} for a in arms]
     comparisons = []
-    reference = "full" if "full" in arms else (arms[0] if arms else None)
+    if reference not in arms:
+        reference = "full" if "full" in arms else (arms[0] if arms else None)
     mean_change_samples: dict[tuple[str, str], np.ndarray] = {}
     for s in SETS:
         models = [by[("base", None, s)]] + [by[(a, seed, s)] for a in arms for seed in seeds[a]]
@@ -199,26 +204,28 @@ def expectation_checks(a: Analysis, methods: dict[str, str] | None = None) -> li
         verdict = "within" if -40 <= d <= -20 else ("a smaller fall than" if d > -20 else "a larger fall than")
         noise = " — within noise" if t.loc[arm, "domain_within_noise"] else ""
         lines.append(f"{arm}: domain perplexity {d:+.1f}% ({verdict} the expected -20…-40%){noise}")
-    if "full" not in t.index:
+    ref = a.comparisons["reference"].iloc[0] if len(a.comparisons) else (arms[0] if arms else None)
+    if ref is None:
         return lines
-    g = t.loc["full", "general_change_pct"]
-    rose = "rose, as expected" if g > 0 else "did not rise: no forgetting measured"
-    lines.append(f"full: general perplexity {g:+.1f}% ({rose}){' — within noise' if t.loc['full', 'general_within_noise'] else ''}")
+    g = t.loc[ref, "general_change_pct"]
+    expected = methods.get(ref, "full") == "full" and not a.arms.set_index("arm").loc[ref, "general_within_noise"]
+    rose = ("rose, as expected" if expected else "rose") if g > 0 else "did not rise: no forgetting measured"
+    lines.append(f"{ref}: general perplexity {g:+.1f}% ({rose}){' — within noise' if t.loc[ref, 'general_within_noise'] else ''}")
     cmp = a.comparisons.set_index(["arm", "set"]) if len(a.comparisons) else None
     for arm in arms:
-        if arm == "full" or cmp is None:
+        if arm == ref or cmp is None:
             continue
         c = cmp.loc[(arm, "general")]
         ga = t.loc[arm, "general_change_pct"]
         holds = "yes" if ga < g else "no"
         noise = "within noise" if c["within_noise"] else "outside noise"
-        lines.append(f"{arm}: general {ga:+.1f}% vs full {g:+.1f}% (less forgetting than full: {holds}; difference "
+        lines.append(f"{arm}: general {ga:+.1f}% vs {ref} {g:+.1f}% (less forgetting than {ref}: {holds}; difference "
                      f"{c['diff_pp']:+.1f} pp [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}], {noise})")
-    full_gain = t.loc["full", "domain_change_pct"]
+    full_gain = t.loc[ref, "domain_change_pct"]
     for arm in arms:
-        if methods.get(arm) == "lora" and full_gain < 0:
+        if methods.get(arm) == "lora" and methods.get(ref) != "lora" and full_gain < 0:
             kept = t.loc[arm, "domain_change_pct"] / full_gain
-            lines.append(f"{arm}: keeps {100 * kept:.0f}% of full FT's domain gain ({'most' if kept >= 0.5 else 'less than half'})")
+            lines.append(f"{arm}: keeps {100 * kept:.0f}% of {ref}'s domain gain ({'most' if kept >= 0.5 else 'less than half'})")
     return lines
 
 
@@ -336,11 +343,12 @@ def write_report(
     evals: list[dict[str, Any]], out_dir: str | Path, title: str,
     loss_logs: dict[str, Path] | None = None, details: dict[str, Any] | None = None,
     order: list[str] | None = None, methods: dict[str, str] | None = None, titles: pd.DataFrame | None = None,
+    reference: str | None = None,
 ) -> dict[str, str]:
     """Write the tables, report.md and the plots into out_dir; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    a = analyse(evals, order, titles)
+    a = analyse(evals, order, titles, reference=reference)
     plots = {"perplexity": plot_perplexity(a.arms, out / "perplexity.png"), "frontier": plot_frontier(a, out / "frontier.png")}
     if loss_logs:
         plots["loss"] = plot_losses(loss_logs, out / "loss.png")

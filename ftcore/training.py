@@ -1,6 +1,6 @@
 """The training arms: one SFTTrainer setup; arms differ by their training mix and a PEFT config.
 
-An arm (config.ArmSpec) is a method and a replay share:
+An arm arrives resolved, as an ArmPlan (ftcore.plan): a method and a replay share,
 - method full: every weight trains, at train.learning_rate;
 - method lora: LoRA adapters (peft) with the arm's LoRA settings and their own learning rate;
 - replay_ratio > 0: general-text chunks are added to the domain rows until they are that share
@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,17 @@ from peft import LoraConfig, PeftModel
 from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from ftcore.config import StudyConfig
+from ftcore.config import InputError, LoraSpec, TrainSpec
 from ftcore.io import atomic_path, write_json
-from ftcore.models import load_model, load_tokenizer
+from ftcore.models import TRAIN_SUMMARY, load_model, load_tokenizer
+from ftcore.plan import ArmPlan
 
 log = logging.getLogger("ftcore.training")
 datasets.disable_progress_bars()  # TRL's per-map bars flood task logs; ProgressLog reports instead
-SUMMARY = "train_summary.json"
+SUMMARY = TRAIN_SUMMARY
 
 
-class ReplayBudgetError(ValueError):
+class ReplayBudgetError(InputError):
     """The replay corpus is too small for the requested replay_ratio."""
 
 
@@ -93,47 +95,46 @@ def replay_share(mix: pd.DataFrame) -> float:
 
 # --- trainer setup -----------------------------------------------------------------------------
 
-def sft_config(cfg: StudyConfig, arm: str, out_dir: Path) -> SFTConfig:
-    """The recipe's values, set explicitly: SFTConfig defaults (bf16, checkpointing, lr 2e-5) differ."""
-    spec = cfg.arm(arm)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    t = cfg.train
+def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precision: str, device: str,
+               out_dir: Path) -> SFTConfig:
+    """TRL's SFTConfig with the recipe's values set explicitly (SFTConfig's defaults — bf16, activation
+    checkpointing, lr 2e-5 — differ from TrainingArguments'); checkpoints under out_dir/checkpoints."""
+    device = resolve_device(device)
     return SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=cfg.lora_of(spec).learning_rate if spec.method == "lora" else t.learning_rate,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        logging_steps=t.logging_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=learning_rate,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # transformers 5 reads a value < 1 as a ratio of the steps
+        weight_decay=train.weight_decay,
+        logging_steps=train.logging_steps,
         logging_first_step=True,
         # Trainer's default replaces NaN/inf step losses in the logged mean by the window's average
         # (0.0 when every step is NaN), which hides divergence from LossLog; log the true mean.
         logging_nan_inf_filter=False,
         save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        bf16=precision == "bf16",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        bf16=resolve_precision(precision, device) == "bf16",
         fp16=False,
-        activation_checkpointing=t.gradient_checkpointing,
-        seed=t.seed,
-        data_seed=t.seed,
+        activation_checkpointing=train.gradient_checkpointing,
+        seed=train.seed,
+        data_seed=train.seed,
         use_cpu=device == "cpu",
         report_to=["tensorboard"],
         disable_tqdm=True,
         completion_only_loss=True,
-        max_length=cfg.chunk_len,
+        max_length=max_length,
         packing=False,
         dataloader_num_workers=0,
     )
 
 
-def peft_config(cfg: StudyConfig, arm: str) -> LoraConfig:
-    lora = cfg.lora_of(cfg.arm(arm))
+def peft_config(lora: LoraSpec) -> LoraConfig:
+    """peft's LoraConfig for causal-LM adapters (Hu et al. 2021, "LoRA"), from the arm's LoRA settings."""
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
 
@@ -162,10 +163,10 @@ class LossLog(TrainerCallback):
 
 
 class ProgressLog(TrainerCallback):
-    """Periodic `steps done/total, ETA` lines, and progress.json for whoever watches the arm."""
+    """Periodic `steps done/total, ETA` log lines; every step's progress to `report` (the arm's watcher)."""
 
-    def __init__(self, label: str, path: Path | None = None, every: float = 15.0):
-        self.label, self.path, self.every = label, path, every
+    def __init__(self, label: str, report: Callable[[dict[str, Any]], None] | None = None, every: float = 15.0):
+        self.label, self.report, self.every = label, report, every
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.first, self.last = time.monotonic(), state.global_step, 0.0
@@ -174,8 +175,8 @@ class ProgressLog(TrainerCallback):
         now = time.monotonic()
         rate = (state.global_step - self.first) / max(now - self.start, 1e-9)
         eta = (state.max_steps - state.global_step) / rate if rate else float("inf")
-        if self.path is not None:
-            write_json({"step": state.global_step, "max_steps": state.max_steps, "eta_s": eta}, self.path)
+        if self.report is not None:
+            self.report({"step": state.global_step, "max_steps": state.max_steps, "eta_s": round(eta, 1)})
         if now - self.last < self.every and state.global_step < state.max_steps:
             return
         self.last = now
@@ -240,30 +241,26 @@ class PlainLossSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-def train_arm(
-    cfg: StudyConfig,
-    arm: str,
-    model_dir: str | Path,
-    train_path: str | Path,
-    out_dir: str | Path,
-    replay_path: str | Path | None = None,
-    callbacks: list[TrainerCallback] | None = None,
-) -> dict[str, Any]:
-    """Train one arm into `out_dir`, resuming from its newest checkpoint; return the summary."""
-    out_dir = Path(out_dir)
+def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] | None = None,
+              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train the planned arm into `root/plan.dir`, resuming from its newest checkpoint; return the summary.
+
+    Raises ReplayBudgetError when the replay corpus is too small for the plan's replay share and
+    NonFiniteLossError when training diverges.
+    """
+    root = Path(root)
+    out_dir = root / plan.dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = cfg.arm(arm)
-    set_seed(cfg.train.seed)
-    if spec.replay_ratio > 0 and replay_path is None:
-        raise ReplayBudgetError(f"arm {arm}: replay_ratio {spec.replay_ratio} but no tokenized replay corpus was given")
-    replay = pd.read_parquet(replay_path) if spec.replay_ratio > 0 else None
-    mix = build_training_mix(pd.read_parquet(train_path), replay, spec.replay_ratio, cfg.train.seed)
+    set_seed(plan.seed)
+    replay = pd.read_parquet(root / plan.replay_rows) if plan.replay_rows else None
+    mix = build_training_mix(pd.read_parquet(root / plan.train_rows), replay, plan.replay_ratio, plan.seed)
     dataset = datasets.Dataset.from_pandas(mix[["input_ids", "completion_mask"]], preserve_index=False)
 
-    args = sft_config(cfg, arm, out_dir)
+    args = sft_config(plan.train, plan.learning_rate, plan.chunk_len, plan.precision, plan.device, out_dir)
     checkpoint = newest_complete_checkpoint(args.output_dir)
     if checkpoint:
-        log.info("train-%s: resuming from %s", arm, checkpoint)
+        log.info("train-%s: resuming from %s", plan.label, checkpoint)
+    model_dir = plan.model.locate(root)
     tokenizer = load_tokenizer(model_dir)
     trainer_class = PlainLossSFTTrainer if args.use_cpu else SFTTrainer
     trainer = trainer_class(
@@ -271,18 +268,18 @@ def train_arm(
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=peft_config(cfg, arm) if spec.method == "lora" else None,
-        callbacks=[LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)), ProgressLog(f"train-{arm}", out_dir / "progress.json"),
-                   SkipFinalCheckpoint(), *(callbacks or [])],
+        peft_config=peft_config(plan.lora) if plan.lora else None,
+        callbacks=[LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)),
+                   ProgressLog(f"train-{plan.label}", on_progress), SkipFinalCheckpoint(), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # LossLog and ProgressLog report instead of raw dicts
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    _save_arm(trainer, tokenizer, arm, out_dir, merge=spec.method == "lora" and cfg.lora_of(spec).merge)
+    _save_arm(trainer, tokenizer, out_dir, merge=plan.saves_merged)
     summary = {
-        "arm": arm,
-        "method": spec.method,
-        "seed": cfg.train.seed,
+        "arm": plan.name,
+        "method": plan.method,
+        "seed": plan.seed,
         "steps": trainer.state.global_step,
         "resumed_from_step": _checkpoint_step(checkpoint),
         "train_loss": result.training_loss,
@@ -296,7 +293,7 @@ def train_arm(
     return summary
 
 
-def _save_arm(trainer: SFTTrainer, tokenizer, arm: str, out_dir: Path, merge: bool) -> None:
+def _save_arm(trainer: SFTTrainer, tokenizer, out_dir: Path, merge: bool) -> None:
     model = trainer.model
     if isinstance(model, PeftModel):
         with atomic_path(out_dir / "adapter") as tmp:
@@ -307,14 +304,3 @@ def _save_arm(trainer: SFTTrainer, tokenizer, arm: str, out_dir: Path, merge: bo
     with atomic_path(out_dir / "model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-
-def load_arm_model(arm_dir: str | Path, base_dir: str | Path, device: str = "cpu") -> torch.nn.Module:
-    """A finished arm's model for evaluation: full weights, or the base with its adapter merged in."""
-    arm_dir = Path(arm_dir)
-    if not (arm_dir / SUMMARY).exists():
-        raise FileNotFoundError(f"{arm_dir} has no {SUMMARY}: the arm did not finish training")
-    if (arm_dir / "model").is_dir():
-        return load_model(arm_dir / "model", device=device)
-    model = PeftModel.from_pretrained(load_model(base_dir), arm_dir / "adapter")
-    return model.merge_and_unload().to(device)

@@ -1,23 +1,39 @@
-"""Run one arm in a child process bound to a device slot, forwarding its log and progress."""
+"""Train one arm in its own process on a free device slot, and tell the user what happened there.
+
+The child (`python -m tasks.arm_worker ROOT`, the plan as JSON on stdin) writes one JSON event per
+line to stdout: log records (ftcore's progress, and every library's warnings and errors, Python
+warnings included), training progress, and on failure the error with its traceback. This side
+forwards them to `log` (ftcore INFO lines, every WARNING and ERROR, each distinct warning once),
+progress to `on_progress`, and raises with the child's own error line when it fails. The arm's
+result is then read from its step directory, the one record of a finished arm.
+
+Every path the child sees is absolute (the artifacts root is resolved once, in the parent) and the
+child runs in the caller's working directory, so where the study writes never depends on where
+ftstudy is installed.
+"""
 
 from __future__ import annotations
 
 import collections
 import ctypes
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ftcore.config import StudyConfig
+from ftcore.plan import ArmPlan
+from ftcore.steps import recorded, train_dir
 
 PR_SET_PDEATHSIG = 1
+# The directory that holds the `tasks` package: the child imports it from there, wherever it runs.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+Log = Callable[[int, str], None]
 
 
 def _die_with_parent() -> None:
@@ -28,73 +44,99 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_arm_process(
-    cfg: StudyConfig,
-    arm: str,
-    model: dict[str, Any],
-    domain: dict[str, Any],
-    replay: dict[str, Any] | None,
-    gpu: str | None,
-    log: Callable[[str], None],
-    key: str,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
-    arm_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Train `arm` in `python -m tasks.arm_worker`; raise with the tail of its output if it fails."""
-    with tempfile.TemporaryDirectory(prefix=f"ftstudy-{arm}-") as tmp:
-        request = Path(tmp) / "request.json"
-        result = Path(tmp) / "result.json"
-        request.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "arm": arm, "model": model,
-                                       "domain": domain, "replay": replay, "key": key,
-                                       "result_path": str(result)}))
-        env = dict(os.environ)
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tasks.arm_worker", str(request)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-            cwd=Path(__file__).resolve().parent.parent, preexec_fn=_die_with_parent,
-        )
-        tail: collections.deque[str] = collections.deque(maxlen=40)
-        stop = threading.Event()
-        watcher = None
-        if on_progress and arm_dir is not None:
-            watcher = threading.Thread(target=_watch_progress, args=(arm_dir / "progress.json", on_progress, stop), daemon=True)
-            watcher.start()
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            if line.startswith("ftcore") or "Error" in line or "Traceback" in line:
-                log(line)
-        code = proc.wait()
-        stop.set()
-        if watcher:
-            watcher.join()
-        if code != 0:
-            reason = "killed (out of memory?)" if code in (-signal.SIGKILL, 137) else f"exit code {code}"
-            error = _last_error(tail)
-            # The first line is what the report and the UI show as the arm's failure.
-            raise RuntimeError(f"arm {arm} failed ({reason})" + (f": {error}" if error else "") + "\n" + "\n".join(tail))
-        return json.loads(result.read_text())
+def child_env(gpu: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
 
 
-def _last_error(lines) -> str | None:
-    """The child's exception line (`SomeError: message`), if its output ends with a traceback."""
-    for line in reversed(list(lines)):
-        head = line.split(":", 1)[0]
-        if ":" in line and " " not in head and (head.endswith("Error") or head.endswith("Exception")):
-            return line.strip()
-    return None
+def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | None = None,
+                        on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train `plan` under the absolute artifacts `root` in a child process; return the arm's recorded result.
+
+    Raises RuntimeError whose first line names the arm and the child's error (what the report shows).
+    """
+    root = Path(root)
+    if not root.is_absolute():
+        raise ValueError(f"the artifacts root must be absolute in the arm's process, got {root}")
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.arm_worker", str(root)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(gpu),
+                            preexec_fn=_die_with_parent)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(plan.model_dump_json())
+    proc.stdin.close()
+    events = EventReader(log, on_progress)
+    for line in proc.stdout:
+        events.read(line.rstrip("\n"))
+    code = proc.wait()
+    if code != 0:
+        reason = "killed (out of memory?)" if code in (-signal.SIGKILL, 137) else f"exit code {code}"
+        error = events.error or events.last_error_line()
+        raise RuntimeError(f"arm {plan.label} failed ({reason})" + (f": {error}" if error else "") + "\n"
+                           + "\n".join(events.tail))
+    done = recorded(train_dir(plan, root))
+    if done is None:
+        raise RuntimeError(f"arm {plan.label}: its process ended without error but {train_dir(plan, root)} holds no "
+                           "finished arm")
+    return done
 
 
-def _watch_progress(path: Path, on_progress: Callable[[dict[str, Any]], None], stop: threading.Event) -> None:
-    last = None
-    while not stop.wait(2.0):
+class EventReader:
+    """Turns the child's output lines into log calls, progress calls and the child's error."""
+
+    def __init__(self, log: Log, on_progress: Callable[[dict[str, Any]], None] | None):
+        self.log, self.on_progress = log, on_progress
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.seen: set[tuple[str, str]] = set()
+        self.error: str | None = None
+
+    def read(self, line: str) -> None:
         try:
-            progress = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if progress != last:
-            last = progress
-            on_progress(progress)
+            event = json.loads(line) if line.startswith("{") else None
+        except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):
+            self._raw(line)
+        elif "progress" in event:
+            if self.on_progress:
+                self.on_progress(event["progress"])
+        elif "log" in event:
+            self._record(event)
+
+    def _record(self, event: dict[str, Any]) -> None:
+        level = logging.getLevelName(event["log"])
+        level = level if isinstance(level, int) else logging.INFO
+        name, message = event.get("name", "?"), event.get("msg", "")
+        self.tail.append(f"{name}: {message}")
+        if event.get("error"):
+            self.error = event["error"]
+            self.tail.extend(event.get("traceback", "").splitlines())
+        if level >= logging.WARNING:
+            if level == logging.WARNING and (name, message) in self.seen:
+                return
+            self.seen.add((name, message))
+            self.log(level, message if name.startswith("ftcore") else f"{name}: {message}")
+        elif name.startswith("ftcore"):
+            self.log(level, message)
+
+    def _raw(self, line: str) -> None:
+        """Output that did not come through logging (a library's print, a crash in C): kept for the failure
+        message; forwarded once when it looks like a warning or an error."""
+        if not line.strip():
+            return
+        self.tail.append(line)
+        lowered = line.lower()
+        if ("warn" in lowered or "error" in lowered) and ("raw", line) not in self.seen:
+            self.seen.add(("raw", line))
+            self.log(logging.WARNING, line)
+
+    def last_error_line(self) -> str | None:
+        """The child's exception line (`SomeError: message`), if its output ends with a traceback."""
+        for line in reversed(self.tail):
+            head = line.split(":", 1)[0]
+            if ":" in line and " " not in head and (head.endswith("Error") or head.endswith("Exception")):
+                return line.strip()
+        return None

@@ -1,7 +1,9 @@
-"""Entry point of an arm's own process: `python -m tasks.arm_worker REQUEST.json`.
+"""Entry point of an arm's own process: `python -m tasks.arm_worker ROOT`, the ArmPlan as JSON on stdin.
 
 Training runs in a child process so that a crash or an out-of-memory kill takes down that arm
-alone, and so the arm sees only its own device (CUDA_VISIBLE_DEVICES set by the parent).
+alone, and so the arm sees only its own device (CUDA_VISIBLE_DEVICES set by the parent). Every
+log record (ftcore's, the libraries', Python warnings) and every progress update goes to stdout as
+one JSON object per line, which tasks.arm_process reads; the arm's result is its step directory.
 """
 
 from __future__ import annotations
@@ -9,20 +11,63 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
+import warnings
+from typing import Any
 
-from ftcore import study
-from ftcore.config import StudyConfig
+from ftcore.plan import ArmPlan
 
 
-def main(request_path: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
-    request = json.loads(open(request_path).read())
-    cfg = StudyConfig.model_validate(request["config"])
-    result = study.train_arm(cfg, request["arm"], request["model"], request["domain"], request["replay"],
-                             key=request["key"])
-    with open(request["result_path"], "w") as f:
-        json.dump(result, f)
+class JsonLines(logging.Handler):
+    """One JSON object per log record on stdout."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event: dict[str, Any] = {"log": record.levelname, "name": record.name, "msg": record.getMessage()}
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            event["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            event["traceback"] = "".join(traceback.format_exception(*record.exc_info))
+        emit(event)
+
+
+def emit(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def setup_logging() -> logging.Logger:
+    """Everything that logs or warns reaches the JSON handler: ftcore at INFO, libraries at WARNING."""
+    root = logging.getLogger()
+    root.handlers[:] = [JsonLines()]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("ftcore").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")  # each distinct warning once per place, not silenced
+    # One line per warning: where and what, without the echoed source line.
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: (
+        f"{category.__name__}: {message} ({filename}:{lineno})")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+    except ImportError:
+        pass
+    return logging.getLogger("ftcore.arm")
+
+
+def main(root: str) -> int:
+    log = setup_logging()
+    try:
+        plan = ArmPlan.model_validate_json(sys.stdin.read())
+        from ftcore import steps
+
+        steps.train_arm(plan, root, on_progress=lambda p: emit({"progress": p}))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the arm with it
+        log.error("arm failed: %s: %s", type(exc).__name__, exc, exc_info=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main(sys.argv[1]))

@@ -2,7 +2,8 @@
 
 A slot is held with `fcntl.flock`, which the kernel releases when the holder dies, so a killed
 run never leaves a slot taken. Slots belong to the machine, not to a study: two flow runs, two
-studies or two work-pool runs on one GPU box never put two arms on one GPU. The lock files live in
+studies or two work-pool runs on one GPU box never put two arms on one GPU. The holder writes who
+it is into the lock file, so a step that waits can say for whom. The lock files live in
 `$FTSTUDY_SLOTS_DIR` (default: a per-user directory under the system temp dir).
 """
 
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -38,12 +41,33 @@ def slots_dir() -> Path:
     return Path(os.environ.get("FTSTUDY_SLOTS_DIR", default))
 
 
+def holders(slots: int) -> list[str]:
+    """Who holds each slot, as written by its holder ('slot 0: train-full (pid 123 on host) for 75 s')."""
+    out = []
+    for index in range(slots):
+        try:
+            info = json.loads((slots_dir() / f"slot-{index}.lock").read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            info = {}
+        if info:
+            held = time.time() - info.get("since", time.time())
+            out.append(f"slot {index}: {info.get('label', '?')} (pid {info.get('pid')} on {info.get('host')}) "
+                       f"for {held:.0f} s")
+    return out
+
+
 @contextlib.contextmanager
-def device_slot(slots: int | None = None, poll: float = 0.5) -> Iterator[int]:
-    """Block until one of `slots` device slots is free; yield its index while holding it."""
+def device_slot(slots: int | None = None, label: str = "", log: Callable[[str], None] | None = None,
+                poll: float = 0.5, report_every: float = 30.0) -> Iterator[int]:
+    """Block until one of `slots` device slots is free; yield its index while holding it.
+
+    While it waits it calls `log` at once and then every `report_every` seconds, naming the holders.
+    """
     slots = slots or device_count()
     lock_dir = slots_dir()
     lock_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    next_report = started
     while True:
         for index in range(slots):
             fd = os.open(lock_dir / f"slot-{index}.lock", os.O_CREAT | os.O_RDWR, 0o644)
@@ -53,9 +77,23 @@ def device_slot(slots: int | None = None, poll: float = 0.5) -> Iterator[int]:
                 os.close(fd)
                 continue
             try:
+                _write_holder(fd, label)
+                if log and time.monotonic() - started > poll:
+                    log(f"{label}: got device slot {index} after {time.monotonic() - started:.0f} s")
                 yield index
             finally:
+                os.ftruncate(fd, 0)
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
             return
+        if log and time.monotonic() >= next_report:
+            held = "; ".join(holders(slots)) or "holders unknown"
+            log(f"{label}: waiting for a device slot ({slots} on this machine, all taken: {held})")
+            next_report = time.monotonic() + report_every
         time.sleep(poll)
+
+
+def _write_holder(fd: int, label: str) -> None:
+    info = json.dumps({"label": label, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info.encode(), 0)

@@ -22,7 +22,7 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ftcore.config import load_config  # noqa: E402
-from ftcore.models import build_tiny_model  # noqa: E402
+from ftcore.sources import build_tiny_model  # noqa: E402
 
 WORDS = ("model network learning data training loss gradient layer attention token language vision graph "
          "robust sparse kernel policy reward image neural deep transfer domain general memory efficient").split()
@@ -78,3 +78,29 @@ def study_config(tiny_model, corpus_files, tmp_path):
                 base[key] = value
         return load_config("smoke", **base)
     return make
+
+
+def build_tiny_family(family: str, out: Path, tokenizer_dir: Path) -> Path:
+    """A 2-layer random GPT-2 or GPT-NeoX (the seed recipe's families) with the tiny model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    common = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.eos_token_id,
+              "pad_token_id": tok.pad_token_id}
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=1024, **common))
+    else:
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, max_position_embeddings=1024, **common))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """Tiny random models of the three families the study is used with: Llama, GPT-2, GPT-NeoX."""
+    root = tmp_path_factory.mktemp("families")
+    return {"llama": tiny_model, **{f: build_tiny_family(f, root / f, tiny_model) for f in ("gpt2", "neox")}}

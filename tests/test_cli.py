@@ -37,7 +37,33 @@ def test_missing_corpus_file_exits_2_before_any_model(tmp_path):
                   "--set", f"domain.path={tmp_path / 'missing.csv'}")
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"domain.path: file {tmp_path / 'missing.csv'} does not exist" in result.stderr
-    assert not (tmp_path / "a" / "models").exists() and not list((tmp_path / "a").glob("tokenize-*"))
+    assert not (tmp_path / "a" / "fetch-model").exists() and not list((tmp_path / "a").glob("tokenize-*"))
+
+
+def test_a_bad_value_found_after_the_model_fails_once_without_retry_or_traceback(tmp_path):
+    """chunk_len above the model's context: no retries of fetch-model, no tracebacks, the message, exit 2."""
+    result = _cli("run", "--preset", "smoke", "--artifacts", str(tmp_path / "a"), "--set", "chunk_len=4096")
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "ftstudy: chunk_len: 4096 tokens exceed the model's context of 1024; lower chunk_len" in result.stderr
+    assert "Traceback" not in out and "Retrying" not in out and "AwaitingRetry" not in out
+    assert not list((tmp_path / "a").glob("tokenize-*"))
+
+
+def test_is_transient_retries_the_network_only():
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ftcore.sources import ModelError, is_transient
+
+    def response(status):
+        return httpx.Response(status, request=httpx.Request("GET", "https://huggingface.co/api/models/x"))
+
+    assert is_transient(ConnectionError("reset")) and is_transient(TimeoutError())
+    assert is_transient(httpx.ConnectError("refused"))
+    assert is_transient(HfHubHTTPError("busy", response=response(503)))
+    assert not is_transient(HfHubHTTPError("gone", response=response(404)))
+    assert not is_transient(ModelError("model.name: no such directory")) and not is_transient(ValueError("bug"))
 
 
 def test_show_prints_latest_results(tmp_path):
@@ -47,10 +73,26 @@ def test_show_prints_latest_results(tmp_path):
     report.mkdir()
     (report / "table.md").write_text("| arm | domain ppl |\n| base | 1.00 |\n")
     (report / "report.md").write_text("# report\n")
-    (tmp_path / "latest.json").write_text(json.dumps({"table": str(report / "table.parquet"),
-                                                      "report": str(report / "report.md")}))
+    # latest.json holds paths relative to the artifacts root, so a moved root still shows
+    (tmp_path / "latest.json").write_text(json.dumps({"table": "report/table.parquet", "report": "report/report.md"}))
     result = _cli("show", str(tmp_path))
     assert result.returncode == 0 and "| base | 1.00 |" in result.stdout and str(report / "report.md") in result.stdout
+
+
+@pytest.mark.slow
+def test_a_study_run_from_another_directory_writes_where_it_was_told(tmp_path):
+    """A relative --artifacts from any working directory: every arm trains there, nothing lands in the checkout."""
+    elsewhere = tmp_path / "somewhere"
+    elsewhere.mkdir()
+    before = set(REPO.iterdir())
+    result = subprocess.run([str(Path(sys.executable).with_name("ftstudy")), "run", "--preset", "smoke",
+                             "--artifacts", "rel", "--set", 'arms=["full","lora"]'], cwd=elsewhere,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    latest = json.loads((elsewhere / "rel" / "latest.json").read_text())
+    assert (elsewhere / "rel" / latest["table"]).is_file()
+    assert len(list((elsewhere / "rel").glob("train-*/*/train_summary.json"))) == 2
+    assert set(REPO.iterdir()) == before  # no stray rel/ (or anything) inside the checkout
 
 
 @pytest.mark.slow

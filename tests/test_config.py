@@ -3,7 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from ftcore.config import PRESETS, ConfigError, StudyConfig, describe_error, load_config, parse_override
+from ftcore.config import ArmSpec, ConfigError, StudyConfig, describe_error, load_config, parse_override
+from ftcore.presets import PRESETS
 
 
 def _error_fields(exc: ValidationError) -> list[str]:
@@ -67,7 +68,7 @@ def test_seed_preset_holds_the_reference_recipe():
     assert cfg.chunk_len == 512
     t = cfg.train
     assert (t.batch_size, t.grad_accum, t.learning_rate, t.epochs, t.logging_steps) == (4, 8, 5e-5, 2, 50)
-    assert cfg.replay_ratio == 0.1 and cfg.arms == ("full", "replay", "lora")
+    assert cfg.replay_ratio == 0.1 and cfg.arm_names == ["full", "replay", "lora"]
     assert cfg.format.kind == "instruction"
 
 
@@ -84,18 +85,37 @@ def test_arms_are_data():
                                      {"name": "lora-r2", "method": "lora", "lora": {"r": 2}}, "lora"],
                       lora={"learning_rate": 0.005}, replay_ratio=0.05)
     assert cfg.arm_names == ["full", "replay", "replay-25", "lora-r2", "lora"]
-    assert cfg.arm("replay").replay_ratio == 0.05 and cfg.arm("replay").method == "full"
+    arm = dict(zip(cfg.arm_names, cfg.arms))
+    # Shorthands are expanded once, when the config is validated: every entry is a spec afterwards.
+    assert all(isinstance(a, ArmSpec) for a in cfg.arms)
+    assert arm["replay"].replay_ratio == 0.05 and arm["replay"].method == "full"
     # An arm's LoRA settings change only the fields it names; the rest come from the study's `lora`.
-    lora_r2 = cfg.lora_of(cfg.arm("lora-r2"))
+    lora_r2 = cfg.lora_of(arm["lora-r2"])
     assert (lora_r2.r, lora_r2.alpha, lora_r2.learning_rate) == (2, 8, 0.005)
-    assert cfg.lora_of(cfg.arm("lora")).r == 4
-    # The dumped config (what a deployment or an arm process receives) validates to the same arms.
+    assert cfg.lora_of(arm["lora"]).r == 4
+    # The dumped config (what a deployment receives) validates to the same arms.
     assert StudyConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_the_reference_arm_is_a_field():
+    assert load_config("smoke").reference == "full"
+    assert load_config("smoke", arms=["lora", "replay"]).reference == "lora"  # no arm named full: the first
+    assert load_config("smoke", reference_arm="replay").reference == "replay"
+    with pytest.raises(ValidationError, match="reference_arm 'nope' is not one of the arms"):
+        load_config("smoke", reference_arm="nope")
+
+
+def test_presets_are_small_overrides_of_the_defaults():
+    from ftcore import presets
+
+    # The seed recipe is the defaults: its preset names only the data.
+    assert set(presets.SEED) == {"name", "domain", "general", "replay"}
+    assert all(len(p) <= 15 for p in presets.PRESETS.values())
 
 
 def test_seeds_replace_train_seed_per_run():
     cfg = load_config("smoke", seeds=[3, 4])
-    assert cfg.run_seeds == (3, 4) and cfg.with_seed(4).train.seed == 4
+    assert cfg.run_seeds == (3, 4)
     assert cfg.run_label("full", 4) == "full-s4" and load_config("smoke").run_label("full", 0) == "full"
     assert load_config("smoke").run_seeds == (0,)
 
@@ -133,12 +153,12 @@ def test_readme_config_reference_is_generated():
 
 
 def test_demo_reads_shared_data_when_present_else_the_hub(monkeypatch, tmp_path):
-    import ftcore.config as config
+    import ftcore.presets as presets
 
-    monkeypatch.setattr(config, "SHARED_DATA", tmp_path / "shared-data")
+    monkeypatch.setattr(presets, "SHARED_DATA", tmp_path / "shared-data")
     (tmp_path / "shared-data").mkdir()
     assert load_config("demo").domain.source == "file"
-    monkeypatch.setattr(config, "SHARED_DATA", tmp_path / "absent")
+    monkeypatch.setattr(presets, "SHARED_DATA", tmp_path / "absent")
     cfg = load_config("demo")
     assert (cfg.domain.source, cfg.domain.path, cfg.format.completion_field) == ("hub", "CShorten/ML-ArXiv-Papers", "abstract")
     assert cfg.general.subset == "wikitext-2-raw-v1" and cfg.replay.subset == "wikitext-103-raw-v1"

@@ -5,7 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from ftcore.config import WIKITEXT_ARTICLE, CorpusSpec, FormatSpec
+from ftcore.config import CorpusSpec, FormatSpec
+from ftcore.presets import WIKITEXT_ARTICLE
 from ftcore.corpora import CorpusError, document_texts, document_titles, load_corpus, split_train_test
 
 

@@ -1,50 +1,57 @@
-"""deployments/prefect.yaml agrees with the code: entrypoints, the config it offers, the trigger's event."""
+"""`ftstudy deploy` registers what the code defines: a preset's config in the form, the trigger, the schedule."""
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.testing.utilities import prefect_test_harness
 
-import yaml
-
+from deployments.deploy import ARM_POOL, STUDY_POOL, default_config, deploy
 from flows import corpus_check
-from ftcore.config import SHARED_DATA, StudyConfig, load_config
+from ftcore.config import ConfigError, StudyConfig, load_config
 from tasks.devices import visible_gpu
 
-ROOT = Path(__file__).resolve().parent.parent
-SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
-DEPLOYMENTS = {d["name"]: d for d in SPEC["deployments"]}
+
+@pytest.fixture(scope="module")
+def deployed():
+    with prefect_test_harness(server_startup_timeout=120):
+        with get_client(sync_client=True) as client:
+            for pool in (STUDY_POOL, ARM_POOL):
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            names = deploy("smoke")
+            yield {name: client.read_deployment_by_name(name) for name in names}
 
 
-def test_every_entrypoint_is_a_flow_in_this_repo():
-    assert set(DEPLOYMENTS) == {"study", "train-arm", "corpus-check"}
-    for dep in DEPLOYMENTS.values():
-        path, name = dep["entrypoint"].split(":")
-        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-        assert hasattr(getattr(module, name), "deploy"), dep["entrypoint"]
+def test_the_form_is_filled_from_the_preset_not_a_copy_of_it(deployed):
+    study = deployed["ftstudy/study"]
+    assert StudyConfig.model_validate(study.parameters["config"]) == load_config("smoke", executor="work-pool")
+    assert study.parameter_openapi_schema["properties"]["config"]["$ref"].endswith("StudyConfig")
+    assert deployed["ftstudy-corpus-check/corpus-check"].parameters == study.parameters
+    with pytest.raises(ConfigError, match="unknown preset"):
+        default_config("nope")
 
 
-def test_the_offered_config_is_the_demo_preset_with_arms_on_the_work_pool():
-    data = DEPLOYMENTS["study"]["parameters"]["config"]
-    for role in ("domain", "general", "replay"):  # relative to the repository root, where workers run
-        data = {**data, role: {**data[role], "path": str(SHARED_DATA / data[role]["path"].removeprefix("../shared/data/"))}}
-    assert StudyConfig.model_validate(data) == load_config("demo", executor="work-pool")
-    assert DEPLOYMENTS["corpus-check"]["parameters"] == DEPLOYMENTS["study"]["parameters"]
+def test_pools_entrypoints_and_environment(deployed):
+    assert deployed["ftstudy/study"].work_pool_name == STUDY_POOL
+    assert deployed["ftstudy/study"].entrypoint == "flows/study.py:study_flow"
+    arm = deployed["ftstudy-train-arm/train-arm"]
+    assert arm.work_pool_name == ARM_POOL and arm.entrypoint == "flows/train_arm.py:train_arm_flow"
+    assert arm.job_variables["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "ftcore"
+    assert load_config("smoke").train_deployment == "ftstudy-train-arm/train-arm"
 
 
-def test_the_study_trigger_listens_to_what_the_corpus_check_emits():
-    (trigger,) = DEPLOYMENTS["study"]["triggers"]
-    assert trigger["expect"] == [corpus_check.EVENT]
-    pattern = trigger["match"]["prefect.resource.id"]
-    assert corpus_check.resource_id(load_config("smoke")).startswith(pattern.rstrip("*"))
-    assert trigger["parameters"]["config"] == "{{ event.payload.config }}"
+def test_the_study_trigger_listens_to_what_the_corpus_check_emits(deployed):
+    from prefect.client.orchestration import get_client
 
-
-def test_arms_use_the_train_arm_deployment_on_the_gpu_pool():
-    cfg = load_config("smoke")
-    flow_name, deployment = cfg.train_deployment.split("/")
-    assert deployment in DEPLOYMENTS and flow_name == "ftstudy-train-arm"
-    assert DEPLOYMENTS["train-arm"]["work_pool"]["name"] == "ftstudy-gpu"
+    with get_client(sync_client=True) as client:
+        automations = client.read_automations_by_name("ftstudy/study__automation_1") or client.read_automations()
+    (trigger,) = [a.trigger for a in automations]
+    assert set(trigger.expect) == {corpus_check.EVENT}
+    pattern = trigger.match.model_dump()["prefect.resource.id"]
+    assert corpus_check.resource_id(load_config("smoke")).startswith(str(pattern).strip("[]'\"").rstrip("*"))
+    check = deployed["ftstudy-corpus-check/corpus-check"]
+    assert [s.schedule.cron for s in check.schedules] == ["0 * * * *"]
 
 
 def test_a_slot_maps_to_the_workers_own_gpus(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,9 +32,16 @@ def harness():
 
 def _run(cfg):
     state = study_flow(config=cfg, return_state=True)
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    deadline = time.monotonic() + 30
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    return state, {r.name: r.state.name for r in runs}
+        # Task run states reach the server as events, a moment after the flow returns.
+        while True:
+            runs = client.read_task_runs(flow_run_filter=flow_run)
+            if all(r.state and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    return state, {r.name: r.state.name if r.state else "unknown" for r in runs}
 
 
 def _recomputed(states):
@@ -53,7 +61,8 @@ def test_flow_table_cache_and_dependent_recomputation(study_config, corpus_files
     state, states = _run(cfg)
     assert state.is_completed()
     assert set(states) == ALL_STEPS and _recomputed(states) == ALL_STEPS
-    table = pd.read_parquet(state.result()["table"])
+    root = Path(cfg.artifacts_dir)
+    table = pd.read_parquet(root / state.result()["table"])
     assert table.arm.tolist() == ["base", "full", "replay", "lora"]
     assert len(table) == 4 and {"domain_change_ci_low", "general_within_noise", "pareto"} <= set(table.columns)
     measured = [f"{s}_{k}" for s in ("domain", "general") for k in ("ppl", "ppl_ci_low", "ppl_ci_high", "change_pct")]
@@ -62,11 +71,22 @@ def test_flow_table_cache_and_dependent_recomputation(study_config, corpus_files
     # nothing changed: every task is a cache hit and the table is the same
     state, states = _run(cfg)
     assert state.is_completed() and _recomputed(states) == set()
-    assert pd.read_parquet(state.result()["table"]).equals(table)
+    assert pd.read_parquet(root / state.result()["table"]).equals(table)
+    # the cache is the step directories alone: Prefect keeps no results of its own
+    assert not (root / ".prefect-results").exists()
 
-    # a changed domain corpus reruns what depends on it; the base model's general eval stays cached
+    # the artifacts root copied elsewhere (another worker, a container): still every task a cache hit
+    copy = tmp_path / "mounted-elsewhere"
+    shutil.copytree(root, copy)
+    state, states = _run(cfg.model_copy(update={"artifacts_dir": str(copy)}))
+    assert state.is_completed() and _recomputed(states) == set()
+    assert pd.read_parquet(copy / state.result()["table"]).equals(table)
+
+    # a changed domain corpus reruns what depends on it; the base model's general eval stays cached.
+    # (Every abstract changes, at its start: an arm whose few steps never draw a changed row trains to
+    # the same weights, and text past chunk_len is cut; either way nothing below would change.)
     df = pd.read_csv(domain_file)
-    df.loc[0, "summaries"] = "An entirely new abstract about sparse attention for graph transformers."
+    df["summaries"] = "Sparse attention for graphs. " + df["summaries"]
     df.to_csv(domain_file, index=False)
     _, states = _run(cfg)
     assert _recomputed(states) == {"fingerprint-domain", "tokenize-domain", "eval-base-domain", "train-full",
@@ -88,16 +108,17 @@ def test_arms_and_seeds_are_data_each_with_its_own_cache_key(study_config):
     names = ("full", "replay-25", "lora-r2")
     assert {n for n in states if n.startswith("train-")} == {f"train-{a}-s{s}" for a in names for s in (0, 1)}
     assert {f"eval-{a}-s{s}-{w}" for a in names for s in (0, 1) for w in ("domain", "general")} <= set(states)
+    root = Path(cfg.artifacts_dir)
     results = state.result()
-    table = pd.read_parquet(results["table"])
+    table = pd.read_parquet(root / results["table"])
     assert table.arm.tolist() == ["base", *names] and table.seeds.tolist() == [0, 2, 2, 2]
-    runs = pd.read_parquet(results["runs"]).set_index(["arm", "seed"])
+    runs = pd.read_parquet(root / results["runs"]).set_index(["arm", "seed"])
     assert len(runs) == 7 and runs.loc[("full", 0), "domain_ppl"] != runs.loc[("full", 1), "domain_ppl"]
     assert table.set_index("arm").loc["full", "domain_change_pct"] == pytest.approx(
         runs.loc["full", "domain_change_pct"].mean())
-    docs = pd.read_parquet(results["general_docs"])
+    docs = pd.read_parquet(root / results["general_docs"])
     assert set(docs.arm) == set(names) and docs.groupby(["arm", "seed"]).size().nunique() == 1
-    report = Path(results["report"]).read_text()
+    report = (root / results["report"]).read_text()
     assert "## Every seed" in report and "## Where forgetting happens" in report
 
     # One more arm and one more seed: only the new branches train; the six finished ones are cache hits.
@@ -114,7 +135,7 @@ def test_a_failing_arm_fails_alone(study_config):
     assert state.is_failed()
     assert states["train-lora"] == "Failed" and states["train-full"] == "Completed"
     report = json.loads((Path(cfg.artifacts_dir) / "latest.json").read_text())["report"]
-    text = Path(report).read_text()
+    text = (Path(cfg.artifacts_dir) / report).read_text()
     assert "FAILED arm lora" in text and "| full |" in text and "| lora |" not in text
 
 
@@ -125,7 +146,7 @@ def test_a_diverging_arm_stops_with_a_clear_error_and_the_others_finish(study_co
     assert state.is_failed()
     assert states["train-lora"] == "Failed" and states["train-full"] == "Completed"
     assert states["eval-full-general"] == "Completed"
-    text = Path(json.loads((Path(cfg.artifacts_dir) / "latest.json").read_text())["report"]).read_text()
+    text = (Path(cfg.artifacts_dir) / json.loads((Path(cfg.artifacts_dir) / "latest.json").read_text())["report"]).read_text()
     assert "NonFiniteLossError: training diverged: loss nan at step 1" in text
     assert "| full |" in text and "| lora |" not in text
 
@@ -136,7 +157,7 @@ def test_work_pool_executor_without_its_deployment_fails_before_any_work(study_c
     assert state.is_failed()
     assert "train_deployment: no deployment 'ftstudy-train-arm/train-arm'" in state.message
     assert not states  # no task ran
-    assert not (Path(cfg.artifacts_dir) / "models").exists()
+    assert not (Path(cfg.artifacts_dir) / "fetch-model").exists()
 
 
 def _cli(cfg_args, artifacts, env):
@@ -168,23 +189,24 @@ def test_kill_and_resume_matches_an_uninterrupted_run(study_config, tiny_model, 
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out
     assert "resuming from" in out and "resumed from checkpoint step" in out
-    resumed = pd.read_parquet(json.loads((artifacts / "latest.json").read_text())["table"])
+    resumed = pd.read_parquet(artifacts / json.loads((artifacts / "latest.json").read_text())["table"])
 
     clean_cfg = cfg.model_copy(update={"artifacts_dir": str(tmp_path / "clean")})
     state, _ = _run(clean_cfg)
-    clean = pd.read_parquet(state.result()["table"])
+    clean = pd.read_parquet(tmp_path / "clean" / state.result()["table"])
     pd.testing.assert_frame_equal(resumed, clean, rtol=1e-4)
 
 
 def test_damaged_artifact_is_recomputed_not_used(study_config):
     cfg = study_config(arms=["full"])
+    root = Path(cfg.artifacts_dir)
     state, _ = _run(cfg)
-    table = pd.read_parquet(state.result()["table"])
-    scores = next(Path(cfg.artifacts_dir).glob("eval-full-domain/*/scores.parquet"))
+    table = pd.read_parquet(root / state.result()["table"])
+    scores = next(root.glob("eval-full-domain/*/scores.parquet"))
     scores.write_bytes(scores.read_bytes()[:100])  # truncated on disk
     state, states = _run(cfg)
     assert _recomputed(states) == {"eval-full-domain"}
-    assert pd.read_parquet(state.result()["table"]).equals(table)
+    assert pd.read_parquet(root / state.result()["table"]).equals(table)
 
 
 def test_sigkill_at_each_write_then_rerun_gives_the_same_table(corpus_files, tmp_path):
@@ -214,10 +236,11 @@ def test_sigkill_at_each_write_then_rerun_gives_the_same_table(corpus_files, tmp
 
     code, out = run(tmp_path / "reference")
     assert code == 0, out
-    reference = pd.read_parquet(json.loads((tmp_path / "reference" / "latest.json").read_text())["table"])
+    reference = pd.read_parquet(tmp_path / "reference" / json.loads((tmp_path / "reference" / "latest.json").read_text())["table"])
 
     artifacts = tmp_path / "crashed"
-    points = ["rename:tiny-random-tiny-llama", "rename:train.parquet", "rename:chunks.parquet",
+    # the first rename:model is the built base model (this process), the second an arm's model (its process)
+    points = ["rename:model", "rename:train.parquet", "rename:chunks.parquet",
               "rename:scores.parquet", "rename:model", "rename:report.md"]
     for point in points:
         code, out = run(artifacts, point)
@@ -225,7 +248,7 @@ def test_sigkill_at_each_write_then_rerun_gives_the_same_table(corpus_files, tmp
         assert code in (-signal.SIGKILL, 1), (point, code, out[-2000:])
     code, out = run(artifacts)
     assert code == 0, out
-    table = pd.read_parquet(json.loads((artifacts / "latest.json").read_text())["table"])
+    table = pd.read_parquet(artifacts / json.loads((artifacts / "latest.json").read_text())["table"])
     pd.testing.assert_frame_equal(table, reference)
 
 

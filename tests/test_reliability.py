@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ftcore import study
-from ftcore.io import verify_manifest
+from ftcore import steps, study
+from ftcore.io import entries_digest, file_entries, verify_manifest
 
 
 def test_run_once_reuses_verified_results_and_recomputes_damaged_ones(tmp_path):
@@ -22,24 +22,28 @@ def test_run_once_reuses_verified_results_and_recomputes_damaged_ones(tmp_path):
 
     out = tmp_path / "step"
     out.mkdir()
-    assert study.run_once(out, ["data.txt"], compute) == {"n": 1}
-    assert study.run_once(out, ["data.txt"], compute) == {"n": 1} and len(calls) == 1
+    first = steps.run_once(out, compute, ["data.txt"])
+    # the result carries the content digest of its outputs: what the keys of later steps hash
+    assert first["digest"] == entries_digest(file_entries(out, ["data.txt"]))
+    assert first["n"] == 1
+    assert steps.run_once(out, compute, ["data.txt"])["n"] == 1 and len(calls) == 1
     # truncated on disk: detected by its checksum, recomputed, never used
     (out / "data.txt").write_text("payl")
     assert not verify_manifest(out)
-    assert study.run_once(out, ["data.txt"], compute) == {"n": 2}
+    assert steps.run_once(out, compute, ["data.txt"])["n"] == 2
     # edited in place with the same size
     (out / "data.txt").write_text("PAYLOAD" + "payload" * 99)
-    assert study.run_once(out, ["data.txt"], compute) == {"n": 3}
+    assert steps.run_once(out, compute, ["data.txt"])["n"] == 3
     # an unfinished step (no manifest) is not reused either
     (out / "manifest.json").unlink()
-    assert study.run_once(out, ["data.txt"], compute) == {"n": 4}
+    assert steps.run_once(out, compute, ["data.txt"])["n"] == 4
 
 
 def _run(cfg_json: str, queue) -> None:
     from ftcore.config import StudyConfig
 
-    queue.put(study.run_study(StudyConfig.model_validate_json(cfg_json))["table"])
+    cfg = StudyConfig.model_validate_json(cfg_json)
+    queue.put(str(Path(cfg.artifacts_dir) / study.run_study(cfg)["table"]))
 
 
 def test_two_concurrent_runs_produce_the_same_table(study_config):

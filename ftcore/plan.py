@@ -1,0 +1,111 @@
+"""An arm, resolved once: `plan_arm` turns (config, arm, seed, inputs) into a small frozen ArmPlan.
+
+The plan holds everything training reads: the method, the replay share, the LoRA settings the arm
+really uses (the study's, with the arm's own fields), the training settings at the arm's seed, the
+effective learning rate, where its inputs are, its cache key and its directory. Every later layer
+(the Prefect task, the arm's child process, the work-pool deployment, the trainer) receives the
+plan, never the whole config and an arm name to look up again.
+
+Paths in a plan are relative to the artifacts root (or absolute for a model outside it), so a plan,
+like every cached result, stays valid when the root is moved, copied or mounted elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ftcore import keys
+from ftcore.config import ArmSpec, LoraSpec, StudyConfig, TrainSpec
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelRef(_Frozen):
+    """The fetched base model: where it is and what it is (a content digest of its files)."""
+
+    source: str
+    name: str
+    revision: str | None = None  # the Hub commit the study resolved, for a Hub model
+    path: str  # relative to the artifacts root for a built model, absolute otherwise
+    digest: str
+
+    def locate(self, root: str | Path) -> Path:
+        """The model's directory on this machine: under `root`, where it was, or (Hub) this machine's cache.
+
+        Raises ModelError when it cannot be found.
+        """
+        from ftcore import sources
+
+        path = Path(root) / self.path  # an absolute self.path stays as it is
+        if path.is_dir():
+            return path
+        if self.source == "hub":
+            return sources.hub_snapshot(self.name, self.revision)
+        raise sources.ModelError(f"model: {path} does not exist on this machine; the study fetched "
+                                 f"{self.source} model {self.name!r} there")
+
+
+class ArmPlan(_Frozen):
+    """One arm at one seed, resolved: all that training reads, its key and its directory."""
+
+    name: str
+    label: str  # the arm, with its seed when the study has several (task names, tables)
+    seed: int
+    method: Literal["full", "lora"]
+    replay_ratio: float
+    lora: LoraSpec | None
+    train: TrainSpec  # train.seed is the arm's seed
+    learning_rate: float  # train.learning_rate for full, the LoRA learning rate for lora
+    chunk_len: int
+    precision: Literal["auto", "fp32", "bf16"]
+    device: Literal["auto", "cpu", "cuda"]
+    model: ModelRef
+    train_rows: str  # tokenized domain training rows, relative to the artifacts root
+    replay_rows: str | None  # tokenized replay chunks, when replay_ratio > 0
+    key: str
+    dir: str  # relative to the artifacts root: train-<name>/<key>
+
+    @property
+    def saves_merged(self) -> bool:
+        return self.method == "lora" and self.lora is not None and self.lora.merge
+
+    def outputs(self) -> list[str]:
+        """The files downstream steps read: the trained weights (or adapter)."""
+        if self.method == "full":
+            return ["model"]
+        return ["adapter", "model"] if self.saves_merged else ["adapter"]
+
+
+def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain: dict[str, Any],
+             replay: dict[str, Any] | None) -> ArmPlan:
+    """The plan of `arm` at `seed` on the tokenized `domain` (and `replay`) data of `cfg`.
+
+    The key hashes what the arm trains with and the content digests of its inputs (model, domain
+    rows, replay chunks when it mixes them in), and the training code (ftcore.keys); not paths,
+    not the other arms, not the evaluation settings.
+    """
+    lora = cfg.lora_of(arm) if arm.method == "lora" else None
+    train = cfg.train.model_copy(update={"seed": seed})
+    replaying = arm.replay_ratio > 0
+    if replaying and replay is None:
+        raise ValueError(f"arm {arm.name}: replay_ratio {arm.replay_ratio} but the study has no tokenized replay corpus")
+    what = {
+        "arm": {"name": arm.name, "method": arm.method, "replay_ratio": arm.replay_ratio,
+                "lora": lora.model_dump(mode="json") if lora else None},
+        "train": train.model_dump(mode="json"), "chunk_len": cfg.chunk_len, "precision": cfg.precision,
+        "model": model.digest, "domain": domain["digest"], "replay": replay["digest"] if replaying else None,
+    }
+    key = keys.step_key("train", what)
+    return ArmPlan(
+        name=arm.name, label=cfg.run_label(arm.name, seed), seed=seed, method=arm.method,
+        replay_ratio=arm.replay_ratio, lora=lora, train=train,
+        learning_rate=lora.learning_rate if lora else train.learning_rate,
+        chunk_len=cfg.chunk_len, precision=cfg.precision, device=cfg.device, model=model,
+        train_rows=domain["train"], replay_rows=replay["path"] if replaying else None,
+        key=key, dir=f"train-{arm.name}/{key}",
+    )

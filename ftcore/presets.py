@@ -1,0 +1,120 @@
+"""Presets: named overrides of StudyConfig's defaults (which are the seed recipe's training settings).
+
+Each preset lists only what differs from the defaults; `ftcore.config.load_config` merges it under
+`--set` overrides. A preset is data, not code: no path here is resolved against the working
+directory, and editing a preset changes no step's cache key except through the values it sets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+# WikiText marks an article by a top-level heading line " = Title = " (sections are " = = Sub = = ").
+WIKITEXT_ARTICLE = r"^\s*= [^=].* =\s*$"
+# The offline corpora live beside the checkout (../shared/data); FTSTUDY_DATA points elsewhere.
+SHARED_DATA = Path(os.environ.get("FTSTUDY_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+
+
+def _shared(rel: str) -> str:
+    return str(SHARED_DATA / rel)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+ARXIV_FIELDS = {"prompt_field": "titles", "completion_field": "summaries"}
+
+# The reference recipe on a GPU: gpt2-medium, 10k arXiv CS abstracts from the Hub (1k held out),
+# WikiText-2 test as the benchmark, WikiText-103 train as replay. The training defaults are its own.
+SEED: dict[str, Any] = {
+    "name": "seed",
+    "domain": {"source": "hub", "path": "CShorten/ML-ArXiv-Papers", "text_fields": ["title", "abstract"],
+               "max_docs": 10000},
+    "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test",
+                "doc_start": WIKITEXT_ARTICLE},
+    "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "max_docs": 20000},
+}
+
+# Offline on 2 CPU cores: SmolLM2-135M from its PyPI wheel and ../shared/data. Sizes are cut so the
+# whole study stays under 25 minutes (30 steps of 8 x <=256 tokens, about half an epoch). The lr is
+# raised because at the seed's 5e-5 (and at 3e-4 for 40 steps, measured here) this short run lowers
+# general perplexity too: the base is an instruction-tuned, 4-bit-dequantized model that plain text
+# first repairs (../shared/data/README.md). The report states whichever way general perplexity moves.
+DEMO: dict[str, Any] = {
+    "name": "demo",
+    "model": {"source": "smollm2-wheel", "name": "SmolLM2-135M"},
+    "domain": {"source": "file", "path": _shared("arxiv-cs/arxiv_cs_abstracts_1k.csv"),
+               "text_fields": ["titles", "summaries"], "max_docs": 600},
+    "general": {"source": "file", "path": _shared("wikitext-2-raw/wiki.test.raw"), "file_format": "text",
+                "doc_start": WIKITEXT_ARTICLE},
+    "replay": {"source": "file", "path": _shared("sotu/sotu.jsonl")},
+    "test_docs": 100,
+    "format": ARXIV_FIELDS,
+    "chunk_len": 256,
+    "train": {"batch_size": 8, "grad_accum": 1, "learning_rate": 6e-4, "max_steps": 30, "logging_steps": 5,
+              "save_steps": 10, "warmup_ratio": 0.1},
+    "lora": {"learning_rate": 1e-3},
+    "eval": {"batch_size": 8, "max_general_tokens": 16384},
+    "precision": "bf16",
+    "device": "cpu",
+}
+
+# The demo's corpora from the Hub, for an install without ../shared/data (SOTU is not on the Hub
+# under a known name; WikiText-103 train is general text disjoint from the benchmark).
+DEMO_FROM_HUB: dict[str, Any] = {
+    "domain": {"source": "hub", "path": "CShorten/ML-ArXiv-Papers", "text_fields": ["title", "abstract"],
+               "max_docs": 600},
+    "general": SEED["general"],
+    "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "max_docs": 5000},
+    "format": {"prompt_field": "title", "completion_field": "abstract"},
+}
+
+# The demo as a sweep, within an hour on 2 CPU cores: six arms (replay at 10% and 25%, LoRA at rank
+# 16 and 4, LoRA with replay) x two seeds, trained exactly as the demo's arms (its full, replay and
+# lora at seed 0 are the demo's, reused from the cache when the demo ran first). Evaluation is in
+# bf16 (2.5x faster here, +0.1% perplexity for every model alike, BENCHMARKS.md) so that 40k tokens
+# of WikiText-2 can be scored per model for the per-article view (9 articles).
+DEMO_SWEEP: dict[str, Any] = _merge(DEMO, {
+    "name": "demo-sweep",
+    "arms": ["full", "replay", {"name": "replay-25", "replay_ratio": 0.25},
+             "lora", {"name": "lora-r4", "method": "lora", "lora": {"r": 4, "alpha": 8}},
+             {"name": "lora+replay", "method": "lora", "replay_ratio": 0.1}],
+    "seeds": [0, 1],
+    "eval": {"precision": "bf16", "max_general_tokens": 40960},
+})
+
+# Seconds on a CPU: a tiny random Llama and slices of the offline corpora.
+SMOKE: dict[str, Any] = {
+    "name": "smoke",
+    "model": {"source": "tiny-random", "name": "tiny-llama"},
+    "domain": {**DEMO["domain"], "max_docs": 40},
+    "general": {"source": "file", "path": _shared("wikitext-2-raw/wiki.test.raw"), "file_format": "text",
+                "max_docs": 60},
+    "replay": {"source": "file", "path": _shared("sotu/sotu.jsonl"), "max_docs": 2},
+    "test_docs": 8,
+    "format": ARXIV_FIELDS,
+    "chunk_len": 192,
+    "train": {"batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3, "max_steps": 6, "logging_steps": 1,
+              "save_steps": 3, "warmup_ratio": 0.0},
+    "lora": {"r": 4, "alpha": 8, "learning_rate": 1e-2},
+    "eval": {"batch_size": 8, "max_general_tokens": 2048},
+    "precision": "fp32",
+    "device": "cpu",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO, "demo-sweep": DEMO_SWEEP, "smoke": SMOKE}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The overrides of preset `name` (KeyError if there is none); the demo's corpora come from the
+    Hub when the offline data directory is absent."""
+    data = PRESETS[name]
+    if name in ("demo", "demo-sweep") and not SHARED_DATA.is_dir():
+        data = {**data, **DEMO_FROM_HUB}
+    return data
