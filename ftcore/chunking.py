@@ -3,11 +3,20 @@
 Two layouts, both with `input_ids` and `labels` (-100 = not in the loss) so training and
 evaluation read the same tokens:
 - instruction: one row per prompt -> completion example; the completion mask is TRL's
-  (tokenize prompt and prompt+completion+EOS, the completion starts where they diverge;
-  `trl.data_utils.common_prefix_length`), truncated at chunk_len from the start.
+  (tokenize prompt and prompt+completion, the completion starts where they diverge;
+  `trl.data_utils.common_prefix_length`), then the EOS token, truncated at chunk_len from the
+  start. Trailing spaces of the prompt move to the start of the completion, so a BPE tokenizer
+  cannot merge the prompt's last space into the completion's first token (TRL warns of that
+  mismatch; here it does not happen). Rows cut at chunk_len, and the completion tokens they lose
+  (their EOS included), are counted per split.
 - lm: the documents joined by a separator into one token stream, cut into chunk_len rows;
   every token is in the loss. `token_bytes` keeps the UTF-8 bytes each token adds, so
   bits-per-byte can be computed for any window of the stream.
+
+Corpus text reaches the tokenizer as text: a special token's string inside a document (say
+"<|endoftext|>") is tokenized as the characters it is, never as the special token, and the EOS
+that ends an example is added by its id. (Chat templates are the exception: their markup is
+special tokens by design, so rendered conversations are tokenized with special tokens parsed.)
 """
 
 from __future__ import annotations
@@ -40,11 +49,22 @@ class FormatError(InputError):
 
 @dataclass(frozen=True)
 class ChunkStats:
+    """What tokenizing a split did: documents in, rows out, tokens, and what chunk_len cut.
+
+    skipped: examples with no completion token within chunk_len (dropped); truncated: rows cut at
+    chunk_len; truncated_tokens: tokens those rows lost (completion text and EOS); merged_boundary:
+    examples whose prompt tokens are not a prefix of prompt+completion's (the completion then starts
+    where they diverge, as in TRL).
+    """
+
     docs: int
     rows: int
     tokens: int
     loss_tokens: int
     skipped: int
+    truncated: int = 0
+    truncated_tokens: int = 0
+    merged_boundary: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return self.__dict__.copy()
@@ -72,7 +92,18 @@ def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], gener
 
 
 def prompt_completion(record: dict, fmt: FormatSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """One record as TRL's prompt/completion pair (text), for every supported input style."""
+    """One record as a prompt/completion pair (text), for every supported input style; trailing spaces
+    of the prompt are moved to the completion (see the module docstring)."""
+    return move_trailing_spaces(*_prompt_completion(record, fmt, tokenizer))
+
+
+def move_trailing_spaces(prompt: str, completion: str) -> tuple[str, str]:
+    """`("Abstract: ", "We ...")` -> `("Abstract:", " We ...")`: the same text, split where BPE cannot merge."""
+    kept = prompt.rstrip(" \t")
+    return kept, prompt[len(kept):] + completion
+
+
+def _prompt_completion(record: dict, fmt: FormatSpec, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     if fmt.style == "fields":
         return fmt.prompt_template.format(prompt=record[fmt.prompt_field]), str(record[fmt.completion_field])
     if fmt.style == "alpaca":
@@ -117,27 +148,37 @@ def token_bytes(text: str, offsets: list[tuple[int, int]], limit: int | None = N
 def tokenize_instruction(
     records: pd.DataFrame, fmt: FormatSpec, tokenizer: PreTrainedTokenizerBase, chunk_len: int
 ) -> tuple[pd.DataFrame, ChunkStats]:
-    """Prompt/completion rows with TRL's completion mask; labels are -100 outside the completion."""
+    """Prompt/completion rows with TRL's completion mask; labels are -100 outside the completion.
+
+    Returns the rows (doc, input_ids, labels, completion_mask, n_bytes: UTF-8 bytes of the
+    completion tokens scored) and the split's ChunkStats.
+    """
     pairs = [prompt_completion(rec, fmt, tokenizer) for rec in records.to_dict("records")]
-    eos = tokenizer.eos_token or ""
+    # Conversations are rendered by a chat template whose markup is special tokens; fields are plain text.
+    plain_text = fmt.style in ("fields", "alpaca")
+    eos = tokenizer.eos_token_id
     rows: dict[str, list] = {"doc": [], "input_ids": [], "labels": [], "completion_mask": [], "n_bytes": []}
-    skipped = 0
+    skipped = truncated = truncated_tokens = merged = 0
     for start in range(0, len(pairs), BATCH):
         batch = pairs[start : start + BATCH]
-        prompt_ids = tokenizer([p for p, _ in batch])["input_ids"]
-        texts = [p + c + eos for p, c in batch]
-        enc = tokenizer(texts, return_offsets_mapping=True)
-        for i, (p_ids, ids, offsets, (prompt, completion)) in enumerate(
-            zip(prompt_ids, enc["input_ids"], enc["offset_mapping"], batch)
-        ):
+        prompt_ids = tokenizer([p for p, _ in batch], split_special_tokens=plain_text)["input_ids"]
+        texts = [p + c for p, c in batch]
+        enc = tokenizer(texts, return_offsets_mapping=True, split_special_tokens=plain_text)
+        for i, (p_ids, ids, offsets) in enumerate(zip(prompt_ids, enc["input_ids"], enc["offset_mapping"])):
             plen = common_prefix_length(p_ids, ids)
+            merged += plen < len(p_ids)
+            if eos is not None and (not ids or ids[-1] != eos):
+                ids, offsets = [*ids, eos], [*offsets, (0, 0)]
+            if len(ids) > chunk_len:
+                truncated += 1
+                truncated_tokens += len(ids) - chunk_len
             ids = ids[:chunk_len]
             mask = [0] * min(plen, len(ids)) + [1] * max(len(ids) - plen, 0)
             # Position 0 is never predicted (the shift), so a row needs a completion token after it.
             if sum(mask[1:]) == 0:
                 skipped += 1
                 continue
-            nbytes = token_bytes(texts[i], offsets[: len(ids)], limit=len(prompt) + len(completion))
+            nbytes = token_bytes(texts[i], offsets[: len(ids)])
             rows["doc"].append(start + i)
             rows["input_ids"].append(ids)
             rows["completion_mask"].append(mask)
@@ -150,6 +191,9 @@ def tokenize_instruction(
         tokens=int(df["input_ids"].map(len).sum()) if len(df) else 0,
         loss_tokens=int(df["completion_mask"].map(lambda m: sum(m[1:])).sum()) if len(df) else 0,
         skipped=skipped,
+        truncated=truncated,
+        truncated_tokens=truncated_tokens,
+        merged_boundary=merged,
     )
     return df, stats
 
@@ -178,7 +222,7 @@ def tokenize_documents(
     skipped = 0
     for start in range(0, len(texts), BATCH):
         batch = [t + separator for t in texts[start : start + BATCH]]
-        enc = tokenizer(batch, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(batch, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
         for i, (text, doc_ids, offsets) in enumerate(zip(batch, enc["input_ids"], enc["offset_mapping"])):
             if len(doc_ids) < 2:
                 skipped += 1

@@ -2,6 +2,14 @@
 
 A corpus is a DataFrame of records restricted to the fields the study uses, plus a fingerprint: the
 sha256 of exactly those fields' values in order. The fingerprint, not the path, keys every cache.
+
+What the study reads is the text as stored, byte for byte, in every format and with any pandas:
+- a UTF-8 byte-order mark at the start of a file is not text (every format drops it);
+- a text file has one document per line, lines split at "\n" (a "\r" before it is dropped) and
+  nowhere else: form feeds, U+2028 and the like stay inside their line;
+- field values are never stripped or otherwise normalised; a record whose used fields are empty or
+  whitespace only is dropped; a used field that holds something other than text (a number, a list)
+  is refused, naming the field and the record.
 """
 
 from __future__ import annotations
@@ -47,6 +55,23 @@ def used_fields(spec: CorpusSpec, fmt: FormatSpec | None) -> tuple[str, ...]:
     return STYLE_FIELDS[fmt.style]
 
 
+def text_fields(spec: CorpusSpec, fmt: FormatSpec | None) -> tuple[str, ...]:
+    """The used fields that hold text (conversations hold lists of turns)."""
+    if fmt is not None and fmt.kind == "instruction" and fmt.style in ("sharegpt", "chatml"):
+        return ()
+    return used_fields(spec, fmt)
+
+
+def _check_text(records: pd.DataFrame, fields: tuple[str, ...], role: str, path: str) -> None:
+    for field in fields:
+        if field not in records.columns:
+            continue
+        for index, value in enumerate(records[field]):
+            if not isinstance(value, str) and not _is_empty(value):
+                raise CorpusError(f"{role}: field {field!r} of record {index} in {path} is a {type(value).__name__} "
+                                  f"({str(value)[:40]!r}), not text; convert it to a string or choose another field")
+
+
 def _file_format(spec: CorpusSpec, path: Path) -> str:
     if spec.file_format != "auto":
         return spec.file_format
@@ -58,15 +83,27 @@ def _file_format(spec: CorpusSpec, path: Path) -> str:
         ) from None
 
 
+def read_lines(path: Path) -> list[str]:
+    """The file's lines, split at "\n" only (one "\r" before it dropped), without a leading BOM.
+
+    str.splitlines would also split at form feeds, \x1c-\x1e, \x85 and U+2028/U+2029 — characters
+    that are part of a line's text here. Raises UnicodeDecodeError for a file that is not UTF-8.
+    """
+    text = path.read_bytes().decode("utf-8-sig")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line starts no new one
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _read_jsonl(path: Path, role: str) -> pd.DataFrame:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise CorpusError(f"{role}.path: {path} line {lineno} is not valid JSON ({exc.msg})") from None
+    for lineno, line in enumerate(read_lines(path), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{role}.path: {path} line {lineno} is not valid JSON ({exc.msg})") from None
     return pd.DataFrame(rows)
 
 
@@ -77,13 +114,12 @@ def _read_file(spec: CorpusSpec, role: str) -> pd.DataFrame:
     fmt = _file_format(spec, path)
     try:
         if fmt == "csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
         if fmt == "jsonl":
             return _read_jsonl(path, role)
         if fmt == "parquet":
             return pd.read_parquet(path)
-        lines = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines()]
-        return pd.DataFrame({"text": lines})
+        return pd.DataFrame({"text": read_lines(path)}, dtype=object)
     except UnicodeDecodeError as exc:
         raise CorpusError(
             f"{role}.path: {path} is not UTF-8 (bad byte at offset {exc.start}); re-encode it, e.g. iconv -t UTF-8"
@@ -114,15 +150,14 @@ def source_version(spec: CorpusSpec, role: str) -> str:
 
 
 def _is_empty(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and np.isnan(value):
-        return True
+    """None, NaN, pd.NA, a whitespace-only string or an empty list: no text."""
     if isinstance(value, str):
         return not value.strip()
     if isinstance(value, (list, tuple, np.ndarray)):
         return len(value) == 0
-    return False
+    if isinstance(value, dict):
+        return not value
+    return bool(pd.isna(value))
 
 
 def load_corpus(spec: CorpusSpec, role: str, fmt: FormatSpec | None = None) -> Corpus:
@@ -136,10 +171,9 @@ def load_corpus(spec: CorpusSpec, role: str, fmt: FormatSpec | None = None) -> C
             f"Set {role}.text_fields (or format.prompt_field/completion_field) to existing fields."
         )
     present = [f for f in fields if f in raw.columns]
-    records = raw[present].copy()
-    for f in present:
-        if records[f].dtype == object and all(isinstance(v, str) or v is None for v in records[f].head(100)):
-            records[f] = records[f].map(lambda v: v.strip() if isinstance(v, str) else v)
+    # Plain Python objects: the values as read, whatever dtype this pandas version would infer.
+    records = raw[present].astype(object).copy()
+    _check_text(records, text_fields(spec, fmt), role, spec.path)
     required = [f for f in present if f not in OPTIONAL_FIELDS]
     keep = ~records[required].apply(lambda row: any(_is_empty(v) for v in row), axis=1)
     records = records[keep].reset_index(drop=True)

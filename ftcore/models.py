@@ -33,19 +33,22 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device
 
 
 def load_trained(arm_dir: str | Path, base_dir: str | Path, device: str = "cpu") -> torch.nn.Module:
-    """A finished arm's model for evaluation: its full weights, or the base with its adapter merged in.
+    """A finished arm's model for evaluation, exactly as it was trained: its full weights, or the base
+    with its LoRA adapter applied unmerged (a PeftModel).
 
-    Raises FileNotFoundError when the arm did not finish training.
+    The adapter is never merged here: merging changes every weight tied to an adapted one (an
+    adapted input embedding also changes a tied output layer), so a merged model can differ from
+    the trained one. An arm saved with lora.merge also has model/, an extra output; its adapter is
+    what is evaluated. Raises FileNotFoundError when the arm did not finish training.
     """
     from peft import PeftModel
 
     arm_dir = Path(arm_dir)
     if not (arm_dir / TRAIN_SUMMARY).exists():
         raise FileNotFoundError(f"{arm_dir} has no {TRAIN_SUMMARY}: the arm did not finish training")
-    if (arm_dir / "model").is_dir():
-        return load_model(arm_dir / "model", device=device)
-    model = PeftModel.from_pretrained(load_model(base_dir), arm_dir / "adapter")
-    return model.merge_and_unload().to(device)
+    if (arm_dir / "adapter").is_dir():
+        return PeftModel.from_pretrained(load_model(base_dir), arm_dir / "adapter").eval().to(device)
+    return load_model(arm_dir / "model", device=device)
 
 
 def max_context(model_dir: str | Path) -> int | None:

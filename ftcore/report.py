@@ -36,6 +36,8 @@ EXPECTED = {
 NOISE_RULE = ("≈ marks a change within noise: its 95% bootstrap interval over documents contains 0, or it is "
               "smaller than twice the standard deviation over seeds (a rule of thumb, not a significance test)")
 TOP_DOCS = 5
+# A share of cut training examples above this is called out in the report (and logged when tokenizing).
+TRUNCATION_WARNING = 0.05
 
 
 @dataclass(frozen=True)
@@ -193,44 +195,72 @@ def runs_markdown(runs: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def _domain_verdict(d: float) -> str:
+    if d >= 0:
+        return "rose: no domain gain, against the expected fall of 20-40%"
+    if d > -20:
+        return "a smaller fall than the expected -20…-40%"
+    return "within the expected -20…-40%" if d >= -40 else "a larger fall than the expected -20…-40%"
+
+
 def expectation_checks(a: Analysis, methods: dict[str, str] | None = None) -> list[str]:
-    """Each seed expectation, stated against the measured numbers (true or not), with noise marks."""
+    """Each seed expectation, stated against the measured numbers (true or not), with noise marks.
+
+    Every verdict is derived from the numbers printed beside it: a change within noise is never
+    called a rise, a fall or a difference.
+    """
     t = a.arms.set_index("arm")
     methods = methods or {}
     arms = [x for x in t.index if x != "base"]
     lines = []
     for arm in arms:
         d = t.loc[arm, "domain_change_pct"]
-        verdict = "within" if -40 <= d <= -20 else ("a smaller fall than" if d > -20 else "a larger fall than")
-        noise = " — within noise" if t.loc[arm, "domain_within_noise"] else ""
-        lines.append(f"{arm}: domain perplexity {d:+.1f}% ({verdict} the expected -20…-40%){noise}")
+        if t.loc[arm, "domain_within_noise"]:
+            lines.append(f"{arm}: domain perplexity {d:+.1f}% — within noise: no measurable domain gain")
+        else:
+            lines.append(f"{arm}: domain perplexity {d:+.1f}% ({_domain_verdict(d)})")
     ref = a.comparisons["reference"].iloc[0] if len(a.comparisons) else (arms[0] if arms else None)
     if ref is None:
         return lines
     g = t.loc[ref, "general_change_pct"]
-    expected = methods.get(ref, "full") == "full" and not a.arms.set_index("arm").loc[ref, "general_within_noise"]
-    rose = ("rose, as expected" if expected else "rose") if g > 0 else "did not rise: no forgetting measured"
-    lines.append(f"{ref}: general perplexity {g:+.1f}% ({rose}){' — within noise' if t.loc[ref, 'general_within_noise'] else ''}")
+    if t.loc[ref, "general_within_noise"]:
+        lines.append(f"{ref}: general perplexity {g:+.1f}% — within noise: no measurable forgetting")
+    elif g > 0:
+        expected = ", as expected of full fine-tuning" if methods.get(ref, "full") == "full" else ""
+        lines.append(f"{ref}: general perplexity {g:+.1f}% (rose: forgetting{expected})")
+    else:
+        lines.append(f"{ref}: general perplexity {g:+.1f}% (fell: no forgetting measured)")
     cmp = a.comparisons.set_index(["arm", "set"]) if len(a.comparisons) else None
     for arm in arms:
         if arm == ref or cmp is None:
             continue
         c = cmp.loc[(arm, "general")]
         ga = t.loc[arm, "general_change_pct"]
-        holds = "yes" if ga < g else "no"
-        noise = "within noise" if c["within_noise"] else "outside noise"
-        lines.append(f"{arm}: general {ga:+.1f}% vs {ref} {g:+.1f}% (less forgetting than {ref}: {holds}; difference "
-                     f"{c['diff_pp']:+.1f} pp [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}], {noise})")
-    full_gain = t.loc[ref, "domain_change_pct"]
+        interval = f"difference {c['diff_pp']:+.1f} pp [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]"
+        if c["within_noise"] or round(c["diff_pp"], 1) == 0:  # the words never outrun the printed digits
+            verdict = f"no measurable difference from {ref}: {interval}, within noise"
+        elif ga < g:
+            verdict = f"lower than {ref}'s: {interval}, outside noise"
+        else:
+            verdict = f"higher than {ref}'s: {interval}, outside noise"
+        lines.append(f"{arm}: general {ga:+.1f}% vs {ref} {g:+.1f}% ({verdict})")
+    ref_gain = t.loc[ref, "domain_change_pct"]
     for arm in arms:
-        if methods.get(arm) == "lora" and methods.get(ref) != "lora" and full_gain < 0:
-            kept = t.loc[arm, "domain_change_pct"] / full_gain
-            lines.append(f"{arm}: keeps {100 * kept:.0f}% of {ref}'s domain gain ({'most' if kept >= 0.5 else 'less than half'})")
+        if methods.get(arm) != "lora" or methods.get(ref) == "lora" or ref_gain >= 0 or t.loc[ref, "domain_within_noise"]:
+            continue
+        d = t.loc[arm, "domain_change_pct"]
+        if d >= 0 or t.loc[arm, "domain_within_noise"]:
+            lines.append(f"{arm}: no measurable domain gain, where {ref} gained {-ref_gain:.1f}%")
+            continue
+        kept = d / ref_gain
+        how = "more than" if kept > 1 else ("most of" if kept >= 0.5 else "less than half of")
+        lines.append(f"{arm}: {100 * kept:.0f}% of {ref}'s domain gain ({how} it)")
     return lines
 
 
 def forgetting_summary(docs: pd.DataFrame, order: list[str], top: int = TOP_DOCS) -> list[str]:
-    """Where forgetting happens: per arm the share of documents that got worse, then the worst documents."""
+    """Where forgetting happens: per arm the share of documents that got worse, then the documents whose
+    perplexity rose most (only documents that did rise are listed)."""
     if docs.empty:
         return []
     per_arm = docs.groupby(["arm", "doc", "title"], sort=False).agg(
@@ -240,13 +270,18 @@ def forgetting_summary(docs: pd.DataFrame, order: list[str], top: int = TOP_DOCS
         d = per_arm[per_arm.arm == arm]
         if d.empty:
             continue
-        worse = (d["ppl_change_pct"] > 0).mean()
-        lines.append(f"- {arm}: {100 * worse:.0f}% of {len(d)} documents got worse; median {d['ppl_change_pct'].median():+.1f}%, "
-                     f"worst {d['ppl_change_pct'].max():+.1f}%, best {d['ppl_change_pct'].min():+.1f}%")
+        worse = int((d["ppl_change_pct"] > 0).sum())
+        lines.append(f"- {arm}: {worse} of {len(d)} documents got worse ({100 * worse / len(d):.0f}%); change per "
+                     f"document: median {d['ppl_change_pct'].median():+.1f}%, from {d['ppl_change_pct'].min():+.1f}% "
+                     f"to {d['ppl_change_pct'].max():+.1f}%")
     wide = per_arm.pivot_table(index=["doc", "title", "n_tokens"], columns="arm", values="ppl_change_pct")
     wide = wide[[a for a in order if a in wide.columns]]
-    worst = wide.assign(mean=wide.mean(axis=1)).sort_values("mean", ascending=False).head(top)
-    lines += ["", f"The {len(worst)} documents that got worse most (mean over arms):", "",
+    ranked = wide.assign(mean=wide.mean(axis=1)).sort_values("mean", ascending=False)
+    worst = ranked[ranked["mean"] > 0].head(top)
+    if worst.empty:
+        return lines + ["", "No document got worse on average over the arms."]
+    lines += ["", f"The {len(worst)} document{'s' if len(worst) > 1 else ''} whose perplexity rose most "
+              "(mean over arms; only documents that rose):", "",
               "| document | tokens | " + " | ".join(wide.columns) + " |",
               "| --- | ---: | " + " | ".join("---:" for _ in wide.columns) + " |"]
     for (doc, title, n), r in worst.iterrows():
@@ -254,8 +289,35 @@ def forgetting_summary(docs: pd.DataFrame, order: list[str], top: int = TOP_DOCS
     return lines
 
 
+def truncation_note(split: str, st: dict[str, int], chunk_len: int | None = None) -> str | None:
+    """A warning when a sizeable share of a split's examples was cut at chunk_len; None otherwise."""
+    docs = st.get("docs") or 0
+    cut = st.get("truncated", 0)
+    if not docs or cut / docs <= TRUNCATION_WARNING:
+        return None
+    limit = f" of {chunk_len} tokens" if chunk_len else ""
+    return (f"{cut} of {docs} {split} examples ({100 * cut / docs:.0f}%) were longer than chunk_len{limit} and were cut, "
+            f"losing {st.get('truncated_tokens', 0)} tokens (their end and EOS): the arms learn, and are scored on, "
+            "truncated completions; raise chunk_len to keep them whole")
+
+
+def data_lines(data: dict[str, Any], chunk_len: int | None = None) -> list[str]:
+    """What the study read: per domain split examples, rows, skipped, cut at chunk_len; per stream tokens."""
+    lines = ["| set | documents | rows | tokens | in the loss / scored | skipped | cut at chunk_len | tokens cut |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, st in data.items():
+        if not st:
+            continue
+        lines.append(f"| {name} | {st.get('docs', 0)} | {st.get('rows', 0)} | {st.get('tokens', 0)} | "
+                     f"{st.get('loss_tokens', 0)} | {st.get('skipped', 0)} | {st.get('truncated', 0)} | "
+                     f"{st.get('truncated_tokens', 0)} |")
+    notes = [note for name, st in data.items() if st and (note := truncation_note(name, st, chunk_len))]
+    return lines + ([""] + [f"- ⚠ {note}" for note in notes] if notes else [])
+
+
 def render_markdown(a: Analysis, title: str, details: dict[str, Any], plots: dict[str, Path],
-                    methods: dict[str, str] | None = None) -> str:
+                    methods: dict[str, str] | None = None, data: dict[str, Any] | None = None,
+                    chunk_len: int | None = None) -> str:
     lines = [f"# Fine-tuning cost study: {title}", "", markdown_table(a.arms), "",
              f"Δ is the % change in perplexity against the base model; ± the standard deviation over seeds; "
              f"[..] the 95% bootstrap interval over documents ({stats.RESAMPLES} resamples, paired across models). "
@@ -267,6 +329,10 @@ def render_markdown(a: Analysis, title: str, details: dict[str, Any], plots: dic
     forgetting = forgetting_summary(a.general_docs, [x for x in a.arms.arm if x != "base"])
     if forgetting:
         lines += ["", "## Where forgetting happens", ""] + forgetting
+    if data:
+        lines += ["", "## Data", "", "Domain splits are prompt → completion examples (skipped: no completion token "
+                  "within chunk_len); the general and replay sets are token streams cut into chunk_len rows.", ""]
+        lines += data_lines(data, chunk_len)
     if details:
         lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in details.items()]
     if plots:
@@ -343,7 +409,7 @@ def write_report(
     evals: list[dict[str, Any]], out_dir: str | Path, title: str,
     loss_logs: dict[str, Path] | None = None, details: dict[str, Any] | None = None,
     order: list[str] | None = None, methods: dict[str, str] | None = None, titles: pd.DataFrame | None = None,
-    reference: str | None = None,
+    reference: str | None = None, data: dict[str, Any] | None = None, chunk_len: int | None = None,
 ) -> dict[str, str]:
     """Write the tables, report.md and the plots into out_dir; return their paths."""
     out = Path(out_dir)
@@ -356,7 +422,7 @@ def write_report(
     write_parquet(a.runs, out / "runs.parquet")
     write_parquet(a.general_docs, out / "general_docs.parquet")
     write_text(markdown_table(a.arms) + "\n", out / "table.md")
-    write_text(render_markdown(a, title, details or {}, plots, methods), out / "report.md")
+    write_text(render_markdown(a, title, details or {}, plots, methods, data, chunk_len), out / "report.md")
     return {"table": str(out / "table.parquet"), "runs": str(out / "runs.parquet"),
             "general_docs": str(out / "general_docs.parquet"), "report": str(out / "report.md"),
             **{name: str(p) for name, p in plots.items()}}

@@ -132,11 +132,10 @@ def fetch_model(cfg: StudyConfig) -> dict[str, Any]:
 
     def compute() -> dict[str, Any]:
         revision = sources.hub_commit(spec.name, spec.revision, "model", "model.name") if spec.source == "hub" else None
-        if built:
+        if built:  # written into this step's directory; run_once adds the digest of its files
             with atomic_path(out / "model") as tmp:
                 sources.fetch_model(spec, tmp)
-            return ModelRef(source=spec.source, name=spec.name, path=relative(cfg, out / "model"), digest="").model_dump(
-                exclude={"digest"})
+            return {"source": spec.source, "name": spec.name, "revision": None, "path": relative(cfg, out / "model")}
         path = sources.fetch_model(spec, out, revision)
         return ModelRef(source=spec.source, name=spec.name, revision=revision, path=str(path.resolve()),
                         digest=hash_dir(path)).model_dump()
@@ -177,6 +176,12 @@ def tokenize_domain(cfg: StudyConfig, model: ModelRef, corpus: dict[str, Any]) -
             write_parquet(df, out / f"{name}.parquet")
             stats[name] = st.as_dict()
             log.info("tokenize-domain %s: %s", name, st.as_dict())
+            if note := report.truncation_note(f"domain {name}", stats[name], cfg.chunk_len):
+                log.warning(note)
+            if st.merged_boundary:
+                log.warning("tokenize-domain %s: in %d examples the prompt's tokens are not a prefix of prompt + "
+                            "completion's; their completion starts where the two diverge (as in TRL)", name,
+                            st.merged_boundary)
         write_json(stats, out / "stats.json")
         return {"train": relative(cfg, out / "train.parquet"), "test": relative(cfg, out / "test.parquet"),
                 "stats": stats}
@@ -288,18 +293,19 @@ def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str
 # --- the report ------------------------------------------------------------------------------------
 
 def report_dir(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
-               failed: dict[str, str]) -> Path:
+               failed: dict[str, str], data: dict[str, Any] | None = None) -> Path:
     reads = {"name": cfg.name, "arms": [a.model_dump(mode="json") for a in cfg.arms], "reference": cfg.reference,
              "evals": sorted([e["label"], e["set"], e["digest"]] for e in evals),
-             "trained": sorted(a["dir"] for a in arms), "failed": failed}
+             "trained": sorted(a["dir"] for a in arms), "failed": failed, "data": data, "chunk_len": cfg.chunk_len}
     return root_of(cfg) / "report" / step_key("report", reads, (write_results,))
 
 
 def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
-                  failed: dict[str, str]) -> dict[str, Any]:
+                  failed: dict[str, str], data: dict[str, Any] | None = None) -> dict[str, Any]:
     """The table, report and plots from every evaluation; `failed` maps an arm run (label) that did not
-    finish to its error, which the report lists instead of a row."""
-    out = report_dir(cfg, evals, arms, failed)
+    finish to its error, which the report lists instead of a row; `data` holds the tokenizing
+    statistics per set (what chunk_len cut)."""
+    out = report_dir(cfg, evals, arms, failed, data)
     files = ["table.parquet", "runs.parquet", "general_docs.parquet", "table.md", "report.md", "perplexity.png",
              "frontier.png"] + (["loss.png"] if arms else [])
 
@@ -315,7 +321,8 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
         done = [{**e, "docs": root / e["docs"]} for e in evals if e["arm"] not in broken]
         paths = report.write_report(done, out, cfg.name, logs, details, order=cfg.arm_names,
                                     methods={a.name: a.method for a in cfg.arms}, reference=cfg.reference,
-                                    titles=pd.read_parquet(root / titles) if titles else None)
+                                    titles=pd.read_parquet(root / titles) if titles else None, data=data,
+                                    chunk_len=cfg.chunk_len)
         return {name: relative(cfg, Path(path)) for name, path in paths.items()}
 
     return run_once(out, compute, outputs=files)

@@ -199,6 +199,9 @@ def prepare(cfg: StudyConfig, runner: Runner | None = None) -> Prepared:
     check_split(cfg, corpus["domain"])
     model = ModelRef.model_validate(runner.run(FETCH_MODEL, cfg))
     check_model_fits(cfg, model.locate(cfg.artifacts_dir))
+    for arm in cfg.arms:  # LoRA targets the study cannot train or evaluate faithfully, before any work
+        if arm.method == "lora":
+            training.check_lora(cfg.lora_of(arm), model.locate(cfg.artifacts_dir), arm.name)
     domain = runner.run(TOKENIZE_DOMAIN, cfg, model, corpus["domain"])
     general = runner.run(TOKENIZE_STREAM, cfg, "general", model, corpus["general"])
     replay = runner.run(TOKENIZE_STREAM, cfg, "replay", model, corpus["replay"]) if "replay" in corpus else None
@@ -238,7 +241,9 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
         arms.append(value)
         evals += [result(runner, f) for f in arm_evals[label]]
 
-    results = runner.run(REPORT, cfg, evals, arms, failed)
+    data = {f"domain {split}": st for split, st in p.domain["stats"].items()}
+    data |= {"general": p.general["stats"]} | ({"replay": p.replay["stats"]} if p.replay else {})
+    results = runner.run(REPORT, cfg, evals, arms, failed, data)
     mark_latest(cfg, results)
     if not failed:
         record_corpus_versions(cfg, p.versions)

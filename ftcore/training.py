@@ -133,6 +133,40 @@ def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precisio
     )
 
 
+def check_lora(lora: LoraSpec, model_dir: str | Path, arm: str) -> None:
+    """Refuse, before any work, LoRA settings this study cannot train or evaluate faithfully on the model.
+
+    The adapter is applied with peft to the model's skeleton on the meta device (no weights, well
+    under a second), so the same matching rules decide. Raises InputError naming lora.target_modules
+    when no module matches, when the output layer (lm_head) is targeted (TRL computes the loss from
+    lm_head.weight directly, so such an adapter would never train), and when lora.merge is set and an
+    adapted weight is tied to another (merging would change the tied layer too, so the merged model
+    would not be the trained one).
+    """
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    field = f"arm {arm}: lora.target_modules {lora.target_modules!r}"
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        adapted = get_peft_model(skeleton, peft_config(lora))
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+        raise InputError(f"{field}: {str(exc).splitlines()[0]}; name modules of this model (e.g. q_proj, c_attn) "
+                         "or use 'all-linear'") from None
+    if isinstance(adapted.get_output_embeddings(), BaseTunerLayer):
+        raise InputError(f"{field}: adapts the output layer (lm_head), which TRL's loss reads as lm_head.weight directly, "
+                         "so the adapter would never train; drop it from lora.target_modules")
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False)
+    if lora.merge and tied and isinstance(adapted.get_input_embeddings(), BaseTunerLayer):
+        raise InputError(f"{field}: adapts the input embedding, which this model ties to its output layer "
+                         "(tie_word_embeddings); merging the adapter would change the output layer too, so the merged "
+                         "model would not be the trained one. Set lora.merge=false (the arm is evaluated as its "
+                         "adapter) or drop the embedding from lora.target_modules")
+
+
 def peft_config(lora: LoraSpec) -> LoraConfig:
     """peft's LoraConfig for causal-LM adapters (Hu et al. 2021, "LoRA"), from the arm's LoRA settings."""
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
@@ -300,7 +334,27 @@ def _save_arm(trainer: SFTTrainer, tokenizer, out_dir: Path, merge: bool) -> Non
             model.save_pretrained(tmp)
         if not merge:
             return
-        model = model.merge_and_unload()
+        model = merged_as_trained(model)
     with atomic_path(out_dir / "model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def merged_as_trained(model: PeftModel, rtol: float = 1e-3) -> torch.nn.Module:
+    """The adapter merged into the base, checked to compute what the trained (unmerged) model computes.
+
+    Raises RuntimeError when the logits on a probe sequence differ by more than `rtol` of their
+    scale (e.g. a merge that also changed a tied weight): such a model must not be published as the arm.
+    """
+    probe = torch.arange(min(32, model.config.vocab_size), device=next(model.parameters()).device)[None]
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=probe).logits.float()
+        merged = model.merge_and_unload()
+        after = merged(input_ids=probe).logits.float()
+    diff = (after - before).abs().max().item()
+    scale = before.abs().max().item() or 1.0
+    if diff > rtol * scale:
+        raise RuntimeError(f"merging the adapter changed the model's logits by up to {diff:.3g} (of {scale:.3g}): the "
+                           "merged model is not the trained one; set lora.merge=false")
+    return merged

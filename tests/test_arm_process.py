@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,9 +45,10 @@ def test_a_real_arm_process_reports_a_library_warning_and_its_progress(study_con
 
 
 def test_a_failing_arm_process_raises_with_its_own_error(study_config):
-    prepared = study.prepare(study_config(arms=["lora"], lora={"target_modules": ["no_such_module"]}))
+    prepared = study.prepare(study_config(arms=["lora"]))
     plan = study.plan_arms(prepared)[0]
-    with pytest.raises(RuntimeError, match=r"^arm lora failed \(exit code 1\): \w+Error: .*no_such_module"):
+    (Path(prepared.cfg.artifacts_dir) / "train-lora").write_text("a file where the arm's directory goes")
+    with pytest.raises(RuntimeError, match=r"^arm lora failed \(exit code 1\): \w+Error: .*train-lora"):
         train_in_subprocess(plan, prepared.cfg.artifacts_dir, lambda level, msg: None)
 
 

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from trl import SFTConfig, SFTTrainer
 
-from ftcore.chunking import chunk_stream, prompt_completion, token_bytes, tokenize_instruction, tokenize_lm, tokenize_stream
+from ftcore.chunking import (chunk_stream, move_trailing_spaces, prompt_completion, token_bytes, tokenize_instruction,
+                             tokenize_lm, tokenize_stream)
 from ftcore.config import FormatSpec
 from ftcore.models import load_model, load_tokenizer
 
@@ -52,13 +53,14 @@ def test_completion_mask_prompt_is_ignored(tok):
     df, stats = tokenize_instruction(records, fmt, tok, chunk_len=128)
     assert stats.rows == 2 and stats.skipped == 0
     for row, rec in zip(df.itertuples(), records.itertuples()):
-        prompt_len = len(tok("Title: " + rec.t + "\nAbstract: ")["input_ids"])
+        # the template's trailing space belongs to the completion: the prompt ends at "Abstract:"
+        prompt_len = len(tok("Title: " + rec.t + "\nAbstract:")["input_ids"])
         ids, labels = list(row.input_ids), list(row.labels)
         assert labels[:prompt_len] == [-100] * prompt_len
         assert labels[prompt_len:] == ids[prompt_len:]
         assert ids[-1] == tok.eos_token_id
-        assert tok.decode(ids[prompt_len:-1]) == rec.c
-        assert row.n_bytes == len(rec.c.encode())
+        assert tok.decode(ids[prompt_len:-1]) == " " + rec.c
+        assert row.n_bytes == len((" " + rec.c).encode())
 
 
 def test_mask_matches_trl_own_preparation(tiny_model, tok, tmp_path):
@@ -78,10 +80,39 @@ def test_mask_matches_trl_own_preparation(tiny_model, tok, tmp_path):
 
 def test_truncation_and_prompt_filling_the_chunk(tok):
     fmt = FormatSpec(prompt_field="t", completion_field="c", prompt_template="{prompt}")
-    records = pd.DataFrame({"t": ["word " * 50, "short"], "c": ["the completion", "x " * 100]})
+    records = pd.DataFrame({"t": ["word " * 50, "short", "short"], "c": ["the completion", "x " * 100, "fits"]})
     df, stats = tokenize_instruction(records, fmt, tok, chunk_len=16)
-    assert stats.skipped == 1 and stats.rows == 1  # the first prompt alone fills the chunk
+    assert stats.skipped == 1 and stats.rows == 2  # the first prompt alone fills the chunk
     assert len(df.input_ids.iloc[0]) == 16
+    # truncation is counted: both long examples were cut, and what they lost (EOS included)
+    full = [len(tok(p + c)["input_ids"]) + 1 for p, c in (("word " * 50, "the completion"), ("short", "x " * 100))]
+    assert stats.truncated == 2 and stats.truncated_tokens == sum(n - 16 for n in full)
+    assert df.input_ids.iloc[0][-1] != tok.eos_token_id and df.input_ids.iloc[1][-1] == tok.eos_token_id
+
+
+def test_a_trailing_space_of_the_prompt_moves_to_the_completion(tok):
+    """BPE would merge the template's last space into the completion's first token; moving it keeps the
+    prompt's tokens a prefix of prompt + completion's, and the text unchanged."""
+    assert move_trailing_spaces("Abstract: ", "We study") == ("Abstract:", " We study")
+    assert move_trailing_spaces("### Response:\n", "3") == ("### Response:\n", "3")
+    fmt = FormatSpec(prompt_field="t", completion_field="c", prompt_template="Title: {prompt}\nAbstract: ")
+    records = pd.DataFrame({"t": ["Deep nets"], "c": ["is better than ugly."]})  # " is" is one token here
+    _, stats = tokenize_instruction(records, fmt, tok, chunk_len=64)
+    assert stats.merged_boundary == 0
+    p, c = "Title: Deep nets\nAbstract: ", "is better than ugly."  # what was tokenized before the move
+    assert tok(p)["input_ids"] != tok(p + c)["input_ids"][: len(tok(p)["input_ids"])]
+
+
+def test_corpus_text_that_spells_a_special_token_stays_text(tok):
+    """'<|endoftext|>' inside a document is characters, not the EOS token; the EOS that ends an example is one."""
+    fmt = FormatSpec(prompt_field="t", completion_field="c", prompt_template="Q: {prompt}\nA: ")
+    records = pd.DataFrame({"t": ["a <|endoftext|> b"], "c": ["the end <|endoftext|> here"]})
+    df, _ = tokenize_instruction(records, fmt, tok, chunk_len=128)
+    ids = list(df.input_ids[0])
+    assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[:-1]) == "Q: a <|endoftext|> b\nA: the end <|endoftext|> here"
+    stream, _, _ = tokenize_stream(["x <|endoftext|> y"], tok, "\n\n")
+    assert tok.eos_token_id not in stream.tolist() and tok.decode(stream.tolist()) == "x <|endoftext|> y\n\n"
 
 
 def test_alpaca_sharegpt_chatml(tok):

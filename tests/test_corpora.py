@@ -121,3 +121,62 @@ def test_doc_start_errors_name_the_field(corpus_files):
     spec = CorpusSpec(source="file", path=str(corpus_files["domain"]), doc_start="^x")
     with pytest.raises(CorpusError, match="domain.doc_start: applies to text corpora"):
         load_corpus(spec, "domain", FormatSpec(prompt_field="titles", completion_field="summaries"))
+
+
+# --- the text as stored, byte for byte ----------------------------------------------------------
+
+BOM = "\ufeff"
+
+
+def _write_all_formats(tmp_path, docs, bom):
+    prefix = BOM if bom else ""
+    files = {"txt": tmp_path / f"c{bom}.txt", "jsonl": tmp_path / f"c{bom}.jsonl", "csv": tmp_path / f"c{bom}.csv"}
+    files["txt"].write_text(prefix + "\n".join(docs) + "\n", encoding="utf-8")
+    files["jsonl"].write_text(prefix + "".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    files["csv"].write_text(prefix + pd.DataFrame({"text": docs}).to_csv(index=False), encoding="utf-8")
+    return files
+
+
+def test_a_byte_order_mark_is_not_text_in_any_format(tmp_path):
+    docs = ["First line of the corpus.", "Second line."]
+    plain, marked = _write_all_formats(tmp_path, docs, False), _write_all_formats(tmp_path, docs, True)
+    for fmt in plain:
+        a = load_corpus(CorpusSpec(source="file", path=str(plain[fmt])), "general")
+        b = load_corpus(CorpusSpec(source="file", path=str(marked[fmt])), "general")  # used to fail for jsonl
+        assert b.records["text"].tolist() == docs, fmt
+        assert b.fingerprint == a.fingerprint, fmt
+        assert document_titles(b, ("text",))[0] == "First line of the corpus."
+
+
+def test_a_text_file_splits_at_newlines_only(tmp_path):
+    lines = ["page one\x0cpage two", "group\x1crecord\x1dunit\x1eend\x85next", "para\u2028line\u2029graph  "]
+    path = tmp_path / "c.txt"
+    path.write_bytes(("\r\n".join(lines) + "\n").encode("utf-8"))  # CRLF line ends, too
+    corpus = load_corpus(CorpusSpec(source="file", path=str(path)), "general")
+    assert corpus.records["text"].tolist() == lines  # 3 lines, 3 documents, every character kept
+
+
+def test_whitespace_is_kept_the_same_under_either_pandas_string_behaviour(tmp_path):
+    """pandas 2 reads text columns as object, pandas 3 as its string dtype; the corpus must not care."""
+    docs = [" = Robert Boulter = ", " Robert Boulter is an English actor . ", "\tindented\t"]
+    csv = tmp_path / "c.csv"
+    pd.DataFrame({"text": docs}).to_csv(csv, index=False)
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    txt = tmp_path / "c.txt"
+    txt.write_text("\n".join(docs) + "\n")
+    seen = {}
+    for infer_string in (False, True):  # False: pandas 2's object columns
+        with pd.option_context("future.infer_string", infer_string):
+            for path in (csv, jsonl, txt):
+                corpus = load_corpus(CorpusSpec(source="file", path=str(path)), "general")
+                assert corpus.records["text"].tolist() == docs, (infer_string, path.suffix)
+                seen.setdefault(path.suffix, set()).add(corpus.fingerprint)
+    assert all(len(fps) == 1 for fps in seen.values())
+
+
+def test_a_field_that_is_not_text_is_refused(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": ["a", "list"]}) + "\n")
+    with pytest.raises(CorpusError, match=r"general: field 'text' of record 1 .* is a list .*not text"):
+        load_corpus(CorpusSpec(source="file", path=str(path)), "general")

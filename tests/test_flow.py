@@ -129,8 +129,10 @@ def test_arms_and_seeds_are_data_each_with_its_own_cache_key(study_config):
 
 
 def test_a_failing_arm_fails_alone(study_config):
-    # lora with a target module that does not exist fails inside its own process
-    cfg = study_config(lora={"target_modules": ["no_such_module"]})
+    # the lora arm cannot create its directory (a file is in the way): it fails inside its own process
+    cfg = study_config()
+    Path(cfg.artifacts_dir).mkdir(parents=True)
+    (Path(cfg.artifacts_dir) / "train-lora").write_text("a file where the arm's directory goes")
     state, states = _run(cfg)
     assert state.is_failed()
     assert states["train-lora"] == "Failed" and states["train-full"] == "Completed"
