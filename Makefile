@@ -9,9 +9,14 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 install: $(STAMP)
 
+# The CPU build of torch first (on this machine's disk, seconds); pyproject's torch range then keeps it
+# instead of pulling a multi-GB CUDA build. On a GPU machine install the CUDA build first instead.
+TORCH ?= torch==2.13.0
+
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH)'
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -24,7 +29,7 @@ smoke: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ftstudy run --preset demo
 
-# Six arms x two seeds on the demo's data: under an hour on 2 CPU cores (README, "The sweep").
+# Six arms x two seeds on the demo's data: under an hour on 2 CPU cores (docs/results.md).
 demo-sweep: $(STAMP)
 	$(VENV)/bin/ftstudy run --preset demo-sweep
 

@@ -29,15 +29,26 @@ ARM_ENV = {**ENV, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 CHECK_CRON = "0 * * * *"
 
 
-def default_config(preset: str = "demo") -> dict[str, Any]:
-    """The run form's defaults: the preset, with its arms sent to the GPU work pool (JSON)."""
-    from ftcore.config import load_config
+def default_artifacts() -> Path:
+    """Where deployed studies write by default: $FTSTUDY_ARTIFACTS_DIR, else ./artifacts of the deploying shell."""
+    import os
 
-    return load_config(preset, executor="work-pool").model_dump(mode="json")
+    return Path(os.environ.get("FTSTUDY_ARTIFACTS_DIR") or "artifacts").expanduser().resolve()
+
+
+def default_config(preset: str = "demo", artifacts: str | Path | None = None) -> dict[str, Any]:
+    """The run form's defaults: the preset, with its arms sent to the GPU work pool, every path absolute
+    (the corpora under FTSTUDY_DATA, the artifacts root), so a worker in any directory reads and
+    writes the same places (JSON)."""
+    from ftcore.config import load_config
+    from ftcore.study import resolve_paths
+
+    cfg = load_config(preset, executor="work-pool", artifacts_dir=str(artifacts or default_artifacts()))
+    return resolve_paths(cfg).model_dump(mode="json")
 
 
 def deploy(preset: str = "demo", study_pool: str = STUDY_POOL, arm_pool: str = ARM_POOL,
-           check_cron: str | None = CHECK_CRON) -> list[str]:
+           check_cron: str | None = CHECK_CRON, artifacts: str | Path | None = None) -> list[str]:
     """Register the three deployments with the Prefect server at PREFECT_API_URL; return their names."""
     from prefect import flow
     from prefect.events import DeploymentEventTrigger
@@ -45,7 +56,7 @@ def deploy(preset: str = "demo", study_pool: str = STUDY_POOL, arm_pool: str = A
 
     from flows.corpus_check import EVENT, resource_id_prefix
 
-    params = {"config": default_config(preset)}
+    params = {"config": default_config(preset, artifacts)}
     study = flow.from_source(str(ROOT), "flows/study.py:study_flow")
     study.deploy(
         name="study", work_pool_name=study_pool, build=False, push=False, print_next_steps=False,

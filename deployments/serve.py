@@ -35,6 +35,9 @@ class Service:
     port: int
     home: Path
     preset: str = "demo"
+    database_url: str | None = None  # the server's database; None = SQLite under PREFECT_HOME
+    # The study form's default artifacts root: resolved where `serve` was started, not where the code is.
+    artifacts: Path = field(default_factory=lambda: Path(os.environ.get("FTSTUDY_ARTIFACTS_DIR") or "artifacts").resolve())
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -59,6 +62,8 @@ class Service:
             "TOKENIZERS_PARALLELISM": "false",
         })
         env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "5")
+        if self.database_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
         return env
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
@@ -164,21 +169,32 @@ def bring_up(service: Service, say=print) -> None:
     if not port_free(service.host, service.port):
         raise ServeError(f"port {service.port} on {service.host} is in use; choose another with --port")
     service.home.mkdir(parents=True, exist_ok=True)
-    say(f"starting prefect server on {service.ui_url} (PREFECT_HOME={service.home}) ...")
+    database = _redact(service.database_url) if service.database_url else f"SQLite in {service.home}"
+    say(f"starting prefect server on {service.ui_url} (PREFECT_HOME={service.home}, database: {database}) ...")
     service.start("server", "server", "start", "--host", service.host, "--port", str(service.port))
     wait_healthy(service)
     for pool in POOLS:
         service.call(f"pool-{pool}", _prefect(), "--no-prompt", "work-pool", "create", pool, "--type", "process",
                      "--overwrite")
     say(f"deploying (preset {service.preset}) ...")
-    service.call("deploy", sys.executable, "-m", "flows.cli", "deploy", "--preset", service.preset)
+    service.call("deploy", sys.executable, "-m", "flows.cli", "deploy", "--preset", service.preset,
+                 "--artifacts", str(service.artifacts))
     for pool in POOLS:
         service.start(f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process",
                       "--name", f"{pool}-{os.uname().nodename}", "--install-policy", "never")
 
 
-def main(host: str = "127.0.0.1", port: int = 4200, home: str | None = None, preset: str = "demo") -> int:
-    service = Service(host, port, Path(home or os.environ.get("PREFECT_HOME") or ROOT / ".prefect").resolve(), preset)
+def _redact(url: str) -> str:
+    """A database URL without its password, for logs."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def main(host: str = "127.0.0.1", port: int = 4200, home: str | None = None, preset: str = "demo",
+         database_url: str | None = None) -> int:
+    service = Service(host, port, Path(home or os.environ.get("PREFECT_HOME") or ROOT / ".prefect").resolve(), preset,
+                      database_url)
     # Both stop the service, also when started from a script that ignores SIGINT in background jobs.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
@@ -190,6 +206,7 @@ ftstudy serve: ready
   API:         {service.api_url}   (export PREFECT_API_URL={service.api_url} to use the prefect CLI)
   deployments: ftstudy/study, ftstudy-train-arm/train-arm, ftstudy-corpus-check/corpus-check
   work pools:  ftstudy (study, corpus check), ftstudy-gpu (arms); one process worker each on this machine
+  artifacts:   {service.artifacts}   (the study form's default artifacts_dir)
   logs:        {service.logs}
 Ctrl-C stops the server, the workers and their runs.""", flush=True)
         while True:

@@ -21,12 +21,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftstudy", description="What does fine-tuning cost you? "
                                      "Domain gain vs general forgetting for full FT, FT+replay and LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the study flow and print the table")
-    run.add_argument("--preset", default="smoke", help="smoke (seconds, tiny model), demo (offline SmolLM2, CPU), "
+    run = sub.add_parser("run", help="run the study flow and print the table",
+                         description="The config is built in this order, each source overriding the one before, "
+                         "field by field: the defaults, --preset, --config, each --set, --artifacts. Without "
+                         "--preset and --config the smoke preset runs.")
+    run.add_argument("--preset", help="smoke (seconds, tiny model), demo (offline SmolLM2, CPU), demo-sweep, "
                      "seed (the reference recipe: gpt2-medium, Hub data, GPU)")
+    run.add_argument("--config", metavar="FILE", help="a YAML or JSON config file (write one with `ftstudy init`)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                      help="override a config field, dotted, value as JSON when it parses (repeatable)")
-    run.add_argument("--artifacts", help="artifacts root (default: the preset's, ./artifacts)")
+    run.add_argument("--artifacts", help="artifacts root (default: the config's artifacts_dir, ./artifacts)")
+    init = sub.add_parser("init", help="print a config file with every field, its value and its description")
+    init.add_argument("--preset", help="start from this preset's values (default: the defaults, with example corpora)")
+    init.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
     show = sub.add_parser("show", help="print the latest results found under an artifacts root")
     show.add_argument("artifacts", nargs="?", default="artifacts", help="artifacts root (default ./artifacts)")
     sub.add_parser("config", help="print the config schema (JSON)")
@@ -35,11 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=4200, help="port of the API and UI (default 4200)")
     serve.add_argument("--home", help="PREFECT_HOME of the server: its database and logs (default $PREFECT_HOME or ./.prefect)")
     serve.add_argument("--preset", default="demo", help="preset whose config fills the study's run form (default demo)")
+    serve.add_argument("--database-url", default=os.environ.get("FTSTUDY_DATABASE_URL"),
+                       help="the server's database, e.g. postgresql+asyncpg://user:pass@host:5432/prefect for a team "
+                       "server with many workers (default $FTSTUDY_DATABASE_URL, else SQLite under --home)")
     deploy = sub.add_parser("deploy", help="register the study, train-arm and corpus-check deployments with the "
                             "Prefect server at PREFECT_API_URL")
     deploy.add_argument("--preset", default="demo", help="preset whose config fills the study's run form (default demo)")
     deploy.add_argument("--pool", default="ftstudy", help="work pool of the study and the corpus check (default ftstudy)")
     deploy.add_argument("--gpu-pool", default="ftstudy-gpu", help="work pool of the arms (default ftstudy-gpu)")
+    deploy.add_argument("--artifacts", help="the form's default artifacts root (default $FTSTUDY_ARTIFACTS_DIR, else "
+                        "./artifacts of this shell, made absolute)")
     return parser
 
 
@@ -63,10 +75,12 @@ def _load(args: argparse.Namespace):
     from ftcore.config import ConfigError, describe_error, load_config
 
     fields = {"artifacts_dir": args.artifacts} if args.artifacts else {}
+    preset = args.preset or (None if args.config else "smoke")
     try:
-        return load_config(args.preset, args.overrides, **fields)
+        return load_config(preset, args.overrides, config_file=args.config, **fields)
     except ValidationError as exc:
-        raise SystemExit(_fail("invalid config:\n" + describe_error(exc)))
+        where = f" ({args.config})" if args.config else ""
+        raise SystemExit(_fail(f"invalid config{where}:\n" + describe_error(exc)))
     except ConfigError as exc:
         raise SystemExit(_fail(str(exc)))
 
@@ -86,7 +100,7 @@ def print_results(root: Path, results: dict) -> None:
     for name in ("perplexity", "frontier", "loss"):
         if name in files:
             print(f"plot:   {files[name]}")
-    for name in ("runs", "general_docs"):
+    for name in ("runs", "general_docs", "config"):
         if name in files:
             print(f"{name + ':':<7} {files[name]}")
     print(f"models: see the 'model' lines of {files['report']} (relative to {root})")
@@ -130,6 +144,24 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from ftcore.config import ConfigError, config_yaml, load_config
+
+    try:
+        cfg = load_config(args.preset) if args.preset else None
+    except ConfigError as exc:
+        return _fail(str(exc))
+    origin = f"the {args.preset} preset" if args.preset else "the defaults; replace the example corpora"
+    text = config_yaml(cfg, header=f"ftstudy study config: {origin}.\nRun it with `ftstudy run --config FILE`; "
+                       "--set FIELD=VALUE overrides a field.")
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from ftcore.config import StudyConfig
 
@@ -140,7 +172,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from deployments.serve import main as serve
 
-    return serve(args.host, args.port, args.home, args.preset)
+    return serve(args.host, args.port, args.home, args.preset, args.database_url)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -149,10 +181,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from deployments.deploy import deploy
 
     try:
-        names = deploy(args.preset, args.pool, args.gpu_pool)
+        names = deploy(args.preset, args.pool, args.gpu_pool, artifacts=args.artifacts)
     except ConfigError as exc:
         return _fail(str(exc))
+    from deployments.deploy import default_config
+
+    config = default_config(args.preset, args.artifacts)
     print("deployed: " + ", ".join(names))
+    print(f"the study form's defaults: preset {args.preset}; artifacts under {config['artifacts_dir']}; "
+          f"domain corpus {config['domain']['path']}")
     return EXIT_OK
 
 
@@ -160,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the embedded server is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args = _parser().parse_args(argv)
-    commands = {"run": cmd_run, "show": cmd_show, "config": cmd_config, "serve": cmd_serve, "deploy": cmd_deploy}
+    commands = {"run": cmd_run, "show": cmd_show, "config": cmd_config, "init": cmd_init, "serve": cmd_serve,
+                "deploy": cmd_deploy}
     return commands[args.command](args)
 
 

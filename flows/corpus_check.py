@@ -4,7 +4,8 @@ It computes the cheap identity of every configured corpus source (a file's sha25
 dataset's commit) and compares it with what the last successful study of the same sources
 measured (recorded under the artifacts root). When one differs it emits `ftstudy.corpus.changed`,
 which the `study` deployment's trigger turns into a run with the same config; in that run only
-the tasks that depend on the changed corpus recompute. Unchanged sources: no event, no run.
+the tasks that depend on the changed corpus recompute. Unchanged sources, or no successful study
+of them recorded yet (a fresh server): no event, no run.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def corpus_check_flow(config: StudyConfig) -> dict[str, Any]:
     log = get_run_logger()
     config = study.resolve_paths(config)  # as the study resolves them, so both read the same record
     versions = study.corpus_versions(config)
+    if not study.has_recorded_versions(config):
+        # Nothing to re-run: a fresh server must not start a long study that nobody asked for.
+        log.info("no successful study of these corpora is recorded under %s yet: nothing to re-run (start the "
+                 "first one from the ftstudy/study deployment)", config.artifacts_dir)
+        return {"changed": {}, "versions": versions, "recorded": False}
     changed = study.changed_corpora(config, versions)
     if not changed:
         log.info("corpora unchanged since the last successful study: %s", ", ".join(versions))

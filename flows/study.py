@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
 from ftcore import study
-from ftcore.config import InputError, StudyConfig
+from ftcore.config import ConfigError, InputError, StudyConfig, describe_error
 from tasks.steps import PrefectRunner
 
 # ftcore reports progress (tokens scored, steps trained, ETA) at INFO; Prefect forwards the
@@ -26,12 +26,26 @@ from tasks.steps import PrefectRunner
 logging.getLogger("ftcore").setLevel(logging.INFO)
 
 
-@flow(name="ftstudy", flow_run_name="study-{config.name}", log_prints=True)
+def run_name() -> str:
+    """study-<name>-<UTC time>-<run id prefix>: two runs of the same config are told apart in the UI."""
+    from datetime import datetime, timezone
+
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config")
+    name = config.name if isinstance(config, StudyConfig) else (config or {}).get("name", "study")
+    return f"study-{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{str(flow_run.id)[:4]}"
+
+
+# Prefect's own parameter validation would fail a bad form with its tracebacks before the flow runs;
+# the flow validates the config itself, first, and fails with the message alone. The form is still
+# rendered from the StudyConfig annotation, and the server still refuses a wrong type.
+@flow(name="ftstudy", flow_run_name=run_name, log_prints=True, validate_parameters=False)
 def study_flow(config: StudyConfig) -> dict[str, Any]:
     """Measure what fine-tuning costs: domain gain vs general forgetting for each arm."""
     log = get_run_logger()
     try:
-        cfg = study.check_inputs(config)
+        cfg = study.check_inputs(validated(config))
         check_executor(cfg)
         results = study.run_study(cfg, PrefectRunner(cfg))
     except InputError as exc:
@@ -42,6 +56,18 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
         raise RuntimeError(f"arm(s) failed: {', '.join(results['failed'])}; finished arms and the report are kept: "
                            f"{Path(cfg.artifacts_dir) / results['report']}")
     return results
+
+
+def validated(config: StudyConfig | dict[str, Any]) -> StudyConfig:
+    """The config as a StudyConfig; ConfigError with one line per invalid field (as `ftstudy run` prints them)."""
+    from pydantic import ValidationError
+
+    if isinstance(config, StudyConfig):
+        return config
+    try:
+        return StudyConfig.model_validate(config)
+    except ValidationError as exc:
+        raise ConfigError("invalid config:\n" + describe_error(exc)) from None
 
 
 def check_executor(cfg: StudyConfig) -> None:
@@ -62,16 +88,20 @@ def check_executor(cfg: StudyConfig) -> None:
 
 
 def publish(root: Path, results: dict[str, Any]) -> None:
-    """The table and the report as artifacts of the run, for the Prefect UI."""
+    """The table and the report as artifacts of the run, for the Prefect UI: the table as the report shows
+    it (the raw numbers stay in table.parquet), the report with its plots embedded (the UI cannot
+    fetch files from the artifacts root)."""
     import pandas as pd
 
-    table = pd.read_parquet(root / results["table"]).round(4)
-    table = table.astype(object).where(table.notna(), None)  # JSON has no NaN (std of a single seed)
-    create_table_artifact(table.to_dict("records"), key="ftstudy-table",
-                          description="Per arm: perplexity (domain / general), % change against base with std over "
-                                      "seeds and 95% bootstrap interval over documents, within-noise marks, Pareto front")
-    text = (root / results["report"]).read_text()
-    files = "\n".join(f"- {name}: `{path}`" for name, path in study.report_files(root, results).items())
+    from ftcore import report
+
+    files = study.report_files(root, results)
+    rows = report.table_rows(pd.read_parquet(files["table"]))
+    create_table_artifact(rows, key="ftstudy-table",
+                          description="Per arm: perplexity (domain / general), % change against base ± std over seeds "
+                                      "[95% bootstrap interval over documents], ≈ within noise, ● on the Pareto front")
+    text = report.embed_images(files["report"].read_text(), files["report"].parent)
+    listing = "\n".join(f"- {name}: `{path}`" for name, path in files.items())
     failures = "\n".join(f"- **{arm} failed**: {why}" for arm, why in results["failed"].items())
-    create_markdown_artifact(text + "\n## Files\n\n" + files + ("\n\n## Failed arms\n\n" + failures if failures else ""),
+    create_markdown_artifact(text + "\n## Files\n\n" + listing + ("\n\n## Failed arms\n\n" + failures if failures else ""),
                              key="ftstudy-report", description="Fine-tuning cost study report")

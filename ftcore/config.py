@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
@@ -52,12 +53,12 @@ class CorpusSpec(_Frozen):
     """A text corpus: a Hub dataset or a local file, and the fields that hold the text."""
 
     source: Literal["hub", "file"] = Field(..., description="hub: datasets.load_dataset; file: a local file.")
-    path: str = Field(..., description="Hub dataset id, or the path of a csv/jsonl/parquet/txt file.")
+    path: str = Field(..., description="Hub dataset id, or a local csv/jsonl/parquet/txt file (optionally .gz/.bz2/.xz/.zst), a directory of such files or a glob (e.g. data/*.jsonl.gz).")
     subset: str | None = Field(None, description="Hub dataset configuration name (e.g. wikitext-2-raw-v1).")
     split: str = Field("train", description="Hub split to read.")
     revision: str | None = Field(None, description="Hub dataset revision to pin.")
     file_format: Literal["auto", "csv", "jsonl", "parquet", "text"] = Field(
-        "auto", description="Local file format; auto picks it from the extension. text: one document per non-empty line."
+        "auto", description="Local file format; auto picks it from the extension (under a compression suffix). text: one document per line, split at \\n only; empty lines are dropped."
     )
     text_fields: tuple[str, ...] = Field(
         ("text",), min_length=1, description="Fields joined (blank line between) into a document's text for language modelling."
@@ -232,6 +233,11 @@ class StudyConfig(_Frozen):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Training precision: bf16 = bf16 autocast with fp32 weights; auto = bf16 on GPUs that support it."
     )
+    report_to: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = Field(
+        ("tensorboard",), description="Trackers: tensorboard (the trainer's loss, under each arm's checkpoints/runs), "
+        "wandb (the trainer's loss; WANDB_MODE=offline works without a server), mlflow (the study as a parent run "
+        "with the table, report and plots, each arm and seed a child run with its settings and loss; "
+        "MLFLOW_TRACKING_URI, default a local ./mlflow.db).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train and evaluate.")
     artifacts_dir: str = Field("artifacts", description="Root of every artifact, cache and report.")
     executor: Literal["subprocess", "work-pool"] = Field(
@@ -327,16 +333,48 @@ def parse_override(item: str) -> dict[str, Any]:
     return nested
 
 
-def load_config(preset: str = "smoke", overrides: list[str] | tuple[str, ...] = (), **fields: Any) -> StudyConfig:
-    """Build a StudyConfig from a preset, `field=value` overrides and keyword fields (in that order).
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file (YAML, or JSON, which is YAML) as a dict of fields; ConfigError naming the file and line."""
+    import yaml
 
-    Raises ConfigError for an unknown preset or a malformed override, and pydantic.ValidationError,
-    naming the field, for an invalid value.
-    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist; write one with `ftstudy init > {file.name}`")
     try:
-        data = presets.preset(preset)
-    except KeyError:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(presets.PRESETS)}") from None
+        data = yaml.safe_load(file.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {file} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {file} is not valid YAML or JSON{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {file}: the top level must be a mapping of config fields (name: ..., "
+                          f"domain: ...), not a {type(data).__name__}")
+    return data
+
+
+def load_config(preset: str | None = "smoke", overrides: list[str] | tuple[str, ...] = (),
+                config_file: str | Path | None = None, **fields: Any) -> StudyConfig:
+    """Build a StudyConfig; later sources override earlier ones, field by field (nested fields merge):
+
+    the defaults < the preset (if any) < the config file (if any) < `field=value` overrides < `fields`.
+
+    Raises ConfigError for an unknown preset, an unreadable config file or a malformed override, and
+    pydantic.ValidationError, naming the field, for an invalid value.
+    """
+    data: dict[str, Any] = {}
+    if preset is not None:
+        try:
+            data = presets.preset(preset)
+        except presets.MissingDataError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+        except KeyError:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(presets.PRESETS)}") from None
+    if config_file is not None:
+        data = deep_merge(data, read_config_file(config_file))
     for item in overrides:
         data = deep_merge(data, parse_override(item))
     data = deep_merge(data, fields)
@@ -376,3 +414,63 @@ def config_reference() -> str:
     walk(StudyConfig, "")
     walk(ArmSpec, "arms[].")
     return "\n".join(rows)
+
+
+# --- a commented config file (`ftstudy init`) ------------------------------------------------------
+
+# What `ftstudy init` writes for the corpora when no preset gives them: values to replace.
+EXAMPLE_CORPORA = {
+    "domain": {"source": "file", "path": "my-domain-corpus.csv", "text_fields": ["title", "abstract"]},
+    "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test"},
+    "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "max_docs": 20000},
+}
+
+
+def config_yaml(cfg: StudyConfig | None = None, header: str = "") -> str:
+    """Every field of the config as a YAML file, each under its description as a comment.
+
+    Values are `cfg`'s (a preset, say) or, without one, the defaults with example corpora to replace.
+    The file validates back to the same config (`load_config(None, config_file=...)`).
+    """
+    import yaml
+
+    cfg = cfg or StudyConfig.model_validate(EXAMPLE_CORPORA)
+    values = cfg.model_dump(mode="json")
+    values["arms"] = [{"name": a.name} | a.model_dump(mode="json", exclude_defaults=True) for a in cfg.arms]
+
+    def scalar(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, allow_unicode=True, width=10_000).strip().removesuffix("...").strip()
+
+    def walk(model: type[BaseModel], data: dict[str, Any], indent: str) -> list[str]:
+        lines = []
+        for name, field in model.model_fields.items():
+            for line in _wrap(field.description or ""):
+                lines.append(f"{indent}# {line}")
+            sub = _submodel(field.annotation)
+            value = data.get(name)
+            if sub is not None and isinstance(value, dict):
+                lines.append(f"{indent}{name}:")
+                lines += walk(sub, value, indent + "  ")
+            elif name == "arms":
+                lines.append(f"{indent}{name}:")
+                lines += [f"{indent}  - {scalar(arm)}" for arm in value]
+            else:
+                lines.append(f"{indent}{name}: {scalar(value)}")
+        return lines
+
+    head = [f"# {line}" for line in header.splitlines()] if header else []
+    return "\n".join(head + walk(StudyConfig, values, "")) + "\n"
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (also inside `X | None`), if any."""
+    import typing
+
+    candidates = [annotation, *typing.get_args(annotation)]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _wrap(text: str, width: int = 98) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or []

@@ -3,6 +3,9 @@
 A corpus is a DataFrame of records restricted to the fields the study uses, plus a fingerprint: the
 sha256 of exactly those fields' values in order. The fingerprint, not the path, keys every cache.
 
+A file corpus is one file, every file of a directory, or the files a glob matches (sorted by name,
+read in that order), each csv, jsonl, parquet or text, optionally compressed (.gz, .bz2, .xz, .zst).
+
 What the study reads is the text as stored, byte for byte, in every format and with any pandas:
 - a UTF-8 byte-order mark at the start of a file is not text (every format drops it);
 - a text file has one document per line, lines split at "\n" (a "\r" before it is dropped) and
@@ -25,6 +28,7 @@ from ftcore.config import CorpusSpec, FormatSpec, InputError
 from ftcore.io import hash_file, hash_texts
 
 FILE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".raw": "text"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 STYLE_FIELDS = {
     "alpaca": ("instruction", "input", "output"),
     "sharegpt": ("conversations",),
@@ -75,21 +79,71 @@ def _check_text(records: pd.DataFrame, fields: tuple[str, ...], role: str, path:
 def _file_format(spec: CorpusSpec, path: Path) -> str:
     if spec.file_format != "auto":
         return spec.file_format
+    name = path.name[: -len(path.suffix)] if path.suffix.lower() in COMPRESSIONS else path.name
     try:
-        return FILE_FORMATS[path.suffix.lower()]
+        return FILE_FORMATS[Path(name).suffix.lower()]
     except KeyError:
         raise CorpusError(
             f"cannot tell the format of {path} from its extension; set file_format to one of csv, jsonl, parquet, text"
         ) from None
 
 
+def corpus_files(spec: CorpusSpec, role: str) -> list[Path]:
+    """The files a file corpus reads, in order: the file, a directory's files, or a glob's matches (sorted).
+
+    Raises CorpusError naming `<role>.path` when nothing is there.
+    """
+    import glob
+
+    path = Path(spec.path).expanduser()
+    if any(c in spec.path for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
+        if not files:
+            raise CorpusError(f"{role}.path: the pattern {spec.path} matches no file")
+        return files
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise CorpusError(f"{role}.path: directory {path} holds no file")
+        return files
+    if not path.is_file():
+        raise CorpusError(f"{role}.path: file {path} does not exist; point {role}.path at a csv/jsonl/parquet/txt file "
+                          "(optionally compressed), a directory of them or a glob")
+    return [path]
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's content, decompressed by its suffix (.gz, .bz2, .xz, .zst)."""
+    data = path.read_bytes()
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.decompress(data)
+    if suffix == ".bz2":
+        import bz2
+
+        return bz2.decompress(data)
+    if suffix == ".xz":
+        import lzma
+
+        return lzma.decompress(data)
+    if suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise CorpusError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return data
+
+
 def read_lines(path: Path) -> list[str]:
-    """The file's lines, split at "\n" only (one "\r" before it dropped), without a leading BOM.
+    r"""The file's lines, split at "\n" only (one "\r" before it dropped), without a leading BOM.
 
     str.splitlines would also split at form feeds, \x1c-\x1e, \x85 and U+2028/U+2029 — characters
     that are part of a line's text here. Raises UnicodeDecodeError for a file that is not UTF-8.
     """
-    text = path.read_bytes().decode("utf-8-sig")
+    text = read_bytes(path).decode("utf-8-sig")
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line starts no new one
@@ -108,23 +162,28 @@ def _read_jsonl(path: Path, role: str) -> pd.DataFrame:
 
 
 def _read_file(spec: CorpusSpec, role: str) -> pd.DataFrame:
-    path = Path(spec.path).expanduser()
-    if not path.is_file():
-        raise CorpusError(f"{role}.path: file {path} does not exist; point {role}.path at a csv/jsonl/parquet/txt file")
+    """Every file of the corpus, read by its format and concatenated in order."""
+    frames = [_read_one(spec, role, path) for path in corpus_files(spec, role)]
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+
+
+def _read_one(spec: CorpusSpec, role: str, path: Path) -> pd.DataFrame:
+    import io
+
     fmt = _file_format(spec, path)
     try:
         if fmt == "csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            return pd.read_csv(io.BytesIO(read_bytes(path)), dtype=str, keep_default_na=False, encoding="utf-8-sig")
         if fmt == "jsonl":
             return _read_jsonl(path, role)
         if fmt == "parquet":
-            return pd.read_parquet(path)
+            return pd.read_parquet(io.BytesIO(read_bytes(path)))
         return pd.DataFrame({"text": read_lines(path)}, dtype=object)
     except UnicodeDecodeError as exc:
         raise CorpusError(
             f"{role}.path: {path} is not UTF-8 (bad byte at offset {exc.start}); re-encode it, e.g. iconv -t UTF-8"
         ) from None
-    except (pd.errors.ParserError, OSError, ValueError) as exc:
+    except (pd.errors.ParserError, OSError, ValueError, EOFError) as exc:
         if isinstance(exc, CorpusError):
             raise
         raise CorpusError(f"{role}.path: cannot read {path} as {fmt}: {exc}") from None
@@ -138,12 +197,12 @@ def _read_hub(spec: CorpusSpec) -> pd.DataFrame:
 
 
 def source_version(spec: CorpusSpec, role: str) -> str:
-    """Cheap identity of the source's current content: the file's bytes, or the Hub dataset's commit."""
+    """Cheap identity of the source's current content: its files' names and bytes, or the Hub dataset's commit."""
     if spec.source == "file":
-        path = Path(spec.path).expanduser()
-        if not path.is_file():
-            raise CorpusError(f"{role}.path: file {path} does not exist; point {role}.path at a csv/jsonl/parquet/txt file")
-        return hash_file(path)
+        files = corpus_files(spec, role)
+        if len(files) == 1:
+            return hash_file(files[0])
+        return hash_texts(f"{f.name}:{hash_file(f)}" for f in files)
     from ftcore.sources import hub_commit  # offline mode resolves the commit from the local cache
 
     return hub_commit(spec.path, spec.revision, "dataset", field=f"{role}.path")

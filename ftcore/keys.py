@@ -33,7 +33,7 @@ CODE: dict[str, tuple[str, ...]] = {
     "tokenize": ("corpora", "chunking", "models"),
     "train": ("plan", "training", "models"),
     "evaluate": ("perplexity", "models"),
-    "report": ("report", "stats"),
+    "report": ("report", "stats", "cards"),
 }
 # Libraries whose version can change a step's result.
 LIBRARIES: dict[str, tuple[str, ...]] = {
@@ -42,7 +42,7 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
     "tokenize": ("transformers", "tokenizers", "trl", "pyarrow"),
     "train": ("torch", "transformers", "trl", "peft", "accelerate", "datasets"),
     "evaluate": ("torch", "transformers", "peft"),
-    "report": ("numpy", "pandas", "matplotlib"),
+    "report": ("numpy", "pandas", "matplotlib", "huggingface_hub"),
 }
 
 

@@ -65,6 +65,7 @@ class ArmPlan(_Frozen):
     precision: Literal["auto", "fp32", "bf16"]
     device: Literal["auto", "cpu", "cuda"]
     model: ModelRef
+    trackers: tuple[str, ...] = ("tensorboard",)  # where the trainer logs its loss (not part of the key)
     train_rows: str  # tokenized domain training rows, relative to the artifacts root
     replay_rows: str | None  # tokenized replay chunks, when replay_ratio > 0
     key: str
@@ -106,6 +107,7 @@ def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain:
         replay_ratio=arm.replay_ratio, lora=lora, train=train,
         learning_rate=lora.learning_rate if lora else train.learning_rate,
         chunk_len=cfg.chunk_len, precision=cfg.precision, device=cfg.device, model=model,
+        trackers=tuple(t for t in cfg.report_to if t != "mlflow"),  # MLflow gets the whole study (ftcore.tracking)
         train_rows=domain["train"], replay_rows=replay["path"] if replaying else None,
         key=key, dir=f"train-{arm.name}/{key}",
     )

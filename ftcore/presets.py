@@ -13,12 +13,20 @@ from typing import Any
 
 # WikiText marks an article by a top-level heading line " = Title = " (sections are " = = Sub = = ").
 WIKITEXT_ARTICLE = r"^\s*= [^=].* =\s*$"
-# The offline corpora live beside the checkout (../shared/data); FTSTUDY_DATA points elsewhere.
-SHARED_DATA = Path(os.environ.get("FTSTUDY_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+# Where the smoke and demo presets read their offline corpora: $FTSTUDY_DATA, else ../shared/data
+# beside a source checkout. Read when a preset is loaded, so setting FTSTUDY_DATA later takes effect.
+CHECKOUT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DATA_FILES = ("arxiv-cs/arxiv_cs_abstracts_1k.csv", "wikitext-2-raw/wiki.test.raw", "sotu/sotu.jsonl")
+SHARED = "{data}"  # stands for the data directory in the presets below
+
+
+def data_dir() -> Path:
+    """The offline corpora's directory: FTSTUDY_DATA, else ../shared/data beside the source checkout."""
+    return Path(os.environ.get("FTSTUDY_DATA") or CHECKOUT_DATA).expanduser()
 
 
 def _shared(rel: str) -> str:
-    return str(SHARED_DATA / rel)
+    return f"{SHARED}/{rel}"
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -111,10 +119,29 @@ SMOKE: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO, "demo-sweep": DEMO_SWEEP, "smoke": SMOKE}
 
 
+class MissingDataError(KeyError):
+    """A preset reads the offline corpora and their directory is not there."""
+
+
 def preset(name: str) -> dict[str, Any]:
-    """The overrides of preset `name` (KeyError if there is none); the demo's corpora come from the
-    Hub when the offline data directory is absent."""
+    """The overrides of preset `name`, its data paths under data_dir(). Raises KeyError if there is no such
+    preset, MissingDataError when the smoke preset's offline corpora are missing; the demo's corpora
+    then come from the Hub instead."""
     data = PRESETS[name]
-    if name in ("demo", "demo-sweep") and not SHARED_DATA.is_dir():
+    root = data_dir()
+    present = all((root / f).is_file() for f in DATA_FILES)
+    if name in ("demo", "demo-sweep") and not present:
         data = {**data, **DEMO_FROM_HUB}
-    return data
+    elif name == "smoke" and not present:
+        raise MissingDataError(f"the smoke preset reads the offline corpora {', '.join(DATA_FILES)} from {root}, which "
+                               "does not hold them; set FTSTUDY_DATA to the directory that does (in a source checkout "
+                               "it is ../shared/data)")
+    return _with_data_dir(data, str(root))
+
+
+def _with_data_dir(value: Any, root: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _with_data_dir(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_data_dir(v, root) for v in value]
+    return value.replace(SHARED, root) if isinstance(value, str) and value.startswith(SHARED) else value

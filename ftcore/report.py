@@ -171,11 +171,13 @@ def _pct(row: pd.Series, s: str) -> str:
     return ("≈ " if row[f"{s}_within_noise"] else "") + text
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    """Arms as rows: perplexity and change against base per set, with seeds, spread and intervals."""
-    out = ["| arm | seeds | domain ppl | Δ domain ± std [95% CI] | general ppl | Δ general ± std [95% CI] | "
-           "domain bits/byte | general bits/byte | front |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+TABLE_COLUMNS = ("arm", "seeds", "domain ppl", "Δ domain ± std [95% CI]", "general ppl", "Δ general ± std [95% CI]",
+                 "domain bits/byte", "general bits/byte", "front")
+
+
+def table_rows(table: pd.DataFrame) -> list[dict[str, str]]:
+    """The table as readable rows (the cells of table.md), one dict per arm, keyed by TABLE_COLUMNS."""
+    rows = []
     for _, r in table.iterrows():
         base = r["arm"] == "base"
         cells = [r["arm"], "—" if base else str(int(r["seeds"]))]
@@ -183,8 +185,31 @@ def markdown_table(table: pd.DataFrame) -> str:
             cells.append(f"{r[f'{s}_ppl']:.2f}")
             cells.append(f"[{r[f'{s}_ppl_ci_low']:.2f}, {r[f'{s}_ppl_ci_high']:.2f}]" if base else _pct(r, s))
         cells += [f"{r['domain_bpb']:.3f}", f"{r['general_bpb']:.3f}", "" if base else ("●" if r.get("pareto") else "")]
-        out.append("| " + " | ".join(cells) + " |")
+        rows.append(dict(zip(TABLE_COLUMNS, cells)))
+    return rows
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """Arms as rows: perplexity and change against base per set, with seeds, spread and intervals."""
+    out = ["| " + " | ".join(TABLE_COLUMNS) + " |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    out += ["| " + " | ".join(row.values()) + " |" for row in table_rows(table)]
     return "\n".join(out)
+
+
+def embed_images(markdown: str, directory: Path) -> str:
+    """The markdown with each `![alt](file.png)` of `directory` inlined as a data URI (for viewers that
+    cannot read the file, such as the Prefect UI)."""
+    import base64
+    import re
+
+    def inline(match: re.Match) -> str:
+        path = Path(directory) / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)/:]+\.png)\)", inline, markdown)
 
 
 def runs_markdown(runs: pd.DataFrame) -> str:

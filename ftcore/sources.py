@@ -127,7 +127,7 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
     try:
         path = snapshot_download(repo_id, revision=revision, local_files_only=hub_offline(),
-                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"])
+                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "README.md"])
     except Exception as exc:
         if type(exc).__name__ in ("LocalEntryNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError",
                                   "GatedRepoError"):

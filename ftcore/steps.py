@@ -24,16 +24,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ftcore import chunking, corpora, models, perplexity, report, sources, training
-from ftcore.config import InputError, StudyConfig
+from ftcore import cards, chunking, corpora, models, perplexity, report, sources, training
+from ftcore.config import InputError, StudyConfig, config_yaml
 from ftcore.io import (atomic_path, entries_digest, file_entries, hash_dir, step_lock, verify_manifest, write_json,
-                       write_manifest, write_parquet)
+                       write_manifest, write_parquet, write_text)
 from ftcore.keys import step_key
 from ftcore.plan import ArmPlan, ModelRef
 
 log = logging.getLogger("ftcore.steps")
 RESULT = "result.json"
 TIMING = "timing.json"
+# Config fields that say where a study runs and stores things, not what it measures.
+WHERE = ("artifacts_dir", "executor", "train_deployment")
 
 
 class StudyError(InputError):
@@ -293,21 +295,29 @@ def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str
 # --- the report ------------------------------------------------------------------------------------
 
 def report_dir(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
-               failed: dict[str, str], data: dict[str, Any] | None = None) -> Path:
-    reads = {"name": cfg.name, "arms": [a.model_dump(mode="json") for a in cfg.arms], "reference": cfg.reference,
+               failed: dict[str, str], data: dict[str, Any] | None = None, model: ModelRef | None = None) -> Path:
+    # The report states the whole effective config (config.yaml), so it depends on all of it but
+    # the places things run and are stored, which change no number.
+    reads = {"config": cfg.model_dump(mode="json", exclude=set(WHERE)), "reference": cfg.reference,
              "evals": sorted([e["label"], e["set"], e["digest"]] for e in evals),
-             "trained": sorted(a["dir"] for a in arms), "failed": failed, "data": data, "chunk_len": cfg.chunk_len}
+             "trained": sorted(a["dir"] for a in arms), "failed": failed, "data": data,
+             "model": model.digest if model else None}
     return root_of(cfg) / "report" / step_key("report", reads, (write_results,))
 
 
 def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
-                  failed: dict[str, str], data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The table, report and plots from every evaluation; `failed` maps an arm run (label) that did not
-    finish to its error, which the report lists instead of a row; `data` holds the tokenizing
-    statistics per set (what chunk_len cut)."""
-    out = report_dir(cfg, evals, arms, failed, data)
+                  failed: dict[str, str], data: dict[str, Any] | None = None,
+                  model: ModelRef | None = None) -> dict[str, Any]:
+    """The table, report, plots and a model card per trained arm, from every evaluation.
+
+    `failed` maps an arm run (label) that did not finish to its error, which the report lists
+    instead of a row; `data` holds the tokenizing statistics per set (what chunk_len cut); `model`
+    is the base model (its license goes into the cards). Each card is also written next to its
+    arm's weights (model/ or adapter/README.md).
+    """
+    out = report_dir(cfg, evals, arms, failed, data, model)
     files = ["table.parquet", "runs.parquet", "general_docs.parquet", "table.md", "report.md", "perplexity.png",
-             "frontier.png"] + (["loss.png"] if arms else [])
+             "frontier.png", "config.yaml"] + (["loss.png", "cards"] if arms else [])
 
     def compute() -> dict[str, Any]:
         root = root_of(cfg)
@@ -323,9 +333,30 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
                                     methods={a.name: a.method for a in cfg.arms}, reference=cfg.reference,
                                     titles=pd.read_parquet(root / titles) if titles else None, data=data,
                                     chunk_len=cfg.chunk_len)
-        return {name: relative(cfg, Path(path)) for name, path in paths.items()}
+        header = ("The effective config of this study (ftstudy run --config config.yaml reruns it); artifacts_dir,\n"
+                  "executor and train_deployment, which change no number, are left at their defaults.")
+        where = StudyConfig.model_fields
+        write_text(config_yaml(cfg.model_copy(update={k: where[k].default for k in WHERE}), header), out / "config.yaml")
+        write_cards(cfg, arms, out, model)
+        return {**{name: relative(cfg, Path(path)) for name, path in paths.items()},
+                "config": relative(cfg, out / "config.yaml")}
 
     return run_once(out, compute, outputs=files)
+
+
+def write_cards(cfg: StudyConfig, arms: list[dict[str, Any]], out: Path, model: ModelRef | None) -> None:
+    """A model card per finished arm: in the report (cards/<label>.md) and as README.md beside its weights."""
+    table, runs = pd.read_parquet(out / "table.parquet"), pd.read_parquet(out / "runs.parquet")
+    root = root_of(cfg)
+    base_dir = model.locate(root) if model else None
+    license_ = cards.base_license(cfg.model.source, base_dir)
+    for arm in arms:
+        if arm["arm"] not in set(table.arm):
+            continue  # an arm with a failed seed is not in the table
+        text = cards.model_card(cfg, arm, table, runs, license_)
+        write_text(text, out / "cards" / f"{arm['label']}.md")
+        weights = root / arm["dir"] / ("adapter" if arm["method"] == "lora" else "model")
+        write_text(text, weights / "README.md")
 
 
 FINGERPRINT = Step("fingerprint", fingerprint_dir, fingerprint_corpus)

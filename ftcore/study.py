@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from ftcore import corpora, models, training
+from ftcore import corpora, models, tracking, training
 from ftcore.config import InputError, StudyConfig
 from ftcore.io import write_json
 from ftcore.plan import ArmPlan, ModelRef, plan_arm
@@ -243,8 +243,9 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
 
     data = {f"domain {split}": st for split, st in p.domain["stats"].items()}
     data |= {"general": p.general["stats"]} | ({"replay": p.replay["stats"]} if p.replay else {})
-    results = runner.run(REPORT, cfg, evals, arms, failed, data)
+    results = runner.run(REPORT, cfg, evals, arms, failed, data, p.model)
     mark_latest(cfg, results)
+    tracking.publish(cfg, Path(root), results, arms, evals)
     if not failed:
         record_corpus_versions(cfg, p.versions)
     return {**results, "failed": failed}
@@ -277,6 +278,11 @@ def _corpus_state_path(cfg: StudyConfig) -> Path:
     specs = {role: getattr(cfg, role).model_dump(mode="json") for role in corpus_roles(cfg)}
     digest = hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.artifacts_dir).expanduser() / "corpus-state" / f"{cfg.name}-{digest}.json"
+
+
+def has_recorded_versions(cfg: StudyConfig) -> bool:
+    """Whether a successful study of these corpus sources is recorded under the artifacts root."""
+    return _corpus_state_path(cfg).is_file()
 
 
 def record_corpus_versions(cfg: StudyConfig, versions: dict[str, str]) -> Path:

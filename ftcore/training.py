@@ -96,7 +96,7 @@ def replay_share(mix: pd.DataFrame) -> float:
 # --- trainer setup -----------------------------------------------------------------------------
 
 def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precision: str, device: str,
-               out_dir: Path) -> SFTConfig:
+               out_dir: Path, report_to: tuple[str, ...] = ("tensorboard",)) -> SFTConfig:
     """TRL's SFTConfig with the recipe's values set explicitly (SFTConfig's defaults — bf16, activation
     checkpointing, lr 2e-5 — differ from TrainingArguments'); checkpoints under out_dir/checkpoints."""
     device = resolve_device(device)
@@ -124,7 +124,7 @@ def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precisio
         seed=train.seed,
         data_seed=train.seed,
         use_cpu=device == "cpu",
-        report_to=["tensorboard"],
+        report_to=list(report_to) or "none",
         disable_tqdm=True,
         completion_only_loss=True,
         max_length=max_length,
@@ -290,7 +290,8 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     mix = build_training_mix(pd.read_parquet(root / plan.train_rows), replay, plan.replay_ratio, plan.seed)
     dataset = datasets.Dataset.from_pandas(mix[["input_ids", "completion_mask"]], preserve_index=False)
 
-    args = sft_config(plan.train, plan.learning_rate, plan.chunk_len, plan.precision, plan.device, out_dir)
+    args = sft_config(plan.train, plan.learning_rate, plan.chunk_len, plan.precision, plan.device, out_dir,
+                      plan.trackers)
     checkpoint = newest_complete_checkpoint(args.output_dir)
     if checkpoint:
         log.info("train-%s: resuming from %s", plan.label, checkpoint)
@@ -332,6 +333,9 @@ def _save_arm(trainer: SFTTrainer, tokenizer, out_dir: Path, merge: bool) -> Non
     if isinstance(model, PeftModel):
         with atomic_path(out_dir / "adapter") as tmp:
             model.save_pretrained(tmp)
+            # peft writes a template card; the study writes the arm's own (with its numbers) at report time,
+            # outside this step's manifest.
+            (tmp / "README.md").unlink(missing_ok=True)
         if not merge:
             return
         model = merged_as_trained(model)

@@ -163,9 +163,11 @@ def _has_cuda() -> bool:
 
 @task(name="write-results", task_run_name="write-results", **UNCACHED)
 def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
-                  failed: dict[str, str], data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The arms x (domain, general) table (parquet, markdown), the report and the plots."""
-    return cached(steps.REPORT, cfg, evals, arms, failed, data) or steps.write_results(cfg, evals, arms, failed, data)
+                  failed: dict[str, str], data: dict[str, Any] | None = None,
+                  model: ModelRef | None = None) -> dict[str, Any]:
+    """The arms x (domain, general) table (parquet, markdown), the report, the plots and the model cards."""
+    args = (cfg, evals, arms, failed, data, model)
+    return cached(steps.REPORT, *args) or steps.write_results(*args)
 
 
 # --- the runner ----------------------------------------------------------------------------------

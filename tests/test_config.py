@@ -144,21 +144,76 @@ def test_readme_config_reference_is_generated():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    from readme import ROOT, section
+    from readme import CONFIG_DOC, section
 
     from ftcore.config import config_reference
 
-    assert section((ROOT / "README.md").read_text(), "config").strip() == config_reference().strip(), (
-        "README's config reference is stale: run `python tools/readme.py`")
+    assert section(CONFIG_DOC.read_text(), "config").strip() == config_reference().strip(), (
+        "docs/configuration.md's config reference is stale: run `python tools/readme.py`")
 
 
 def test_demo_reads_shared_data_when_present_else_the_hub(monkeypatch, tmp_path):
-    import ftcore.presets as presets
+    import shutil
 
-    monkeypatch.setattr(presets, "SHARED_DATA", tmp_path / "shared-data")
-    (tmp_path / "shared-data").mkdir()
-    assert load_config("demo").domain.source == "file"
-    monkeypatch.setattr(presets, "SHARED_DATA", tmp_path / "absent")
+    from ftcore import presets
+
+    for name in presets.DATA_FILES:
+        (tmp_path / "shared-data" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(presets.data_dir() / name, tmp_path / "shared-data" / name)
+    monkeypatch.setenv("FTSTUDY_DATA", str(tmp_path / "shared-data"))
+    cfg = load_config("demo")
+    assert cfg.domain.source == "file" and cfg.domain.path.startswith(str(tmp_path / "shared-data"))
+    monkeypatch.setenv("FTSTUDY_DATA", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match=r"the smoke preset reads the offline corpora .* set FTSTUDY_DATA"):
+        load_config("smoke")
     cfg = load_config("demo")
     assert (cfg.domain.source, cfg.domain.path, cfg.format.completion_field) == ("hub", "CShorten/ML-ArXiv-Papers", "abstract")
     assert cfg.general.subset == "wikitext-2-raw-v1" and cfg.replay.subset == "wikitext-103-raw-v1"
+
+
+# --- config files ---------------------------------------------------------------------------------
+
+def test_init_writes_every_field_and_reads_back_to_the_same_config(tmp_path):
+    from ftcore.config import EXAMPLE_CORPORA, config_yaml
+
+    for name in [None, *PRESETS]:
+        cfg = load_config(name) if name else StudyConfig.model_validate(EXAMPLE_CORPORA)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(config_yaml(cfg if name else None))
+        assert load_config(None, config_file=path) == cfg, name
+    text = config_yaml(load_config("demo"))
+    for field in ("train.learning_rate", "lora.target_modules", "eval.max_general_tokens", "report_to"):
+        leaf = field.split(".")[-1]
+        assert f"{leaf}:" in text, field
+    assert "# Peak learning rate of the full fine-tune arms." in text  # each field under its description
+
+
+def test_a_config_file_in_yaml_or_json_under_preset_and_set(tmp_path):
+    import json
+
+    yaml_file = tmp_path / "study.yaml"
+    yaml_file.write_text("name: mine\ntrain:\n  max_steps: 5\nlora: {r: 2}\n")
+    json_file = tmp_path / "study.json"
+    json_file.write_text(json.dumps({"name": "mine", "train": {"max_steps": 5}, "lora": {"r": 2}}))
+    for path in (yaml_file, json_file):
+        # the order: defaults < preset < file < --set; nested fields merge
+        cfg = load_config("smoke", ["train.max_steps=7"], config_file=path)
+        assert (cfg.name, cfg.train.max_steps, cfg.lora.r) == ("mine", 7, 2)
+        assert cfg.train.learning_rate == load_config("smoke").train.learning_rate  # the preset's, kept
+        assert cfg.lora.alpha == load_config("smoke").lora.alpha
+
+
+def test_bad_config_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file .*nope.yaml does not exist"):
+        load_config(None, config_file=tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML or JSON at line 3"):
+        load_config(None, config_file=bad)
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        load_config(None, config_file=bad)
+    bad.write_text("name: x\ntrain: {learning_rate: -1}\n")
+    with pytest.raises(ValidationError) as info:
+        load_config("smoke", config_file=bad)
+    assert "train.learning_rate" in describe_error(info.value)

@@ -180,3 +180,40 @@ def test_a_field_that_is_not_text_is_refused(tmp_path):
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": ["a", "list"]}) + "\n")
     with pytest.raises(CorpusError, match=r"general: field 'text' of record 1 .* is a list .*not text"):
         load_corpus(CorpusSpec(source="file", path=str(path)), "general")
+
+
+# --- corpora as users keep them: compressed, directories, globs ---------------------------------------
+
+def test_compressed_files_directories_and_globs(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    docs = ["first document", "second document", "third"]
+    jsonl = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    files = {"c.jsonl.gz": gzip.compress(jsonl), "c.txt.bz2": bz2.compress(("\n".join(docs) + "\n").encode()),
+             "c.csv.xz": lzma.compress(pd.DataFrame({"text": docs}).to_csv(index=False).encode()),
+             "c.jsonl.zst": zstandard.ZstdCompressor().compress(jsonl)}
+    plain = load_corpus(CorpusSpec(source="file", path=str(_write(tmp_path / "c.jsonl", jsonl))), "general")
+    for name, data in files.items():
+        corpus = load_corpus(CorpusSpec(source="file", path=str(_write(tmp_path / name, data))), "general")
+        assert corpus.records["text"].tolist() == docs and corpus.fingerprint == plain.fingerprint, name
+    shards = tmp_path / "shards"
+    _write(shards / "part-0.jsonl.gz", gzip.compress(jsonl[: jsonl.index(b"\n") + 1]))
+    _write(shards / "part-1.jsonl", jsonl[jsonl.index(b"\n") + 1:])
+    for path in (shards, shards / "part-*"):  # a directory, or a glob: its files in name order
+        corpus = load_corpus(CorpusSpec(source="file", path=str(path)), "general")
+        assert corpus.records["text"].tolist() == docs and corpus.fingerprint == plain.fingerprint
+    with pytest.raises(CorpusError, match="general.path: the pattern .*nothing-\\*.jsonl matches no file"):
+        load_corpus(CorpusSpec(source="file", path=str(tmp_path / "nothing-*.jsonl")), "general")
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(CorpusError, match="general.path: cannot read .*broken.jsonl.gz"):
+        load_corpus(CorpusSpec(source="file", path=str(tmp_path / "broken.jsonl.gz")), "general")
+
+
+def _write(path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path

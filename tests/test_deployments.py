@@ -14,18 +14,24 @@ from tasks.devices import visible_gpu
 
 
 @pytest.fixture(scope="module")
-def deployed():
+def deployed(tmp_path_factory):
+    artifacts = tmp_path_factory.mktemp("deployed") / "artifacts"
     with prefect_test_harness(server_startup_timeout=120):
         with get_client(sync_client=True) as client:
             for pool in (STUDY_POOL, ARM_POOL):
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            names = deploy("smoke")
-            yield {name: client.read_deployment_by_name(name) for name in names}
+            names = deploy("smoke", artifacts=artifacts)
+            yield {"artifacts": artifacts, **{name: client.read_deployment_by_name(name) for name in names}}
 
 
 def test_the_form_is_filled_from_the_preset_not_a_copy_of_it(deployed):
+    from ftcore.study import resolve_paths
+
     study = deployed["ftstudy/study"]
-    assert StudyConfig.model_validate(study.parameters["config"]) == load_config("smoke", executor="work-pool")
+    form = StudyConfig.model_validate(study.parameters["config"])
+    # every path absolute: a worker in any directory reads the same corpora and writes the same root
+    assert form == resolve_paths(load_config("smoke", executor="work-pool", artifacts_dir=str(deployed["artifacts"])))
+    assert form.artifacts_dir == str(deployed["artifacts"]) and form.domain.path.startswith("/")
     assert study.parameter_openapi_schema["properties"]["config"]["$ref"].endswith("StudyConfig")
     assert deployed["ftstudy-corpus-check/corpus-check"].parameters == study.parameters
     with pytest.raises(ConfigError, match="unknown preset"):

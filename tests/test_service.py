@@ -34,17 +34,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PG = "postgres@127.0.0.1:5432"  # the project's machines run PostgreSQL here (trust auth)
+
+
+def _postgres(sql: str, database: str = "postgres"):
+    """Run one statement on the local PostgreSQL; None when none answers."""
+    import asyncio
+
+    import asyncpg
+
+    async def go():
+        conn = await asyncpg.connect(f"postgresql://{PG}/{database}", timeout=5)
+        try:
+            return await conn.fetch(sql)
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(go())
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        return None
+
+
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def database():
+    """A fresh PostgreSQL database for the team server (a shared server's recommended backend); None = SQLite."""
+    name = f"ftstudy_test_{os.getpid()}"
+    if _postgres(f"CREATE DATABASE {name}") is None:
+        yield None
+        return
+    yield name
+    _postgres(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, database):
     root = tmp_path_factory.mktemp("service")
     port = _free_port()
     home = root / "prefect-home"
     out = root / "serve.out"
     env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    db = ["--database-url", f"postgresql+asyncpg://{PG}/{database}"] if database else []
     with open(out, "wb") as f:
-        proc = subprocess.Popen([FTSTUDY, "serve", "--port", str(port), "--home", str(home)], stdout=f,
+        proc = subprocess.Popen([FTSTUDY, "serve", "--port", str(port), "--home", str(home), *db], stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    svc = {"proc": proc, "home": home, "root": root, "api": f"http://127.0.0.1:{port}/api", "out": out}
+    svc = {"proc": proc, "home": home, "root": root, "api": f"http://127.0.0.1:{port}/api", "out": out,
+           "database": database}
     try:
         deadline = time.monotonic() + 300
         while "ftstudy serve: ready" not in out.read_text():
@@ -220,7 +255,17 @@ def test_arms_and_seeds_fan_out_on_the_work_pool(client, config):
     artifacts = [a for a in client.read_artifacts() if a.key == "ftstudy-table" and a.flow_run_id == run.id]
     (artifact,) = artifacts
     rows = artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
-    assert [r["arm"] for r in rows] == ["base", "full", "lora-r2"] and [r["seeds"] for r in rows] == [0, 2, 2]
+    assert [r["arm"] for r in rows] == ["base", "full", "lora-r2"] and [r["seeds"] for r in rows] == ["—", "2", "2"]
+
+
+def test_the_team_server_keeps_its_runs_in_postgresql(service, client):
+    """Every study above ran through a server whose database is PostgreSQL (when one answers here)."""
+    if service["database"] is None:
+        pytest.skip(f"no PostgreSQL answers at {PG}: the service tests ran on SQLite")
+    assert "database: postgresql+asyncpg://" in service["out"].read_text()
+    rows = _postgres("SELECT count(*) AS n FROM flow_run WHERE name LIKE 'study-smoke-%'", service["database"])
+    studies = [r for r in client.read_flow_runs(limit=200) if r.name.startswith("study-smoke-")]
+    assert rows[0]["n"] == len(studies) >= 2
 
 
 def test_ctrl_c_stops_every_process_serve_started(service):

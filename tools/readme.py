@@ -1,4 +1,4 @@
-"""Keep generated README sections true: `python tools/readme.py` rewrites the config reference."""
+"""Keep generated doc sections true: `python tools/readme.py` rewrites the config reference in docs/configuration.md."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def splice(text: str, marker: str, content: str) -> str:
     """Replace what stands between `<!-- marker:start -->` and `<!-- marker:end -->`."""
     pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pattern.search(text):
-        raise ValueError(f"README has no {marker} markers")
+        raise ValueError(f"no {marker} markers")
     return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text)
 
 
@@ -25,9 +25,11 @@ def section(text: str, marker: str) -> str:
     return match.group(1) if match else ""
 
 
+CONFIG_DOC = ROOT / "docs" / "configuration.md"
+
+
 def main() -> None:
-    readme = ROOT / "README.md"
-    readme.write_text(splice(readme.read_text(), "config", config_reference()))
+    CONFIG_DOC.write_text(splice(CONFIG_DOC.read_text(), "config", config_reference()))
 
 
 if __name__ == "__main__":

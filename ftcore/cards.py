@@ -1,0 +1,96 @@
+"""Model cards: a Hugging Face `README.md` for every trained arm, with the study's numbers for it.
+
+The card's YAML metadata is what the Hub reads (base_model, library_name transformers or peft,
+datasets, tags, license of the base model where known); its text gives the arm's measured change
+in domain and general perplexity with their intervals (the report's numbers, mean over seeds),
+this seed's own numbers, the training settings, and how to load the model. Cards are written by
+the report step (into the report directory and next to the arm's weights), so they always carry
+the numbers of the newest report that includes the arm.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ftcore.config import StudyConfig
+
+# Licenses of the built-in model sources (the Hub and local models carry their own card).
+SOURCE_LICENSES = {"smollm2-wheel": "apache-2.0"}
+SOURCE_BASE_MODELS = {"smollm2-wheel": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def base_license(source: str, model_dir: Path | None) -> str | None:
+    """The base model's license: from its own card (README.md metadata) when it has one, else known per source."""
+    readme = model_dir / "README.md" if model_dir else None
+    if readme is not None and readme.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            license_ = ModelCard.load(readme).data.to_dict().get("license")
+        except Exception:  # noqa: BLE001 - a malformed base card leaves the license unknown, it is not an error
+            license_ = None
+        if license_:
+            return str(license_)
+    return SOURCE_LICENSES.get(source)
+
+
+def _pct(row: pd.Series, s: str) -> str:
+    text = f"{row[f'{s}_change_pct']:+.1f}%"
+    if row.get(f"{s}_change_ci_low") is not None and pd.notna(row.get(f"{s}_change_ci_low")):
+        text += f" (95% CI {row[f'{s}_change_ci_low']:+.1f} to {row[f'{s}_change_ci_high']:+.1f})"
+    if row.get("seeds", 1) > 1 and pd.notna(row.get(f"{s}_change_std")):
+        text += f", ± {row[f'{s}_change_std']:.1f} over {int(row['seeds'])} seeds"
+    return text
+
+
+def model_card(cfg: StudyConfig, arm: dict[str, Any], table: pd.DataFrame, runs: pd.DataFrame,
+               license_: str | None) -> str:
+    """The card of one trained arm (a result of the train step) as the text of a README.md."""
+    from huggingface_hub import ModelCardData
+
+    row = table.set_index("arm").loc[arm["arm"]]
+    base = table.set_index("arm").loc["base"]
+    run = runs[(runs.arm == arm["arm"]) & (runs.seed == arm["seed"])].iloc[0]
+    lora = arm["method"] == "lora"
+    base_model = cfg.model.name if cfg.model.source == "hub" else SOURCE_BASE_MODELS.get(cfg.model.source)
+    datasets = [s.path for s in (cfg.domain, cfg.replay) if s is not None and s.source == "hub"]
+    data = ModelCardData(base_model=base_model, library_name="peft" if lora else "transformers", license=license_,
+                         datasets=datasets or None, tags=["ftstudy", "fine-tuned", arm["method"], "causal-lm"],
+                         pipeline_tag="text-generation")
+    summary = arm.get("summary", {})
+    settings = {"method": arm["method"], "seed": arm["seed"], "steps": summary.get("steps"),
+                "replay share of training tokens": round(summary.get("replay_share", 0.0), 4),
+                "trainable parameters": summary.get("trainable_params"), "chunk_len": cfg.chunk_len,
+                **{f"train.{k}": v for k, v in cfg.train.model_dump(mode="json").items() if k != "seed"}}
+    if lora:
+        lora_settings = cfg.lora_of(next(a for a in cfg.arms if a.name == arm["arm"]))
+        settings |= {f"lora.{k}": v for k, v in lora_settings.model_dump(mode="json").items()}
+    load = (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base_model or '<the base model>'!r})\n"
+            f"model = PeftModel.from_pretrained(base, \"path/to/this/adapter\")") if lora else (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/model\")\n"
+            "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/model\")")
+    lines = [
+        f"# {cfg.name}: arm `{arm['arm']}` (seed {arm['seed']})", "",
+        f"{'A LoRA adapter' if lora else 'A full fine-tune'} of `{base_model or cfg.model.name}` trained by "
+        f"[ftstudy](https://pypi.org/project/ftstudy/) on the domain corpus `{cfg.domain.path}`"
+        + (f" with {100 * summary.get('replay_share', 0):.0f}% general replay text" if summary.get("replay_share") else "")
+        + ", in a study of what fine-tuning costs: the change in perplexity on held-out domain text and on a "
+        f"general benchmark (`{cfg.general.path}`), against the base model.", "",
+        "## Measured", "",
+        "| | domain | general |", "| --- | ---: | ---: |",
+        f"| base model perplexity | {base['domain_ppl']:.2f} | {base['general_ppl']:.2f} |",
+        f"| this arm, mean over seeds | {row['domain_ppl']:.2f} | {row['general_ppl']:.2f} |",
+        f"| change against base | {_pct(row, 'domain')} | {_pct(row, 'general')} |",
+        f"| this seed ({arm['seed']}) | {run['domain_change_pct']:+.1f}% | {run['general_change_pct']:+.1f}% |", "",
+        "Intervals are 95% paired bootstrap intervals over documents; a negative change is an improvement. "
+        "The full report (every arm, the noise rule, where forgetting happens) is the study's report.md.", "",
+        "## Training", "", "```json", json.dumps(settings, indent=2), "```", "",
+        "## How to load", "", "```python", load, "```", "",
+    ]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
