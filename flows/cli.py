@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--preset", help="start from this preset's values (default: the defaults, with example corpora)")
     init.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
     show = sub.add_parser("show", help="print the latest results found under an artifacts root")
-    show.add_argument("artifacts", nargs="?", default="artifacts", help="artifacts root (default ./artifacts)")
+    show.add_argument("root", nargs="?", help="artifacts root (default ./artifacts)")
+    show.add_argument("--artifacts", help="the same, as `run` takes it")
     sub.add_parser("config", help="print the config schema (JSON)")
     serve = sub.add_parser("serve", help="local Prefect server + UI, work pools, workers and the deployments; Ctrl-C stops all")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -136,10 +137,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    root = Path(args.artifacts)
+    root = Path(args.artifacts or args.root or "artifacts")
     latest = root / "latest.json"
     if not latest.exists():
-        return _fail(f"no results under {args.artifacts} (no latest.json); run `ftstudy run` first")
+        return _fail(f"no results under {root} (no latest.json); run `ftstudy run` first")
     print_results(root, json.loads(latest.read_text()))
     return EXIT_OK
 

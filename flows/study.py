@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
@@ -43,13 +43,11 @@ def run_name() -> str:
 @flow(name="ftstudy", flow_run_name=run_name, log_prints=True, validate_parameters=False)
 def study_flow(config: StudyConfig) -> dict[str, Any]:
     """Measure what fine-tuning costs: domain gain vs general forgetting for each arm."""
-    log = get_run_logger()
     try:
         cfg = study.check_inputs(validated(config))
         check_executor(cfg)
         results = study.run_study(cfg, PrefectRunner(cfg))
-    except InputError as exc:
-        log.error(str(exc))
+    except InputError as exc:  # the run's state carries the message; no traceback, no second copy in the log
         return Failed(message=str(exc), data=exc)
     publish(Path(cfg.artifacts_dir), results)
     if results["failed"]:

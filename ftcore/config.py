@@ -322,7 +322,11 @@ def parse_override(item: str) -> dict[str, Any]:
     path, raw = item.split("=", 1)
     try:
         value: Any = json.loads(raw)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as exc:
+        if raw.strip()[:1] in ("[", "{"):  # meant as a list or mapping (the shell may have eaten its quotes)
+            raise ConfigError(f"override {item!r}: {raw} looks like a JSON list or object but does not parse "
+                              f"({exc.msg}); quote its strings and the whole argument, e.g. "
+                              """--set 'lora.target_modules=["q_proj","v_proj"]'""") from None
         value = raw
     parts = path.strip().split(".")
     if not all(parts):
@@ -382,12 +386,38 @@ def load_config(preset: str | None = "smoke", overrides: list[str] | tuple[str, 
 
 
 def describe_error(exc: ValidationError) -> str:
-    """One line per invalid field, `field.path: message`, for command-line output."""
+    """One line per invalid field, `field.path: message`, for command-line output, with the likely field
+    for a misspelt one and how to pass a number as text."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
-        lines.append(f"{loc}: {err['msg']}")
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            near = _close_field(err["loc"])
+            message = "not a field" + (f"; did you mean {near!r}?" if near else "") + " (`ftstudy init` lists them all)"
+        elif err["type"] == "string_type" and isinstance(err.get("input"), (int, float)):
+            message += (f" (got the number {err['input']!r}: a --set value is read as JSON, so quote it, "
+                        f"e.g. --set '{loc}=\"{err['input']}\"')")
+        lines.append(f"{loc}: {message}")
     return "\n".join(lines)
+
+
+def _close_field(loc: tuple) -> str | None:
+    """The dotted name of the config field closest to a misspelt one at `loc`, if one is close."""
+    import difflib
+
+    model: type[BaseModel] | None = StudyConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        model = _submodel(field.annotation) if field else None
+    if model is None:
+        return None
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    if match:
+        return ".".join([*map(str, loc[:-1]), match[0]])
+    # a nested field given at the wrong level (learning_rate for train.learning_rate)
+    paths = [row.split("`")[1] for row in config_reference().splitlines()[2:]]
+    return next((path for path in paths if path.split(".")[-1] == str(loc[-1])), None)
 
 
 def config_reference() -> str:

@@ -72,8 +72,9 @@ def _check_text(records: pd.DataFrame, fields: tuple[str, ...], role: str, path:
             continue
         for index, value in enumerate(records[field]):
             if not isinstance(value, str) and not _is_empty(value):
-                raise CorpusError(f"{role}: field {field!r} of record {index} in {path} is a {type(value).__name__} "
-                                  f"({str(value)[:40]!r}), not text; convert it to a string or choose another field")
+                raise CorpusError(f"{role}: field {field!r} of record #{index + 1} in {path} holds a value of type "
+                                  f"{type(value).__name__} ({str(value)[:40]!r}), not text; make it a string or choose "
+                                  "another field")
 
 
 def _file_format(spec: CorpusSpec, path: Path) -> str:
@@ -222,6 +223,8 @@ def _is_empty(value: object) -> bool:
 def load_corpus(spec: CorpusSpec, role: str, fmt: FormatSpec | None = None) -> Corpus:
     """Read a corpus, keep the used fields, drop empty documents, cut to max_docs, fingerprint it."""
     raw = _read_hub(spec) if spec.source == "hub" else _read_file(spec, role)
+    if raw.empty and len(raw.columns) == 0:
+        raise CorpusError(f"{role}.path: {spec.path} holds no records (an empty file?); point {role}.path at the corpus")
     fields = used_fields(spec, fmt)
     missing = [f for f in fields if f not in raw.columns and f not in OPTIONAL_FIELDS]
     if missing:
@@ -263,7 +266,7 @@ def document_titles(corpus: Corpus, fields: tuple[str, ...], width: int = 80) ->
     """A short readable label per document: its first non-empty line, heading marks stripped."""
     titles = []
     for text in document_texts(corpus, fields):
-        first = next((line for line in text.splitlines() if line.strip()), "")
+        first = next((line for line in text.split("\n") if line.strip()), "")  # lines, as files are split
         first = first.strip().strip("=").strip()
         titles.append(first if len(first) <= width else first[: width - 1] + "…")
     return titles

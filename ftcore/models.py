@@ -6,7 +6,9 @@ or a trained arm (its full weights, or the base with its LoRA adapter).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,8 +49,18 @@ def load_trained(arm_dir: str | Path, base_dir: str | Path, device: str = "cpu")
     if not (arm_dir / TRAIN_SUMMARY).exists():
         raise FileNotFoundError(f"{arm_dir} has no {TRAIN_SUMMARY}: the arm did not finish training")
     if (arm_dir / "adapter").is_dir():
-        return PeftModel.from_pretrained(load_model(base_dir), arm_dir / "adapter").eval().to(device)
+        with quiet_library_deprecations():
+            return PeftModel.from_pretrained(load_model(base_dir), arm_dir / "adapter").eval().to(device)
     return load_model(arm_dir / "model", device=device)
+
+
+@contextlib.contextmanager
+def quiet_library_deprecations():
+    """Silence one deprecation that peft triggers inside transformers (`is_gradient_checkpointing`):
+    nothing a user of ftstudy can act on; every other warning still reaches the log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def max_context(model_dir: str | Path) -> int | None:

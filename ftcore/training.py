@@ -30,9 +30,10 @@ from peft import LoraConfig, PeftModel
 from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
+from ftcore import sources
 from ftcore.config import InputError, LoraSpec, TrainSpec
 from ftcore.io import atomic_path, write_json
-from ftcore.models import TRAIN_SUMMARY, load_model, load_tokenizer
+from ftcore.models import TRAIN_SUMMARY, load_model, load_tokenizer, quiet_library_deprecations
 from ftcore.plan import ArmPlan
 
 log = logging.getLogger("ftcore.training")
@@ -309,8 +310,10 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     )
     trainer.remove_callback(PrinterCallback)  # LossLog and ProgressLog report instead of raw dicts
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    _save_arm(trainer, tokenizer, out_dir, merge=plan.saves_merged)
+    with quiet_library_deprecations():
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    _save_arm(trainer, tokenizer, out_dir, merge=plan.saves_merged,
+              base_model=sources.base_model_id(plan.model.source, plan.model.name))
     summary = {
         "arm": plan.name,
         "method": plan.method,
@@ -328,7 +331,7 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     return summary
 
 
-def _save_arm(trainer: SFTTrainer, tokenizer, out_dir: Path, merge: bool) -> None:
+def _save_arm(trainer: SFTTrainer, tokenizer, out_dir: Path, merge: bool, base_model: str) -> None:
     model = trainer.model
     if isinstance(model, PeftModel):
         with atomic_path(out_dir / "adapter") as tmp:
@@ -336,12 +339,24 @@ def _save_arm(trainer: SFTTrainer, tokenizer, out_dir: Path, merge: bool) -> Non
             # peft writes a template card; the study writes the arm's own (with its numbers) at report time,
             # outside this step's manifest.
             (tmp / "README.md").unlink(missing_ok=True)
+            portable_adapter_config(tmp / "adapter_config.json", base_model)
         if not merge:
             return
         model = merged_as_trained(model)
     with atomic_path(out_dir / "model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def portable_adapter_config(path: Path, base_model: str) -> None:
+    """The same adapter config, written the same way every time: target_modules sorted (peft writes a set in
+    arbitrary order, which made identical trainings differ on disk and their evaluations run again) and
+    the base model by its name instead of this machine's path (which broke loading after a move)."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config["base_model_name_or_path"] = base_model
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def merged_as_trained(model: PeftModel, rtol: float = 1e-3) -> torch.nn.Module:

@@ -217,3 +217,17 @@ def test_bad_config_files_are_named(tmp_path):
     with pytest.raises(ValidationError) as info:
         load_config("smoke", config_file=bad)
     assert "train.learning_rate" in describe_error(info.value)
+
+
+def test_messages_suggest_the_field_and_how_to_quote():
+    with pytest.raises(ValidationError) as info:
+        load_config("smoke", ["train.learning_rat=1e-4", "learning_rate=1", "model.revision=1234567"])
+    text = describe_error(info.value)
+    assert "train.learning_rat: not a field; did you mean 'train.learning_rate'?" in text
+    assert "learning_rate: not a field; did you mean 'train.learning_rate'?" in text
+    assert "model.revision: Input should be a valid string (got the number 1234567" in text
+    with pytest.raises(ConfigError, match="looks like a JSON list or object but does not parse"):
+        parse_override("lora.target_modules=[q_proj,v_proj]")
+    with pytest.raises(ValidationError) as info:
+        load_config("smoke", arms=["full", "full"])
+    assert describe_error(info.value) == "config: arms has duplicate names: ['full', 'full']"

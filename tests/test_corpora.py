@@ -178,7 +178,7 @@ def test_whitespace_is_kept_the_same_under_either_pandas_string_behaviour(tmp_pa
 def test_a_field_that_is_not_text_is_refused(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": ["a", "list"]}) + "\n")
-    with pytest.raises(CorpusError, match=r"general: field 'text' of record 1 .* is a list .*not text"):
+    with pytest.raises(CorpusError, match=r"general: field .text. of record #2 .* holds a value of type list .*not text"):
         load_corpus(CorpusSpec(source="file", path=str(path)), "general")
 
 
@@ -217,3 +217,16 @@ def _write(path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def test_an_empty_file_is_named_as_such(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(CorpusError, match=r"domain.path: .*empty.jsonl holds no records"):
+        load_corpus(CorpusSpec(source="file", path=str(tmp_path / "empty.jsonl")), "domain")
+
+
+def test_a_title_is_the_first_line_as_files_split_lines(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("First\x0cpage of the document\n")
+    corpus = load_corpus(CorpusSpec(source="file", path=str(path)), "general")
+    assert document_titles(corpus, ("text",)) == ["First\x0cpage of the document"]

@@ -160,3 +160,16 @@ def test_report_files(tmp_path):
     for name in ("perplexity", "frontier", "loss"):
         assert open(paths[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "out").glob(".*tmp*"))  # no temp files left behind
+
+
+def test_a_change_that_prints_as_zero_is_not_called_worse():
+    from ftcore.report import forgetting_summary
+
+    evals = _study({"full": (0.7, 0.9)})
+    general = next(e for e in evals if e["arm"] == "full" and e["set"] == "general")
+    # document 3: +0.04%, which prints as +0.0%
+    general["docs"].loc[3, "nll_sum"] = (general["docs"].loc[3, "nll_sum"] / 0.9 ** 0  # noqa: no-op for clarity
+                                         - math.log(0.9) * general["docs"].loc[3, "n_tokens"]
+                                         + math.log(1.0004) * general["docs"].loc[3, "n_tokens"])
+    text = "\n".join(forgetting_summary(analyse(evals).general_docs, ["full"]))
+    assert "- full: 0 of 40 documents got worse" in text and "No document got worse" in text

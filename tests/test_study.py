@@ -48,6 +48,12 @@ def test_run_study_end_to_end(study_config):
     assert table.set_index("arm").loc["full", "domain_change_pct"] < 0
     scores = pd.read_parquet(next(root.glob("eval-base-domain/*/scores.parquet")))
     assert {"n_tokens", "nll_sum", "n_bytes"} <= set(scores.columns)
+    # the report's Data section: what was scored is what the evaluations scored (after max_general_tokens)
+    report_text = (root / results["report"]).read_text()
+    general_row = next(line for line in report_text.splitlines() if line.startswith("| general |"))
+    assert general_row.split(" | ")[5] == str(int(table.general_tokens[0]))
+    domain_test = next(line for line in report_text.splitlines() if line.startswith("| domain test |"))
+    assert domain_test.split(" | ")[5] == str(int(table.domain_tokens[0]))
     # every path a result holds is relative to the artifacts root
     for result_file in root.glob("*/*/result.json"):
         text = result_file.read_text()
@@ -279,3 +285,23 @@ def test_offline_study_from_the_hub_cache_runs(study_config, hub_cache):
     results = study.run_study(cfg)
     assert results["failed"] == {}
     assert json.loads((Path(cfg.artifacts_dir) / "latest.json").read_text())["table"] == results["table"]
+
+
+def test_an_unreachable_hub_is_a_clear_error_not_a_traceback(study_config, monkeypatch):
+    import httpx
+    import huggingface_hub
+
+    from ftcore import sources
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def down(*args, **kwargs):
+        calls.append(1)
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", down)
+    with pytest.raises(sources.HubUnreachableError, match="model.name: cannot reach the Hugging Face Hub .* HF_HUB_OFFLINE=1"):
+        sources.hub_commit("gpt2", None, "model", "model.name", retries=(0.0, 0.0))
+    assert len(calls) == 3  # the network is retried, twice, before giving up

@@ -168,3 +168,20 @@ def test_plain_loss_equals_trls_fused_loss(prepared, arm, tmp_path):
             n = int((batch["labels"][:, 1:] != -100).sum())
             losses.append(float(trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(n))))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_lora_arm_trained_twice_is_the_same_bytes(prepared, tmp_path):
+    """peft writes target_modules in arbitrary order; ftstudy sorts them, so identical trainings have one
+    digest and their evaluations stay cached. The adapter names its base model, not this machine's path."""
+    plan = _plan(prepared, "lora")
+    first = steps.train_arm(plan, prepared.cfg.artifacts_dir)
+    again_root = tmp_path / "again"
+    shutil.copytree(prepared.cfg.artifacts_dir, again_root, ignore=shutil.ignore_patterns("train-*"))
+    again = steps.train_arm(plan, again_root)
+    assert first["digest"] == again["digest"]
+    config = json.loads((arm_dir(prepared, first) / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(config["target_modules"])
+    # the base by its name (a local model's is its own directory), never a path inside the artifacts root
+    assert config["base_model_name_or_path"] == prepared.model.name
+    assert not config["base_model_name_or_path"].startswith(prepared.cfg.artifacts_dir)
+    assert not (arm_dir(prepared, first) / "adapter" / "README.md").exists()  # the study writes its own card
