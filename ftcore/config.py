@@ -124,6 +124,10 @@ class TrainSpec(_Frozen):
     save_steps: int = Field(200, gt=0, description="Checkpoint every N optimizer steps (resume point).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept per arm.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    packing: bool = Field(False, description="Pack examples into rows of chunk_len tokens without padding (TRL's "
+                          "best-fit-decreasing packing, padding-free): position ids restart at each example, so packed "
+                          "examples never attend to each other (a test checks the loss equals the unpacked one). "
+                          "batch_size then counts packed rows.")
     seed: int = Field(0, description="Seed for model init of adapters, data order and dropout.")
 
 
@@ -138,6 +142,10 @@ class LoraSpec(_Frozen):
     )
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="LoRA's own learning rate (adapters need a larger one).")
     merge: bool = Field(False, description="Also save the adapter merged into a full model.")
+    use_dora: bool = Field(False, description="DoRA (Liu et al. 2024, weight-decomposed LoRA; peft use_dora): also "
+                           "train a magnitude vector per adapted layer.")
+    use_rslora: bool = Field(False, description="rsLoRA (Kalajdzievski 2023, rank-stabilized LoRA; peft use_rslora): "
+                             "scale = alpha / sqrt(r) instead of alpha / r.")
 
 
 class LoraOverride(_Frozen):
@@ -149,6 +157,8 @@ class LoraOverride(_Frozen):
     target_modules: str | tuple[str, ...] | None = Field(None, description="Modules to adapt.")
     learning_rate: float | None = Field(None, gt=0, lt=1, description="LoRA's learning rate.")
     merge: bool | None = Field(None, description="Also save the adapter merged into a full model.")
+    use_dora: bool | None = Field(None, description="DoRA: also train a magnitude vector per adapted layer.")
+    use_rslora: bool | None = Field(None, description="rsLoRA: scale = alpha / sqrt(r).")
 
 
 class ArmSpec(_Frozen):
@@ -160,14 +170,18 @@ class ArmSpec(_Frozen):
 
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_.+-]{0,47}$",
                       description="Label of the arm in tables, plots, task names and artifact directories.")
-    method: Literal["full", "lora"] = Field("full", description="full: every weight trains; lora: LoRA adapters (peft).")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full", description="full: every weight trains; lora: LoRA adapters (peft); qlora: LoRA adapters on the base "
+        "loaded in 4-bit NF4 (bitsandbytes; Dettmers et al. 2023) — the report adds the 4-bit base as a row, so the "
+        "quantization's own cost is seen beside the adapter's.")
     replay_ratio: float = Field(0.0, ge=0, lt=1, description="Share of general replay tokens mixed into the training set.")
     lora: LoraOverride | None = Field(
-        None, description="For method=lora: fields that differ from the study's `lora` (e.g. {r: 4}); unset ones follow it.")
+        None, description="For method=lora or qlora: fields that differ from the study's `lora` (e.g. {r: 4}); unset "
+        "ones follow it.")
 
     @model_validator(mode="after")
     def _lora_only_for_lora(self) -> ArmSpec:
-        if self.method != "lora" and self.lora is not None:
+        if self.method == "full" and self.lora is not None:
             raise ValueError(f"arm {self.name!r}: lora settings given but method is {self.method!r}")
         return self
 
@@ -260,6 +274,11 @@ class StudyConfig(_Frozen):
         replaying = [a.name for a in self.arms if a.replay_ratio > 0]
         if replaying and self.replay is None:
             raise ValueError(f"arm(s) {', '.join(replaying)} mix in replay text but replay (the replay corpus) is not set")
+        merged_4bit = [a.name for a in self.arms if a.method == "qlora" and self.lora_of(a).merge]
+        if merged_4bit:
+            raise ValueError(f"arm(s) {', '.join(merged_4bit)}: lora.merge is not supported with method qlora: the "
+                             "adapter cannot be merged into a 4-bit base without dequantizing it, so the merged model "
+                             "would not be the trained one; set lora.merge=false")
         if self.reference_arm is not None and self.reference_arm not in names:
             raise ValueError(f"reference_arm {self.reference_arm!r} is not one of the arms {names}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
@@ -296,7 +315,7 @@ class StudyConfig(_Frozen):
     def _identical_arms(self) -> tuple[str, str] | None:
         seen: dict[str, str] = {}
         for arm in self.arms:
-            lora = self.lora_of(arm).model_dump(mode="json") if arm.method == "lora" else None
+            lora = self.lora_of(arm).model_dump(mode="json") if arm.method != "full" else None
             what = json.dumps([arm.method, arm.replay_ratio, lora], sort_keys=True)
             if what in seen:
                 return seen[what], arm.name

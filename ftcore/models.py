@@ -34,14 +34,28 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device
     return model.to(device)
 
 
-def load_trained(arm_dir: str | Path, base_dir: str | Path, device: str = "cpu") -> torch.nn.Module:
+def load_quantized(model_dir: str | Path, device: str = "cpu", compute_dtype: torch.dtype = torch.float32):
+    """The model with its linear layers in 4-bit NF4 with double quantization (bitsandbytes; the QLoRA
+    recipe, Dettmers et al. 2023), computing in `compute_dtype` on `device`."""
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": device},
+                                                 dtype=compute_dtype)
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def load_trained(arm_dir: str | Path, base_dir: str | Path, device: str = "cpu", quantized: bool = False) -> torch.nn.Module:
     """A finished arm's model for evaluation, exactly as it was trained: its full weights, or the base
     with its LoRA adapter applied unmerged (a PeftModel).
 
     The adapter is never merged here: merging changes every weight tied to an adapted one (an
     adapted input embedding also changes a tied output layer), so a merged model can differ from
     the trained one. An arm saved with lora.merge also has model/, an extra output; its adapter is
-    what is evaluated. Raises FileNotFoundError when the arm did not finish training.
+    what is evaluated. A QLoRA arm (`quantized`) is its adapter on the base in 4-bit NF4, as it trained.
+    Raises FileNotFoundError when the arm did not finish training.
     """
     from peft import PeftModel
 
@@ -49,8 +63,10 @@ def load_trained(arm_dir: str | Path, base_dir: str | Path, device: str = "cpu")
     if not (arm_dir / TRAIN_SUMMARY).exists():
         raise FileNotFoundError(f"{arm_dir} has no {TRAIN_SUMMARY}: the arm did not finish training")
     if (arm_dir / "adapter").is_dir():
+        base = load_quantized(base_dir, device) if quantized else load_model(base_dir)
         with quiet_library_deprecations():
-            return PeftModel.from_pretrained(load_model(base_dir), arm_dir / "adapter").eval().to(device)
+            model = PeftModel.from_pretrained(base, arm_dir / "adapter").eval()
+        return model if quantized else model.to(device)  # a 4-bit model is placed when loaded, and cannot move
     return load_model(arm_dir / "model", device=device)
 
 

@@ -56,7 +56,7 @@ class ArmPlan(_Frozen):
     name: str
     label: str  # the arm, with its seed when the study has several (task names, tables)
     seed: int
-    method: Literal["full", "lora"]
+    method: Literal["full", "lora", "qlora"]
     replay_ratio: float
     lora: LoraSpec | None
     train: TrainSpec  # train.seed is the arm's seed
@@ -73,7 +73,7 @@ class ArmPlan(_Frozen):
 
     @property
     def saves_merged(self) -> bool:
-        return self.method == "lora" and self.lora is not None and self.lora.merge
+        return self.method == "lora" and self.lora is not None and self.lora.merge  # qlora never merges
 
     def outputs(self) -> list[str]:
         """The files downstream steps read: the trained weights (or adapter)."""
@@ -90,7 +90,7 @@ def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain:
     rows, replay chunks when it mixes them in), and the training code (ftcore.keys); not paths,
     not the other arms, not the evaluation settings.
     """
-    lora = cfg.lora_of(arm) if arm.method == "lora" else None
+    lora = cfg.lora_of(arm) if arm.method != "full" else None
     train = cfg.train.model_copy(update={"seed": seed})
     replaying = arm.replay_ratio > 0
     if replaying and replay is None:

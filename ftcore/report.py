@@ -36,6 +36,8 @@ EXPECTED = {
 NOISE_RULE = ("≈ marks a change within noise: its 95% bootstrap interval over documents contains 0, or it is "
               "smaller than twice the standard deviation over seeds (a rule of thumb, not a significance test)")
 TOP_DOCS = 5
+# The base model in 4-bit NF4 (ftcore.steps.QUANTIZED_BASE): a row of its own when a study has QLoRA arms.
+QUANTIZED_BASE = "base-nf4"
 # A share of cut training examples above this is called out in the report (and logged when tokenizing).
 TRUNCATION_WARNING = 0.05
 
@@ -122,9 +124,11 @@ def analyse(evals: list[dict[str, Any]], order: list[str] | None = None, titles:
             row[f"{s}_tokens"] = int(per_seed[f"{s}_tokens"].iloc[0])
     table_df = pd.DataFrame(table)
     if arms:
-        sub = table_df[table_df.arm != "base"]
-        front = stats.pareto_front(-sub["domain_change_pct"], sub["general_change_pct"])
-        table_df["pareto"] = [False] + front
+        # The front is over the trained arms: the base and the 4-bit base (a reference point) are not on it.
+        trained = ~table_df.arm.isin(["base", QUANTIZED_BASE])
+        front = stats.pareto_front(-table_df.loc[trained, "domain_change_pct"], table_df.loc[trained, "general_change_pct"])
+        table_df["pareto"] = False
+        table_df.loc[trained, "pareto"] = front
         for a in arms:
             if a == reference:
                 continue
@@ -236,7 +240,7 @@ def expectation_checks(a: Analysis, methods: dict[str, str] | None = None) -> li
     """
     t = a.arms.set_index("arm")
     methods = methods or {}
-    arms = [x for x in t.index if x != "base"]
+    arms = [x for x in t.index if x not in ("base", QUANTIZED_BASE)]  # the trained arms
     lines = []
     for arm in arms:
         d = t.loc[arm, "domain_change_pct"]
@@ -269,6 +273,13 @@ def expectation_checks(a: Analysis, methods: dict[str, str] | None = None) -> li
         else:
             verdict = f"higher than {ref}'s: {interval}, outside noise"
         lines.append(f"{arm}: general {ga:+.1f}% vs {ref} {g:+.1f}% ({verdict})")
+    for arm in arms:  # a QLoRA arm's whole cost, and the part the 4-bit base alone accounts for
+        if methods.get(arm) == "qlora" and QUANTIZED_BASE in t.index:
+            q = t.loc[QUANTIZED_BASE]
+            lines.append(f"{arm}: general {t.loc[arm, 'general_change_pct']:+.1f}% and domain "
+                         f"{t.loc[arm, 'domain_change_pct']:+.1f}% against the base; the base in 4-bit NF4 alone: general "
+                         f"{q['general_change_pct']:+.1f}%{' (within noise)' if q['general_within_noise'] else ''}, domain "
+                         f"{q['domain_change_pct']:+.1f}%{' (within noise)' if q['domain_within_noise'] else ''}")
     ref_gain = t.loc[ref, "domain_change_pct"]
     for arm in arms:
         if methods.get(arm) != "lora" or methods.get(ref) == "lora" or ref_gain >= 0 or t.loc[ref, "domain_within_noise"]:

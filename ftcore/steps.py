@@ -272,7 +272,7 @@ def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str
             token_docs = perplexity.stream_token_docs(frame, *window)
         where = device or training.resolve_device(cfg.device)
         base_dir = model.locate(root)
-        net = models.load_trained(root / arm["dir"], base_dir, where) if arm else models.load_model(base_dir, device=where)
+        net = model_to_score(arm, base_dir, root, where)
         tokenizer = models.load_tokenizer(base_dir)
         scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
                                        label=f"eval-{label}-{which}", keep_tokens=token_docs is not None)
@@ -290,6 +290,19 @@ def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str
                 "titles": data.get("docs"), **summary}
 
     return run_once(out, compute, outputs=["scores.parquet", "docs.parquet", "summary.json"])
+
+
+# The base model in 4-bit NF4, scored like an arm when a study has QLoRA arms: the quantization's own cost.
+QUANTIZED_BASE = {"arm": "base-nf4", "label": "base-nf4", "seed": 0, "method": "nf4", "digest": "nf4", "dir": None}
+
+
+def model_to_score(arm: dict[str, Any] | None, base_dir: Path, root: Path, device: str):
+    """The model an evaluation scores: the base, the base in 4-bit NF4, or a trained arm as it was trained."""
+    if arm is None:
+        return models.load_model(base_dir, device=device)
+    if arm["method"] == "nf4":
+        return models.load_quantized(base_dir, device)
+    return models.load_trained(root / arm["dir"], base_dir, device, quantized=arm["method"] == "qlora")
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -334,8 +347,9 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
         scored = {"domain test": base.get("domain"), "general": base.get("general")}
         data_seen = {name: {**st, "scored": scored[name]} if scored.get(name) is not None else st
                      for name, st in (data or {}).items()}
-        paths = report.write_report(done, out, cfg.name, logs, details, order=cfg.arm_names,
-                                    methods={a.name: a.method for a in cfg.arms}, reference=cfg.reference,
+        paths = report.write_report(done, out, cfg.name, logs, details, order=["base-nf4", *cfg.arm_names],
+                                    methods={a.name: a.method for a in cfg.arms} | {"base-nf4": "nf4"},
+                                    reference=cfg.reference,
                                     titles=pd.read_parquet(root / titles) if titles else None, data=data_seen,
                                     chunk_len=cfg.chunk_len)
         header = ("The effective config of this study (ftstudy run --config config.yaml reruns it); artifacts_dir,\n"
@@ -360,7 +374,7 @@ def write_cards(cfg: StudyConfig, arms: list[dict[str, Any]], out: Path, model: 
             continue  # an arm with a failed seed is not in the table
         text = cards.model_card(cfg, arm, table, runs, license_)
         write_text(text, out / "cards" / f"{arm['label']}.md")
-        weights = root / arm["dir"] / ("adapter" if arm["method"] == "lora" else "model")
+        weights = root / arm["dir"] / ("model" if arm["method"] == "full" else "adapter")
         write_text(text, weights / "README.md")
 
 

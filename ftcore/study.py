@@ -22,8 +22,8 @@ from ftcore import corpora, models, tracking, training
 from ftcore.config import InputError, StudyConfig
 from ftcore.io import write_json
 from ftcore.plan import ArmPlan, ModelRef, plan_arm
-from ftcore.steps import (EVALUATE, FETCH_MODEL, FINGERPRINT, REPORT, TOKENIZE_DOMAIN, TOKENIZE_STREAM, TRAIN, Step,
-                          StudyError, recorded)
+from ftcore.steps import (EVALUATE, FETCH_MODEL, FINGERPRINT, QUANTIZED_BASE, REPORT, TOKENIZE_DOMAIN, TOKENIZE_STREAM,
+                          TRAIN, Step, StudyError, recorded)
 
 log = logging.getLogger("ftcore.study")
 SETS = ("domain", "general")
@@ -200,7 +200,9 @@ def prepare(cfg: StudyConfig, runner: Runner | None = None) -> Prepared:
     model = ModelRef.model_validate(runner.run(FETCH_MODEL, cfg))
     check_model_fits(cfg, model.locate(cfg.artifacts_dir))
     for arm in cfg.arms:  # LoRA targets the study cannot train or evaluate faithfully, before any work
-        if arm.method == "lora":
+        if arm.method == "qlora":
+            training.check_qlora(model.locate(cfg.artifacts_dir), arm.name, cfg.device)
+        if arm.method != "full":
             training.check_lora(cfg.lora_of(arm), model.locate(cfg.artifacts_dir), arm.name)
     domain = runner.run(TOKENIZE_DOMAIN, cfg, model, corpus["domain"])
     general = runner.run(TOKENIZE_STREAM, cfg, "general", model, corpus["general"])
@@ -225,6 +227,8 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
     p = prepare(cfg, runner)
     cfg, root = p.cfg, p.cfg.artifacts_dir
     base = [runner.submit(EVALUATE, cfg, p.model, p.data(w), w) for w in SETS]
+    if any(a.method == "qlora" for a in cfg.arms):  # the 4-bit base: what quantization alone costs
+        base += [runner.submit(EVALUATE, cfg, p.model, p.data(w), w, QUANTIZED_BASE) for w in SETS]
     plans = plan_arms(p)
     trained = {plan.label: runner.submit(TRAIN, plan, root) for plan in plans}
     arm_evals = {label: [runner.submit(EVALUATE, cfg, p.model, p.data(w), w, fut) for w in SETS]

@@ -3,6 +3,7 @@
 An arm arrives resolved, as an ArmPlan (ftcore.plan): a method and a replay share,
 - method full: every weight trains, at train.learning_rate;
 - method lora: LoRA adapters (peft) with the arm's LoRA settings and their own learning rate;
+- method qlora: the same adapters on the base loaded in 4-bit NF4 (bitsandbytes);
 - replay_ratio > 0: general-text chunks are added to the domain rows until they are that share
   of the training tokens (the `replay` shorthand is full at the study's replay_ratio).
 
@@ -33,7 +34,7 @@ from trl import SFTConfig, SFTTrainer
 from ftcore import sources
 from ftcore.config import InputError, LoraSpec, TrainSpec
 from ftcore.io import atomic_path, write_json
-from ftcore.models import TRAIN_SUMMARY, load_model, load_tokenizer, quiet_library_deprecations
+from ftcore.models import TRAIN_SUMMARY, load_model, load_quantized, load_tokenizer, quiet_library_deprecations
 from ftcore.plan import ArmPlan
 
 log = logging.getLogger("ftcore.training")
@@ -129,7 +130,8 @@ def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precisio
         disable_tqdm=True,
         completion_only_loss=True,
         max_length=max_length,
-        packing=False,
+        packing=train.packing,
+        packing_strategy="bfd",  # padding-free: examples separated by their position ids
         dataloader_num_workers=0,
     )
 
@@ -169,9 +171,11 @@ def check_lora(lora: LoraSpec, model_dir: str | Path, arm: str) -> None:
 
 
 def peft_config(lora: LoraSpec) -> LoraConfig:
-    """peft's LoraConfig for causal-LM adapters (Hu et al. 2021, "LoRA"), from the arm's LoRA settings."""
+    """peft's LoraConfig for causal-LM adapters from the arm's LoRA settings: LoRA (Hu et al. 2021), with
+    DoRA (Liu et al. 2024) and rank-stabilized scaling (Kalajdzievski 2023) when asked for."""
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      use_dora=lora.use_dora, use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
 
 
 class LossLog(TrainerCallback):
@@ -300,7 +304,7 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     tokenizer = load_tokenizer(model_dir)
     trainer_class = PlainLossSFTTrainer if args.use_cpu else SFTTrainer
     trainer = trainer_class(
-        model=load_model(model_dir),
+        model=starting_model(plan, model_dir, bf16=args.bf16),
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -329,6 +333,39 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     }
     write_json(summary, out_dir / SUMMARY)
     return summary
+
+
+def starting_model(plan: ArmPlan, model_dir: Path, bf16: bool) -> torch.nn.Module:
+    """The model an arm starts from: the base in fp32, or for QLoRA in 4-bit NF4, prepared for training
+    adapters on it (peft's prepare_model_for_kbit_training: norms in fp32, input gradients on)."""
+    if plan.method != "qlora":
+        return load_model(model_dir)
+    from peft import prepare_model_for_kbit_training
+
+    model = load_quantized(model_dir, resolve_device(plan.device), torch.bfloat16 if bf16 else torch.float32)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.train.gradient_checkpointing)
+
+
+def check_qlora(model_dir: str | Path, arm: str, device: str) -> None:
+    """Refuse a QLoRA arm before any work when this machine cannot train it: bitsandbytes missing, or its
+    CPU kernels and a model whose layer widths are not multiples of their block size (64).
+
+    Raises InputError naming the arm and the method.
+    """
+    import importlib.util
+
+    field = f"arm {arm}: method qlora"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(f"{field} loads the base in 4-bit with bitsandbytes, which is not installed: "
+                         "pip install 'ftstudy[qlora]'")
+    if resolve_device(device) != "cpu":
+        return
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    widths = {k: config[k] for k in ("hidden_size", "n_embd", "intermediate_size", "n_inner") if config.get(k)}
+    odd = {k: v for k, v in widths.items() if v % 64}
+    if odd:
+        raise InputError(f"{field}: bitsandbytes' 4-bit CPU kernels need layer widths that are multiples of 64, and "
+                         f"this model has {odd}; train it on a GPU (device=cuda) or use method lora")
 
 
 def _save_arm(trainer: SFTTrainer, tokenizer, out_dir: Path, merge: bool, base_model: str) -> None:

@@ -195,7 +195,8 @@ class PrefectRunner:
             return future
         if step is steps.EVALUATE:
             arm = args[4] if len(args) > 4 else None
-            return evaluate.submit(*args[:4], arm=arm, label=self.labels.get(id(arm), "base"))
+            label = self.labels.get(id(arm)) or (arm["label"] if isinstance(arm, dict) else "base")
+            return evaluate.submit(*args[:4], arm=arm, label=label)
         return TASKS[step.name].submit(*args)
 
     def outcome(self, future: Any) -> tuple[Any, str | None]:

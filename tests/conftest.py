@@ -104,3 +104,11 @@ def tiny_models(tiny_model, tmp_path_factory) -> dict[str, Path]:
     """Tiny random models of the three families the study is used with: Llama, GPT-2, GPT-NeoX."""
     root = tmp_path_factory.mktemp("families")
     return {"llama": tiny_model, **{f: build_tiny_family(f, root / f, tiny_model) for f in ("gpt2", "neox")}}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_wide(tmp_path_factory) -> Path:
+    """The tiny Llama at hidden size 64: bitsandbytes' 4-bit CPU kernels need widths in blocks of 64."""
+    path = tmp_path_factory.mktemp("models") / "tiny-wide"
+    build_tiny_model(path, hidden=64)
+    return path

@@ -185,3 +185,67 @@ def test_a_lora_arm_trained_twice_is_the_same_bytes(prepared, tmp_path):
     assert config["base_model_name_or_path"] == prepared.model.name
     assert not config["base_model_name_or_path"].startswith(prepared.cfg.artifacts_dir)
     assert not (arm_dir(prepared, first) / "adapter" / "README.md").exists()  # the study writes its own card
+
+
+def test_dora_and_rslora_change_what_trains(study_config):
+    """DoRA adds a magnitude vector per adapted layer, which trains; rsLoRA scales by alpha / sqrt(r)."""
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    prepared = study.prepare(study_config(
+        train={"max_steps": 2, "save_steps": 5, "logging_steps": 1},
+        arms=[{"name": "dora", "method": "lora", "lora": {"use_dora": True}},
+              {"name": "rslora", "method": "lora", "lora": {"use_rslora": True}}]))
+    snap = Snapshot()
+    steps.train_arm(_plan(prepared, "dora"), prepared.cfg.artifacts_dir, callbacks=[snap])
+    magnitudes = {n for n in snap.trainable if "lora_magnitude_vector" in n}
+    assert magnitudes and magnitudes <= snap.changed()  # the magnitude vectors exist and trained
+    scales = Scales()
+    steps.train_arm(_plan(prepared, "rslora"), prepared.cfg.artifacts_dir, callbacks=[scales])
+    lora = prepared.cfg.lora
+    assert scales.values and all(v == pytest.approx(lora.alpha / math.sqrt(lora.r)) for v in scales.values)
+    assert lora.alpha / math.sqrt(lora.r) != lora.alpha / lora.r
+
+
+class Scales(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        from peft.tuners.lora import LoraLayer
+
+        self.values = [m.scaling["default"] for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def test_packed_rows_have_the_loss_of_the_unpacked_rows(prepared, tmp_path):
+    """Packing (padding-free, position ids restarting per example) leaves each example's loss alone: the
+    attention implementation in use keeps packed examples from attending to each other."""
+    import datasets
+    from trl import SFTTrainer
+
+    from ftcore import training
+    from ftcore.models import load_model, load_tokenizer
+
+    plan = _plan(prepared, "full")
+    model_dir = plan.model.locate(prepared.cfg.artifacts_dir)
+    rows = pd.read_parquet(Path(prepared.cfg.artifacts_dir) / plan.train_rows)[["input_ids", "completion_mask"]].head(5)
+    dataset = datasets.Dataset.from_pandas(rows, preserve_index=False)
+    losses, batches = {}, {}
+    for packing in (False, True):
+        train = plan.train.model_copy(update={"packing": packing, "batch_size": 8})
+        args = training.sft_config(train, plan.learning_rate, 4 * plan.chunk_len, "fp32", "cpu", tmp_path / str(packing))
+        trainer = SFTTrainer(model=load_model(model_dir), args=args, train_dataset=dataset,
+                             processing_class=load_tokenizer(model_dir))
+        trainer.model.eval()
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.no_grad():
+            losses[packing] = float(training.PlainLossSFTTrainer.compute_loss(trainer, trainer.model, dict(batch),
+                                                                            num_items_in_batch=torch.tensor(n)))
+        batches[packing] = batch
+    assert batches[True]["input_ids"].shape[0] < batches[False]["input_ids"].shape[0]  # packed into fewer rows
+    assert (batches[True]["attention_mask"] if "attention_mask" in batches[True] else torch.ones(1)).all()  # no padding
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    # the control: the same packed row without its position ids lets examples attend across, and the loss moves
+    leaky = {k: v for k, v in batches[True].items() if k in ("input_ids", "labels")}
+    with torch.no_grad():
+        leaked = float(load_model(model_dir)(**leaky).loss)
+    assert abs(leaked - losses[False]) > 50 * abs(losses[True] - losses[False]) + 1e-5

@@ -1,4 +1,4 @@
-"""Screenshots of the Prefect UI for the README: the study's run form and a finished run's results.
+"""Screenshots of the Prefect UI for the docs: the run form, a finished run, its Artifacts tab, table and report.
 
     python tools/screenshots.py --api http://127.0.0.1:4200/api --out docs/service
 
@@ -52,13 +52,17 @@ def targets(api: str) -> dict[str, str]:
             sort=FlowRunSort.START_TIME_DESC, limit=1)
         if not runs:
             raise SystemExit("screenshots: no completed run of ftstudy/study yet; run a study first")
-        tables = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["ftstudy-table"]), flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id])))
-        if not tables:
-            raise SystemExit(f"screenshots: study run {runs[0].name} has no ftstudy-table artifact")
-        table = tables[0]
+        found = {}
+        for key in ("ftstudy-table", "ftstudy-report"):
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id])))
+            if not artifacts:
+                raise SystemExit(f"screenshots: study run {runs[0].name} has no {key} artifact")
+            found[key] = artifacts[0]
     return {"run-form": f"{ui}/deployments/deployment/{study.id}/run",
-            "results-table": f"{ui}/artifacts/artifact/{table.id}",
+            "results-table": f"{ui}/artifacts/artifact/{found['ftstudy-table'].id}",
+            "report-artifact": f"{ui}/artifacts/artifact/{found['ftstudy-report'].id}",
+            "artifacts-tab": f"{ui}/runs/flow-run/{runs[0].id}?tab=Artifacts",
             "study-run": f"{ui}/runs/flow-run/{runs[0].id}"}
 
 
