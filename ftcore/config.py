@@ -225,7 +225,7 @@ class StudyConfig(_Frozen):
     split_seed: int = Field(0, description="Seed of the train/test split of the domain corpus.")
     format: FormatSpec = Field(default_factory=FormatSpec, description="Training-example format of the domain corpus: instruction (prompt -> completion) or raw lm.")
     chunk_len: int = Field(512, ge=8, description="Tokens per training example / evaluation window.")
-    general_separator: str = Field("\n\n", description="Text between documents of the general and replay streams.")
+    general_separator: str = Field("\n\n", description="Text between documents of the general and replay streams; the default is a blank line (two newlines, which a form shows as an empty box).")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Training hyper-parameters of every arm.")
     replay_ratio: float = Field(0.1, ge=0, lt=1, description="Share of replay tokens in the `replay` shorthand arm's training mix.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings of every method=lora arm (an arm may change fields).")
