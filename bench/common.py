@@ -9,6 +9,8 @@ import statistics
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from ftcore import study
 from ftcore.config import load_config
 
@@ -47,3 +49,14 @@ def record(name: str, data: dict) -> None:
     data = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), **data}
     (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
     print(json.dumps(data, indent=2))
+
+
+class Clock(TrainerCallback):
+    """Wall time of the training loop and the non-padding tokens it saw."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+        self.tokens = state.num_input_tokens_seen

@@ -14,21 +14,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 from transformers import TrainerCallback
 
-from bench.common import demo_config, prepared, record
+from bench.common import Clock, demo_config, prepared, record
 from ftcore import study, training
-
-
-class Clock(TrainerCallback):
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.seconds = time.perf_counter() - self.start
-        self.tokens = state.num_input_tokens_seen
 
 
 class PaddingShare(TrainerCallback):

@@ -15,26 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 import datasets
 import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from bench.common import demo_config, prepared, record
+from bench.common import Clock, demo_config, prepared, record
 from ftcore import models, study, training
-
-
-class Clock(TrainerCallback):
-    """Wall time of the training loop and the non-padding tokens it saw."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.seconds = time.perf_counter() - self.start
-        self.tokens = state.num_input_tokens_seen
 
 
 def ftcore_arm(data, arm) -> float:
