@@ -3,7 +3,9 @@
     python tools/screenshots.py --api http://127.0.0.1:4200/api --out docs/service
 
 Needs a running `ftstudy serve` with at least one completed study run, and Debian's Chromium
-(`apt-get install chromium`), driven headless from the command line.
+(`apt-get install chromium`), driven headless from the command line. The run's Artifacts tab is
+opened by a click, which needs Playwright (`pip install playwright`; it drives that same Chromium,
+nothing is downloaded); without it that one screenshot is skipped.
 """
 
 from __future__ import annotations
@@ -62,8 +64,25 @@ def targets(api: str) -> dict[str, str]:
     return {"run-form": f"{ui}/deployments/deployment/{study.id}/run",
             "results-table": f"{ui}/artifacts/artifact/{found['ftstudy-table'].id}",
             "report-artifact": f"{ui}/artifacts/artifact/{found['ftstudy-report'].id}",
-            "artifacts-tab": f"{ui}/runs/flow-run/{runs[0].id}?tab=Artifacts",
             "study-run": f"{ui}/runs/flow-run/{runs[0].id}"}
+
+
+def shoot_tab(url: str, tab: str, out: Path, size: tuple[int, int] = (1440, 1300)) -> Path | None:
+    """A page after clicking one of its tabs (the UI keeps the tab out of the URL); None without Playwright."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        print(f"screenshots: skipping {out.name}: clicking the {tab} tab needs Playwright (pip install playwright)")
+        return None
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+        page.goto(url)
+        page.get_by_text(tab, exact=True).first.click(timeout=30_000)
+        page.wait_for_timeout(4000)  # the tab's cards load after the click
+        page.screenshot(path=str(out))
+        browser.close()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api", default="http://127.0.0.1:4200/api", help="PREFECT_API_URL of the running server")
     parser.add_argument("--out", default="docs/service", help="folder for the PNGs")
     args = parser.parse_args(argv)
-    for name, url in targets(args.api).items():
+    pages = targets(args.api)
+    for name, url in pages.items():
         print(shoot(url, Path(args.out) / f"{name}.png"), "<-", url)
+    if shot := shoot_tab(pages["study-run"], "Artifacts", Path(args.out) / "artifacts-tab.png"):
+        print(shot, "<-", pages["study-run"], "(Artifacts tab)")
     return 0
 
 
