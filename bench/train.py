@@ -19,7 +19,7 @@ import tempfile
 import datasets
 import pandas as pd
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from bench.common import Clock, demo_config, prepared, record
 from ftcore import models, study, training

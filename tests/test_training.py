@@ -191,8 +191,6 @@ def test_dora_and_rslora_change_what_trains(study_config):
     """DoRA adds a magnitude vector per adapted layer, which trains; rsLoRA scales by alpha / sqrt(r)."""
     import math
 
-    from peft.tuners.lora import LoraLayer
-
     prepared = study.prepare(study_config(
         train={"max_steps": 2, "save_steps": 5, "logging_steps": 1},
         arms=[{"name": "dora", "method": "lora", "lora": {"use_dora": True}},
