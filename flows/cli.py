@@ -98,7 +98,7 @@ def print_results(root: Path, results: dict) -> None:
     files = report_files(root, results)
     print(files["table"].with_name("table.md").read_text())
     print(f"report: {files['report']}")
-    for name in ("perplexity", "frontier", "loss"):
+    for name in ("perplexity", "frontier", "loss", "curves", "path"):
         if name in files:
             print(f"plot:   {files[name]}")
     for name in ("runs", "general_docs", "config"):

@@ -211,6 +211,18 @@ class EvalSpec(_Frozen):
     )
     max_general_tokens: int | None = Field(None, gt=1, description="Score only the first N tokens of the general stream.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Evaluation dtype; fp32 is the reference.")
+    every_steps: int | None = Field(
+        None, ge=0, description="Learning and forgetting curves: every N optimizer steps while an arm trains, score "
+        "its domain and general perplexity on a fixed subsample (step 0 = the model before training, the last step "
+        "always), with the final evaluation's scoring code; None = about 10 points per arm, 0 = off.")
+    curve_tokens: int | None = Field(
+        4096, gt=1, description="Size of each curve subsample in tokens: the first held-out domain rows until this "
+        "many predicted tokens, the first this many tokens of the general stream; None = the whole evaluation sets "
+        "(then the last point equals the final evaluation).")
+    kl_top_k: int = Field(
+        64, ge=0, description="KL(base ‖ arm) on the general set: the base's k most likely tokens per position are "
+        "stored once; an arm's KL sums over them plus the rest of the vocabulary as one bucket (a lower bound of "
+        "the full-vocabulary KL, exact when k >= the vocabulary; the error is measured in BENCHMARKS.md). 0 = off.")
 
 
 class StudyConfig(_Frozen):
@@ -244,6 +256,14 @@ class StudyConfig(_Frozen):
         "marks differences within noise. None = train.seed only.",
     )
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation settings.")
+    forgetting_budget_pct: float | None = Field(
+        None, gt=0, description="The general perplexity rise (%, against step 0 of the curve) an arm may cost: the "
+        "report gives per arm the first curve step over it and the best step within it (largest domain gain); that "
+        "step's weights are kept in the arm's directory (within-budget/, the trainable weights: a full arm's size "
+        "once). None = off.")
+    stop_at_budget: bool = Field(
+        False, description="With forgetting_budget_pct: an arm stops at the first curve step over the budget and "
+        "its saved (and evaluated) model is its best step within the budget; the report says so.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Training precision: bf16 = bf16 autocast with fp32 weights; auto = bf16 on GPUs that support it."
     )
@@ -283,6 +303,11 @@ class StudyConfig(_Frozen):
             raise ValueError(f"reference_arm {self.reference_arm!r} is not one of the arms {names}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds has duplicates: {list(self.seeds)}")
+        if self.forgetting_budget_pct is not None and self.eval.every_steps == 0:
+            raise ValueError("forgetting_budget_pct needs the curves: eval.every_steps is 0 (off); unset it or set a "
+                             "positive number of steps")
+        if self.stop_at_budget and self.forgetting_budget_pct is None:
+            raise ValueError("stop_at_budget needs forgetting_budget_pct (the general perplexity rise in % to stop at)")
         if self.eval.stride is not None and self.eval.stride > self.chunk_len:
             raise ValueError(f"eval.stride ({self.eval.stride}) must be <= chunk_len ({self.chunk_len})")
         return self

@@ -31,9 +31,9 @@ CODE: dict[str, tuple[str, ...]] = {
     "fingerprint": ("corpora",),
     "fetch-model": ("sources",),
     "tokenize": ("corpora", "chunking", "models"),
-    "train": ("plan", "training", "models"),
+    "train": ("plan", "training", "curves", "models"),  # + perplexity when the arm measures curves (ftcore.plan)
     "evaluate": ("perplexity", "models"),
-    "report": ("report", "stats", "cards"),
+    "report": ("report", "stats", "cards", "forgetting"),
 }
 # Libraries whose version can change a step's result.
 LIBRARIES: dict[str, tuple[str, ...]] = {
@@ -42,7 +42,7 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
     "tokenize": ("transformers", "tokenizers", "trl", "pyarrow"),
     "train": ("torch", "transformers", "trl", "peft", "accelerate", "datasets"),
     "evaluate": ("torch", "transformers", "peft"),
-    "report": ("numpy", "pandas", "matplotlib", "huggingface_hub"),
+    "report": ("numpy", "pandas", "matplotlib", "huggingface_hub", "scipy"),
 }
 
 
@@ -57,6 +57,11 @@ def _library_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "absent"
+
+
+def module_digest(name: str) -> str:
+    """sha256 of one ftcore module's source (read from FTCORE)."""
+    return _module_digest(name, str(FTCORE))
 
 
 def code_digest(step: str, functions: Iterable[Callable[..., Any]] = (), package_dir: Path | None = None) -> str:

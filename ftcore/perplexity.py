@@ -89,17 +89,24 @@ def document_scores(scores: pd.DataFrame, token_docs: list[tuple[np.ndarray, np.
         return df.groupby("doc", sort=True).sum().reset_index()
     if token_docs is None:
         raise ValueError("document_scores needs row_docs or token_docs")
-    docs, nll, nbytes = [], [], []
-    for token_nll, (d, b) in zip(scores["token_nll"], token_docs):
+    with_kl = "token_kl" in scores
+    docs, nll, nbytes, kl = [], [], [], []
+    for r, (token_nll, (d, b)) in enumerate(zip(scores["token_nll"], token_docs)):
         token_nll = np.asarray(token_nll, dtype=np.float64)
         predicted = ~np.isnan(token_nll)  # position j scores token j + 1
         docs.append(d[1:][predicted])
         nll.append(token_nll[predicted])
         nbytes.append(b[1:][predicted])
+        if with_kl:
+            kl.append(np.asarray(scores["token_kl"].iloc[r], dtype=np.float64)[predicted])
     df = pd.DataFrame({"doc": np.concatenate(docs), "nll_sum": np.concatenate(nll), "n_bytes": np.concatenate(nbytes)})
-    out = df.groupby("doc", sort=True).agg(n_tokens=("nll_sum", "size"), nll_sum=("nll_sum", "sum"),
-                                           n_bytes=("n_bytes", "sum"))
-    return out.reset_index()[["doc", "n_tokens", "nll_sum", "n_bytes"]]
+    columns = ["doc", "n_tokens", "nll_sum", "n_bytes"]
+    sums = {"n_tokens": ("nll_sum", "size"), "nll_sum": ("nll_sum", "sum"), "n_bytes": ("n_bytes", "sum")}
+    if with_kl:
+        df["kl_sum"] = np.concatenate(kl)
+        sums["kl_sum"] = ("kl_sum", "sum")
+        columns.append("kl_sum")
+    return df.groupby("doc", sort=True).agg(**sums).reset_index()[columns]
 
 
 def _autocast(precision: str, device: str):
@@ -116,17 +123,24 @@ def score_rows(
     precision: str = "fp32",
     label: str = "eval",
     keep_tokens: bool = False,
+    top_k: int = 0,
+    reference: TopK | None = None,
 ) -> pd.DataFrame:
     """Summed NLL and predicted-token count per row; rows are batched longest-first to limit padding.
 
     keep_tokens adds `token_nll`: per row, the NLL at each position 1..n-1 (NaN where not predicted),
-    so results can be split by document.
+    so results can be split by document. top_k > 0 adds `topk_ids` / `topk_logp`: per row, for each
+    predicted token, the model's k most likely tokens and their log-probabilities (the reference a
+    later model's KL is measured against, `top_k_reference`). `reference` (of the same rows) adds
+    `kl_sum`, the summed KL(reference ‖ model) in nats over the row's predicted tokens (`kl_top_k`),
+    and with keep_tokens `token_kl` per position.
     """
     device = str(next(model.parameters()).device)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     nll = np.zeros(len(rows))
     count = np.zeros(len(rows), dtype=np.int64)
     per_token: list[np.ndarray | None] = [None] * len(rows)
+    extra: dict[str, list] = {name: [None] * len(rows) for name in ("topk_ids", "topk_logp", "kl")}
     model.eval()
     progress = Progress(label, total=sum(len(r[0]) for r in rows), unit="tokens")
     with torch.inference_mode(), _autocast(precision, device):
@@ -148,6 +162,8 @@ def score_rows(
             ).view(target.shape)
             nll[idx] = losses.sum(dim=1).double().cpu().numpy()
             count[idx] = (target != IGNORE).sum(dim=1).cpu().numpy()
+            if top_k or reference is not None:
+                _compare(logits, target, idx, rows, top_k, reference, extra)
             if keep_tokens:
                 token = losses.masked_fill(target == IGNORE, float("nan")).float().cpu().numpy()
                 for j, i in enumerate(idx):
@@ -156,17 +172,80 @@ def score_rows(
     out = pd.DataFrame({"row": np.arange(len(rows)), "n_tokens": count, "nll_sum": nll, "n_bytes": [r[2] for r in rows]})
     if keep_tokens:
         out["token_nll"] = per_token
+    if top_k:
+        out["topk_ids"], out["topk_logp"] = extra["topk_ids"], extra["topk_logp"]
+    if reference is not None:
+        out["kl_sum"] = [float(np.nansum(k)) for k in extra["kl"]]
+        if keep_tokens:
+            out["token_kl"] = extra["kl"]
     return out
 
 
+# --- KL divergence to a reference model ----------------------------------------------------------
+
+TopK = list[tuple[np.ndarray, np.ndarray]]  # per row: (ids [predicted x k], log-probs [predicted x k])
+
+
+def top_k_reference(scores: pd.DataFrame) -> TopK:
+    """The per-row top-k token ids and log-probabilities of score_rows(top_k=k), as a reference."""
+    return [(np.asarray(i), np.asarray(p)) for i, p in zip(scores["topk_ids"], scores["topk_logp"])]
+
+
+def kl_top_k(logq: torch.Tensor, ref_ids: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per position, KL(p ‖ q) in nats from p's top-k tokens and the rest of the vocabulary as one bucket.
+
+    logq: [positions x vocab] log-probabilities of the model; ref_ids, ref_logp: [positions x k] the
+    reference's k most likely tokens and their log-probabilities. With k >= vocab this is the exact
+    KL. Otherwise it is the KL of the two distributions coarsened to k + 1 outcomes (the k tokens and
+    "any other"), which by the data-processing inequality is a lower bound of the full KL; its error
+    on real models is measured by bench/kl.py.
+    """
+    q_head = logq.gather(-1, ref_ids).double()
+    p_head = ref_logp.double()
+    kl = (p_head.exp() * (p_head - q_head)).sum(-1)
+    if ref_ids.shape[-1] >= logq.shape[-1]:
+        return kl
+    p_tail = (1 - p_head.exp().sum(-1)).clamp(min=0)
+    q_tail = (1 - q_head.exp().sum(-1)).clamp(min=1e-30)
+    tail = p_tail * (torch.log(p_tail.clamp(min=1e-30)) - torch.log(q_tail))
+    return kl + torch.where(p_tail > 0, tail, torch.zeros_like(tail))
+
+
+def _compare(logits: torch.Tensor, target: torch.Tensor, idx: list[int], rows, top_k: int, reference: TopK | None,
+             extra: dict[str, list]) -> None:
+    """Top-k of each predicted position (a reference) and/or its KL from a reference, per row of a batch."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    for j, i in enumerate(idx):
+        n = len(rows[i][0]) - 1
+        predicted = (target[j, :n] != IGNORE)
+        row_logp = logp[j, :n][predicted]
+        if top_k:
+            values, ids = row_logp.topk(min(top_k, row_logp.shape[-1]), dim=-1)
+            extra["topk_ids"][i] = ids.to(torch.int32).cpu().numpy()
+            extra["topk_logp"][i] = values.cpu().numpy()
+        if reference is not None:
+            ref_ids, ref_logp = reference[i]
+            if len(ref_ids) != int(predicted.sum()):
+                raise ValueError(f"row {i}: the reference has {len(ref_ids)} predicted tokens, this model "
+                                 f"{int(predicted.sum())}: they were not scored on the same rows")
+            kl = kl_top_k(row_logp, torch.as_tensor(ref_ids, dtype=torch.long, device=logp.device),
+                          torch.as_tensor(ref_logp, device=logp.device)).cpu().numpy()
+            per_position = np.full(n, np.nan)
+            per_position[predicted.cpu().numpy()] = kl
+            extra["kl"][i] = per_position
+
+
 def summarize(scores: pd.DataFrame) -> dict[str, float]:
-    """Token-weighted perplexity, mean NLL and bits per byte of a per-row score table."""
+    """Token-weighted perplexity, mean NLL (nats) and bits per byte of a per-row score table; with `kl_sum`
+    also `kl`, the mean KL(reference ‖ model) per predicted token in nats."""
     tokens = int(scores["n_tokens"].sum())
     nll = float(scores["nll_sum"].sum())
     nbytes = int(scores["n_bytes"].sum())
     if tokens == 0:
         raise ValueError("no predicted tokens to score")
+    kl = {"kl": float(scores["kl_sum"].sum()) / tokens} if "kl_sum" in scores else {}
     return {
+        **kl,
         "ppl": math.exp(nll / tokens),
         "nll": nll / tokens,
         "bpb": nll / math.log(2) / nbytes if nbytes else float("nan"),

@@ -50,6 +50,22 @@ class ModelRef(_Frozen):
                                  f"{self.source} model {self.name!r} there")
 
 
+class CurvePlan(_Frozen):
+    """What an arm measures while it trains (ftcore.curves): where, how often and how it scores."""
+
+    every_steps: int | None  # None = about 10 points over the arm's steps
+    tokens: int | None  # size of each subsample; None = the whole evaluation sets
+    domain_rows: str  # held-out domain rows (test.parquet), relative to the artifacts root
+    general_rows: str  # the general stream's chunks, relative to the artifacts root
+    window: int  # the general stream's windows, as in the final evaluation: chunk_len,
+    stride: int | None  # eval.stride
+    max_general_tokens: int | None  # and eval.max_general_tokens
+    batch_size: int
+    precision: Literal["fp32", "bf16"]
+    budget_pct: float | None  # forgetting_budget_pct
+    stop_at_budget: bool
+
+
 class ArmPlan(_Frozen):
     """One arm at one seed, resolved: all that training reads, its key and its directory."""
 
@@ -68,6 +84,7 @@ class ArmPlan(_Frozen):
     trackers: tuple[str, ...] = ("tensorboard",)  # where the trainer logs its loss (not part of the key)
     train_rows: str  # tokenized domain training rows, relative to the artifacts root
     replay_rows: str | None  # tokenized replay chunks, when replay_ratio > 0
+    curve: CurvePlan | None = None  # None: no curves (eval.every_steps = 0)
     key: str
     dir: str  # relative to the artifacts root: train-<name>/<key>
 
@@ -82,13 +99,26 @@ class ArmPlan(_Frozen):
         return ["adapter", "model"] if self.saves_merged else ["adapter"]
 
 
+def plan_curve(cfg: StudyConfig, domain: dict[str, Any], general: dict[str, Any] | None) -> CurvePlan | None:
+    """What every arm measures while it trains; None when curves are off or there is no general set."""
+    if cfg.eval.every_steps == 0 or general is None:
+        return None
+    return CurvePlan(every_steps=cfg.eval.every_steps, tokens=cfg.eval.curve_tokens, domain_rows=domain["test"],
+                     general_rows=general["path"], window=cfg.chunk_len, stride=cfg.eval.stride,
+                     max_general_tokens=cfg.eval.max_general_tokens, batch_size=cfg.eval.batch_size,
+                     precision=cfg.eval.precision, budget_pct=cfg.forgetting_budget_pct,
+                     stop_at_budget=cfg.stop_at_budget)
+
+
 def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain: dict[str, Any],
-             replay: dict[str, Any] | None) -> ArmPlan:
+             replay: dict[str, Any] | None, general: dict[str, Any] | None = None) -> ArmPlan:
     """The plan of `arm` at `seed` on the tokenized `domain` (and `replay`) data of `cfg`.
 
     The key hashes what the arm trains with and the content digests of its inputs (model, domain
     rows, replay chunks when it mixes them in), and the training code (ftcore.keys); not paths,
-    not the other arms, not the evaluation settings.
+    not the other arms. With curves on (eval.every_steps), what the arm measures while training is
+    part of its result: the curve settings, the evaluation batch size and precision and the
+    general set's digest are in the key too.
     """
     lora = cfg.lora_of(arm) if arm.method != "full" else None
     train = cfg.train.model_copy(update={"seed": seed})
@@ -101,6 +131,11 @@ def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain:
         "train": train.model_dump(mode="json"), "chunk_len": cfg.chunk_len, "precision": cfg.precision,
         "model": model.digest, "domain": domain["digest"], "replay": replay["digest"] if replaying else None,
     }
+    curve = plan_curve(cfg, domain, general)
+    if curve is not None:
+        # The points are scored by ftcore.perplexity: its code is part of this result only when curves are on.
+        what["curve"] = curve.model_dump(mode="json", exclude={"domain_rows", "general_rows"}) | {
+            "general": general["digest"], "scoring": keys.module_digest("perplexity")}
     key = keys.step_key("train", what)
     return ArmPlan(
         name=arm.name, label=cfg.run_label(arm.name, seed), seed=seed, method=arm.method,
@@ -108,6 +143,6 @@ def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain:
         learning_rate=lora.learning_rate if lora else train.learning_rate,
         chunk_len=cfg.chunk_len, precision=cfg.precision, device=cfg.device, model=model,
         trackers=tuple(t for t in cfg.report_to if t != "mlflow"),  # MLflow gets the whole study (ftcore.tracking)
-        train_rows=domain["train"], replay_rows=replay["path"] if replaying else None,
+        train_rows=domain["train"], replay_rows=replay["path"] if replaying else None, curve=curve,
         key=key, dir=f"train-{arm.name}/{key}",
     )

@@ -68,7 +68,8 @@ DEMO: dict[str, Any] = {
     "train": {"batch_size": 8, "grad_accum": 1, "learning_rate": 6e-4, "max_steps": 30, "logging_steps": 5,
               "save_steps": 10, "warmup_ratio": 0.1},
     "lora": {"learning_rate": 1e-3},
-    "eval": {"batch_size": 8, "max_general_tokens": 16384},
+    # Curves: 6 points per arm on about 1.5k tokens of each set, about 10% of the demo's time (BENCHMARKS.md).
+    "eval": {"batch_size": 8, "max_general_tokens": 16384, "every_steps": 6, "curve_tokens": 1536},
     "precision": "bf16",
     "device": "cpu",
 }
@@ -85,7 +86,8 @@ DEMO_FROM_HUB: dict[str, Any] = {
 
 # The demo as a sweep, within an hour on 2 CPU cores: six arms (replay at 10% and 25%, LoRA at rank
 # 16 and 4, LoRA with replay) x two seeds, trained exactly as the demo's arms (its full, replay and
-# lora at seed 0 are the demo's, reused from the cache when the demo ran first). Evaluation is in
+# lora at seed 0 train as the demo's; their curves are scored in bf16, so they are not cache hits of
+# the demo's). Evaluation is in
 # bf16 (2.5x faster here, +0.1% perplexity for every model alike, BENCHMARKS.md) so that 40k tokens
 # of WikiText-2 can be scored per model for the per-article view (9 articles).
 DEMO_SWEEP: dict[str, Any] = _merge(DEMO, {

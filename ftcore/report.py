@@ -74,6 +74,8 @@ def run_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
         row[f"{e['set']}_change_pct"] = 100 * (e["ppl"] / base[e["set"]]["ppl"] - 1)
         row[f"{e['set']}_bpb"] = e["bpb"]
         row[f"{e['set']}_tokens"] = e["tokens"]
+        if e["set"] == "general" and e.get("kl") is not None:
+            row["general_kl"] = e["kl"]
     df = pd.DataFrame(list(rows.values()))
     df["seed"] = df["seed"].astype("Int64")
     return df
@@ -122,6 +124,8 @@ def analyse(evals: list[dict[str, Any]], order: list[str] | None = None, titles:
                 row[f"{s}_change_pct"], (row[f"{s}_change_ci_low"], row[f"{s}_change_ci_high"]), row[f"{s}_change_std"])
             row[f"{s}_bpb"] = float(per_seed[f"{s}_bpb"].mean())
             row[f"{s}_tokens"] = int(per_seed[f"{s}_tokens"].iloc[0])
+        if s == "general":
+            _kl_to_base(models, table, arms, seeds, runs, resamples)
     table_df = pd.DataFrame(table)
     if arms:
         # The front is over the trained arms: the base and the 4-bit base (a reference point) are not on it.
@@ -142,6 +146,27 @@ def analyse(evals: list[dict[str, Any]], order: list[str] | None = None, titles:
                                     "ci_high": ci[1], "seed_std": spread, "within_noise": stats.within_noise(diff, ci, spread)})
     return Analysis(arms=table_df, runs=runs, comparisons=pd.DataFrame(comparisons),
                     general_docs=general_doc_changes(evals, titles))
+
+
+def _kl_to_base(models: list[dict[str, Any]], table: list[dict[str, Any]], arms: list[str], seeds: dict[str, list[int]],
+                runs: pd.DataFrame, resamples: int) -> None:
+    """Each arm's mean KL(base ‖ arm) per general token (nats): mean over seeds, their spread, and a
+    bootstrap interval over documents (the same resamples as the perplexities), into `table`."""
+    docs = [_docs(e) for e in models[1:]]
+    if not docs or not all("kl_sum" in d for d in docs):
+        return
+    tokens = np.asarray(docs[0]["n_tokens"], dtype=np.float64)
+    kl = np.stack([np.asarray(d["kl_sum"], dtype=np.float64) for d in docs])
+    weights = stats.resample_weights(len(tokens), resamples)
+    per_model = (weights @ kl.T) / (weights @ tokens)[:, None]  # [resamples x arm runs]
+    col = 0
+    for i, a in enumerate(arms, start=1):
+        cols = list(range(col, col + len(seeds[a])))
+        col += len(seeds[a])
+        values = runs.set_index(["arm", "seed"]).loc[[(a, sd) for sd in seeds[a]], "general_kl"].to_numpy()
+        table[i]["general_kl"] = float(values.mean())
+        table[i]["general_kl_std"] = stats.seed_std(values)
+        table[i]["general_kl_ci_low"], table[i]["general_kl_ci_high"] = stats.interval(per_model[:, cols].mean(axis=1))
 
 
 def general_doc_changes(evals: list[dict[str, Any]], titles: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -176,11 +201,26 @@ def _pct(row: pd.Series, s: str) -> str:
 
 
 TABLE_COLUMNS = ("arm", "seeds", "domain ppl", "Δ domain ± std [95% CI]", "general ppl", "Δ general ± std [95% CI]",
-                 "domain bits/byte", "general bits/byte", "front")
+                 "KL(base‖arm) general, nats/token [95% CI]", "domain bits/byte", "general bits/byte", "front")
+KL_COLUMN = TABLE_COLUMNS[6]
+
+
+def _kl(r: pd.Series) -> str:
+    value = r.get("general_kl")
+    if value is None or pd.isna(value):
+        return "—"
+    spread = f" ± {r['general_kl_std']:.2g}" if r["seeds"] > 1 else ""
+    return f"{value:.3g}{spread} [{r['general_kl_ci_low']:.3g}, {r['general_kl_ci_high']:.3g}]"
+
+
+def columns(table: pd.DataFrame) -> tuple[str, ...]:
+    """The table's columns: the KL column only when the arms' KL was measured."""
+    with_kl = "general_kl" in table and table["general_kl"].notna().any()
+    return TABLE_COLUMNS if with_kl else tuple(c for c in TABLE_COLUMNS if c != KL_COLUMN)
 
 
 def table_rows(table: pd.DataFrame) -> list[dict[str, str]]:
-    """The table as readable rows (the cells of table.md), one dict per arm, keyed by TABLE_COLUMNS."""
+    """The table as readable rows (the cells of table.md), one dict per arm, keyed by `columns(table)`."""
     rows = []
     for _, r in table.iterrows():
         base = r["arm"] == "base"
@@ -188,14 +228,18 @@ def table_rows(table: pd.DataFrame) -> list[dict[str, str]]:
         for s in SETS:
             cells.append(f"{r[f'{s}_ppl']:.2f}")
             cells.append(f"[{r[f'{s}_ppl_ci_low']:.2f}, {r[f'{s}_ppl_ci_high']:.2f}]" if base else _pct(r, s))
+        cells += ["0 (itself)" if base else _kl(r)]
         cells += [f"{r['domain_bpb']:.3f}", f"{r['general_bpb']:.3f}", "" if base else ("●" if r.get("pareto") else "")]
-        rows.append(dict(zip(TABLE_COLUMNS, cells)))
+        row = dict(zip(TABLE_COLUMNS, cells))
+        rows.append({c: row[c] for c in columns(table)})
     return rows
 
 
 def markdown_table(table: pd.DataFrame) -> str:
     """Arms as rows: perplexity and change against base per set, with seeds, spread and intervals."""
-    out = ["| " + " | ".join(TABLE_COLUMNS) + " |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    cols = columns(table)
+    align = {"arm": "---", "front": ":---:"}
+    out = ["| " + " | ".join(cols) + " |", "| " + " | ".join(align.get(c, "---:") for c in cols) + " |"]
     out += ["| " + " | ".join(row.values()) + " |" for row in table_rows(table)]
     return "\n".join(out)
 
@@ -355,15 +399,21 @@ def data_lines(data: dict[str, Any], chunk_len: int | None = None) -> list[str]:
 
 def render_markdown(a: Analysis, title: str, details: dict[str, Any], plots: dict[str, Path],
                     methods: dict[str, str] | None = None, data: dict[str, Any] | None = None,
-                    chunk_len: int | None = None) -> str:
+                    chunk_len: int | None = None, sections: dict[str, list[str]] | None = None) -> str:
     lines = [f"# Fine-tuning cost study: {title}", "", markdown_table(a.arms), "",
              f"Δ is the % change in perplexity against the base model; ± the standard deviation over seeds; "
              f"[..] the 95% bootstrap interval over documents ({stats.RESAMPLES} resamples, paired across models). "
-             f"{NOISE_RULE}. ● marks the arms on the Pareto front of domain gain vs general forgetting.", "",
+             f"{NOISE_RULE}. ● marks the arms on the Pareto front of domain gain vs general forgetting."
+             + (" KL(base‖arm) is the mean per-token KL divergence of the arm's next-token distribution from the "
+                "base's on the general set, in nats (0 = the base's predictions unchanged; it does not depend on how "
+                "well the base fit the text); top-k approximation as configured in eval.kl_top_k."
+                if KL_COLUMN in columns(a.arms) else ""), "",
              "## Against the seed recipe's expectations", "", f"Expected: {EXPECTED['domain']}; {EXPECTED['general']}.", ""]
     lines += [f"- {line}" for line in expectation_checks(a, methods)]
     if a.runs["seed"].notna().any() and a.arms["seeds"].max() > 1:
         lines += ["", "## Every seed", "", runs_markdown(a.runs)]
+    for heading, section in (sections or {}).items():
+        lines += ["", f"## {heading}", ""] + section
     forgetting = forgetting_summary(a.general_docs, [x for x in a.arms.arm if x != "base"])
     if forgetting:
         lines += ["", "## Where forgetting happens", ""] + forgetting
@@ -448,19 +498,22 @@ def write_report(
     loss_logs: dict[str, Path] | None = None, details: dict[str, Any] | None = None,
     order: list[str] | None = None, methods: dict[str, str] | None = None, titles: pd.DataFrame | None = None,
     reference: str | None = None, data: dict[str, Any] | None = None, chunk_len: int | None = None,
+    sections: dict[str, list[str]] | None = None, more_plots: dict[str, Path] | None = None,
 ) -> dict[str, str]:
-    """Write the tables, report.md and the plots into out_dir; return their paths."""
+    """Write the tables, report.md and the plots into out_dir; return their paths. `sections` (heading ->
+    markdown lines) and `more_plots` (already drawn, e.g. ftcore.forgetting's) join the report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     a = analyse(evals, order, titles, reference=reference)
     plots = {"perplexity": plot_perplexity(a.arms, out / "perplexity.png"), "frontier": plot_frontier(a, out / "frontier.png")}
     if loss_logs:
         plots["loss"] = plot_losses(loss_logs, out / "loss.png")
+    plots.update(more_plots or {})
     write_parquet(a.arms, out / "table.parquet")
     write_parquet(a.runs, out / "runs.parquet")
     write_parquet(a.general_docs, out / "general_docs.parquet")
     write_text(markdown_table(a.arms) + "\n", out / "table.md")
-    write_text(render_markdown(a, title, details or {}, plots, methods, data, chunk_len), out / "report.md")
+    write_text(render_markdown(a, title, details or {}, plots, methods, data, chunk_len, sections), out / "report.md")
     return {"table": str(out / "table.parquet"), "runs": str(out / "runs.parquet"),
             "general_docs": str(out / "general_docs.parquet"), "report": str(out / "report.md"),
             **{name: str(p) for name, p in plots.items()}}

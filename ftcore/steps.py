@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ftcore import cards, chunking, corpora, models, perplexity, report, sources, training
+from ftcore import cards, chunking, corpora, curves, forgetting, models, perplexity, report, sources, training
 from ftcore.config import InputError, StudyConfig, config_yaml
 from ftcore.io import (atomic_path, entries_digest, file_entries, hash_dir, step_lock, verify_manifest, write_json,
                        write_manifest, write_parquet, write_text)
@@ -235,27 +235,36 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list | None = None,
     def compute() -> dict[str, Any]:
         summary = training.train_arm(plan, root, callbacks=callbacks, on_progress=on_progress)
         return {"key": plan.key, "arm": plan.name, "label": plan.label, "seed": plan.seed, "method": plan.method,
-                "dir": plan.dir, "summary": summary}
+                "dir": plan.dir, "summary": summary,
+                "curves": f"{plan.dir}/{curves.FRAME}" if plan.curve else None}
 
+    curve_files = [curves.LOG, curves.FRAME] if plan.curve else []
     return run_once(train_dir(plan, root), compute, outputs=plan.outputs(),
-                    extras=["train_log.jsonl", training.SUMMARY])
+                    extras=["train_log.jsonl", training.SUMMARY, *curve_files])
 
 
 # --- evaluate ------------------------------------------------------------------------------------
 
 def evaluate_dir(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str,
-                 arm: dict[str, Any] | None = None) -> Path:
+                 arm: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> Path:
     reads = {"eval": cfg.eval.model_dump(mode="json"), "chunk_len": cfg.chunk_len, "set": which,
-             "model": model.digest, "arm": arm["digest"] if arm else None, "data": data["digest"]}
+             "model": model.digest, "arm": arm["digest"] if arm else None, "data": data["digest"],
+             "base": base["digest"] if base and base.get("reference") else None}
     name = arm["arm"] if arm else "base"
     return root_of(cfg) / f"eval-{name}-{which}" / step_key("evaluate", reads, (evaluate,))
 
 
 def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str,
-             arm: dict[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
+             arm: dict[str, Any] | None = None, base: dict[str, Any] | None = None,
+             device: str | None = None) -> dict[str, Any]:
     """Perplexity and bits per byte of the base model (arm=None) or a trained arm on `which` (domain or
-    general), with per-row (scores.parquet) and per-document (docs.parquet) NLL."""
-    out = evaluate_dir(cfg, model, data, which, arm)
+    general), with per-row (scores.parquet) and per-document (docs.parquet) NLL.
+
+    On the general set with eval.kl_top_k > 0, the base's evaluation also stores its top-k
+    log-probabilities per token (reference.npz), and an arm's, given that evaluation as `base`, adds
+    `kl`: the mean KL(base ‖ arm) per token in nats (per document in docs.parquet).
+    """
+    out = evaluate_dir(cfg, model, data, which, arm, base)
     label = arm["label"] if arm else "base"
 
     def compute() -> dict[str, Any]:
@@ -274,9 +283,15 @@ def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str
         base_dir = model.locate(root)
         net = model_to_score(arm, base_dir, root, where)
         tokenizer = models.load_tokenizer(base_dir)
+        keeps_reference = which == "general" and arm is None and cfg.eval.kl_top_k > 0
+        reference = read_reference(root / base["reference"]) if base and base.get("reference") and arm else None
         scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
-                                       label=f"eval-{label}-{which}", keep_tokens=token_docs is not None)
+                                       label=f"eval-{label}-{which}", keep_tokens=token_docs is not None,
+                                       top_k=cfg.eval.kl_top_k if keeps_reference else 0, reference=reference)
         del net
+        if keeps_reference:
+            write_reference(perplexity.top_k_reference(scores), out / "reference.npz")
+            scores = scores.drop(columns=["topk_ids", "topk_logp"])
         docs = perplexity.document_scores(scores, token_docs=token_docs,
                                           row_docs=None if token_docs is not None else frame["doc"])
         write_parquet(scores, out / "scores.parquet")
@@ -287,9 +302,29 @@ def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str
                  summary["tokens"])
         return {"arm": arm["arm"] if arm else "base", "label": label, "seed": arm["seed"] if arm else None,
                 "set": which, "scores": relative(cfg, out / "scores.parquet"), "docs": relative(cfg, out / "docs.parquet"),
-                "titles": data.get("docs"), **summary}
+                "titles": data.get("docs"), **summary,
+                "reference": relative(cfg, out / "reference.npz") if keeps_reference else None}
 
-    return run_once(out, compute, outputs=["scores.parquet", "docs.parquet", "summary.json"])
+    outputs = ["scores.parquet", "docs.parquet", "summary.json"]
+    if which == "general" and arm is None and cfg.eval.kl_top_k > 0:
+        outputs.append("reference.npz")
+    return run_once(out, compute, outputs=outputs)
+
+
+def write_reference(reference: perplexity.TopK, path: Path) -> Path:
+    """Per-row top-k ids and log-probabilities as one npz: rows concatenated, `offsets` where each starts."""
+    lengths = [len(ids) for ids, _ in reference]
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=np.concatenate([ids for ids, _ in reference]),
+                     logp=np.concatenate([lp for _, lp in reference]), offsets=np.cumsum([0, *lengths]))
+    return path
+
+
+def read_reference(path: Path) -> perplexity.TopK:
+    with np.load(path) as z:
+        ids, logp, offsets = z["ids"], z["logp"], z["offsets"]
+    return [(ids[a:b], logp[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 # The base model in 4-bit NF4, scored like an arm when a study has QLoRA arms: the quantization's own cost.
@@ -331,6 +366,7 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
     out = report_dir(cfg, evals, arms, failed, data, model)
     files = ["table.parquet", "runs.parquet", "general_docs.parquet", "table.md", "report.md", "perplexity.png",
              "frontier.png", "config.yaml"] + (["loss.png", "cards"] if arms else [])
+    files += ["curves.png", "path.png"] if any(a.get("curves") for a in arms) else []
 
     def compute() -> dict[str, Any]:
         root = root_of(cfg)
@@ -347,11 +383,14 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
         scored = {"domain test": base.get("domain"), "general": base.get("general")}
         data_seen = {name: {**st, "scored": scored[name]} if scored.get(name) is not None else st
                      for name, st in (data or {}).items()}
+        along = forgetting.write(arms, root, out, cfg.forgetting_budget_pct)
         paths = report.write_report(done, out, cfg.name, logs, details, order=["base-nf4", *cfg.arm_names],
                                     methods={a.name: a.method for a in cfg.arms} | {"base-nf4": "nf4"},
                                     reference=cfg.reference,
                                     titles=pd.read_parquet(root / titles) if titles else None, data=data_seen,
-                                    chunk_len=cfg.chunk_len)
+                                    chunk_len=cfg.chunk_len,
+                                    sections={"Forgetting along training": along["lines"]} if along else None,
+                                    more_plots=along.get("plots"))
         header = ("The effective config of this study (ftstudy run --config config.yaml reruns it); artifacts_dir,\n"
                   "executor and train_deployment, which change no number, are left at their defaults.")
         where = StudyConfig.model_fields
@@ -383,6 +422,6 @@ FETCH_MODEL = Step("fetch-model", lambda cfg: fetch_dir(cfg), fetch_model)
 TOKENIZE_DOMAIN = Step("tokenize-domain", tokenize_domain_dir, tokenize_domain)
 TOKENIZE_STREAM = Step("tokenize-stream", tokenize_stream_dir, tokenize_stream)
 TRAIN = Step("train", lambda plan, root, *_: train_dir(plan, root), train_arm)
-EVALUATE = Step("evaluate", lambda cfg, model, data, which, arm=None, *_: evaluate_dir(cfg, model, data, which, arm),
-                evaluate)
+EVALUATE = Step("evaluate", lambda cfg, model, data, which, arm=None, base=None, *_:
+                evaluate_dir(cfg, model, data, which, arm, base), evaluate)
 REPORT = Step("report", report_dir, write_results)

@@ -214,7 +214,8 @@ def prepare(cfg: StudyConfig, runner: Runner | None = None) -> Prepared:
 def plan_arms(prepared: Prepared) -> list[ArmPlan]:
     """Every arm at every seed, resolved once (ftcore.plan.plan_arm)."""
     p = prepared
-    return [plan_arm(p.cfg, arm, seed, p.model, p.domain, p.replay) for seed in p.cfg.run_seeds for arm in p.cfg.arms]
+    return [plan_arm(p.cfg, arm, seed, p.model, p.domain, p.replay, p.general)
+            for seed in p.cfg.run_seeds for arm in p.cfg.arms]
 
 
 def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
@@ -226,12 +227,15 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
     runner = runner or InlineRunner()
     p = prepare(cfg, runner)
     cfg, root = p.cfg, p.cfg.artifacts_dir
-    base = [runner.submit(EVALUATE, cfg, p.model, p.data(w), w) for w in SETS]
+    baseline = {w: runner.submit(EVALUATE, cfg, p.model, p.data(w), w) for w in SETS}
+    # An arm's general evaluation also measures its KL from the base, from the base's stored top-k.
+    against = {"domain": None, "general": baseline["general"]}
+    base = list(baseline.values())
     if any(a.method == "qlora" for a in cfg.arms):  # the 4-bit base: what quantization alone costs
-        base += [runner.submit(EVALUATE, cfg, p.model, p.data(w), w, QUANTIZED_BASE) for w in SETS]
+        base += [runner.submit(EVALUATE, cfg, p.model, p.data(w), w, QUANTIZED_BASE, against[w]) for w in SETS]
     plans = plan_arms(p)
     trained = {plan.label: runner.submit(TRAIN, plan, root) for plan in plans}
-    arm_evals = {label: [runner.submit(EVALUATE, cfg, p.model, p.data(w), w, fut) for w in SETS]
+    arm_evals = {label: [runner.submit(EVALUATE, cfg, p.model, p.data(w), w, fut, against[w]) for w in SETS]
                  for label, fut in trained.items()}
 
     evals = [result(runner, f) for f in base]

@@ -3,8 +3,8 @@
 With "mlflow" in `report_to`, a finished study is logged to the tracking server of
 MLFLOW_TRACKING_URI (MLflow's default: a local SQLite file ./mlflow.db, artifacts in ./mlruns): one parent run per report
 (the table, report, plots, config and model cards as artifacts; each arm's changes as metrics) and
-a child run per arm and seed (its resolved settings as params, its training loss per step and its
-final perplexities and bits per byte as metrics). A report already logged is not logged again, so a
+a child run per arm and seed (its resolved settings as params, its training loss and its learning
+and forgetting curve per step, its final perplexities, bits per byte and KL as metrics). A report already logged is not logged again, so a
 cached rerun adds nothing. Tracking is a side effect: an unreachable tracker is a warning, not a
 failed study.
 """
@@ -56,7 +56,7 @@ def log_mlflow(cfg: StudyConfig, root: Path, results: dict[str, Any], arms: list
                 mlflow.log_metric(f"{arm}.{s}_ppl", float(row[f"{s}_ppl"]))
                 if arm != "base":
                     mlflow.log_metric(f"{arm}.{s}_change_pct", float(row[f"{s}_change_pct"]))
-        for name in ("table", "report", "perplexity", "frontier", "loss", "config"):
+        for name in ("table", "report", "perplexity", "frontier", "loss", "curves", "path", "config"):
             if name in results and (root / results[name]).is_file():
                 mlflow.log_artifact(str(root / results[name]))
         cards = (root / results["report"]).parent / "cards"
@@ -82,10 +82,17 @@ def _log_arm(cfg: StudyConfig, root: Path, arm: dict[str, Any], evals: list[dict
         for line in log_file.read_text().splitlines() if log_file.is_file() else []:
             entry = json.loads(line)
             mlflow.log_metric("train_loss", float(entry["loss"]), step=int(entry["step"]))
+        curve = root / arm["curves"] if arm.get("curves") else None
+        if curve is not None and curve.is_file():
+            for _, p in pd.read_parquet(curve).iterrows():
+                for k in ("ppl", "bpb", "change_pct"):
+                    mlflow.log_metric(f"curve_{p['set']}_{k}", float(p[k]), step=int(p["step"]))
         for e in evals:
             if e["arm"] == arm["arm"] and e.get("seed") == arm["seed"]:
                 mlflow.log_metric(f"{e['set']}_ppl", float(e["ppl"]))
                 mlflow.log_metric(f"{e['set']}_bpb", float(e["bpb"]))
+                if e.get("kl") is not None:
+                    mlflow.log_metric(f"{e['set']}_kl_to_base", float(e["kl"]))
 
 
 def publish(cfg: StudyConfig, root: Path, results: dict[str, Any], arms: list[dict[str, Any]],

@@ -31,7 +31,7 @@ from peft import LoraConfig, PeftModel
 from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from ftcore import sources
+from ftcore import curves, sources
 from ftcore.config import InputError, LoraSpec, TrainSpec
 from ftcore.io import atomic_path, write_json
 from ftcore.models import TRAIN_SUMMARY, load_model, load_quantized, load_tokenizer, quiet_library_deprecations
@@ -133,6 +133,8 @@ def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precisio
         packing=train.packing,
         packing_strategy="bfd",  # padding-free: examples separated by their position ids
         dataloader_num_workers=0,
+        # Training tokens seen, for the curves (padding-free packed rows have no attention mask to count by).
+        include_num_input_tokens_seen="all" if train.packing else "non_padding",
     )
 
 
@@ -302,6 +304,8 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
         log.info("train-%s: resuming from %s", plan.label, checkpoint)
     model_dir = plan.model.locate(root)
     tokenizer = load_tokenizer(model_dir)
+    curve = (curves.CurveLog(plan.curve, root, out_dir, _checkpoint_step(checkpoint), tokenizer.pad_token_id,
+                             f"train-{plan.label}") if plan.curve else None)
     trainer_class = PlainLossSFTTrainer if args.use_cpu else SFTTrainer
     trainer = trainer_class(
         model=starting_model(plan, model_dir, bf16=args.bf16),
@@ -310,14 +314,20 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
         processing_class=tokenizer,
         peft_config=peft_config(plan.lora) if plan.lora else None,
         callbacks=[LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)),
-                   ProgressLog(f"train-{plan.label}", on_progress), SkipFinalCheckpoint(), *(callbacks or [])],
+                   ProgressLog(f"train-{plan.label}", on_progress), SkipFinalCheckpoint(),
+                   *([curve] if curve else []), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # LossLog and ProgressLog report instead of raw dicts
+    if curve:
+        curve.emit = trainer.log  # curve points to the trainer's own loggers (TensorBoard, W&B) at their step
     started = time.monotonic()
     with quiet_library_deprecations():
         result = trainer.train(resume_from_checkpoint=checkpoint)
+    kept = curves.stop_at_budget(trainer.model, plan, out_dir) if curve else None
     _save_arm(trainer, tokenizer, out_dir, merge=plan.saves_merged,
               base_model=sources.base_model_id(plan.model.source, plan.model.name))
+    if curve:
+        curves.write_frame(out_dir)
     summary = {
         "arm": plan.name,
         "method": plan.method,
@@ -330,6 +340,9 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
         "tokens_per_epoch": int(mix["input_ids"].map(len).sum()),
         "replay_share": replay_share(mix),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        # Seconds this run spent measuring curve points (after a resume: since the resume).
+        "curve_seconds": round(curve.seconds, 3) if curve else None,
+        "budget": kept,
     }
     write_json(summary, out_dir / SUMMARY)
     return summary

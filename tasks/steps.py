@@ -93,14 +93,16 @@ def tokenize_stream(cfg: StudyConfig, role: str, model: ModelRef, corpus: dict[s
 
 @task(name="evaluate", task_run_name="eval-{label}-{which}", **UNCACHED)
 def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str,
-             arm: dict[str, Any] | None = None, label: str = "base") -> dict[str, Any]:
-    """Perplexity and bits per byte of the base model or an arm, on one set; holds a device slot."""
-    if done := cached(steps.EVALUATE, cfg, model, data, which, arm):
+             arm: dict[str, Any] | None = None, base: dict[str, Any] | None = None,
+             label: str = "base") -> dict[str, Any]:
+    """Perplexity and bits per byte of the base model or an arm, on one set (with the KL from the base's
+    evaluation `base` on the general set); holds a device slot."""
+    if done := cached(steps.EVALUATE, cfg, model, data, which, arm, base):
         return done
     logger = get_run_logger()
     with device_slot(label=f"eval-{label}-{which}", log=logger.info) as slot:
         device = f"cuda:{slot}" if device_count() > 1 else None
-        return steps.evaluate(cfg, model, data, which, arm, device=device)
+        return steps.evaluate(cfg, model, data, which, arm, base, device=device)
 
 
 @task(name="train-arm", task_run_name="train-{plan.label}", **UNCACHED)
@@ -132,7 +134,30 @@ def train_here(plan: ArmPlan, root: str) -> dict[str, Any]:
     update_progress_artifact(progress, 100.0)
     if result["summary"]["resumed_from_step"]:
         logger.info("train-%s resumed from checkpoint step %d", plan.label, result["summary"]["resumed_from_step"])
+    publish_curve(plan, root, result)
     return result
+
+
+def publish_curve(plan: ArmPlan, root: str, result: dict[str, Any]) -> None:
+    """The arm's learning and forgetting curve as a table artifact of its run (the points are also in
+    TensorBoard, under the arm's checkpoints/runs, and in the study report's plots)."""
+    import re
+
+    import pandas as pd
+    from prefect.artifacts import create_table_artifact
+
+    if not result.get("curves"):
+        return
+    df = pd.read_parquet(Path(root) / result["curves"])
+    rows = []
+    for (step, seen), g in df.groupby(["step", "tokens_seen"], sort=True):
+        by = g.set_index("set")
+        rows.append({"step": int(step), "tokens seen": int(seen),
+                     **{f"{s} ppl": f"{by.loc[s, 'ppl']:.3f}" for s in by.index},
+                     **{f"Δ {s}": f"{by.loc[s, 'change_pct']:+.1f}%" for s in by.index}})
+    key = "curve-" + re.sub(r"[^a-z0-9-]+", "-", plan.label.lower()).strip("-")
+    create_table_artifact(rows, key=key, description=f"train-{plan.label}: domain and general perplexity on the curve "
+                                                      "subsample while training, % change against step 0")
 
 
 def train_on_work_pool(plan: ArmPlan, root: str, deployment: str) -> dict[str, Any]:
@@ -195,8 +220,9 @@ class PrefectRunner:
             return future
         if step is steps.EVALUATE:
             arm = args[4] if len(args) > 4 else None
+            base = args[5] if len(args) > 5 else None
             label = self.labels.get(id(arm)) or (arm["label"] if isinstance(arm, dict) else "base")
-            return evaluate.submit(*args[:4], arm=arm, label=label)
+            return evaluate.submit(*args[:4], arm=arm, base=base, label=label)
         return TASKS[step.name].submit(*args)
 
     def outcome(self, future: Any) -> tuple[Any, str | None]:

@@ -28,7 +28,8 @@ def finished(tmp_path_factory, tiny_model, corpus_files):
         general={"source": "file", "path": str(corpus_files["general"]), "file_format": "text", "max_docs": None},
         replay={"source": "file", "path": str(corpus_files["replay"]), "max_docs": None},
         test_docs=8, chunk_len=96, format={"prompt_template": "Title: {prompt}\nAbstract: "},
-        arms=["full", "lora"], seeds=[0, 1], report_to=["tensorboard", "mlflow"], artifacts_dir=str(root / "a"))
+        arms=["full", "lora"], seeds=[0, 1], report_to=["tensorboard", "mlflow"], artifacts_dir=str(root / "a"),
+        forgetting_budget_pct=5.0, eval={"curve_tokens": 300})
     results = study.run_study(cfg)
     return cfg, Path(cfg.artifacts_dir), results
 
@@ -71,6 +72,24 @@ def test_the_study_is_a_parent_run_and_each_arm_and_seed_a_child(finished):
     losses = client.get_metric_history(lora.info.run_id, "train_loss")
     assert [m.step for m in losses] == list(range(1, cfg.train.max_steps + 1))
     assert "domain_ppl" in lora.data.metrics and "general_bpb" in lora.data.metrics
+    assert lora.data.metrics["general_kl_to_base"] > 0
+    curve = client.get_metric_history(lora.info.run_id, "curve_general_ppl")
+    assert [m.step for m in curve] == list(range(0, cfg.train.max_steps + 1))  # about 10 points: every step of 6
+    assert {"curves.png", "path.png"} <= artifacts
     # a cached rerun logs nothing new
     study.run_study(cfg)
     assert len(client.search_runs([experiment.experiment_id])) == len(runs)
+
+
+def test_the_report_has_the_curves_the_budget_and_the_kl(finished):
+    cfg, root, results = finished
+    report = (root / results["report"]).read_text()
+    assert "## Forgetting along training" in report and "![curves](curves.png)" in report and "![path](path.png)" in report
+    assert "Forgetting budget: general perplexity at most +5%" in report
+    table = pd.read_parquet(root / results["table"]).set_index("arm")
+    runs = pd.read_parquet(root / results["runs"])
+    for arm in ("full", "lora"):
+        per_seed = runs[runs.arm == arm]["general_kl"]
+        assert (per_seed > 0).all() and table.loc[arm, "general_kl"] == pytest.approx(per_seed.mean())
+        assert table.loc[arm, "general_kl_ci_low"] <= table.loc[arm, "general_kl"] <= table.loc[arm, "general_kl_ci_high"]
+    assert "KL(base‖arm) general" in (root / results["table"]).with_name("table.md").read_text()

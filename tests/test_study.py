@@ -89,18 +89,39 @@ def test_an_arm_is_resolved_once_into_a_frozen_plan(study_config):
     assert plan_arm(cfg, cfg.arms[0], 3, model, {**domain, "digest": "d2"}, replay).key != plan.key
 
 
-def test_the_sweep_reuses_the_demos_arms():
-    """demo-sweep's seed-0 full/replay/lora have the demo's keys: after `make demo` they are cache hits."""
+def test_curves_put_the_scoring_code_and_the_general_set_into_the_arms_key(study_config, monkeypatch):
+    cfg = study_config(arms=["full"])
+    model = ModelRef(source="local", name="m", path="/m", digest="m")
+    domain, general = {"digest": "d", "train": "t", "test": "e"}, {"digest": "g", "path": "g"}
+    plain = plan_arm(cfg, cfg.arms[0], 0, model, domain, None)
+    curved = plan_arm(cfg, cfg.arms[0], 0, model, domain, None, general)
+    assert plain.curve is None and curved.curve.domain_rows == "e" and curved.key != plain.key
+    assert plan_arm(cfg, cfg.arms[0], 0, model, domain, None, {**general, "digest": "g2"}).key != curved.key
+    off = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"every_steps": 0})})
+    assert plan_arm(off, off.arms[0], 0, model, domain, None, general).key == plain.key
+    monkeypatch.setattr(keys, "module_digest", lambda name: "an edited " + name)
+    assert plan_arm(cfg, cfg.arms[0], 0, model, domain, None, general).key != curved.key  # a scoring edit
+    assert plan_arm(cfg, cfg.arms[0], 0, model, domain, None).key == plain.key  # without curves: not its code
+
+
+def test_the_sweep_trains_the_demos_arms_and_scores_their_curves_in_bf16():
+    """demo-sweep's seed-0 full/replay/lora train as the demo's; only the curves' precision differs."""
     demo, sweep = load_config("demo"), load_config("demo-sweep")
     model = ModelRef(source="smollm2-wheel", name="SmolLM2-135M", path="m", digest="m")
-    domain, replay = {"digest": "d", "train": "t"}, {"digest": "r", "path": "r"}
+    domain, replay = {"digest": "d", "train": "t", "test": "e"}, {"digest": "r", "path": "r"}
+
+    def plan(cfg, name, seed):
+        arm = next(a for a in cfg.arms if a.name == name)
+        return plan_arm(cfg, arm, seed, model, domain, replay, {"digest": "g", "path": "g"})
 
     def key(cfg, name, seed):
-        arm = next(a for a in cfg.arms if a.name == name)
-        return plan_arm(cfg, arm, seed, model, domain, replay).key
+        return plan(cfg, name, seed).key
 
     for arm in ("full", "replay", "lora"):
-        assert key(demo, arm, 0) == key(sweep, arm, 0)
+        a, b = plan(demo, arm, 0), plan(sweep, arm, 0)
+        assert a.model_dump(exclude={"curve", "key", "dir", "label"}) == b.model_dump(exclude={"curve", "key", "dir", "label"})
+        assert a.curve.model_dump(exclude={"precision", "max_general_tokens"}) == b.curve.model_dump(
+            exclude={"precision", "max_general_tokens"})
     assert key(sweep, "full", 0) != key(sweep, "full", 1)
     assert len({key(sweep, a, 0) for a in sweep.arm_names}) == 6
 

@@ -1,0 +1,221 @@
+"""Forgetting along training, from the arms' curves (ftcore.curves): plots, the budget and a power-law fit.
+
+- curves.png: domain and general perplexity against the optimizer step, one line per arm (the
+  mean over seeds, the band their range);
+- path.png: the learning–forgetting path, general change against domain gain along training
+  (Biderman et al. 2024), from the base at the origin to the arm's last point (marked);
+- the forgetting budget per arm and seed: the first step over it and the best step within it;
+- per arm, the general change fitted with a shifted power law in the update steps, the form
+  Kalajdzievski 2024 find for forgetting: Δnll(t) = a · ((t + c)^b − c^b), in nats per token,
+  anchored at 0 at step 0 (the base); reported with R² and the change it predicts at twice the
+  steps trained, which is an extrapolation.
+
+Changes are against step 0 of the same curve, on the curve's subsample (not the final evaluation's
+sets unless eval.curve_tokens is None).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ftcore import curves  # noqa: E402
+from ftcore.io import atomic_path  # noqa: E402
+
+MIN_POINTS = 4  # trained points (step > 0) a fit needs
+POOR_FIT = 0.9  # R² under this is reported as a poor fit
+
+
+def load(arms: list[dict[str, Any]], root: str | Path) -> pd.DataFrame:
+    """Every arm's curves.parquet, with arm and seed columns (empty when no arm has curves)."""
+    parts = [pd.read_parquet(Path(root) / a["curves"]).assign(arm=a["arm"], seed=a["seed"])
+             for a in arms if a.get("curves")]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def seed_means(df: pd.DataFrame) -> pd.DataFrame:
+    """Per arm, step and set: perplexity and change (mean, min and max over seeds), mean nll change."""
+    df = df.sort_values(["seed", "set", "step"], kind="stable")  # arms stay in the study's order
+    df = df.assign(delta_nll=df.groupby(["arm", "seed", "set"])["nll"].transform(lambda s: s - s.iloc[0]))
+    return df.groupby(["arm", "set", "step"], sort=False).agg(
+        ppl=("ppl", "mean"), ppl_min=("ppl", "min"), ppl_max=("ppl", "max"), change_pct=("change_pct", "mean"),
+        delta_nll=("delta_nll", "mean"), tokens_seen=("tokens_seen", "mean"), seeds=("seed", "nunique")).reset_index()
+
+
+# --- the power-law fit --------------------------------------------------------------------------------
+
+def shifted_power_law(t: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+    return a * ((t + c) ** b - c ** b)
+
+
+def fit_power_law(steps: np.ndarray, delta_nll: np.ndarray) -> dict[str, Any]:
+    """Least-squares fit of Δnll(t) = a · ((t + c)^b − c^b) (scipy.optimize.curve_fit; b in (0, 3], c > 0).
+
+    Returns a, b, c, r2, points and `predict` (a function of t), or `error` saying why there is no fit
+    (too few trained points, no convergence).
+    """
+    from scipy.optimize import curve_fit
+
+    t, y = np.asarray(steps, dtype=float), np.asarray(delta_nll, dtype=float)
+    n = int((t > 0).sum())
+    if n < MIN_POINTS:
+        return {"points": n, "error": f"{n} trained points; a fit needs {MIN_POINTS}"}
+    span = float(t.max())
+    best = None
+    for b0 in (0.3, 0.6, 1.0):
+        for c0 in (1.0, span / 10, span):
+            slope = y[-1] / max(shifted_power_law(span, 1.0, b0, c0), 1e-12)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    params, _ = curve_fit(shifted_power_law, t, y, p0=(slope, b0, c0),
+                                          bounds=([-np.inf, 1e-3, 1e-3], [np.inf, 3.0, 10 * span]), maxfev=5000)
+            except (RuntimeError, ValueError):
+                continue
+            sse = float(((shifted_power_law(t, *params) - y) ** 2).sum())
+            if best is None or sse < best[1]:
+                best = (params, sse)
+    if best is None:
+        return {"points": n, "error": "the least-squares fit did not converge"}
+    (a, b, c), sse = best
+    sst = float(((y - y.mean()) ** 2).sum())
+    r2 = 1 - sse / sst if sst > 0 else float("nan")
+    return {"a": float(a), "b": float(b), "c": float(c), "r2": r2, "points": n,
+            "predict": lambda x: float(shifted_power_law(np.asarray(x, dtype=float), a, b, c))}
+
+
+def fits(means: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per arm, the power-law fit of its mean general change, with the change predicted at 2x its steps."""
+    out = {}
+    for arm, g in means[means.set == "general"].groupby("arm", sort=False):
+        fit = fit_power_law(g["step"].to_numpy(), g["delta_nll"].to_numpy())
+        last = int(g["step"].max())
+        if "error" not in fit:
+            fit["at_2x"] = 100 * math.expm1(fit["predict"](2 * last))
+        out[arm] = fit | {"last_step": last}
+    return out
+
+
+# --- the budget ------------------------------------------------------------------------------------
+
+def budget_rows(df: pd.DataFrame, budget_pct: float, summaries: dict[tuple[str, int], dict[str, Any]]) -> list[dict]:
+    """Per arm and seed: the first step over the budget and the best step within it, with its changes."""
+    rows = []
+    for (arm, seed), g in df.groupby(["arm", "seed"], sort=False):
+        points = g.to_dict("records")
+        first_over, best = curves.best_within(points, budget_pct)
+        at = curves.changes(points).get(best, {})
+        kept = (summaries.get((arm, seed)) or {}).get("budget") or {}
+        rows.append({"arm": arm, "seed": seed, "first_over": first_over, "best": best,
+                     "best_domain": at.get("domain"), "best_general": at.get("general"),
+                     "stopped_at": kept.get("stopped_at_step"), "model_step": kept.get("model_step")})
+    return rows
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_curves(means: pd.DataFrame, path: Path) -> Path:
+    """Domain and general perplexity against the step, a line per arm, seeds as a band."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, which in zip(axes, curves.SETS):
+        for i, (arm, g) in enumerate(means[means.set == which].groupby("arm", sort=False)):
+            c = colors[i % len(colors)]
+            ax.plot(g["step"], g["ppl"], marker="o", ms=3, color=c, label=arm)
+            if g["seeds"].max() > 1:
+                ax.fill_between(g["step"], g["ppl_min"], g["ppl_max"], color=c, alpha=0.2, lw=0)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(f"{which} perplexity on the curve subsample")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_path(means: pd.DataFrame, path: Path, budget_pct: float | None = None) -> Path:
+    """General change against domain gain along training, from the base (origin) to each arm's last point."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    wide = means.pivot_table(index=["arm", "step"], columns="set", values="change_pct", sort=False).reset_index()
+    for i, (arm, g) in enumerate(wide.groupby("arm", sort=False)):
+        c = colors[i % len(colors)]
+        g = g.sort_values("step")
+        ax.plot(-g["domain"], g["general"], marker="o", ms=3, color=c, label=arm)
+        ax.scatter(-g["domain"].iloc[-1], g["general"].iloc[-1], s=70, color=c, edgecolor="k", zorder=3)
+        ax.annotate(f"{arm} (step {int(g['step'].iloc[-1])})", (-g["domain"].iloc[-1], g["general"].iloc[-1]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.scatter([0], [0], marker="x", color="k", label="base (step 0)", zorder=4)
+    if budget_pct is not None:
+        ax.axhline(budget_pct, color="r", lw=0.8, ls="--", label=f"forgetting budget +{budget_pct:g}%")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("domain gain along training (% fall in perplexity) →")
+    ax.set_ylabel("general change (% rise in perplexity) ↓")
+    ax.set_title("learning–forgetting path (large dot: last step)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+# --- words -------------------------------------------------------------------------------------------
+
+def _fit_text(fit: dict[str, Any]) -> tuple[str, str]:
+    if "error" in fit:
+        return f"no fit ({fit['error']})", "—"
+    poor = " ⚠ poor fit" if not fit["r2"] >= POOR_FIT else ""
+    law = f"{fit['a']:.3g} · ((t + {fit['c']:.3g})^{fit['b']:.3g} − {fit['c']:.3g}^{fit['b']:.3g}), R² {fit['r2']:.2f}{poor}"
+    return law, f"{fit['at_2x']:+.1f}% at step {2 * fit['last_step']} (extrapolated)"
+
+
+def section(df: pd.DataFrame, means: pd.DataFrame, budget_pct: float | None,
+            summaries: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """The report's "Forgetting along training" section (markdown lines)."""
+    sizes = df[df.step == 0].groupby("set")["tokens"].first()
+    lines = [f"Every arm was scored while it trained, at {df.groupby(['arm', 'seed'])['step'].nunique().max()} points "
+             f"(step 0 = before training), on a fixed subsample: {int(sizes.get('domain', 0))} domain and "
+             f"{int(sizes.get('general', 0))} general tokens. Changes are against step 0 on that subsample; the "
+             "general change is fitted with a shifted power law in the step t (Kalajdzievski 2024), in nats per "
+             "token, and its value at twice the steps is an extrapolation.", "",
+             "| arm | steps | Δ domain (last point) | Δ general (last point) | largest Δ general (step) | "
+             "general Δnll(t) fit | predicted |", "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for arm, fit in fits(means).items():
+        g = means[(means.arm == arm)]
+        gen, dom = g[g.set == "general"], g[g.set == "domain"]
+        peak = gen.loc[gen["change_pct"].idxmax()]
+        law, predicted = _fit_text(fit)
+        lines.append(f"| {arm} | {fit['last_step']} | {dom['change_pct'].iloc[-1]:+.1f}% | {gen['change_pct'].iloc[-1]:+.1f}% "
+                     f"| {peak['change_pct']:+.1f}% ({int(peak['step'])}) | {law} | {predicted} |")
+    if budget_pct is not None:
+        lines += ["", f"Forgetting budget: general perplexity at most +{budget_pct:g}% against step 0.", "",
+                  "| arm | seed | first step over the budget | best step within it | its Δ domain | its Δ general "
+                  "| saved model |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in budget_rows(df, budget_pct, summaries):
+            saved = (f"step {r['model_step']} (stopped at step {r['stopped_at']})" if r["stopped_at"] is not None
+                     else f"step {r['model_step']} (the last)" if r["model_step"] is not None else "—")
+            lines.append(f"| {r['arm']} | {r['seed']} | {r['first_over'] if r['first_over'] is not None else 'none'} | "
+                         f"{r['best']} | {r['best_domain']:+.1f}% | {r['best_general']:+.1f}% | {saved} |")
+    return lines
+
+
+def write(arms: list[dict[str, Any]], root: str | Path, out: Path, budget_pct: float | None) -> dict[str, Any]:
+    """The curves' plots and report section for the finished arms; empty when no arm has curves."""
+    df = load(arms, root)
+    if df.empty:
+        return {}
+    means = seed_means(df)
+    summaries = {(a["arm"], a["seed"]): a["summary"] for a in arms}
+    return {"plots": {"curves": plot_curves(means, out / "curves.png"),
+                      "path": plot_path(means, out / "path.png", budget_pct)},
+            "lines": section(df, means, budget_pct, summaries)}

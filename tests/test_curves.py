@@ -1,0 +1,180 @@
+"""Learning and forgetting curves: measured while each arm trains, resumable, with a forgetting budget."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from ftcore import curves, steps, study
+
+TRAIN = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
+
+
+def _prepared(study_config, **fields):
+    return study.prepare(study_config(**{"train": TRAIN, **fields}))
+
+
+def _plan(prepared, name):
+    return next(p for p in study.plan_arms(prepared) if p.name == name)
+
+
+def _curve(root, result) -> pd.DataFrame:
+    return pd.read_parquet(Path(root) / result["curves"])
+
+
+@pytest.mark.parametrize("arm", ["full", "lora"])
+def test_last_point_on_the_whole_sets_equals_the_final_evaluation(study_config, arm):
+    prepared = _prepared(study_config, arms=[arm], eval={"curve_tokens": None, "every_steps": 2})
+    root = prepared.cfg.artifacts_dir
+    trained = steps.train_arm(_plan(prepared, arm), root)
+    curve = _curve(root, trained)
+    assert sorted(set(curve.step)) == [0, 2, 4]  # step 0 (the base), every 2 steps, the last step
+    for which in ("domain", "general"):
+        final = steps.evaluate(prepared.cfg, prepared.model, prepared.data(which), which, trained)
+        last = curve[(curve.step == 4) & (curve.set == which)].iloc[0]
+        assert last["tokens"] == final["tokens"]
+        assert last["ppl"] == pytest.approx(final["ppl"], rel=1e-6)
+        assert last["bpb"] == pytest.approx(final["bpb"], rel=1e-6)
+        base = steps.evaluate(prepared.cfg, prepared.model, prepared.data(which), which)
+        first = curve[(curve.step == 0) & (curve.set == which)].iloc[0]
+        assert first["ppl"] == pytest.approx(base["ppl"], rel=1e-6)  # step 0 is the base model
+    assert (curve.tokens_seen.diff().dropna() >= 0).all() and curve.tokens_seen.iloc[-1] > 0
+    log = (Path(root) / trained["dir"] / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 4  # measuring a point does not swallow that step's loss log
+
+
+class Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 3:
+            raise KeyboardInterrupt("simulated kill after step 3")
+
+
+def test_a_killed_and_resumed_arm_draws_the_uninterrupted_curve(study_config, tmp_path):
+    prepared = _prepared(study_config, arms=["full"], eval={"every_steps": 1, "curve_tokens": 300})
+    root, plan = prepared.cfg.artifacts_dir, _plan(prepared, "full")
+    with pytest.raises(KeyboardInterrupt):
+        steps.train_arm(plan, root, callbacks=[Crash()])
+    assert sorted({p["step"] for p in curves.read_points(Path(root) / plan.dir)}) == [0, 1, 2, 3]
+    resumed = steps.train_arm(plan, root)
+    assert resumed["summary"]["resumed_from_step"] == 2
+    clean_root = tmp_path / "clean"
+    shutil.copytree(root, clean_root, ignore=shutil.ignore_patterns("train-*"))
+    clean = steps.train_arm(plan, clean_root)
+    a, b = _curve(root, resumed), _curve(clean_root, clean)
+    assert list(a.step) == list(b.step) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert list(a.tokens_seen) == list(b.tokens_seen)
+    assert a.ppl.to_numpy() == pytest.approx(b.ppl.to_numpy(), rel=1e-5)
+
+
+def _points(rows):
+    """curves.jsonl points from (step, domain ppl change %, general ppl change %) rows."""
+    import math
+    return [{"step": s, "set": which, "nll": math.log1p(change / 100)}
+            for s, d, g in rows for which, change in (("domain", d), ("general", g))]
+
+
+def test_the_budget_picks_the_first_step_over_it_and_the_best_step_within_it():
+    rows = [(0, 0, 0), (10, -5, 0.5), (20, -9, 1.9), (30, -8, 1.0), (40, -12, 2.5), (50, -14, 1.5), (60, -15, 4.0)]
+    first_over, best = curves.best_within(_points(rows), budget_pct=2.0)
+    assert first_over == 40  # +2.5% is the first change over 2%
+    assert best == 50  # within 2%: the largest domain gain is -14% at step 50 (after a step over the budget)
+    assert curves.best_within(_points(rows), budget_pct=0.1) == (10, 0)  # nothing trained stays within: step 0
+    assert curves.best_within(_points(rows), budget_pct=10) == (None, 60)
+
+
+def test_stop_at_budget_stops_and_keeps_the_best_step_within_it(study_config, tmp_path):
+    # A "general" text of digits, which training on the abstracts makes less likely at once, and a
+    # budget no step keeps: the arm stops at the first point over it, and its model is step 0's, the base.
+    digits = tmp_path / "digits.txt"
+    digits.write_text("".join(" ".join(str((7 * i + j) % 10) for j in range(40)) + "\n" for i in range(40)))
+    prepared = _prepared(study_config, arms=["full"], eval={"every_steps": 1, "curve_tokens": 300},
+                         general={"source": "file", "path": str(digits), "file_format": "text", "max_docs": None},
+                         train={**TRAIN, "learning_rate": 5e-3}, forgetting_budget_pct=1e-6, stop_at_budget=True)
+    root = Path(prepared.cfg.artifacts_dir)
+    trained = steps.train_arm(_plan(prepared, "full"), root)
+    budget = trained["summary"]["budget"]
+    assert budget["stopped_at_step"] == budget["first_over_step"] == trained["summary"]["steps"] == 1
+    assert budget["model_step"] == budget["best_step"] == 0
+    saved = load_file(root / trained["dir"] / "model" / "model.safetensors")
+    base = load_file(prepared.model_dir / "model.safetensors")
+    assert all(torch.equal(saved[k], base[k]) for k in base)
+    final = steps.evaluate(prepared.cfg, prepared.model, prepared.data("general"), "general", trained)
+    assert final["ppl"] == pytest.approx(steps.evaluate(prepared.cfg, prepared.model, prepared.data("general"),
+                                                        "general")["ppl"], rel=1e-6)
+
+
+# --- KL(base ‖ arm) ----------------------------------------------------------------------------------
+
+def _general_evals(study_config, tmp_path, top_k):
+    prepared = _prepared(study_config, arms=["full"], eval={"every_steps": 0, "kl_top_k": top_k})
+    root = prepared.cfg.artifacts_dir
+    trained = steps.train_arm(_plan(prepared, "full"), root)
+    data = prepared.data("general")
+    base = steps.evaluate(prepared.cfg, prepared.model, data, "general")
+    arm = steps.evaluate(prepared.cfg, prepared.model, data, "general", trained, base)
+    return prepared, trained, base, arm
+
+
+def test_kl_of_the_base_against_itself_is_zero_and_an_arms_matches_a_hand_computation(study_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ftcore import perplexity
+
+    prepared, trained, base, arm = _general_evals(study_config, tmp_path, top_k=100_000)  # k >= vocab: exact
+    root = Path(prepared.cfg.artifacts_dir)
+    rows = perplexity.stream_windows(pd.read_parquet(root / prepared.general["path"]), prepared.cfg.chunk_len, None,
+                                     prepared.cfg.eval.max_general_tokens)
+    reference = steps.read_reference(root / base["reference"])
+    base_model = AutoModelForCausalLM.from_pretrained(prepared.model_dir)
+    itself = perplexity.score_rows(base_model, rows, 8, 0, reference=reference)
+    assert itself["kl_sum"].sum() == 0.0
+
+    tuned = AutoModelForCausalLM.from_pretrained(root / trained["dir"] / "model")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels, _ in rows:  # by hand: sum_v p(v) (log p(v) - log q(v)) at every predicted position
+            x = torch.tensor([ids])
+            p = torch.log_softmax(base_model(x).logits[0, :-1].double(), -1)
+            q = torch.log_softmax(tuned(x).logits[0, :-1].double(), -1)
+            keep = torch.tensor(labels[1:]) != perplexity.IGNORE
+            total += float((p.exp() * (p - q)).sum(-1)[keep].sum())
+            count += int(keep.sum())
+    assert arm["kl"] > 0
+    assert arm["kl"] == pytest.approx(total / count, rel=1e-4)
+    docs = pd.read_parquet(root / arm["docs"])
+    assert docs["kl_sum"].sum() == pytest.approx(arm["kl"] * arm["tokens"], rel=1e-9)  # split by document
+
+
+def test_top_k_kl_is_a_lower_bound_of_the_full_kl():
+    from ftcore import perplexity
+
+    torch.manual_seed(0)
+    p, q = torch.log_softmax(torch.randn(50, 300) * 3, -1), torch.log_softmax(torch.randn(50, 300) * 3, -1)
+    exact = (p.double().exp() * (p.double() - q.double())).sum(-1)
+    for k in (1, 8, 64, 299):
+        values, ids = p.topk(k, -1)
+        approx = perplexity.kl_top_k(q, ids, values)
+        assert (approx <= exact * (1 + 1e-5)).all()
+    values, ids = p.topk(300, -1)
+    assert perplexity.kl_top_k(q, ids, values).numpy() == pytest.approx(exact.numpy(), rel=1e-5)
+
+
+# --- the analysis: fit, budget table, report -----------------------------------------------------------
+
+def test_the_power_law_fit_recovers_a_known_law_and_says_when_it_cannot():
+    from ftcore import forgetting
+
+    t = np.arange(0, 101, 10, dtype=float)
+    truth = forgetting.shifted_power_law(t, 0.02, 0.5, 5.0)
+    fit = forgetting.fit_power_law(t, truth)
+    assert fit["r2"] > 0.9999
+    assert fit["predict"](200) == pytest.approx(forgetting.shifted_power_law(200.0, 0.02, 0.5, 5.0), rel=1e-3)
+    noise = np.random.default_rng(0).normal(0, 0.05, len(t))
+    noise[0] = 0.0
+    assert forgetting.fit_power_law(t, noise)["r2"] < forgetting.POOR_FIT  # no law in noise: flagged
+    assert "a fit needs" in forgetting.fit_power_law(t[:3], truth[:3])["error"]
