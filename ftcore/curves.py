@@ -15,7 +15,7 @@ With `tokens` None both are the whole evaluation sets, so the last point is the 
 
 Points go to `curves.jsonl` in the arm's directory as they are measured (a resumed arm keeps the
 points up to its checkpoint and measures the rest again), to the trainer's loggers (TensorBoard,
-W&B: `curve/domain_ppl`, ...), and when the arm ends to `curves.parquet` (step, tokens_seen, set,
+W&B: `eval/domain_ppl`, ...), and when the arm ends to `curves.parquet` (step, tokens_seen, set,
 ppl, nll, bpb, tokens, change_pct against step 0).
 
 A forgetting budget (ftcore.config `forgetting_budget_pct`): at each point the general change
@@ -214,7 +214,7 @@ class CurveLog(TrainerCallback):
             # Trainer.log clears the step's pending loss log (should_log); keep it, or the loss of every
             # step with a curve point would go unlogged.
             should_log = control.should_log
-            self.emit({f"curve/{p['set']}_{k}": p[k] for p in points for k in ("ppl", "bpb")})
+            self.emit({f"eval_{p['set']}_{k}": p[k] for p in points for k in ("ppl", "bpb")})
             control.should_log = should_log
         if self.curve.budget_pct is not None:
             self._budget(model, state, control)

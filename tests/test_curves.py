@@ -46,6 +46,12 @@ def test_last_point_on_the_whole_sets_equals_the_final_evaluation(study_config, 
     assert (curve.tokens_seen.diff().dropna() >= 0).all() and curve.tokens_seen.iloc[-1] > 0
     log = (Path(root) / trained["dir"] / "train_log.jsonl").read_text().splitlines()
     assert len(log) == 4  # measuring a point does not swallow that step's loss log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((Path(root) / trained["dir"] / "checkpoints" / "runs").iterdir()))).Reload()
+    tb = events.Scalars("eval/general_ppl")
+    assert [e.step for e in tb] == [0, 2, 4]
+    assert [e.value for e in tb] == pytest.approx(list(curve[curve.set == "general"].ppl), rel=1e-6)
 
 
 class Crash(TrainerCallback):
