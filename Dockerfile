@@ -6,7 +6,7 @@
 #
 # The same image serves the worker (ENTRYPOINT, `--pool ...` as its command) and the arm's job pods,
 # whose command the work pool's job template sets (`prefect flow-run execute`). The deployments run
-# the flows from /opt/ftstudy, where the project is copied. See docs/cluster.md.
+# the flows of the installed package (from its site-packages directory). See docs/cluster.md.
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 

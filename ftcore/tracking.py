@@ -73,7 +73,7 @@ def _log_arm(cfg: StudyConfig, root: Path, arm: dict[str, Any], evals: list[dict
     spec = next(a for a in cfg.arms if a.name == arm["arm"])
     settings = {"arm": arm["arm"], "method": arm["method"], "seed": arm["seed"], "replay_ratio": spec.replay_ratio,
                 "train": cfg.train.model_dump(mode="json") | {"seed": arm["seed"]}, "chunk_len": cfg.chunk_len,
-                "lora": cfg.lora_of(spec).model_dump(mode="json") if spec.method == "lora" else None,
+                "lora": cfg.lora_of(spec).model_dump(mode="json") if spec.method in ("lora", "qlora") else None,
                 "dir": arm["dir"], "trainable_params": arm["summary"].get("trainable_params")}
     with mlflow.start_run(run_name=f"train-{arm['label']}", nested=True, parent_run_id=parent,
                           tags={"ftstudy.kind": "arm", "ftstudy.arm": arm["arm"]}):

@@ -51,6 +51,21 @@ def test_every_arm_has_a_model_card_with_the_tables_numbers(finished):
             assert f"{row[f'{s}_change_pct']:+.1f}% (95% CI {row[f'{s}_change_ci_low']:+.1f} to " \
                    f"{row[f'{s}_change_ci_high']:+.1f})" in card.text
         assert ("PeftModel.from_pretrained" in card.text) == (arm == "lora")
+        assert str(root.parent) not in card.text  # corpora by file name, not this machine's paths
+
+
+def test_a_qlora_arms_card_is_an_adapters_card_loaded_on_the_4bit_base(finished):
+    from huggingface_hub import ModelCard
+
+    from ftcore import cards
+
+    cfg, root, results = finished
+    table, runs = pd.read_parquet(root / results["table"]), pd.read_parquet(root / results["runs"])
+    text = cards.model_card(cfg, {"arm": "lora", "seed": 0, "method": "qlora", "summary": {}}, table, runs, None)
+    card = ModelCard(text)
+    assert card.data.library_name == "peft" and "qlora" in card.data.tags
+    assert "A QLoRA adapter" in text and "BitsAndBytesConfig(load_in_4bit=True" in text
+    assert "PeftModel.from_pretrained" in text and '"lora.r"' in text
 
 
 def test_the_study_is_a_parent_run_and_each_arm_and_seed_a_child(finished):

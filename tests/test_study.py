@@ -326,3 +326,14 @@ def test_an_unreachable_hub_is_a_clear_error_not_a_traceback(study_config, monke
     with pytest.raises(sources.HubUnreachableError, match="model.name: cannot reach the Hugging Face Hub .* HF_HUB_OFFLINE=1"):
         sources.hub_commit("gpt2", None, "model", "model.name", retries=(0.0, 0.0))
     assert len(calls) == 3  # the network is retried, twice, before giving up
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_any_work(study_config, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = study_config(report_to=["tensorboard", "wandb"])
+    with pytest.raises(study.StudyError, match=r"report_to: wandb is not installed \(pip install wandb\)"):
+        study.check_inputs(cfg)
+    assert not Path(cfg.artifacts_dir).exists()
