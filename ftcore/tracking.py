@@ -56,6 +56,8 @@ def log_mlflow(cfg: StudyConfig, root: Path, results: dict[str, Any], arms: list
                 mlflow.log_metric(f"{arm}.{s}_ppl", float(row[f"{s}_ppl"]))
                 if arm != "base":
                     mlflow.log_metric(f"{arm}.{s}_change_pct", float(row[f"{s}_change_pct"]))
+            if arm != "base" and pd.notna(row.get("general_kl")):
+                mlflow.log_metric(f"{arm}.general_kl", float(row["general_kl"]))
         for name in ("table", "report", "perplexity", "frontier", "loss", "curves", "path", "config"):
             if name in results and (root / results[name]).is_file():
                 mlflow.log_artifact(str(root / results[name]))
