@@ -68,9 +68,11 @@ DEMO: dict[str, Any] = {
     "train": {"batch_size": 8, "grad_accum": 1, "learning_rate": 6e-4, "max_steps": 30, "logging_steps": 5,
               "save_steps": 10, "warmup_ratio": 0.1},
     "lora": {"learning_rate": 1e-3},
-    # Curves: 6 points per arm on about 1.5k tokens of each set, about 10% of the demo's time (BENCHMARKS.md).
+        # Curves: 6 points per arm on about 1.5k tokens of each set (their cost: BENCHMARKS.md).
     "eval": {"batch_size": 8, "max_general_tokens": 16384, "every_steps": 6, "curve_tokens": 1536},
-    "precision": "bf16",
+    # fp32: the same numbers on every CPU. bf16 was about 2.5x faster than fp32 on a CPU with native bf16
+    # (AVX512-BF16) and is 6x slower on one without (AVX2 only), where the demo would take hours.
+    "precision": "fp32",
     "device": "cpu",
 }
 

@@ -128,6 +128,7 @@ def check_inputs(cfg: StudyConfig) -> StudyConfig:
     """
     cfg = resolve_paths(cfg)
     check_trackers(cfg)
+    warn_slow_bf16(cfg)
     check_artifacts_dir(cfg)
     corpus_versions(cfg)  # every corpus source exists (or its Hub revision resolves)
     from ftcore import sources
@@ -150,6 +151,18 @@ def check_trackers(cfg: StudyConfig) -> None:
         module, install = TRACKERS[tracker]
         if importlib.util.find_spec(module) is None:
             raise StudyError(f"report_to: {tracker} is not installed ({install}); or drop it from report_to")
+
+
+def warn_slow_bf16(cfg: StudyConfig) -> None:
+    """A warning (not an error: the numbers are right, only slow) for bf16 on a CPU that emulates it."""
+    if training.resolve_device(cfg.device) != "cpu" or training.cpu_has_native_bf16():
+        return
+    slow = [name for name, value in (("precision", cfg.precision), ("eval.precision", cfg.eval.precision))
+            if value == "bf16"]
+    if slow:
+        log.warning("%s: bf16 on this CPU, which has no native bf16 (AVX512-BF16 or AMX), is emulated and runs "
+                    "several times slower than fp32 (6x measured on an AVX2-only CPU); set %s to fp32 unless "
+                    "you need bf16's numbers", " and ".join(slow), " and ".join(slow))
 
 
 def check_split(cfg: StudyConfig, domain: dict[str, Any]) -> None:

@@ -58,6 +58,17 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, from /proc/cpuinfo; False where unknown).
+    Without it bf16 autocast is emulated: on a 2-core AVX2-only EPYC a forward pass of SmolLM2-135M ran
+    at 33 tokens/s in bf16 against 196 in fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def resolve_precision(precision: str, device: str) -> str:
     if precision != "auto":
         return precision
