@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ftcore import curves  # noqa: E402
-from ftcore.io import atomic_path  # noqa: E402
+from ftcore.report import save_figure  # noqa: E402
 
 MIN_POINTS = 4  # trained points (step > 0) a fit needs
 POOR_FIT = 0.9  # R² under this is reported as a poor fit
@@ -123,13 +123,6 @@ def budget_rows(df: pd.DataFrame, budget_pct: float, summaries: dict[tuple[str, 
 
 # --- plots -------------------------------------------------------------------------------------------
 
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def plot_curves(means: pd.DataFrame, path: Path) -> Path:
     """Domain and general perplexity against the step, a line per arm, seeds as a band."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -143,7 +136,7 @@ def plot_curves(means: pd.DataFrame, path: Path) -> Path:
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{which} perplexity on the curve subsample")
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_path(means: pd.DataFrame, path: Path, budget_pct: float | None = None) -> Path:
@@ -166,7 +159,7 @@ def plot_path(means: pd.DataFrame, path: Path, budget_pct: float | None = None) 
     ax.set_ylabel("general change (% rise in perplexity) ↓")
     ax.set_title("learning–forgetting path (large dot: last step)")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --- words -------------------------------------------------------------------------------------------

@@ -86,12 +86,13 @@ DEMO_FROM_HUB: dict[str, Any] = {
     "format": {"prompt_field": "title", "completion_field": "abstract"},
 }
 
-# The demo as a sweep, within an hour on 2 CPU cores: six arms (replay at 10% and 25%, LoRA at rank
-# 16 and 4, LoRA with replay) x two seeds, trained exactly as the demo's arms (its full, replay and
-# lora at seed 0 train as the demo's; their curves are scored in bf16, so they are not cache hits of
-# the demo's). Evaluation is in
-# bf16 (2.5x faster here, +0.1% perplexity for every model alike, BENCHMARKS.md) so that 40k tokens
-# of WikiText-2 can be scored per model for the per-article view (9 articles).
+# The demo as a sweep: six arms (replay at 10% and 25%, LoRA at rank 16 and 4, LoRA with replay) x two
+# seeds, trained exactly as the demo's arms (its full, replay and lora at seed 0 train as the demo's;
+# their curves are scored in bf16, so they are not cache hits of the demo's). Evaluation is in bf16
+# (2.5x faster than fp32 on a CPU with native bf16, +0.1% perplexity for every model alike,
+# BENCHMARKS.md; 6x slower on one without) so that 40k tokens of WikiText-2 can be scored per model
+# for the per-article view (9 articles). It took under an hour on a 2-core CPU with native bf16 when
+# the demo still trained in bf16 (docs/results.md).
 DEMO_SWEEP: dict[str, Any] = _merge(DEMO, {
     "name": "demo-sweep",
     "arms": ["full", "replay", {"name": "replay-25", "replay_ratio": 0.25},

@@ -430,7 +430,8 @@ def render_markdown(a: Analysis, title: str, details: dict[str, Any], plots: dic
 
 # --- plots -------------------------------------------------------------------------------------
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -449,7 +450,7 @@ def plot_perplexity(table: pd.DataFrame, path: Path) -> Path:
         ax.set_title(f"{name} perplexity, 95% CI (lower is better)")
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_frontier(a: Analysis, path: Path) -> Path:
@@ -477,7 +478,7 @@ def plot_frontier(a: Analysis, path: Path) -> Path:
     ax.set_ylabel("general forgetting (% rise in perplexity) ↓")
     ax.set_title("learning vs forgetting (small dots: seeds; bars: 95% CI)")
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_losses(logs: dict[str, Path], path: Path) -> Path:
@@ -490,7 +491,7 @@ def plot_losses(logs: dict[str, Path], path: Path) -> Path:
     ax.set_ylabel("training loss")
     ax.legend(fontsize=7)
     ax.set_title("training loss")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(
