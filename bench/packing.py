@@ -40,21 +40,10 @@ def run(data, packing: bool, steps: int) -> dict[str, float]:
     """The demo's full arm for `steps` steps, packed or not, into a scratch directory (not the cached arm)."""
     plan = next(p for p in study.plan_arms(data) if p.name == "full")
     plan = plan.model_copy(update={"train": plan.train.model_copy(update={"packing": packing, "max_steps": steps})})
-    clock, shares = Clock(), []
-    original = training.sft_config
-
-    def counting(*a, **k):  # the arm's own SFTConfig, plus the count of non-padding tokens
-        args = original(*a, **k)
-        args.include_num_input_tokens_seen = "non_padding"
-        return args
-
-    training.sft_config = counting
-    try:
-        with tempfile.TemporaryDirectory() as out:
-            training.train_arm(plan.model_copy(update={"dir": out}), data.cfg.artifacts_dir,
-                               callbacks=[clock, PaddingShare(shares)])
-    finally:
-        training.sft_config = original
+    clock, shares = Clock(), []  # the arm's SFTConfig counts the non-padding tokens it trains on
+    with tempfile.TemporaryDirectory() as out:
+        training.train_arm(plan.model_copy(update={"dir": out}), data.cfg.artifacts_dir,
+                           callbacks=[clock, PaddingShare(shares)])
     return {"tokens_per_s": clock.tokens / clock.seconds, "padding_share": shares[0]}
 
 
