@@ -48,6 +48,13 @@ def main() -> None:
     chunk_len = int(pd.read_parquet(newest(root, "tokenize-general/*/chunks.parquet"))["input_ids"].map(len).max())
     rows = perplexity.stream_windows(pd.read_parquet(newest(root, "tokenize-general/*/chunks.parquet")), chunk_len,
                                      None, args.tokens)
+    result = {"artifacts": str(root), "arm": args.arm, "arm_dir": str(arm_dir.relative_to(root)),
+              "report": config.get("report"), **top_k_errors(base_dir, arm_dir, rows)}
+    record("kl", result)
+
+
+def top_k_errors(base_dir: Path, arm_dir: Path, rows) -> dict:
+    """Exact KL(base ‖ arm) per predicted token of `rows` against the top-k approximation, for each k in KS."""
     base = models.load_model(base_dir)
     tuned = models.load_trained(arm_dir, base_dir, "cpu")
     exact, approx = [], {k: [] for k in KS}
@@ -62,16 +69,15 @@ def main() -> None:
                 values, top = p.topk(k, -1)
                 approx[k].append(perplexity.kl_top_k(q, top, values).numpy())
     exact_all = np.concatenate(exact)
-    result = {"artifacts": str(root), "arm": args.arm, "arm_dir": str(arm_dir.relative_to(root)),
-              "report": config.get("report"), "tokens": int(exact_all.size), "vocab": int(p.shape[-1]),
-              "exact_kl_mean": float(exact_all.mean()), "top_k": {}}
+    result = {"tokens": int(exact_all.size), "vocab": int(p.shape[-1]), "exact_kl_mean": float(exact_all.mean()),
+              "top_k": {}}
     for k in KS:
         a = np.concatenate(approx[k])
         per_token = np.abs(a - exact_all) / np.maximum(exact_all, 1e-12)
         result["top_k"][str(k)] = {"kl_mean": float(a.mean()),
                                    "mean_relative_error": float((exact_all.mean() - a.mean()) / exact_all.mean()),
                                    "per_token_relative_error_p99": float(np.quantile(per_token, 0.99))}
-    record("kl", result)
+    return result
 
 
 if __name__ == "__main__":

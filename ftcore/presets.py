@@ -70,9 +70,11 @@ DEMO: dict[str, Any] = {
     "lora": {"learning_rate": 1e-3},
         # Curves: 6 points per arm on about 1.5k tokens of each set (their cost: BENCHMARKS.md).
     "eval": {"batch_size": 8, "max_general_tokens": 16384, "every_steps": 6, "curve_tokens": 1536},
-    # fp32: the same numbers on every CPU. bf16 was about 2.5x faster than fp32 on a CPU with native bf16
-    # (AVX512-BF16) and is 6x slower on one without (AVX2 only), where the demo would take hours.
-    "precision": "fp32",
+    # bf16 autocast: about 2.5x faster than fp32 on a CPU with native bf16 (AVX512-BF16, AMX), which the
+    # demo was measured on. A CPU without it emulates bf16 (a forward pass measured 6x slower than in fp32
+    # on an AVX2-only CPU): ftstudy warns, and --set precision=fp32 is the faster choice there (with
+    # slightly different numbers).
+    "precision": "bf16",
     "device": "cpu",
 }
 
