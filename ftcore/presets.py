@@ -118,7 +118,8 @@ SMOKE: dict[str, Any] = {
     "train": {"batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3, "max_steps": 6, "logging_steps": 1,
               "save_steps": 3, "warmup_ratio": 0.0},
     "lora": {"r": 4, "alpha": 8, "learning_rate": 1e-2},
-    "eval": {"batch_size": 8, "max_general_tokens": 2048},
+    # Curves at 3 points (steps 0, 3, 6) on small subsamples: seconds stay seconds.
+    "eval": {"batch_size": 8, "max_general_tokens": 2048, "every_steps": 3, "curve_tokens": 512},
     "precision": "fp32",
     "device": "cpu",
 }

@@ -29,7 +29,7 @@ def finished(tmp_path_factory, tiny_model, corpus_files):
         replay={"source": "file", "path": str(corpus_files["replay"]), "max_docs": None},
         test_docs=8, chunk_len=96, format={"prompt_template": "Title: {prompt}\nAbstract: "},
         arms=["full", "lora"], seeds=[0, 1], report_to=["tensorboard", "mlflow"], artifacts_dir=str(root / "a"),
-        forgetting_budget_pct=5.0, eval={"curve_tokens": 300})
+        forgetting_budget_pct=5.0, eval={"curve_tokens": 300, "every_steps": None})
     results = study.run_study(cfg)
     return cfg, Path(cfg.artifacts_dir), results
 
