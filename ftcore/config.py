@@ -219,10 +219,12 @@ class EvalSpec(_Frozen):
         4096, gt=1, description="Size of each curve subsample in tokens: the first held-out domain rows until this "
         "many predicted tokens, the first this many tokens of the general stream; None = the whole evaluation sets "
         "(then the last point equals the final evaluation).")
-    kl_top_k: int = Field(
-        64, ge=0, description="KL(base ‖ arm) on the general set: the base's k most likely tokens per position are "
-        "stored once; an arm's KL sums over them plus the rest of the vocabulary as one bucket (a lower bound of "
-        "the full-vocabulary KL, exact when k >= the vocabulary; the error is measured in BENCHMARKS.md). 0 = off.")
+    kl_top_k: int | None = Field(
+        None, ge=0, description="KL(base ‖ arm) per general token, in nats. None = exact, over the whole vocabulary: "
+        "the base scores each batch beside the arm (a LoRA arm with its adapter switched off, so no second model; "
+        "a full or QLoRA arm loads the base beside it). k > 0 = for when two models do not fit: the base's k most "
+        "likely tokens per position are stored once and an arm's KL sums over them plus the rest as one bucket, a "
+        "lower bound (on the demo's models 20% low at k=64, 4% at k=1024: BENCHMARKS.md). 0 = off.")
 
 
 class StudyConfig(_Frozen):

@@ -22,7 +22,8 @@ A forgetting budget (ftcore.config `forgetting_budget_pct`): at each point the g
 against step 0 is compared with it; the point within budget with the largest domain gain so far
 keeps its trainable weights in `within-budget/step-<N>/` (a full arm: the model's size once, in
 fp32; LoRA: the adapter). With `stop_at_budget` the arm stops at the first point over budget and
-`train_arm` restores that step's weights before saving the arm.
+`train_arm` restores that step's weights before saving the arm. When the arm ends only the best
+step's weights stay, and only when they are not the saved model.
 """
 
 from __future__ import annotations
@@ -277,5 +278,11 @@ def stop_at_budget(model: torch.nn.Module, plan: ArmPlan, out_dir: str | Path) -
             raise RuntimeError(f"{out_dir}: the weights of step {best}, the best within the forgetting budget, are missing")
         restore_snapshot(model, found[best])
         log.info("stopped at step %d (over the forgetting budget); the arm is its step %d", first_over, best)
+    model_step = best if stopped else last
+    # Only the best step's weights stay, and only when they are not the arm's saved model already.
+    for step, snap in snapshots(out_dir).items():
+        if step != best or best == model_step:
+            shutil.rmtree(snap, ignore_errors=True)
     return {"budget_pct": curve.budget_pct, "first_over_step": first_over, "best_step": best,
-            "stopped_at_step": first_over if stopped else None, "model_step": best if stopped else last}
+            "stopped_at_step": first_over if stopped else None, "model_step": model_step,
+            "best_weights": f"{WITHIN_BUDGET}/step-{best}" if best != model_step else None}

@@ -68,7 +68,7 @@ def fit_power_law(steps: np.ndarray, delta_nll: np.ndarray) -> dict[str, Any]:
     t, y = np.asarray(steps, dtype=float), np.asarray(delta_nll, dtype=float)
     n = int((t > 0).sum())
     if n < MIN_POINTS:
-        return {"points": n, "error": f"{n} trained points; a fit needs {MIN_POINTS}"}
+        return {"points": n, "error": f"{n} trained point{'s' if n != 1 else ''}; a fit needs {MIN_POINTS}"}
     span = float(t.max())
     best = None
     for b0 in (0.3, 0.6, 1.0):
@@ -173,12 +173,13 @@ def _fit_text(fit: dict[str, Any]) -> tuple[str, str]:
 
 
 def section(df: pd.DataFrame, means: pd.DataFrame, budget_pct: float | None,
-            summaries: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+            summaries: dict[tuple[str, int], dict[str, Any]], whole: bool = False) -> list[str]:
     """The report's "Forgetting along training" section (markdown lines)."""
     sizes = df[df.step == 0].groupby("set")["tokens"].first()
     lines = [f"Every arm was scored while it trained, at {df.groupby(['arm', 'seed'])['step'].nunique().max()} points "
-             f"(step 0 = before training), on a fixed subsample: {int(sizes.get('domain', 0))} domain and "
-             f"{int(sizes.get('general', 0))} general tokens. Changes are against step 0 on that subsample; the "
+             f"(step 0 = before training), on {'the whole evaluation sets' if whole else 'a fixed subsample'}: "
+             f"{int(sizes.get('domain', 0))} domain and {int(sizes.get('general', 0))} general tokens. Changes are "
+             "against step 0 on these tokens; the "
              "general change is fitted with a shifted power law in the step t (Kalajdzievski 2024), in nats per "
              "token, and its value at twice the steps is an extrapolation.", "",
              "| arm | steps | Δ domain (last point) | Δ general (last point) | largest Δ general (step) | "
@@ -187,9 +188,10 @@ def section(df: pd.DataFrame, means: pd.DataFrame, budget_pct: float | None,
         g = means[(means.arm == arm)]
         gen, dom = g[g.set == "general"], g[g.set == "domain"]
         peak = gen.loc[gen["change_pct"].idxmax()]
+        rose = f"{peak['change_pct']:+.1f}% ({int(peak['step'])})" if peak["change_pct"] > 0 else "never rose"
         law, predicted = _fit_text(fit)
         lines.append(f"| {arm} | {fit['last_step']} | {dom['change_pct'].iloc[-1]:+.1f}% | {gen['change_pct'].iloc[-1]:+.1f}% "
-                     f"| {peak['change_pct']:+.1f}% ({int(peak['step'])}) | {law} | {predicted} |")
+                     f"| {rose} | {law} | {predicted} |")
     if budget_pct is not None:
         lines += ["", f"Forgetting budget: general perplexity at most +{budget_pct:g}% against step 0.", "",
                   "| arm | seed | first step over the budget | best step within it | its Δ domain | its Δ general "
@@ -202,8 +204,10 @@ def section(df: pd.DataFrame, means: pd.DataFrame, budget_pct: float | None,
     return lines
 
 
-def write(arms: list[dict[str, Any]], root: str | Path, out: Path, budget_pct: float | None) -> dict[str, Any]:
-    """The curves' plots and report section for the finished arms; empty when no arm has curves."""
+def write(arms: list[dict[str, Any]], root: str | Path, out: Path, budget_pct: float | None,
+          whole: bool = False) -> dict[str, Any]:
+    """The curves' plots and report section for the finished arms (`whole`: scored on the whole evaluation
+    sets, eval.curve_tokens None); empty when no arm has curves."""
     df = load(arms, root)
     if df.empty:
         return {}
@@ -211,4 +215,4 @@ def write(arms: list[dict[str, Any]], root: str | Path, out: Path, budget_pct: f
     summaries = {(a["arm"], a["seed"]): a["summary"] for a in arms}
     return {"plots": {"curves": plot_curves(means, out / "curves.png"),
                       "path": plot_path(means, out / "path.png", budget_pct)},
-            "lines": section(df, means, budget_pct, summaries)}
+            "lines": section(df, means, budget_pct, summaries, whole)}

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 
 
 import numpy as np
@@ -125,6 +126,7 @@ def score_rows(
     keep_tokens: bool = False,
     top_k: int = 0,
     reference: TopK | None = None,
+    reference_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> pd.DataFrame:
     """Summed NLL and predicted-token count per row; rows are batched longest-first to limit padding.
 
@@ -133,7 +135,9 @@ def score_rows(
     predicted token, the model's k most likely tokens and their log-probabilities (the reference a
     later model's KL is measured against, `top_k_reference`). `reference` (of the same rows) adds
     `kl_sum`, the summed KL(reference ‖ model) in nats over the row's predicted tokens (`kl_top_k`),
-    and with keep_tokens `token_kl` per position.
+    and with keep_tokens `token_kl` per position. `reference_logits(input_ids, attention_mask)`, the
+    logits of a reference model on the same batch, adds the same columns with the exact KL over the
+    whole vocabulary.
     """
     device = str(next(model.parameters()).device)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -162,8 +166,9 @@ def score_rows(
             ).view(target.shape)
             nll[idx] = losses.sum(dim=1).double().cpu().numpy()
             count[idx] = (target != IGNORE).sum(dim=1).cpu().numpy()
-            if top_k or reference is not None:
-                _compare(logits, target, idx, rows, top_k, reference, extra)
+            if top_k or reference is not None or reference_logits is not None:
+                ref = reference_logits(input_ids.to(device), attention.to(device)) if reference_logits else None
+                _compare(logits, target, idx, rows, top_k, reference, extra, ref)
             if keep_tokens:
                 token = losses.masked_fill(target == IGNORE, float("nan")).float().cpu().numpy()
                 for j, i in enumerate(idx):
@@ -174,7 +179,7 @@ def score_rows(
         out["token_nll"] = per_token
     if top_k:
         out["topk_ids"], out["topk_logp"] = extra["topk_ids"], extra["topk_logp"]
-    if reference is not None:
+    if reference is not None or reference_logits is not None:
         out["kl_sum"] = [float(np.nansum(k)) for k in extra["kl"]]
         if keep_tokens:
             out["token_kl"] = extra["kl"]
@@ -211,14 +216,25 @@ def kl_top_k(logq: torch.Tensor, ref_ids: torch.Tensor, ref_logp: torch.Tensor) 
     return kl + torch.where(p_tail > 0, tail, torch.zeros_like(tail))
 
 
+def kl_exact(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Per position, KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)) in nats over the whole vocabulary, from
+    log-probabilities [positions x vocab] of the reference (p) and the model (q)."""
+    return (logp.exp() * (logp - logq)).sum(-1).double()
+
+
 def _compare(logits: torch.Tensor, target: torch.Tensor, idx: list[int], rows, top_k: int, reference: TopK | None,
-             extra: dict[str, list]) -> None:
+             extra: dict[str, list], ref_logits: torch.Tensor | None = None) -> None:
     """Top-k of each predicted position (a reference) and/or its KL from a reference, per row of a batch."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    full_ref = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1) if ref_logits is not None else None
     for j, i in enumerate(idx):
         n = len(rows[i][0]) - 1
         predicted = (target[j, :n] != IGNORE)
         row_logp = logp[j, :n][predicted]
+        if full_ref is not None:
+            per_position = np.full(n, np.nan)
+            per_position[predicted.cpu().numpy()] = kl_exact(row_logp, full_ref[j, :n][predicted]).cpu().numpy()
+            extra["kl"][i] = per_position
         if top_k:
             values, ids = row_logp.topk(min(top_k, row_logp.shape[-1]), dim=-1)
             extra["topk_ids"][i] = ids.to(torch.int32).cpu().numpy()

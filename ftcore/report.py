@@ -159,6 +159,7 @@ def _kl_to_base(models: list[dict[str, Any]], table: list[dict[str, Any]], arms:
     kl = np.stack([np.asarray(d["kl_sum"], dtype=np.float64) for d in docs])
     weights = stats.resample_weights(len(tokens), resamples)
     per_model = (weights @ kl.T) / (weights @ tokens)[:, None]  # [resamples x arm runs]
+    table[0].update(general_kl=0.0, general_kl_ci_low=0.0, general_kl_ci_high=0.0)  # the base from itself
     col = 0
     for i, a in enumerate(arms, start=1):
         cols = list(range(col, col + len(seeds[a])))
@@ -406,7 +407,7 @@ def render_markdown(a: Analysis, title: str, details: dict[str, Any], plots: dic
              f"{NOISE_RULE}. ● marks the arms on the Pareto front of domain gain vs general forgetting."
              + (" KL(base‖arm) is the mean per-token KL divergence of the arm's next-token distribution from the "
                 "base's on the general set, in nats (0 = the base's predictions unchanged; it does not depend on how "
-                "well the base fit the text); top-k approximation as configured in eval.kl_top_k."
+                "well the base fit the text); exact over the vocabulary unless eval.kl_top_k sets the top-k lower bound."
                 if KL_COLUMN in columns(a.arms) else ""), "",
              "## Against the seed recipe's expectations", "", f"Expected: {EXPECTED['domain']}; {EXPECTED['general']}.", ""]
     lines += [f"- {line}" for line in expectation_checks(a, methods)]

@@ -283,11 +283,13 @@ def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str
         base_dir = model.locate(root)
         net = model_to_score(arm, base_dir, root, where)
         tokenizer = models.load_tokenizer(base_dir)
-        keeps_reference = which == "general" and arm is None and cfg.eval.kl_top_k > 0
+        keeps_reference = which == "general" and arm is None and bool(cfg.eval.kl_top_k)
         reference = read_reference(root / base["reference"]) if base and base.get("reference") and arm else None
+        exact = which == "general" and arm is not None and cfg.eval.kl_top_k is None
         scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
                                        label=f"eval-{label}-{which}", keep_tokens=token_docs is not None,
-                                       top_k=cfg.eval.kl_top_k if keeps_reference else 0, reference=reference)
+                                       top_k=cfg.eval.kl_top_k if keeps_reference else 0, reference=reference,
+                                       reference_logits=base_logits(arm, net, base_dir, where) if exact else None)
         del net
         if keeps_reference:
             write_reference(perplexity.top_k_reference(scores), out / "reference.npz")
@@ -306,9 +308,23 @@ def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str
                 "reference": relative(cfg, out / "reference.npz") if keeps_reference else None}
 
     outputs = ["scores.parquet", "docs.parquet", "summary.json"]
-    if which == "general" and arm is None and cfg.eval.kl_top_k > 0:
+    if which == "general" and arm is None and cfg.eval.kl_top_k:
         outputs.append("reference.npz")
     return run_once(out, compute, outputs=outputs)
+
+
+def base_logits(arm: dict[str, Any], net, base_dir: Path, device: str):
+    """The base model's logits on a batch, for the exact KL beside the arm being scored: a LoRA arm's own
+    model with its adapter switched off (the base's weights, no second model in memory); for a full
+    arm, a QLoRA arm (whose adapter-free model is the 4-bit base) and the 4-bit base, the base loaded
+    beside it."""
+    if arm["method"] == "lora":
+        def logits(input_ids, attention_mask):
+            with net.disable_adapter():
+                return net(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits
+    base = models.load_model(base_dir, device=device).eval()
+    return lambda input_ids, attention_mask: base(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def write_reference(reference: perplexity.TopK, path: Path) -> Path:
@@ -383,7 +399,7 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
         scored = {"domain test": base.get("domain"), "general": base.get("general")}
         data_seen = {name: {**st, "scored": scored[name]} if scored.get(name) is not None else st
                      for name, st in (data or {}).items()}
-        along = forgetting.write(arms, root, out, cfg.forgetting_budget_pct)
+        along = forgetting.write(arms, root, out, cfg.forgetting_budget_pct, whole=cfg.eval.curve_tokens is None)
         paths = report.write_report(done, out, cfg.name, logs, details, order=["base-nf4", *cfg.arm_names],
                                     methods={a.name: a.method for a in cfg.arms} | {"base-nf4": "nf4"},
                                     reference=cfg.reference,

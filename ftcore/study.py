@@ -258,8 +258,8 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
     p = prepare(cfg, runner)
     cfg, root = p.cfg, p.cfg.artifacts_dir
     baseline = {w: runner.submit(EVALUATE, cfg, p.model, p.data(w), w) for w in SETS}
-    # An arm's general evaluation also measures its KL from the base, from the base's stored top-k.
-    against = {"domain": None, "general": baseline["general"]}
+    # With eval.kl_top_k, an arm's general evaluation reads the base's stored top-k (exact KL needs none).
+    against = {"domain": None, "general": baseline["general"] if cfg.eval.kl_top_k else None}
     base = list(baseline.values())
     if any(a.method == "qlora" for a in cfg.arms):  # the 4-bit base: what quantization alone costs
         base += [runner.submit(EVALUATE, cfg, p.model, p.data(w), w, QUANTIZED_BASE, against[w]) for w in SETS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -108,3 +109,8 @@ def test_the_report_has_the_curves_the_budget_and_the_kl(finished):
         assert (per_seed > 0).all() and table.loc[arm, "general_kl"] == pytest.approx(per_seed.mean())
         assert table.loc[arm, "general_kl_ci_low"] <= table.loc[arm, "general_kl"] <= table.loc[arm, "general_kl_ci_high"]
     assert "KL(base‖arm) general" in (root / results["table"]).with_name("table.md").read_text()
+    assert table.loc["base", "general_kl"] == 0.0
+    for summary in root.glob("train-*/*/train_summary.json"):  # at most the best step's weights stay
+        budget = json.loads(summary.read_text())["budget"]
+        kept = sorted(p.name for p in (summary.parent / "within-budget").glob("step-*"))
+        assert kept == ([f"step-{budget['best_step']}"] if budget["best_weights"] else [])

@@ -107,6 +107,7 @@ def test_stop_at_budget_stops_and_keeps_the_best_step_within_it(study_config, tm
     budget = trained["summary"]["budget"]
     assert budget["stopped_at_step"] == budget["first_over_step"] == trained["summary"]["steps"] == 1
     assert budget["model_step"] == budget["best_step"] == 0
+    assert curves.snapshots(root / trained["dir"]) == {} and budget["best_weights"] is None  # the saved model is it
     saved = load_file(root / trained["dir"] / "model" / "model.safetensors")
     base = load_file(prepared.model_dir / "model.safetensors")
     assert all(torch.equal(saved[k], base[k]) for k in base)
@@ -117,44 +118,48 @@ def test_stop_at_budget_stops_and_keeps_the_best_step_within_it(study_config, tm
 
 # --- KL(base ‖ arm) ----------------------------------------------------------------------------------
 
-def _general_evals(study_config, tmp_path, top_k):
-    prepared = _prepared(study_config, arms=["full"], eval={"every_steps": 0, "kl_top_k": top_k})
-    root = prepared.cfg.artifacts_dir
-    trained = steps.train_arm(_plan(prepared, "full"), root)
-    data = prepared.data("general")
-    base = steps.evaluate(prepared.cfg, prepared.model, data, "general")
-    arm = steps.evaluate(prepared.cfg, prepared.model, data, "general", trained, base)
-    return prepared, trained, base, arm
-
-
-def test_kl_of_the_base_against_itself_is_zero_and_an_arms_matches_a_hand_computation(study_config, tmp_path):
-    from transformers import AutoModelForCausalLM
-
+def _kl_by_hand(base_model, tuned, rows):
+    """Mean over predicted tokens of sum_v p(v) (log p(v) - log q(v)), p the base's, q the arm's, in float64."""
     from ftcore import perplexity
 
-    prepared, trained, base, arm = _general_evals(study_config, tmp_path, top_k=100_000)  # k >= vocab: exact
-    root = Path(prepared.cfg.artifacts_dir)
-    rows = perplexity.stream_windows(pd.read_parquet(root / prepared.general["path"]), prepared.cfg.chunk_len, None,
-                                     prepared.cfg.eval.max_general_tokens)
-    reference = steps.read_reference(root / base["reference"])
-    base_model = AutoModelForCausalLM.from_pretrained(prepared.model_dir)
-    itself = perplexity.score_rows(base_model, rows, 8, 0, reference=reference)
-    assert itself["kl_sum"].sum() == 0.0
-
-    tuned = AutoModelForCausalLM.from_pretrained(root / trained["dir"] / "model")
     total, count = 0.0, 0
     with torch.no_grad():
-        for ids, labels, _ in rows:  # by hand: sum_v p(v) (log p(v) - log q(v)) at every predicted position
+        for ids, labels, _ in rows:
             x = torch.tensor([ids])
-            p = torch.log_softmax(base_model(x).logits[0, :-1].double(), -1)
-            q = torch.log_softmax(tuned(x).logits[0, :-1].double(), -1)
+            p = torch.log_softmax(base_model(input_ids=x).logits[0, :-1].double(), -1)
+            q = torch.log_softmax(tuned(input_ids=x).logits[0, :-1].double(), -1)
             keep = torch.tensor(labels[1:]) != perplexity.IGNORE
             total += float((p.exp() * (p - q)).sum(-1)[keep].sum())
             count += int(keep.sum())
+    return total / count
+
+
+@pytest.mark.parametrize("arm_name, top_k", [("full", None), ("lora", None), ("full", 100_000)])
+def test_kl_to_the_base_matches_a_hand_computation(study_config, tmp_path, arm_name, top_k):
+    # None: exact, the base beside the arm (a LoRA arm: its adapter switched off); k >= vocab: the stored top-k.
+    from transformers import AutoModelForCausalLM
+
+    from ftcore import models, perplexity
+
+    prepared = _prepared(study_config, arms=[arm_name], eval={"every_steps": 0, "kl_top_k": top_k})
+    root = Path(prepared.cfg.artifacts_dir)
+    trained = steps.train_arm(_plan(prepared, arm_name), root)
+    data = prepared.data("general")
+    base = steps.evaluate(prepared.cfg, prepared.model, data, "general")
+    arm = steps.evaluate(prepared.cfg, prepared.model, data, "general", trained, base)
+    rows = perplexity.stream_windows(pd.read_parquet(root / prepared.general["path"]), prepared.cfg.chunk_len, None,
+                                     prepared.cfg.eval.max_general_tokens)
+    base_model = AutoModelForCausalLM.from_pretrained(prepared.model_dir)
+    tuned = models.load_trained(root / trained["dir"], prepared.model_dir)
     assert arm["kl"] > 0
-    assert arm["kl"] == pytest.approx(total / count, rel=1e-4)
+    assert arm["kl"] == pytest.approx(_kl_by_hand(base_model, tuned, rows), rel=1e-4)
     docs = pd.read_parquet(root / arm["docs"])
     assert docs["kl_sum"].sum() == pytest.approx(arm["kl"] * arm["tokens"], rel=1e-9)  # split by document
+    if top_k:  # the base against its own stored top-k: exactly 0
+        itself = perplexity.score_rows(base_model, rows, 8, 0, reference=steps.read_reference(root / base["reference"]))
+        assert itself["kl_sum"].sum() == 0.0
+    else:
+        assert base.get("reference") is None  # the exact KL stores nothing
 
 
 def test_top_k_kl_is_a_lower_bound_of_the_full_kl():
