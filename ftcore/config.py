@@ -391,13 +391,26 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise ConfigError(f"config file {file} does not exist; write one with `ftstudy init > {file.name}`")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8-sig"))
+        text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {file} is not UTF-8 text") from None
+    if file.suffix.lower() == ".json":  # strict JSON: YAML would accept what JSON tools reject (a trailing comma)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid JSON at line {exc.lineno}, column {exc.colno}: "
+                              f"{exc.msg}") from None
+        return _mapping(data, file)
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"config file {file} is not valid YAML or JSON{where}: {getattr(exc, 'problem', exc)}") from None
+    return _mapping(data, file)
+
+
+def _mapping(data: Any, file: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -217,6 +217,10 @@ def test_bad_config_files_are_named(tmp_path):
     with pytest.raises(ValidationError) as info:
         load_config("smoke", config_file=bad)
     assert "train.learning_rate" in describe_error(info.value)
+    trailing = tmp_path / "study.json"  # YAML reads this; JSON tools do not, so neither does ftstudy
+    trailing.write_text('{"name": "x",\n "seeds": [0, 1],\n}\n')
+    with pytest.raises(ConfigError, match=r"study.json is not valid JSON at line 3, column 1"):
+        load_config(None, config_file=trailing)
 
 
 def test_messages_suggest_the_field_and_how_to_quote():
