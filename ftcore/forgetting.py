@@ -150,7 +150,7 @@ def plot_path(means: pd.DataFrame, path: Path, budget_pct: float | None = None) 
         ax.plot(-g["domain"], g["general"], marker="o", ms=3, color=c, label=arm)
         ax.scatter(-g["domain"].iloc[-1], g["general"].iloc[-1], s=70, color=c, edgecolor="k", zorder=3)
         ax.annotate(f"{arm} (step {int(g['step'].iloc[-1])})", (-g["domain"].iloc[-1], g["general"].iloc[-1]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+                    textcoords="offset points", xytext=(6, 4 - 11 * i), fontsize=8)  # staggered: ends may coincide
     ax.scatter([0], [0], marker="x", color="k", label="base (step 0)", zorder=4)
     if budget_pct is not None:
         ax.axhline(budget_pct, color="r", lw=0.8, ls="--", label=f"forgetting budget +{budget_pct:g}%")

@@ -67,6 +67,9 @@ def test_flow_table_cache_and_dependent_recomputation(study_config, corpus_files
     assert len(table) == 4 and {"domain_change_ci_low", "general_within_noise", "pareto"} <= set(table.columns)
     measured = [f"{s}_{k}" for s in ("domain", "general") for k in ("ppl", "ppl_ci_low", "ppl_ci_high", "change_pct")]
     assert all(math.isfinite(v) for v in table[measured].to_numpy().ravel())
+    with get_client(sync_client=True) as client:  # the UI's artifacts: the table, and each arm's curve
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"ftstudy-table", "curve-full", "curve-replay", "curve-lora"} <= keys
 
     # nothing changed: every task is a cache hit and the table is the same
     state, states = _run(cfg)
