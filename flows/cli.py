@@ -195,7 +195,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the embedded server is stopped too.
+    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the embedded server is stopped too
+    # (while the flow runs, Prefect's own SIGTERM handler does; the flow then stops the arms).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "show": cmd_show, "config": cmd_config, "init": cmd_init, "serve": cmd_serve,

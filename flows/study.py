@@ -10,6 +10,7 @@ results are written, so schedules and alerts notice while the finished arms are 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from prefect.states import Failed
 
 from ftcore import study
 from ftcore.config import ConfigError, InputError, StudyConfig, describe_error
+from tasks.arm_process import stop_arms
 from tasks.steps import PrefectRunner
 
 # ftcore reports progress (tokens scored, steps trained, ETA) at INFO; Prefect forwards the
@@ -49,6 +51,13 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
         results = study.run_study(cfg, PrefectRunner(cfg))
     except InputError as exc:  # the run's state carries the message; no traceback, no second copy in the log
         return Failed(message=str(exc), data=exc)
+    except BaseException:
+        # Ctrl-C, or SIGTERM (Prefect's own handler raises it here: a scheduler's stop, a cancellation):
+        # stop the arms' processes now. Prefect waits for its task threads before the run ends, and
+        # those wait for their arm, which would otherwise train on. Checkpoints stay for the rerun.
+        if stop_arms():
+            print("ftstudy: stopping the running arms; their checkpoints are kept", file=sys.stderr)
+        raise
     publish(Path(cfg.artifacts_dir), results)
     if results["failed"]:
         raise RuntimeError(f"arm(s) failed: {', '.join(results['failed'])}; finished arms and the report are kept: "

@@ -53,6 +53,20 @@ def child_env(gpu: str | None) -> dict[str, str]:
     return env
 
 
+# The arm processes this process runs now, so an interrupted study can stop them (stop_arms).
+LIVE: set[subprocess.Popen] = set()
+
+
+def stop_arms() -> int:
+    """Terminate every arm process this process started and that still runs; return how many. Their
+    checkpoints stay: a rerun resumes them. (Called on Ctrl-C / SIGTERM: Prefect waits for its task
+    threads before it returns, and those wait for their arm, which would otherwise train on.)"""
+    running = [p for p in list(LIVE) if p.poll() is None]
+    for proc in running:
+        proc.terminate()
+    return len(running)
+
+
 def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | None = None,
                         on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `plan` under the absolute artifacts `root` in a child process; return the arm's recorded result.
@@ -66,12 +80,16 @@ def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | No
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(gpu),
                             preexec_fn=_die_with_parent)
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(plan.model_dump_json())
-    proc.stdin.close()
-    events = EventReader(log, on_progress)
-    for line in proc.stdout:
-        events.read(line.rstrip("\n"))
-    code = proc.wait()
+    LIVE.add(proc)
+    try:
+        proc.stdin.write(plan.model_dump_json())
+        proc.stdin.close()
+        events = EventReader(log, on_progress)
+        for line in proc.stdout:
+            events.read(line.rstrip("\n"))
+        code = proc.wait()
+    finally:
+        LIVE.discard(proc)
     if code != 0:
         reason = "killed (out of memory?)" if code in (-signal.SIGKILL, 137) else f"exit code {code}"
         error = events.error or events.last_error_line()

@@ -117,3 +117,33 @@ def test_two_cli_runs_on_one_artifacts_root_at_once_print_the_same_table(tmp_pat
     log = (arm_dir / "train_log.jsonl").read_text().splitlines()
     steps = [json.loads(x)["step"] for x in log]
     assert steps == sorted(set(steps))  # trained once, not twice
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_stops_its_arm_and_exits_at_once(tmp_path, sig):
+    """A signal to ftstudy alone (a scheduler's stop, `kill -INT`): the arm's process stops too, instead of
+    training on while the run waits for it; its checkpoints stay for the rerun."""
+    import signal
+    import time
+
+    import psutil
+
+    args = [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--artifacts", str(tmp_path / "a"),
+            "--set", 'arms=["full"]', "--set", "train.max_steps=5000", "--set", "eval.every_steps=0"]
+    with open(tmp_path / "out", "w") as out:
+        proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 240
+    arm = None
+    while arm is None and time.monotonic() < deadline:
+        arm = next((c for c in parent.children(recursive=True) if "tasks.arm_worker" in " ".join(c.cmdline())), None)
+        time.sleep(1)
+    assert arm is not None, (tmp_path / "out").read_text()[-2000:]
+    time.sleep(5)  # training
+    started = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    code = proc.wait(timeout=120)
+    text = (tmp_path / "out").read_text()
+    assert time.monotonic() - started < 60, text[-2000:]
+    assert not arm.is_running() or arm.status() == psutil.STATUS_ZOMBIE
+    assert code != 0 and "stopping the running arms" in text
