@@ -185,7 +185,6 @@ class CurveLog(TrainerCallback):
         self.rows = subsample(curve, root)
         self.emit = None
         self.seconds = 0.0
-        self.stopped_at: int | None = None
         self._forget_after(resume_step)
 
     def _forget_after(self, step: int) -> None:
@@ -255,7 +254,6 @@ class CurveLog(TrainerCallback):
             log.info("%s: step %d is the first over the forgetting budget of %.1f%%", self.label, first_over,
                      self.curve.budget_pct)
             if self.curve.stop_at_budget:
-                self.stopped_at = first_over
                 control.should_training_stop = True
 
 
