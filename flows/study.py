@@ -9,6 +9,7 @@ results are written, so schedules and alerts notice while the finished arms are 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -107,6 +108,12 @@ def publish(root: Path, results: dict[str, Any]) -> None:
     create_table_artifact(rows, key="ftstudy-table",
                           description="Per arm: perplexity (domain / general), % change against base ± std over seeds "
                                       "[95% bootstrap interval over documents], ≈ within noise, ● on the Pareto front")
+    if "tasks" in files:  # benchmark tasks: score and change per task and model
+        tasks = pd.read_parquet(files["tasks"])
+        create_table_artifact(json.loads(tasks.to_json(orient="records")), key="ftstudy-tasks",
+                              description="Benchmark tasks (lm-evaluation-harness): score per model and task, change "
+                                          "against base (points; % for a perplexity task) [95% paired bootstrap "
+                                          "interval over examples]")
     text = report.embed_images(files["report"].read_text(), files["report"].parent)
     listing = "\n".join(f"- {name}: `{path}`" for name, path in files.items())
     failures = "\n".join(f"- **{arm} failed**: {why}" for arm, why in results["failed"].items())

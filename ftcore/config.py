@@ -227,6 +227,45 @@ class EvalSpec(_Frozen):
         "lower bound (on the demo's models 20% low at k=64, 4% at k=1024: BENCHMARKS.md). 0 = off.")
 
 
+class BenchmarkTask(_Frozen):
+    """One benchmark task of EleutherAI's lm-evaluation-harness (lm_eval), scored on the base and on every arm."""
+
+    task: str = Field(..., min_length=1, description="A task name of lm-eval's registry (e.g. hellaswag, arc_challenge, "
+                      "winogrande, wikitext) or the path of a task YAML file in lm-eval's format (local data: "
+                      "dataset_path: json with dataset_kwargs.data_files; relative data files are read from the "
+                      "YAML's folder).")
+    num_fewshot: int = Field(0, ge=0, description="Few-shot examples in each prompt.")
+    limit: int | None = Field(None, gt=0, description="Score only the first N examples (documents for a perplexity "
+                              "task); None = all.")
+    metric: str | None = Field(None, description="The metric the report compares (a metric of the task's "
+                               "metric_list); None = acc_norm where the task defines it (as in Biderman et al. "
+                               "2024), else acc, else bits_per_byte, else the task's first metric.")
+    corpus: Literal["general"] | None = Field(
+        None, description="general = score a perplexity task (output_type loglikelihood_rolling, e.g. wikitext) on "
+        "the study's own general documents instead of its dataset: the documents the general perplexity scores, "
+        "each as lm-eval's task reads it (fields page and text); the report compares the two bits per byte.")
+
+
+def _task_shorthand(value: Any) -> Any:
+    return {"task": value} if isinstance(value, str) else value
+
+
+class BenchmarksSpec(_Frozen):
+    """Benchmark tasks through lm-evaluation-harness: forgetting on tasks beside the general perplexity."""
+
+    tasks: tuple[Annotated[BenchmarkTask, BeforeValidator(_task_shorthand)], ...] = Field(
+        ..., min_length=1, description="Tasks: a name or YAML path, or {task, num_fewshot, limit, metric, corpus}.")
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass.")
+    seed: int = Field(1234, description="Seed of lm-eval's few-shot sampling and random state (lm-eval's default).")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> BenchmarksSpec:
+        seen = [(t.task, t.corpus) for t in self.tasks]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"benchmarks.tasks names a task twice: {[t.task for t in self.tasks]}")
+        return self
+
+
 class StudyConfig(_Frozen):
     """One fine-tuning cost study: base model, corpora, arms and how each is trained and measured."""
 
@@ -258,6 +297,9 @@ class StudyConfig(_Frozen):
         "marks differences within noise. None = train.seed only.",
     )
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation settings.")
+    benchmarks: BenchmarksSpec | None = Field(
+        None, description="Benchmark tasks (lm-evaluation-harness, pip install 'ftstudy[tasks]') scored on the base "
+        "and every arm: score, change in points, task forgetting (the mean change). None = no tasks.")
     forgetting_budget_pct: float | None = Field(
         None, gt=0, description="The general perplexity rise (%, against step 0 of the curve) an arm may cost: the "
         "report gives per arm the first curve step over it and the best step within it (largest domain gain); that "

@@ -33,7 +33,8 @@ CODE: dict[str, tuple[str, ...]] = {
     "tokenize": ("corpora", "chunking", "models"),
     "train": ("plan", "training", "curves", "models"),  # + perplexity when the arm measures curves (ftcore.plan)
     "evaluate": ("perplexity", "models"),
-    "report": ("report", "stats", "cards", "forgetting"),
+    "benchmark": ("benchmarks", "models"),
+    "report": ("report", "stats", "cards", "forgetting", "benchmarks"),
 }
 # Libraries whose version can change a step's result.
 LIBRARIES: dict[str, tuple[str, ...]] = {
@@ -42,6 +43,7 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
     "tokenize": ("transformers", "tokenizers", "trl", "pyarrow"),
     "train": ("torch", "transformers", "trl", "peft", "accelerate", "datasets"),
     "evaluate": ("torch", "transformers", "peft"),
+    "benchmark": ("torch", "transformers", "peft", "lm_eval", "datasets"),
     "report": ("numpy", "pandas", "matplotlib", "huggingface_hub", "scipy"),
 }
 

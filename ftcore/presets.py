@@ -47,6 +47,9 @@ SEED: dict[str, Any] = {
     "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test",
                 "doc_start": WIKITEXT_ARTICLE},
     "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "max_docs": 20000},
+    # Forgetting on tasks as Biderman et al. 2024 measure it: HellaSwag, ARC-Challenge, WinoGrande, 0-shot,
+    # acc_norm where the task defines it (lm-evaluation-harness; data from the Hub).
+    "benchmarks": {"tasks": ["hellaswag", "arc_challenge", "winogrande"], "batch_size": 16},
 }
 
 # Offline on 2 CPU cores: SmolLM2-135M from its PyPI wheel and ../shared/data. Sizes are cut so the
@@ -70,6 +73,9 @@ DEMO: dict[str, Any] = {
     "lora": {"learning_rate": 1e-3},
         # Curves: 6 points per arm on about 1.5k tokens of each set (their cost: BENCHMARKS.md).
     "eval": {"batch_size": 8, "max_general_tokens": 16384, "every_steps": 6, "curve_tokens": 1536},
+    # lm-eval's wikitext task (document-level rolling log-likelihood, its detokenizer and bits per byte) on
+    # the general documents the study scores: a cross-check of ftstudy's own general perplexity, offline.
+    "benchmarks": {"tasks": [{"task": "wikitext", "corpus": "general"}], "batch_size": 4},
     # bf16 autocast: about 2.5x faster than fp32 on a CPU with native bf16 (AVX512-BF16, AMX), which the
     # demo was measured on. A CPU without it emulates bf16 (a forward pass measured 6x slower than in fp32
     # on an AVX2-only CPU): ftstudy warns, and --set precision=fp32 is the faster choice there (with

@@ -12,6 +12,7 @@ its per-document scores. Outputs, all under the report directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ftcore import stats  # noqa: E402
+from ftcore import benchmarks, stats  # noqa: E402
 from ftcore.io import atomic_path, write_parquet, write_text  # noqa: E402
 
 SETS = ("domain", "general")
@@ -202,8 +203,10 @@ def _pct(row: pd.Series, s: str) -> str:
 
 
 TABLE_COLUMNS = ("arm", "seeds", "domain ppl", "Δ domain ± std [95% CI]", "general ppl", "Δ general ± std [95% CI]",
-                 "KL(base‖arm) general, nats/token [95% CI]", "domain bits/byte", "general bits/byte", "front")
+                 "KL(base‖arm) general, nats/token [95% CI]", "Δ tasks, points [95% CI]", "domain bits/byte",
+                 "general bits/byte", "front")
 KL_COLUMN = TABLE_COLUMNS[6]
+TASKS_COLUMN = TABLE_COLUMNS[7]
 
 
 def _kl(r: pd.Series) -> str:
@@ -215,9 +218,11 @@ def _kl(r: pd.Series) -> str:
 
 
 def columns(table: pd.DataFrame) -> tuple[str, ...]:
-    """The table's columns: the KL column only when the arms' KL was measured."""
+    """The table's columns: the KL column only when the arms' KL was measured, the task column only when
+    benchmark tasks were (ftcore.benchmarks)."""
     with_kl = "general_kl" in table and table["general_kl"].notna().any()
-    return TABLE_COLUMNS if with_kl else tuple(c for c in TABLE_COLUMNS if c != KL_COLUMN)
+    with_tasks = "task_forgetting_pts" in table and table["task_forgetting_pts"].notna().any()
+    return tuple(c for c in TABLE_COLUMNS if (c != KL_COLUMN or with_kl) and (c != TASKS_COLUMN or with_tasks))
 
 
 def table_rows(table: pd.DataFrame) -> list[dict[str, str]]:
@@ -230,6 +235,7 @@ def table_rows(table: pd.DataFrame) -> list[dict[str, str]]:
             cells.append(f"{r[f'{s}_ppl']:.2f}")
             cells.append(f"[{r[f'{s}_ppl_ci_low']:.2f}, {r[f'{s}_ppl_ci_high']:.2f}]" if base else _pct(r, s))
         cells += ["0 (itself)" if base else _kl(r)]
+        cells += ["0 (itself)" if base else benchmarks.forgetting_cell(r)]
         cells += [f"{r['domain_bpb']:.3f}", f"{r['general_bpb']:.3f}", "" if base else ("●" if r.get("pareto") else "")]
         row = dict(zip(TABLE_COLUMNS, cells))
         rows.append({c: row[c] for c in columns(table)})
@@ -501,13 +507,19 @@ def write_report(
     order: list[str] | None = None, methods: dict[str, str] | None = None, titles: pd.DataFrame | None = None,
     reference: str | None = None, data: dict[str, Any] | None = None, chunk_len: int | None = None,
     sections: dict[str, list[str]] | None = None, more_plots: dict[str, Path] | None = None,
+    task_table: pd.DataFrame | None = None,
 ) -> dict[str, str]:
     """Write the tables, report.md and the plots into out_dir; return their paths. `sections` (heading ->
-    markdown lines) and `more_plots` (already drawn, e.g. ftcore.forgetting's) join the report."""
+    markdown lines) and `more_plots` (already drawn, e.g. ftcore.forgetting's) join the report;
+    `task_table` (ftcore.benchmarks.analyse: per-arm task columns) joins the table, with its frontier plot."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     a = analyse(evals, order, titles, reference=reference)
+    if task_table is not None and len(task_table):
+        a = dataclasses.replace(a, arms=a.arms.merge(task_table, on="arm", how="left"))
     plots = {"perplexity": plot_perplexity(a.arms, out / "perplexity.png"), "frontier": plot_frontier(a, out / "frontier.png")}
+    if "task_forgetting_pts" in a.arms and a.arms["task_forgetting_pts"].notna().any():
+        plots["task_frontier"] = benchmarks.plot_frontier(a.arms, out / "task_frontier.png")
     if loss_logs:
         plots["loss"] = plot_losses(loss_logs, out / "loss.png")
     plots.update(more_plots or {})

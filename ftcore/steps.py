@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ftcore import cards, chunking, corpora, curves, forgetting, models, perplexity, report, sources, training
+from ftcore import benchmarks, cards, chunking, corpora, curves, forgetting, models, perplexity, report, sources, training
 from ftcore.config import InputError, StudyConfig, config_yaml
 from ftcore.io import (atomic_path, entries_digest, file_entries, hash_dir, step_lock, verify_manifest, write_json,
                        write_manifest, write_parquet, write_text)
@@ -356,33 +356,74 @@ def model_to_score(arm: dict[str, Any] | None, base_dir: Path, root: Path, devic
     return models.load_trained(root / arm["dir"], base_dir, device, quantized=arm["method"] == "qlora")
 
 
+# --- benchmark tasks (lm-evaluation-harness) --------------------------------------------------------
+
+def benchmark_dir(cfg: StudyConfig, model: ModelRef, task: benchmarks.TaskRef, arm: dict[str, Any] | None = None) -> Path:
+    spec = cfg.benchmarks
+    reads = {"task": task.digest, "metric": task.metric, "num_fewshot": task.num_fewshot, "limit": task.limit,
+             "batch_size": spec.batch_size, "seed": spec.seed, "precision": cfg.eval.precision, "model": model.digest,
+             "arm": arm["digest"] if arm else None}
+    name = arm["arm"] if arm else "base"
+    return root_of(cfg) / f"bench-{name}-{task.name}" / step_key("benchmark", reads, (benchmark,))
+
+
+def benchmark(cfg: StudyConfig, model: ModelRef, task: benchmarks.TaskRef, arm: dict[str, Any] | None = None,
+              device: str | None = None) -> dict[str, Any]:
+    """One lm-eval task on the base (arm=None), the 4-bit base or a trained arm as it trained (a LoRA arm as
+    its adapter on the base): its score and per-example table (samples.parquet)."""
+    out = benchmark_dir(cfg, model, task, arm)
+    label = arm["label"] if arm else "base"
+
+    def compute() -> dict[str, Any]:
+        root = root_of(cfg)
+        where = device or training.resolve_device(cfg.device)
+        base_dir = model.locate(root)
+        net = model_to_score(arm, base_dir, root, where).eval()
+        summary, table = benchmarks.run_task(net, models.load_tokenizer(base_dir), task, cfg.benchmarks.batch_size,
+                                             cfg.benchmarks.seed, perplexity._autocast(cfg.eval.precision, where),
+                                             label=f"bench-{label}-{task.name}")
+        write_parquet(table, out / "samples.parquet")
+        log.info("bench-%s-%s: %s %.4f over %d examples", label, task.name, task.metric, summary["score"],
+                 summary["examples"])
+        return {"arm": arm["arm"] if arm else "base", "label": label, "seed": arm["seed"] if arm else None,
+                "task": task.name, "metric": task.metric, **summary, "samples": relative(cfg, out / "samples.parquet")}
+
+    return run_once(out, compute, outputs=["samples.parquet"])
+
+
 # --- the report ------------------------------------------------------------------------------------
 
 def report_dir(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
-               failed: dict[str, str], data: dict[str, Any] | None = None, model: ModelRef | None = None) -> Path:
+               failed: dict[str, str], data: dict[str, Any] | None = None, model: ModelRef | None = None,
+               bench: dict[str, Any] | None = None) -> Path:
     # The report states the whole effective config (config.yaml), so it depends on all of it but
     # the places things run and are stored, which change no number.
     reads = {"config": cfg.model_dump(mode="json", exclude=set(WHERE)), "reference": cfg.reference,
              "evals": sorted([e["label"], e["set"], e["digest"]] for e in evals),
              "trained": sorted(a["dir"] for a in arms), "failed": failed, "data": data,
-             "model": model.digest if model else None}
+             "model": model.digest if model else None,
+             "bench": {"results": sorted([r["label"], r["task"], r["digest"]] for r in bench["results"]),
+                       "failed": bench["failed"]} if bench else None}
     return root_of(cfg) / "report" / step_key("report", reads, (write_results,))
 
 
 def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
                   failed: dict[str, str], data: dict[str, Any] | None = None,
-                  model: ModelRef | None = None) -> dict[str, Any]:
+                  model: ModelRef | None = None, bench: dict[str, Any] | None = None) -> dict[str, Any]:
     """The table, report, plots and a model card per trained arm, from every evaluation.
 
     `failed` maps an arm run (label) that did not finish to its error, which the report lists
     instead of a row; `data` holds the tokenizing statistics per set (what chunk_len cut); `model`
-    is the base model (its license goes into the cards). Each card is also written next to its
+    is the base model (its license goes into the cards); `bench` the benchmark tasks ({"tasks": TaskRefs,
+    "results": BENCHMARK results, "failed": "label/task" -> error}). Each card is also written next to its
     arm's weights (model/ or adapter/README.md).
     """
-    out = report_dir(cfg, evals, arms, failed, data, model)
+    out = report_dir(cfg, evals, arms, failed, data, model, bench)
     files = ["table.parquet", "runs.parquet", "general_docs.parquet", "table.md", "report.md", "perplexity.png",
              "frontier.png", "config.yaml"] + (["loss.png", "cards"] if arms else [])
     files += ["curves.png", "path.png"] if any(a.get("curves") for a in arms) else []
+    files += ["tasks.parquet"] if bench and bench["results"] else []
+    files += ["task_frontier.png"] if benchmarks.has_task_forgetting(bench) else []
 
     def compute() -> dict[str, Any]:
         root = root_of(cfg)
@@ -400,20 +441,27 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
         data_seen = {name: {**st, "scored": scored[name]} if scored.get(name) is not None else st
                      for name, st in (data or {}).items()}
         along = forgetting.write(arms, root, out, cfg.forgetting_budget_pct, whole=cfg.eval.curve_tokens is None)
+        order = ["base-nf4", *[a for a in cfg.arm_names if a not in broken]]
+        tasks = benchmarks.write(bench, done, root, order)
+        sections = {"Forgetting along training": along["lines"]} if along else {}
+        if tasks:
+            sections["Benchmark tasks (lm-evaluation-harness)"] = tasks["lines"]
+            write_parquet(tasks["tasks"], out / "tasks.parquet")
         paths = report.write_report(done, out, cfg.name, logs, details, order=["base-nf4", *cfg.arm_names],
                                     methods={a.name: a.method for a in cfg.arms} | {"base-nf4": "nf4"},
                                     reference=cfg.reference,
                                     titles=pd.read_parquet(root / titles) if titles else None, data=data_seen,
                                     chunk_len=cfg.chunk_len,
-                                    sections={"Forgetting along training": along["lines"]} if along else None,
-                                    more_plots=along.get("plots"))
+                                    sections=sections or None, more_plots=along.get("plots"),
+                                    task_table=tasks["table"] if tasks else None)
         header = ("The effective config of this study (ftstudy run --config config.yaml reruns it); artifacts_dir,\n"
                   "executor, train_deployment and report_to, which change no number, are left at their defaults.")
         where = StudyConfig.model_fields
         write_text(config_yaml(cfg.model_copy(update={k: where[k].default for k in WHERE}), header), out / "config.yaml")
         write_cards(cfg, arms, out, model)
         return {**{name: relative(cfg, Path(path)) for name, path in paths.items()},
-                "config": relative(cfg, out / "config.yaml")}
+                "config": relative(cfg, out / "config.yaml"),
+                **({"tasks": relative(cfg, out / "tasks.parquet")} if tasks else {})}
 
     return run_once(out, compute, outputs=files)
 
@@ -440,4 +488,5 @@ TOKENIZE_STREAM = Step("tokenize-stream", tokenize_stream_dir, tokenize_stream)
 TRAIN = Step("train", lambda plan, root, *_: train_dir(plan, root), train_arm)
 EVALUATE = Step("evaluate", lambda cfg, model, data, which, arm=None, base=None, *_:
                 evaluate_dir(cfg, model, data, which, arm, base), evaluate)
+BENCHMARK = Step("benchmark", lambda cfg, model, task, arm=None, *_: benchmark_dir(cfg, model, task, arm), benchmark)
 REPORT = Step("report", report_dir, write_results)

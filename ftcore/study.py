@@ -18,11 +18,11 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from ftcore import corpora, models, tracking, training
+from ftcore import benchmarks, corpora, models, tracking, training
 from ftcore.config import InputError, StudyConfig
 from ftcore.io import write_json
 from ftcore.plan import ArmPlan, ModelRef, plan_arm
-from ftcore.steps import (EVALUATE, FETCH_MODEL, FINGERPRINT, QUANTIZED_BASE, REPORT, TOKENIZE_DOMAIN, TOKENIZE_STREAM,
+from ftcore.steps import (BENCHMARK, EVALUATE, FETCH_MODEL, FINGERPRINT, QUANTIZED_BASE, REPORT, TOKENIZE_DOMAIN, TOKENIZE_STREAM,
                           TRAIN, Step, StudyError, recorded)
 
 log = logging.getLogger("ftcore.study")
@@ -204,6 +204,7 @@ class Prepared:
     general: dict[str, Any]
     replay: dict[str, Any] | None
     versions: dict[str, str] = field(default_factory=dict)  # corpus source versions (ftcore.study.corpus_versions)
+    tasks: tuple[benchmarks.TaskRef, ...] = ()  # benchmark tasks, resolved and loaded (ftcore.benchmarks)
 
     def data(self, which: str) -> dict[str, Any]:
         return self.domain if which == "domain" else self.general
@@ -238,7 +239,24 @@ def prepare(cfg: StudyConfig, runner: Runner | None = None) -> Prepared:
     general = runner.run(TOKENIZE_STREAM, cfg, "general", model, corpus["general"])
     replay = runner.run(TOKENIZE_STREAM, cfg, "replay", model, corpus["replay"]) if "replay" in corpus else None
     check_replay_budget(cfg, domain, replay)  # before any model is loaded for evaluation or training
-    return Prepared(cfg, model, domain, general, replay, versions)
+    tasks = benchmarks.resolve(cfg, Path(cfg.artifacts_dir) / "benchmark-tasks",
+                               general_documents=lambda: general_documents(cfg, general))
+    return Prepared(cfg, model, domain, general, replay, versions, tuple(tasks))
+
+
+def general_documents(cfg: StudyConfig, general: dict[str, Any]) -> pd.DataFrame:
+    """The general documents the general perplexity scores (within eval.max_general_tokens): columns doc (index
+    in the general corpus), text, and whole (all of its tokens are scored)."""
+    import numpy as np
+
+    frame = pd.read_parquet(Path(cfg.artifacts_dir) / general["path"], columns=["token_docs"])
+    every = np.concatenate(frame["token_docs"].to_numpy())
+    scored = every[: cfg.eval.max_general_tokens] if cfg.eval.max_general_tokens else every
+    ids, counts = np.unique(scored, return_counts=True)
+    total = dict(zip(*np.unique(every, return_counts=True)))
+    texts = corpora.document_texts(corpora.load_corpus(cfg.general, "general"), cfg.general.text_fields)
+    return pd.DataFrame({"doc": ids, "text": [texts[d] for d in ids],
+                         "whole": [int(c) == int(total[d]) for d, c in zip(ids, counts)]})
 
 
 def plan_arms(prepared: Prepared) -> list[ArmPlan]:
@@ -268,6 +286,11 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
     arm_evals = {label: [runner.submit(EVALUATE, cfg, p.model, p.data(w), w, fut, against[w]) for w in SETS]
                  for label, fut in trained.items()}
 
+    scored = {"base": None, **({"base-nf4": QUANTIZED_BASE} if any(a.method == "qlora" for a in cfg.arms) else {}),
+              **trained}
+    tasks = {(label, t.name): runner.submit(BENCHMARK, cfg, p.model, t, *([arm] if arm is not None else []))
+             for label, arm in scored.items() for t in p.tasks}
+
     evals = [result(runner, f) for f in base]
     arms, failed = [], {}
     for label, fut in trained.items():
@@ -281,12 +304,31 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
 
     data = {f"domain {split}": st for split, st in p.domain["stats"].items()}
     data |= {"general": p.general["stats"]} | ({"replay": p.replay["stats"]} if p.replay else {})
-    results = runner.run(REPORT, cfg, evals, arms, failed, data, p.model)
+    bench = task_results(runner, p.tasks, tasks, failed)
+    results = runner.run(REPORT, cfg, evals, arms, failed, data, p.model, bench)
     mark_latest(cfg, results)
     tracking.publish(cfg, Path(root), results, arms, evals)
     if not failed:
         record_corpus_versions(cfg, p.versions)
     return {**results, "failed": failed}
+
+
+def task_results(runner: Runner, refs: tuple[benchmarks.TaskRef, ...], futures: dict[tuple[str, str], Any],
+                 failed_arms: dict[str, str]) -> dict[str, Any] | None:
+    """The benchmark steps' results for the report; a step that failed is listed (its arm's did not train: skipped)."""
+    if not refs:
+        return None
+    results, failed = [], {}
+    for (label, task), fut in futures.items():
+        if label in failed_arms:
+            continue
+        value, error = runner.outcome(fut)
+        if error is not None:
+            failed[f"{label}/{task}"] = error.splitlines()[0][:300]
+            log.error("bench-%s-%s failed: %s", label, task, failed[f"{label}/{task}"])
+        else:
+            results.append(value)
+    return {"tasks": [t.model_dump() for t in refs], "results": results, "failed": failed}
 
 
 def mark_latest(cfg: StudyConfig, results: dict[str, Any]) -> Path:

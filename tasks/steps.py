@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
 from ftcore import sources, steps
+from ftcore.benchmarks import TaskRef
 from ftcore.config import InputError, StudyConfig
 from ftcore.plan import ArmPlan, ModelRef
 from tasks.arm_process import train_in_subprocess
@@ -103,6 +104,18 @@ def evaluate(cfg: StudyConfig, model: ModelRef, data: dict[str, Any], which: str
     with device_slot(label=f"eval-{label}-{which}", log=logger.info) as slot:
         device = f"cuda:{slot}" if device_count() > 1 else None
         return steps.evaluate(cfg, model, data, which, arm, base, device=device)
+
+
+@task(name="benchmark", task_run_name="bench-{label}-{task.name}", **UNCACHED)
+def benchmark(cfg: StudyConfig, model: ModelRef, task: TaskRef, arm: dict[str, Any] | None = None,
+              label: str = "base") -> dict[str, Any]:
+    """One lm-eval benchmark task on the base model or an arm; holds a device slot."""
+    if done := cached(steps.BENCHMARK, cfg, model, task, arm):
+        return done
+    logger = get_run_logger()
+    with device_slot(label=f"bench-{label}-{task.name}", log=logger.info) as slot:
+        device = f"cuda:{slot}" if device_count() > 1 else None
+        return steps.benchmark(cfg, model, task, arm, device=device)
 
 
 @task(name="train-arm", task_run_name="train-{plan.label}", **UNCACHED)
@@ -189,9 +202,9 @@ def _has_cuda() -> bool:
 @task(name="write-results", task_run_name="write-results", **UNCACHED)
 def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict[str, Any]],
                   failed: dict[str, str], data: dict[str, Any] | None = None,
-                  model: ModelRef | None = None) -> dict[str, Any]:
+                  model: ModelRef | None = None, bench: dict[str, Any] | None = None) -> dict[str, Any]:
     """The arms x (domain, general) table (parquet, markdown), the report, the plots and the model cards."""
-    args = (cfg, evals, arms, failed, data, model)
+    args = (cfg, evals, arms, failed, data, model, bench)
     return cached(steps.REPORT, *args) or steps.write_results(*args)
 
 
@@ -223,6 +236,10 @@ class PrefectRunner:
             base = args[5] if len(args) > 5 else None
             label = self.labels.get(id(arm)) or (arm["label"] if isinstance(arm, dict) else "base")
             return evaluate.submit(*args[:4], arm=arm, base=base, label=label)
+        if step is steps.BENCHMARK:
+            arm = args[3] if len(args) > 3 else None
+            label = self.labels.get(id(arm)) or (arm["label"] if isinstance(arm, dict) else "base")
+            return benchmark.submit(*args[:3], arm=arm, label=label)
         return TASKS[step.name].submit(*args)
 
     def outcome(self, future: Any) -> tuple[Any, str | None]:

@@ -112,3 +112,26 @@ def tiny_model_wide(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-wide"
     build_tiny_model(path, hidden=64)
     return path
+
+
+MC_QUESTIONS = [  # (question, choices, label): a small multiple-choice task in lm-eval's YAML format
+    ("The model learns from", ["data", "rocks", "the sky"], 0), ("Attention is", ["all you need", "none"], 0),
+    ("The training loss goes", ["down", "up", "sideways"], 0), ("A neural network has", ["layers", "wheels"], 0),
+    ("The city council met on", ["tuesday", "the bridge", "memory"], 0), ("The river runs through", ["the old town", "a kernel"], 0),
+]
+
+
+@pytest.fixture(scope="session")
+def mc_task(tmp_path_factory) -> Path:
+    """A local multiple-choice task as lm-eval reads it: a YAML file with `dataset_path: json` and data files
+    given relative to the YAML's folder."""
+    root = tmp_path_factory.mktemp("tasks")
+    (root / "data").mkdir()
+    with open(root / "data" / "mc.jsonl", "w") as f:
+        for q, choices, label in MC_QUESTIONS:
+            f.write(json.dumps({"question": q, "choices": choices, "label": label}) + "\n")
+    (root / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/mc.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return root / "tiny_mc.yaml"

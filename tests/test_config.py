@@ -108,9 +108,11 @@ def test_the_reference_arm_is_a_field():
 def test_presets_are_small_overrides_of_the_defaults():
     from ftcore import presets
 
-    # The seed recipe is the defaults: its preset names only the data.
-    assert set(presets.SEED) == {"name", "domain", "general", "replay"}
-    assert all(len(p) <= 15 for p in presets.PRESETS.values())
+    # The seed recipe is the defaults: its preset names only the data and the tasks (Biderman et al. 2024's three).
+    assert set(presets.SEED) == {"name", "domain", "general", "replay", "benchmarks"}
+    assert [t.task for t in load_config("seed").benchmarks.tasks] == ["hellaswag", "arc_challenge", "winogrande"]
+    assert {t.num_fewshot for t in load_config("seed").benchmarks.tasks} == {0}
+    assert all(len(p) <= 16 for p in presets.PRESETS.values())
 
 
 def test_seeds_replace_train_seed_per_run():

@@ -101,6 +101,27 @@ def test_flow_table_cache_and_dependent_recomputation(study_config, corpus_files
     assert _recomputed(states) == {"train-lora", "eval-lora-domain", "eval-lora-general", "write-results"}
 
 
+def test_benchmark_tasks_run_on_the_base_and_every_arm_as_cached_steps(study_config, mc_task):
+    cfg = study_config(arms=["full", "lora"], benchmarks={"tasks": [str(mc_task)], "batch_size": 4})
+    state, states = _run(cfg)
+    assert state.is_completed()
+    bench = {f"bench-{a}-tiny_mc" for a in ("base", "full", "lora")}
+    assert {name: states.get(name) for name in bench} == dict.fromkeys(bench, "Completed")
+    root, results = Path(cfg.artifacts_dir), state.result()
+    table = pd.read_parquet(root / results["table"]).set_index("arm")
+    assert table.loc[["full", "lora"], "task_forgetting_pts"].notna().all()
+    assert table.loc[["full", "lora"], "task_tiny_mc_score"].between(0, 100).all()
+    tasks = pd.read_parquet(root / results["tasks"])
+    assert sorted(tasks.arm) == ["base", "full", "lora"] and set(tasks.task) == {"tiny_mc"}
+    report = (root / results["report"]).read_text()
+    assert "## Benchmark tasks (lm-evaluation-harness)" in report and "tiny_mc (acc_norm, 0-shot, n=6)" in report
+    assert "Δ tasks, points" in (root / results["table"]).with_name("table.md").read_text()
+    with get_client(sync_client=True) as client:
+        assert "ftstudy-tasks" in {a.key for a in client.read_artifacts()}
+    state, states = _run(cfg)  # the same study again: every step, the tasks too, a cache hit
+    assert state.is_completed() and _recomputed(states) == set()
+
+
 SWEEP = [{"name": "replay-25", "replay_ratio": 0.25}, {"name": "lora-r2", "method": "lora", "lora": {"r": 2}}]
 
 
