@@ -309,22 +309,33 @@ def resolve(cfg: StudyConfig, workdir: Path, general_documents: Callable[[], pd.
 
 # --- run one task on one model ------------------------------------------------------------------------
 
-def _scored_lm(model, tokenizer, batch_size: int, label: str, requests: int):
+def _scored_lm(model, tokenizer, batch_size: int, max_length: int | None, label: str):
     """lm-eval's HFLM around a model already in memory, with fp32 log-probabilities (bf16 autocast logits are
-    cast up, as ftstudy's perplexity does) and progress with an ETA in the log."""
+    cast up, as ftstudy's perplexity does) and progress with an ETA in the log (requests of a log-likelihood
+    task; tokens of a perplexity task)."""
     from lm_eval.models.huggingface import HFLM
 
     from ftcore.perplexity import Progress
 
     class ScoredLM(HFLM):
+        progress = Progress(label, 1)
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            self.progress, self.unit = Progress(label, max(len(requests), 1), unit="requests"), "rows"
+            return super().loglikelihood(requests, disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            total = sum(len(self.tok_encode(r.args[0])) for r in requests)
+            self.progress, self.unit = Progress(label, max(total, 1), unit="tokens"), "tokens"
+            return super().loglikelihood_rolling(requests, disable_tqdm)
+
         def _model_call(self, inps, attn_mask=None, labels=None):
             logits = super()._model_call(inps, attn_mask, labels)
-            self.progress.advance(min(int(inps.shape[0]), self.progress.total - self.progress.done))
+            done = int(inps.shape[0]) if getattr(self, "unit", "rows") == "rows" else int(inps.numel())
+            self.progress.advance(max(0, min(done, self.progress.total - self.progress.done)))
             return logits.float()
 
-    lm = ScoredLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    lm.progress = Progress(label, max(requests, 1), unit="requests")
-    return lm
+    return ScoredLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
 def sample_table(samples: list[dict[str, Any]], ref: TaskRef) -> pd.DataFrame:
@@ -357,18 +368,19 @@ def metric_value(results: dict[str, Any], ref: TaskRef) -> float:
     return float(scores[key])
 
 
-def run_task(model, tokenizer, ref: TaskRef, batch_size: int, seed: int, autocast, label: str
-             ) -> tuple[dict[str, Any], pd.DataFrame]:
+def run_task(model, tokenizer, ref: TaskRef, batch_size: int, seed: int, autocast, label: str,
+             max_length: int | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
     """Score one task on one model with lm-eval's simple_evaluate: (summary, per-example table).
 
     `autocast` is the evaluation's precision context (ftstudy.perplexity's). The summary holds
-    `score` (the metric as lm-eval aggregates it), `examples`, and lm-eval's version. Raises
+    `score` (the metric as lm-eval aggregates it), `examples`, and lm-eval's version; `max_length` is the
+    context lm-eval gives the model (None: the model's own). Raises
     whatever lm-eval raises (the step fails alone; the report lists it).
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = _scored_lm(model, tokenizer, batch_size, label, requests=_requests(ref))
+    lm = _scored_lm(model, tokenizer, batch_size, max_length, label)
     with autocast:
         out = lm_eval.simple_evaluate(model=lm, tasks=[ref.yaml], num_fewshot=ref.num_fewshot, limit=ref.limit,
                                       log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
@@ -379,12 +391,6 @@ def run_task(model, tokenizer, ref: TaskRef, batch_size: int, seed: int, autocas
         raise RuntimeError(f"{ref.name}: lm-eval scored {len(table)} examples, {ref.examples} expected")
     summary = {"score": metric_value(out, ref), "examples": len(table), "lm_eval": out.get("lm_eval_version")}
     return summary, table
-
-
-def _requests(ref: TaskRef) -> int:
-    # Progress counts forward rows: one per (example, choice) of a multiple-choice task (about 4 choices),
-    # at least one per document of a perplexity task; the ETA is approximate.
-    return ref.examples * (1 if ref.perplexity_like else 4)
 
 
 # --- analysis ------------------------------------------------------------------------------------------
@@ -531,7 +537,8 @@ def whole_documents(documents: pd.DataFrame) -> pd.DataFrame:
     return documents[documents["ftstudy_whole"]]
 
 
-def cross_check(results: list[dict[str, Any]], refs: list[TaskRef], evals: list[dict[str, Any]]) -> list[str]:
+def cross_check(results: list[dict[str, Any]], refs: list[TaskRef], evals: list[dict[str, Any]],
+                max_length: int | None = None) -> list[str]:
     """For a perplexity task on the study's general documents: lm-eval's and ftstudy's bits per byte of each
     model on the same documents (those ftstudy's general perplexity scored whole), and their changes."""
     lines = []
@@ -562,7 +569,8 @@ def cross_check(results: list[dict[str, Any]], refs: list[TaskRef], evals: list[
         lines += ["", "The two differ by design, not by error: ftstudy scores the documents as one stream in windows of "
                   "chunk_len tokens without overlap (a token early in a window sees little context; text of the "
                   "previous document can be context) and counts the bytes of the text it scores, separators "
-                  "included; lm-eval scores each document alone in rolling windows of the model's full context, "
+                  "included; lm-eval scores each document alone in rolling windows of "
+                  f"{f'{max_length} tokens (benchmarks.max_length)' if max_length else 'the model’s full context'}, "
                   "predicts its first token from the end-of-text token, scores the detokenized page (wikitext's "
                   "detokenizer) but divides by the bytes of the original page. The changes against the base are "
                   "what the study compares; they should agree in sign and roughly in size."]
@@ -601,8 +609,8 @@ def has_task_forgetting(bench: dict[str, Any] | None) -> bool:
     return any(r["arm"] != "base" and r["task"] in on_base for r in bench["results"])
 
 
-def write(bench: dict[str, Any] | None, evals: list[dict[str, Any]], root: Path, order: list[str]
-          ) -> dict[str, Any] | None:
+def write(bench: dict[str, Any] | None, evals: list[dict[str, Any]], root: Path, order: list[str],
+          max_length: int | None = None) -> dict[str, Any] | None:
     """The benchmark part of the report: {"table": per-arm columns for table.parquet, "lines": the report
     section, "tasks": per task and model}; None when the study has no tasks."""
     if not bench or not bench.get("tasks"):
@@ -612,5 +620,5 @@ def write(bench: dict[str, Any] | None, evals: list[dict[str, Any]], root: Path,
     table, per_task = analyse(results, refs, order)
     lines = task_lines(per_task, refs, bench.get("failed") or {}, order)
     lines += cross_check(results, refs, [{**e, "docs": root / e["docs"]} if isinstance(e["docs"], str) else e
-                                         for e in evals])
+                                         for e in evals], max_length)
     return {"table": table, "lines": lines, "tasks": per_task}

@@ -256,6 +256,9 @@ class BenchmarksSpec(_Frozen):
     tasks: tuple[Annotated[BenchmarkTask, BeforeValidator(_task_shorthand)], ...] = Field(
         ..., min_length=1, description="Tasks: a name or YAML path, or {task, num_fewshot, limit, metric, corpus}.")
     batch_size: int = Field(8, gt=0, description="Requests per forward pass.")
+    max_length: int | None = Field(
+        None, gt=1, description="Context lm-eval gives the model (HFLM max_length): the longest prompt, and the "
+        "window of a perplexity task's rolling log-likelihood; None = lm-eval's default, the model's context.")
     seed: int = Field(1234, description="Seed of lm-eval's few-shot sampling and random state (lm-eval's default).")
 
     @model_validator(mode="after")

@@ -361,7 +361,7 @@ def model_to_score(arm: dict[str, Any] | None, base_dir: Path, root: Path, devic
 def benchmark_dir(cfg: StudyConfig, model: ModelRef, task: benchmarks.TaskRef, arm: dict[str, Any] | None = None) -> Path:
     spec = cfg.benchmarks
     reads = {"task": task.digest, "metric": task.metric, "num_fewshot": task.num_fewshot, "limit": task.limit,
-             "batch_size": spec.batch_size, "seed": spec.seed, "precision": cfg.eval.precision, "model": model.digest,
+             "batch_size": spec.batch_size, "max_length": spec.max_length, "seed": spec.seed, "precision": cfg.eval.precision, "model": model.digest,
              "arm": arm["digest"] if arm else None}
     name = arm["arm"] if arm else "base"
     return root_of(cfg) / f"bench-{name}-{task.name}" / step_key("benchmark", reads, (benchmark,))
@@ -381,7 +381,7 @@ def benchmark(cfg: StudyConfig, model: ModelRef, task: benchmarks.TaskRef, arm: 
         net = model_to_score(arm, base_dir, root, where).eval()
         summary, table = benchmarks.run_task(net, models.load_tokenizer(base_dir), task, cfg.benchmarks.batch_size,
                                              cfg.benchmarks.seed, perplexity._autocast(cfg.eval.precision, where),
-                                             label=f"bench-{label}-{task.name}")
+                                             label=f"bench-{label}-{task.name}", max_length=cfg.benchmarks.max_length)
         write_parquet(table, out / "samples.parquet")
         log.info("bench-%s-%s: %s %.4f over %d examples", label, task.name, task.metric, summary["score"],
                  summary["examples"])
@@ -442,7 +442,7 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
                      for name, st in (data or {}).items()}
         along = forgetting.write(arms, root, out, cfg.forgetting_budget_pct, whole=cfg.eval.curve_tokens is None)
         order = ["base-nf4", *[a for a in cfg.arm_names if a not in broken]]
-        tasks = benchmarks.write(bench, done, root, order)
+        tasks = benchmarks.write(bench, done, root, order, cfg.benchmarks.max_length if cfg.benchmarks else None)
         sections = {"Forgetting along training": along["lines"]} if along else {}
         if tasks:
             sections["Benchmark tasks (lm-evaluation-harness)"] = tasks["lines"]

@@ -176,10 +176,10 @@ def test_a_task_failing_at_run_time_fails_its_step_only(study_config, mc_task, m
     cfg = study_config(arms=["full", "lora"], benchmarks={"tasks": [str(mc_task)]})
     real = benchmarks.run_task
 
-    def flaky(model, tokenizer, ref, batch_size, seed, autocast, label):
+    def flaky(*args, label, **kwargs):
         if label.startswith("bench-lora"):
             raise RuntimeError("out of memory (simulated)")
-        return real(model, tokenizer, ref, batch_size, seed, autocast, label)
+        return real(*args, label=label, **kwargs)
 
     monkeypatch.setattr(benchmarks, "run_task", flaky)
     results = study.run_study(cfg)
