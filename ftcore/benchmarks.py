@@ -43,6 +43,8 @@ log = logging.getLogger("ftcore.benchmarks")
 ROLLING = "loglikelihood_rolling"
 # The metric compared when the config names none: acc_norm where a task defines it (Biderman et al. 2024).
 PREFERRED = ("acc_norm", "acc", "bits_per_byte")
+# Metrics that are a share of examples in [0, 1]: reported in % and their changes in points.
+SHARES = {"acc", "acc_norm", "acc_mutual_info", "exact_match", "f1", "mc1", "mc2", "mcc"}
 INSTALL = "pip install 'ftstudy[tasks]'"
 
 
@@ -71,6 +73,12 @@ class TaskRef(BaseModel):
     def perplexity_like(self) -> bool:
         """A rolling log-likelihood task: its change is a % like ftstudy's perplexity, not points."""
         return self.output_type == ROLLING
+
+    @property
+    def unit(self) -> str:
+        """How its change is given: "%" (relative, a perplexity task), "pts" (points of a share such as
+        accuracy, which counts toward task forgetting) or "" (the metric's own units)."""
+        return "%" if self.perplexity_like else ("pts" if self.metric in SHARES else "")
 
 
 # --- find and load tasks ------------------------------------------------------------------------------
@@ -343,7 +351,8 @@ def sample_table(samples: list[dict[str, Any]], ref: TaskRef) -> pd.DataFrame:
     compared metric (`value`), or for a perplexity task its parts: `loglikelihood` (nats, summed over the
     document), `bytes` and `words` (of the original document, as lm-eval counts them)."""
     rows = []
-    for s in sorted(samples, key=lambda s: s["doc_id"]):
+    first = samples[0].get("filter") if samples else None  # a task with several filters logs each example per filter
+    for s in sorted((s for s in samples if s.get("filter") == first), key=lambda s: s["doc_id"]):
         row: dict[str, Any] = {"example": int(s["doc_id"]), "doc_hash": s.get("doc_hash", "")}
         if ref.perplexity_like:
             row["loglikelihood"] = float(s[ref.metric][0])
@@ -362,7 +371,9 @@ def sample_table(samples: list[dict[str, Any]], ref: TaskRef) -> pd.DataFrame:
 def metric_value(results: dict[str, Any], ref: TaskRef) -> float:
     """The task's aggregate score from lm-eval's results (its first filter, `none` for log-likelihood tasks)."""
     scores = results["results"][ref.name]
-    key = next((k for k in scores if k.split(",")[0] == ref.metric), None)
+    first = (results.get("samples", {}).get(ref.name) or [{}])[0].get("filter")
+    key = f"{ref.metric},{first}" if f"{ref.metric},{first}" in scores else next(
+        (k for k in scores if k.split(",")[0] == ref.metric), None)
     if key is None:
         raise RuntimeError(f"lm-eval returned no {ref.metric} for task {ref.name} (it returned {sorted(scores)})")
     return float(scores[key])
@@ -387,7 +398,7 @@ def run_task(model, tokenizer, ref: TaskRef, batch_size: int, seed: int, autocas
                                       torch_random_seed=seed, fewshot_random_seed=seed,
                                       task_manager=TaskManager(include_defaults=False))
     table = sample_table(out["samples"][ref.name], ref)
-    if len(table) != ref.examples:
+    if table.empty or len(table) != ref.examples:
         raise RuntimeError(f"{ref.name}: lm-eval scored {len(table)} examples, {ref.examples} expected")
     summary = {"score": metric_value(out, ref), "examples": len(table), "lm_eval": out.get("lm_eval_version")}
     return summary, table
@@ -395,8 +406,8 @@ def run_task(model, tokenizer, ref: TaskRef, batch_size: int, seed: int, autocas
 
 # --- analysis ------------------------------------------------------------------------------------------
 
-def _points(ref: TaskRef) -> float:
-    return 1.0 if ref.perplexity_like else 100.0
+def _scale(ref: TaskRef) -> float:
+    return 100.0 if ref.unit == "pts" else 1.0
 
 
 def bits_per_byte(loglikelihood: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
@@ -418,8 +429,11 @@ def _resampled(ref: TaskRef, tables: list[pd.DataFrame], weights: np.ndarray) ->
 
 
 def _change(ref: TaskRef, arm: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """Change against the base: points (×100) for accuracy-like metrics, % for a perplexity task."""
-    return 100 * (arm / base - 1) if ref.perplexity_like else 100 * (arm - base)
+    """Change against the base: % for a perplexity task, points (×100) for a share such as accuracy, else the
+    difference in the metric's units."""
+    if ref.unit == "%":
+        return 100 * (arm / base - 1)
+    return _scale(ref) * (arm - base)
 
 
 def analyse(results: list[dict[str, Any]], refs: list[TaskRef], order: list[str],
@@ -440,7 +454,7 @@ def analyse(results: list[dict[str, Any]], refs: list[TaskRef], order: list[str]
             continue
         base_table = pd.read_parquet(base["samples_path"])
         weights = stats.resample_weights(len(base_table), resamples, seed=t)
-        long.append({"arm": "base", "task": ref.name, "metric": ref.metric, "score": base["score"] * _points(ref),
+        long.append({"arm": "base", "task": ref.name, "metric": ref.metric, "score": base["score"] * _scale(ref), "unit": ref.unit,
                      "seeds": 0, "change": 0.0})
         for arm in order:
             runs = sorted((r for (a, _, name), r in by.items() if a == arm and name == ref.name),
@@ -457,11 +471,11 @@ def analyse(results: list[dict[str, Any]], refs: list[TaskRef], order: list[str]
             change, spread = float(per_seed.mean()), stats.seed_std(per_seed)
             ci = stats.interval(samples)
             long.append({"arm": arm, "task": ref.name, "metric": ref.metric,
-                         "score": float(np.mean([r["score"] for r in runs])) * _points(ref), "seeds": len(runs),
+                         "score": float(np.mean([r["score"] for r in runs])) * _scale(ref), "seeds": len(runs),
                          "change": change, "change_std": spread, "ci_low": ci[0], "ci_high": ci[1],
                          "within_noise": stats.within_noise(change, ci, spread),
-                         "unit": "%" if ref.perplexity_like else "pts"})
-            if not ref.perplexity_like:
+                         "unit": ref.unit})
+            if ref.unit == "pts":
                 forgetting.setdefault(arm, []).append((change, per_seed, samples))
     per_task = pd.DataFrame(long)
     rows = []
@@ -488,7 +502,7 @@ def _cell(r: pd.Series, unit: str) -> str:
     if r["arm"] == "base":
         return f"{r['score']:.2f}" if unit == "pts" else f"{r['score']:.4f}"
     score = f"{r['score']:.2f}" if unit == "pts" else f"{r['score']:.4f}"
-    sign = f"{r['change']:+.1f}{' pts' if unit == 'pts' else '%'}"
+    sign = f"{r['change']:+.1f}{' pts' if unit == 'pts' else unit}" if unit else f"{r['change']:+.4g}"
     if r["seeds"] > 1:
         sign += f" ± {r['change_std']:.1f}"
     sign += f" [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
@@ -518,11 +532,12 @@ def task_lines(per_task: pd.DataFrame, refs: list[TaskRef], failed: dict[str, st
             cells = []
             for r in shown:
                 row = per_task[(per_task.arm == arm) & (per_task.task == r.name)]
-                cells.append(_cell(row.iloc[0], "%" if r.perplexity_like else "pts") if len(row) else "—")
+                cells.append(_cell(row.iloc[0], r.unit) if len(row) else "—")
             if any(c != "—" for c in cells):
                 lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-        lines += ["", "Scores are lm-eval's (accuracy in %, bits per byte as is); the change is in points against "
-                  "the base for accuracy, in % for a perplexity task; ± the standard deviation over seeds; [..] the "
+        lines += ["", "Scores are lm-eval's (accuracy and other shares in %, other metrics such as bits per byte as "
+                  "lm-eval gives them); the change against the base is in points for a share, in % for a "
+                  "perplexity task, in the metric's units otherwise; ± the standard deviation over seeds; [..] the "
                   f"95% paired bootstrap interval over examples ({stats.RESAMPLES} resamples). ≈ marks a change within "
                   "noise by the same rule as the perplexity table. Task forgetting in the table above is the mean "
                   "change over the accuracy tasks (Biderman et al. 2024 take the same mean over HellaSwag, "
@@ -604,7 +619,7 @@ def has_task_forgetting(bench: dict[str, Any] | None) -> bool:
     draws the task frontier."""
     if not bench:
         return False
-    accuracy = {t["name"] for t in bench["tasks"] if t["output_type"] != ROLLING}
+    accuracy = {t["name"] for t in bench["tasks"] if TaskRef.model_validate(t).unit == "pts"}
     on_base = {r["task"] for r in bench["results"] if r["arm"] == "base"} & accuracy
     return any(r["arm"] != "base" and r["task"] in on_base for r in bench["results"])
 

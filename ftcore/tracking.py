@@ -58,7 +58,12 @@ def log_mlflow(cfg: StudyConfig, root: Path, results: dict[str, Any], arms: list
                     mlflow.log_metric(f"{arm}.{s}_change_pct", float(row[f"{s}_change_pct"]))
             if arm != "base" and pd.notna(row.get("general_kl")):
                 mlflow.log_metric(f"{arm}.general_kl", float(row["general_kl"]))
-        for name in ("table", "report", "perplexity", "frontier", "loss", "curves", "path", "config"):
+            # benchmark tasks (ftcore.benchmarks): each task's score and change, and the task forgetting
+            for column in [c for c in table.columns if c.startswith("task_") and c.endswith(("_score", "_change", "_pts"))]:
+                if pd.notna(row.get(column)):
+                    mlflow.log_metric(f"{arm}.{column}", float(row[column]))
+        for name in ("table", "report", "perplexity", "frontier", "loss", "curves", "path", "config", "tasks",
+                     "task_frontier"):
             if name in results and (root / results[name]).is_file():
                 mlflow.log_artifact(str(root / results[name]))
         cards = (root / results["report"]).parent / "cards"

@@ -12,8 +12,8 @@ from ftcore import study
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model, corpus_files):
-    """One small study (full and LoRA, two seeds), logged to an MLflow file store."""
+def finished(tmp_path_factory, tiny_model, corpus_files, mc_task):
+    """One small study (full and LoRA, two seeds, a local benchmark task), logged to an MLflow file store."""
     import mlflow
 
     from ftcore.config import load_config
@@ -30,7 +30,8 @@ def finished(tmp_path_factory, tiny_model, corpus_files):
         replay={"source": "file", "path": str(corpus_files["replay"]), "max_docs": None},
         test_docs=8, chunk_len=96, format={"prompt_template": "Title: {prompt}\nAbstract: "},
         arms=["full", "lora"], seeds=[0, 1], report_to=["tensorboard", "mlflow"], artifacts_dir=str(root / "a"),
-        forgetting_budget_pct=5.0, eval={"curve_tokens": 300, "every_steps": None})
+        forgetting_budget_pct=5.0, eval={"curve_tokens": 300, "every_steps": None},
+        benchmarks={"tasks": [str(mc_task)], "batch_size": 6})
     results = study.run_study(cfg)
     return cfg, Path(cfg.artifacts_dir), results
 
@@ -92,6 +93,9 @@ def test_the_study_is_a_parent_run_and_each_arm_and_seed_a_child(finished):
     curve = client.get_metric_history(lora.info.run_id, "curve_general_ppl")
     assert [m.step for m in curve] == list(range(0, cfg.train.max_steps + 1))  # about 10 points: every step of 6
     assert {"curves.png", "path.png"} <= artifacts
+    # the benchmark task: its score and change per arm, the task forgetting, its table and frontier
+    assert parent.data.metrics["lora.task_forgetting_pts"] == pytest.approx(table.loc["lora", "task_forgetting_pts"])
+    assert "full.task_tiny_mc_score" in parent.data.metrics and {"tasks.parquet", "task_frontier.png"} <= artifacts
     # a cached rerun logs nothing new
     study.run_study(cfg)
     assert len(client.search_runs([experiment.experiment_id])) == len(runs)
