@@ -98,10 +98,10 @@ def print_results(root: Path, results: dict) -> None:
     files = report_files(root, results)
     print(files["table"].with_name("table.md").read_text())
     print(f"report: {files['report']}")
-    for name in ("perplexity", "frontier", "loss", "curves", "path"):
+    for name in ("perplexity", "frontier", "loss", "curves", "path", "task_frontier"):
         if name in files:
             print(f"plot:   {files[name]}")
-    for name in ("runs", "general_docs", "config"):
+    for name in ("runs", "general_docs", "tasks", "config"):
         if name in files:
             print(f"{name + ':':<7} {files[name]}")
     print(f"models: see the 'model' lines of {files['report']} (relative to {root})")

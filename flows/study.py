@@ -60,6 +60,9 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
             print("ftstudy: stopping the running arms; their checkpoints are kept", file=sys.stderr)
         raise
     publish(Path(cfg.artifacts_dir), results)
+    if results.get("failed_tasks") and not results["failed"]:
+        raise RuntimeError(f"benchmark step(s) failed: {', '.join(results['failed_tasks'])}; the arms, the other "
+                           f"steps and the report are kept: {Path(cfg.artifacts_dir) / results['report']}")
     if results["failed"]:
         raise RuntimeError(f"arm(s) failed: {', '.join(results['failed'])}; finished arms and the report are kept: "
                            f"{Path(cfg.artifacts_dir) / results['report']}")
@@ -116,6 +119,7 @@ def publish(root: Path, results: dict[str, Any]) -> None:
                                           "interval over examples]")
     text = report.embed_images(files["report"].read_text(), files["report"].parent)
     listing = "\n".join(f"- {name}: `{path}`" for name, path in files.items())
-    failures = "\n".join(f"- **{arm} failed**: {why}" for arm, why in results["failed"].items())
+    failures = "\n".join(f"- **{arm} failed**: {why}" for arm, why in
+                          (results["failed"] | results.get("failed_tasks", {})).items())
     create_markdown_artifact(text + "\n## Files\n\n" + listing + ("\n\n## Failed arms\n\n" + failures if failures else ""),
                              key="ftstudy-report", description="Fine-tuning cost study report")

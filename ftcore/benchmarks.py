@@ -98,6 +98,22 @@ def _registry():
     return TaskManager()  # indexes lm-eval's ~15k task YAMLs (about 10 s)
 
 
+def registry_once() -> Callable[[], Any]:
+    """lm-eval's task index, built at the first call and kept (for several `resolve` calls of one study)."""
+    from functools import lru_cache
+
+    return lru_cache(maxsize=1)(lambda: _registry())
+
+
+def in_config_order(cfg: StudyConfig, *parts: list[TaskRef]) -> list[TaskRef]:
+    """Tasks resolved in parts, in the order of cfg.benchmarks.tasks; BenchmarkError when two are the same task."""
+    refs = sorted((r for part in parts for r in part), key=lambda r: int(r.field.rsplit(".", 1)[1]))
+    names = [r.name for r in refs]
+    if len(set(names)) != len(names):
+        raise BenchmarkError(f"benchmarks.tasks: two entries are the same lm-eval task ({names})")
+    return refs
+
+
 class _PlainLoader(yaml.SafeLoader):
     """Reads a task YAML as data: `!function x.y` stays the string (to find data files, not to run code)."""
 
@@ -108,6 +124,8 @@ _PlainLoader.add_constructor("!function", lambda loader, node: f"!function {load
 def read_task_yaml(path: Path, field: str) -> dict[str, Any]:
     """A task YAML file as a dict (functions unresolved). BenchmarkError naming the field and file when it
     does not exist or does not parse."""
+    if path.is_dir():
+        raise BenchmarkError(f"{field}: {path} is a folder; give the path of one task YAML file in it")
     if not path.is_file():
         raise BenchmarkError(f"{field}: task file {path} does not exist; give an lm-eval task name or the path of a "
                              "task YAML file")
@@ -176,8 +194,8 @@ def locate(spec: BenchmarkTask, field: str, registry: Callable[[], Any], workdir
     if entry is None:
         near = difflib.get_close_matches(spec.task, tm.all_subtasks, n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
-        raise BenchmarkError(f"{field}: {spec.task!r} is not a task of lm-eval {_version()}{hint} (lm-eval --tasks "
-                             "list shows them), nor a task YAML file")
+        raise BenchmarkError(f"{field}: {spec.task!r} is neither a task of lm-eval {_version()} nor a task YAML file"
+                             f"{hint} (`lm-eval ls tasks` lists them)")
     if spec.task not in tm.all_subtasks or entry.yaml_path is None:
         raise BenchmarkError(f"{field}: {spec.task!r} is a group or tag of lm-eval tasks; name its tasks one by one "
                              "(each is scored and reported on its own)")
@@ -190,15 +208,16 @@ def _version() -> str:
     return importlib.metadata.version("lm_eval")
 
 
-def load_task(yaml_path: str | Path, field: str = "benchmarks"):
+def load_task(yaml_path: str | Path, field: str = "benchmarks", shown: str | None = None):
     """The lm-eval Task a YAML defines, its data loaded. BenchmarkError naming `field` when it cannot load:
-    data on the Hub that cannot be reached, a missing data file, a config lm-eval refuses."""
+    data on the Hub that cannot be reached, a missing data file, a config lm-eval refuses. `shown` is what
+    the message calls the task (the user's entry, not a YAML ftstudy derived from it)."""
     from lm_eval.tasks import TaskManager
 
     try:
         loaded = TaskManager(include_defaults=False).load([str(yaml_path)])
     except Exception as exc:  # noqa: BLE001 - every way lm-eval or datasets can fail, turned into one message
-        raise BenchmarkError(f"{field}: lm-eval could not load task {yaml_path}: {_why(exc)}") from None
+        raise BenchmarkError(f"{field}: lm-eval could not load task {shown or yaml_path}: {_why(exc)}") from None
     tasks = list(loaded["tasks"].values())
     if len(tasks) != 1:
         raise BenchmarkError(f"{field}: {yaml_path} defines {len(tasks)} tasks; give one task per entry")
@@ -211,7 +230,8 @@ def _why(exc: BaseException) -> str:
     if any(h in text for h in hub):
         return (f"its data is on the Hugging Face Hub, which cannot be reached from here ({text}). Run once where the "
                 "Hub is reachable (datasets caches it), or use a task YAML file with local data (dataset_path: json, "
-                "dataset_kwargs.data_files)")
+                "dataset_kwargs.data_files); a perplexity task such as wikitext can read the study's general "
+                "documents instead (corpus: general)")
     return text
 
 
@@ -242,7 +262,12 @@ def _jsonable(value: Any) -> Any:
 def task_digest(task, num_fewshot: int, limit: int | None) -> tuple[str, int]:
     """(sha256 of the task's config, its functions' source and the examples it scores and samples shots
     from, the number of examples scored)."""
-    h = hashlib.sha256(json.dumps(task.config.to_dict(keep_callable=True), sort_keys=True, default=_jsonable).encode())
+    config = task.config.to_dict(keep_callable=True)
+    # What the task reads, not where it lies: the YAML's path and the data files' paths are left out (the
+    # examples themselves are hashed below), so a moved artifacts root or task folder stays cached.
+    config.get("metadata", {}).pop("config_source", None)
+    config.get("dataset_kwargs", {}).pop("data_files", None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=_jsonable).encode())
     docs = list(task.eval_docs)
     scored = docs[:limit] if limit else docs
     for doc in scored:
@@ -254,13 +279,16 @@ def task_digest(task, num_fewshot: int, limit: int | None) -> tuple[str, int]:
     return h.hexdigest(), len(scored)
 
 
-def write_documents(documents: pd.DataFrame, path: Path) -> Path:
+def write_documents(documents: pd.DataFrame, workdir: Path) -> Path:
     """The study's general documents (columns doc, text, whole) as JSON lines lm-eval's perplexity tasks read:
     `page` (wikitext) and `text` (Pile-style tasks) hold the document, `ftstudy_doc` its index in the general
     corpus, `ftstudy_whole` whether ftstudy's general perplexity scored all of it."""
     lines = [json.dumps({"page": r.text, "text": r.text, "ftstudy_doc": int(r.doc), "ftstudy_whole": bool(r.whole)},
                         ensure_ascii=False) for r in documents.itertuples(index=False)]
-    return write_text("\n".join(lines) + "\n", path)
+    text = "\n".join(lines) + "\n"
+    # Content-addressed: studies with other general documents on the same root never read these.
+    path = workdir / f"general-{hashlib.sha256(text.encode()).hexdigest()[:16]}" / "documents.jsonl"
+    return path if path.is_file() else write_text(text, path)
 
 
 def on_general(base: Path, documents: Path, workdir: Path) -> Path:
@@ -273,12 +301,14 @@ def on_general(base: Path, documents: Path, workdir: Path) -> Path:
 
 
 def resolve(cfg: StudyConfig, workdir: Path, general_documents: Callable[[], pd.DataFrame] | None = None,
-            registry: Callable[[], Any] | None = None) -> list[TaskRef]:
+            registry: Callable[[], Any] | None = None, which: str = "all") -> list[TaskRef]:
     """Every task of cfg.benchmarks found, loaded and fingerprinted (before any training).
 
     `workdir` receives the YAMLs ftstudy writes (relative data files made absolute; a perplexity task on
     the general documents); `general_documents` returns the general documents the study scores (columns
-    doc, text, whole; for `corpus: general`). Raises BenchmarkError naming the field.
+    doc, text, whole; for `corpus: general`). `which`: "own" resolves only the tasks that read their own
+    data (checkable before the model is fetched), "general" only those on the general documents, "all"
+    both. Raises BenchmarkError naming the field.
     """
     if cfg.benchmarks is None:
         return []
@@ -288,6 +318,8 @@ def resolve(cfg: StudyConfig, workdir: Path, general_documents: Callable[[], pd.
     registry = lru_cache(maxsize=1)(registry or _registry)
     refs = []
     for i, spec in enumerate(cfg.benchmarks.tasks):
+        if which != "all" and (spec.corpus == "general") != (which == "general"):
+            continue
         field = f"benchmarks.tasks.{i}"
         path = locate(spec, field, registry, workdir)
         if spec.corpus == "general":
@@ -297,9 +329,14 @@ def resolve(cfg: StudyConfig, workdir: Path, general_documents: Callable[[], pd.
                                      f"wikitext); {spec.task} is {kind}")
             if general_documents is None:
                 raise BenchmarkError(f"{field}.corpus: the general documents are not available here")
-            path = on_general(path, write_documents(general_documents(), workdir / "general-documents.jsonl"), workdir)
-        task = load_task(path, field)
+            path = on_general(path, write_documents(general_documents(), workdir), workdir)
+        task = load_task(path, field, shown=spec.task)
         output_type = task.config.output_type
+        if spec.num_fewshot and not (task.has_training_docs() or task.has_validation_docs()
+                                     or (task.config.fewshot_split if hasattr(task.config, "fewshot_split") else None)):
+            raise BenchmarkError(f"{field}.num_fewshot: task {task.config.task} has no training, validation or "
+                                 "few-shot split to draw shots from (lm-eval would take them from the examples it "
+                                 "scores); set num_fewshot: 0 or give the task a training_split")
         metric, higher = choose_metric(task, spec.metric, field)
         digest, examples = task_digest(task, spec.num_fewshot, spec.limit)
         if examples == 0:
@@ -310,7 +347,7 @@ def resolve(cfg: StudyConfig, workdir: Path, general_documents: Callable[[], pd.
         log.info("benchmark %s: %d examples, metric %s, %d-shot (%s)", task.config.task, examples, metric,
                  spec.num_fewshot, path)
     names = [r.name for r in refs]
-    if len(set(names)) != len(names):
+    if which == "all" and len(set(names)) != len(names):
         raise BenchmarkError(f"benchmarks.tasks: two entries are the same lm-eval task ({names})")
     return refs
 

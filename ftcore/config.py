@@ -265,7 +265,7 @@ class BenchmarksSpec(_Frozen):
     def _distinct(self) -> BenchmarksSpec:
         seen = [(t.task, t.corpus) for t in self.tasks]
         if len(set(seen)) != len(seen):
-            raise ValueError(f"benchmarks.tasks names a task twice: {[t.task for t in self.tasks]}")
+            raise ValueError(f"tasks names a task twice: {[t.task for t in self.tasks]}")
         return self
 
 
@@ -547,9 +547,14 @@ def config_reference() -> str:
             kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
             if path == "arms":  # the annotation's repr names a validator function and its address
                 kind = "list of arm specs (or full / replay / lora)"
+            if path == "benchmarks.tasks":
+                kind = "list of task specs (or task names / YAML paths)"
             kind = kind.replace("ftcore.config.", "").replace("CorpusSpec", "corpus (fields as for domain)")
             kind = kind.replace("LoraOverride", "lora (fields as for lora)").replace("|", "\\|")
             rows.append(f"| `{path}` | {kind} | `{default}` | {(field.description or '').replace('|', '/')} |")
+            if path == "benchmarks":  # optional (None = no tasks): its fields, and those of each task
+                walk(BenchmarksSpec, "benchmarks.")
+                walk(BenchmarkTask, "benchmarks.tasks[].")
 
     walk(StudyConfig, "")
     walk(ArmSpec, "arms[].")

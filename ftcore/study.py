@@ -228,6 +228,9 @@ def prepare(cfg: StudyConfig, runner: Runner | None = None) -> Prepared:
     versions = corpus_versions(cfg)  # what the corpus check compares against after a success
     corpus = {role: runner.run(FINGERPRINT, cfg, role) for role in corpus_roles(cfg)}
     check_split(cfg, corpus["domain"])
+    # Benchmark tasks that read their own data are found, loaded and checked before the model is fetched.
+    workdir, registry = Path(cfg.artifacts_dir) / "benchmark-tasks", benchmarks.registry_once()
+    own_tasks = benchmarks.resolve(cfg, workdir, registry=registry, which="own")
     model = ModelRef.model_validate(runner.run(FETCH_MODEL, cfg))
     check_model_fits(cfg, model.locate(cfg.artifacts_dir))
     for arm in cfg.arms:  # LoRA targets the study cannot train or evaluate faithfully, before any work
@@ -239,8 +242,9 @@ def prepare(cfg: StudyConfig, runner: Runner | None = None) -> Prepared:
     general = runner.run(TOKENIZE_STREAM, cfg, "general", model, corpus["general"])
     replay = runner.run(TOKENIZE_STREAM, cfg, "replay", model, corpus["replay"]) if "replay" in corpus else None
     check_replay_budget(cfg, domain, replay)  # before any model is loaded for evaluation or training
-    tasks = benchmarks.resolve(cfg, Path(cfg.artifacts_dir) / "benchmark-tasks",
-                               general_documents=lambda: general_documents(cfg, general))
+    on_general = benchmarks.resolve(cfg, workdir, general_documents=lambda: general_documents(cfg, general),
+                                    registry=registry, which="general")
+    tasks = benchmarks.in_config_order(cfg, own_tasks, on_general)
     return Prepared(cfg, model, domain, general, replay, versions, tuple(tasks))
 
 
@@ -269,8 +273,8 @@ def plan_arms(prepared: Prepared) -> list[ArmPlan]:
 def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
     """Measure what fine-tuning costs: the base and every arm on domain and general text, and the report.
 
-    Returns the report's files (paths relative to the artifacts root) and `failed` (arm run ->
-    error). Raises InputError for bad input, before any model is loaded where it can be checked.
+    Returns the report's files (paths relative to the artifacts root), `failed` (arm run -> error) and
+    `failed_tasks` (benchmark step "label/task" -> error). Raises InputError for bad input, before any model is loaded where it can be checked.
     """
     runner = runner or InlineRunner()
     p = prepare(cfg, runner)
@@ -308,9 +312,10 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
     results = runner.run(REPORT, cfg, evals, arms, failed, data, p.model, bench)
     mark_latest(cfg, results)
     tracking.publish(cfg, Path(root), results, arms, evals)
-    if not failed:
+    failed_tasks = bench["failed"] if bench else {}
+    if not failed and not failed_tasks:  # a study with a failed step is not a success the corpus check builds on
         record_corpus_versions(cfg, p.versions)
-    return {**results, "failed": failed}
+    return {**results, "failed": failed, "failed_tasks": failed_tasks}
 
 
 def task_results(runner: Runner, refs: tuple[benchmarks.TaskRef, ...], futures: dict[tuple[str, str], Any],
@@ -338,7 +343,7 @@ def mark_latest(cfg: StudyConfig, results: dict[str, Any]) -> Path:
 
 def report_files(root: str | Path, results: dict[str, Any]) -> dict[str, Path]:
     """The report's files (table, report, plots, per-run tables) of a study's results, as paths under `root`."""
-    return {name: Path(root) / rel for name, rel in results.items() if name not in ("digest", "failed")}
+    return {name: Path(root) / rel for name, rel in results.items() if name not in ("digest", "failed", "failed_tasks")}
 
 
 # --- corpus change detection (what a scheduled check compares) -----------------------------------

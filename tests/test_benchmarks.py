@@ -96,6 +96,19 @@ def _ref(name):
                    higher_is_better=True, output_type="multiple_choice", corpus=None, examples=40, digest="d")
 
 
+def test_a_copied_task_folder_keeps_its_digest(study_config, mc_task, tmp_path):
+    import shutil
+
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(mc_task.parent, copy)
+    first = _resolve(study_config(benchmarks={"tasks": [str(mc_task)]}), tmp_path / "a")
+    again = _resolve(study_config(benchmarks={"tasks": [str(copy / mc_task.name)]}), tmp_path / "b")
+    assert first[0].digest == again[0].digest  # what it reads, not where: a moved root or folder stays cached
+    (copy / "data" / "mc.jsonl").write_text((copy / "data" / "mc.jsonl").read_text().replace("rocks", "stones"))
+    assert _resolve(study_config(benchmarks={"tasks": [str(copy / mc_task.name)]}), tmp_path / "c")[0].digest \
+        != first[0].digest
+
+
 def test_the_change_is_in_points_paired_over_examples_and_task_forgetting_is_the_mean(tmp_path):
     rng = np.random.default_rng(0)
     base_a, base_b = rng.integers(0, 2, 40).astype(float), rng.integers(0, 2, 40).astype(float)
@@ -130,7 +143,7 @@ def _no_training(root: Path) -> bool:
 
 
 @pytest.mark.parametrize("entry, message", [
-    ("hellaswga", r"benchmarks.tasks.0: 'hellaswga' is not a task of lm-eval .*did you mean hellaswag"),
+    ("hellaswga", r"benchmarks.tasks.0: 'hellaswga' is neither a task of lm-eval .*did you mean hellaswag"),
     ("mmlu", r"benchmarks.tasks.0: 'mmlu' is a group or tag"),
     ("hellaswag", r"benchmarks.tasks.0: .*Hugging Face Hub, which cannot be reached"),
     ({"task": "wikitext", "corpus": "general", "metric": "accuracy"}, r"benchmarks.tasks.0.metric: .*no metric 'accuracy'.*bits_per_byte"),
@@ -144,9 +157,11 @@ def test_bad_tasks_are_refused_before_any_training_naming_the_field(study_config
     with pytest.raises(BenchmarkError, match=message):
         study.run_study(cfg)
     assert _no_training(Path(cfg.artifacts_dir))
+    if not isinstance(entry, dict) or "corpus" not in entry:  # checked before the model is even fetched
+        assert not any(Path(cfg.artifacts_dir).glob("fetch-model/*"))
 
 
-def test_a_task_file_that_does_not_parse_or_does_not_exist_is_named(study_config, tmp_path):
+def test_a_task_file_that_does_not_parse_or_does_not_exist_is_named(study_config, mc_task, tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("task: x\ndoc_to_text: [unclosed\n")
     for path, message in ((broken, r"benchmarks.tasks.1: task file .*broken.yaml does not parse as YAML"),
@@ -161,7 +176,11 @@ def test_a_task_file_that_does_not_parse_or_does_not_exist_is_named(study_config
                         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a, b]\n"
                         "doc_to_target: 0\n")
     cfg = study_config(benchmarks={"tasks": [str(bad_data)]})
-    with pytest.raises(BenchmarkError, match=r"benchmarks.tasks.0: lm-eval could not load task .*nowhere.jsonl"):
+    with pytest.raises(BenchmarkError, match=r"benchmarks.tasks.0: lm-eval could not load task .*bad_data.yaml.*nowhere"):
+        study.run_study(cfg)
+    # shots asked of a task with only a test split: refused (lm-eval would draw them from the scored examples)
+    cfg = study_config(benchmarks={"tasks": [{"task": str(mc_task), "num_fewshot": 2}]})
+    with pytest.raises(BenchmarkError, match=r"benchmarks.tasks.0.num_fewshot: .*no training, validation"):
         study.run_study(cfg)
 
 
@@ -185,6 +204,7 @@ def test_a_task_failing_at_run_time_fails_its_step_only(study_config, mc_task, m
     results = study.run_study(cfg)
     root = Path(cfg.artifacts_dir)
     assert results["failed"] == {}  # the arms themselves finished
+    assert list(results["failed_tasks"]) == ["lora/tiny_mc"]
     table = pd.read_parquet(root / results["table"]).set_index("arm")
     assert math.isfinite(table.loc["full", "task_forgetting_pts"]) and pd.isna(table.loc["lora", "task_forgetting_pts"])
     report = (root / results["report"]).read_text()
