@@ -633,7 +633,7 @@ def plot_frontier(arms: pd.DataFrame, path: Path) -> Path:
     """Domain gain (x, % fall in domain perplexity) vs task forgetting (y, mean change in points)."""
     import matplotlib.pyplot as plt
 
-    from ftcore.report import save_figure
+    from ftcore.report import finish_frontier
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
     rows = arms[(arms.arm != "base") & arms["task_forgetting_pts"].notna()]
@@ -642,13 +642,8 @@ def plot_frontier(arms: pd.DataFrame, path: Path) -> Path:
         yerr = [[change - r["task_forgetting_ci_low"]], [r["task_forgetting_ci_high"] - change]]
         ax.errorbar(gain, change, yerr=yerr, fmt="o", ms=7, capsize=3, lw=1, label=r["arm"])
         ax.annotate(r["arm"], (gain, change), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    ax.scatter([0], [0], marker="x", color="k", label="base")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_xlabel("domain gain (% fall in perplexity) →")
-    ax.set_ylabel("task change (mean accuracy change, points) ↑")
-    ax.set_title("learning vs task forgetting (bars: 95% CI over examples)")
-    ax.legend(fontsize=7, loc="best")
-    return save_figure(fig, path)
+    return finish_frontier(fig, ax, path, "task change (mean accuracy change, points) ↑",
+                           "learning vs task forgetting (bars: 95% CI over examples)")
 
 
 def has_task_forgetting(bench: dict[str, Any] | None) -> bool:

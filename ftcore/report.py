@@ -479,11 +479,17 @@ def plot_frontier(a: Analysis, path: Path) -> Path:
     if len(front):
         ax.step(-front["domain_change_pct"], front["general_change_pct"], where="post", color="k", lw=1, ls="--",
                 label="Pareto front")
+    return finish_frontier(fig, ax, path, "general forgetting (% rise in perplexity) ↓",
+                           "learning vs forgetting (small dots: seeds; bars: 95% CI)")
+
+
+def finish_frontier(fig, ax, path: Path, ylabel: str, title: str) -> Path:
+    """A frontier plot's common part (the base at the origin, axes, legend), saved to `path`."""
     ax.scatter([0], [0], marker="x", color="k", label="base")
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xlabel("domain gain (% fall in perplexity) →")
-    ax.set_ylabel("general forgetting (% rise in perplexity) ↓")
-    ax.set_title("learning vs forgetting (small dots: seeds; bars: 95% CI)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
     return save_figure(fig, path)
 
