@@ -8,7 +8,7 @@ its `simple_evaluate` scores them, and its per-sample log gives what the report 
 Three parts:
 - `resolve`: every task of `benchmarks` found, loaded once (its data too) and fingerprinted, before
   any training; a bad name, a file that does not parse, a task whose data needs the unreachable Hub
-  is a StudyError naming the field.
+  is a BenchmarkError (an InputError) naming the field.
 - `run_task`: one task on one model (the base, the 4-bit base or an arm as it trained), with
   lm-eval; returns its score and the per-example table.
 - `analyse` / `write`: per task and arm the score, the change against the base (in points for
@@ -187,6 +187,11 @@ def locate(spec: BenchmarkTask, field: str, registry: Callable[[], Any], workdir
     if looks_like_file:
         path = Path(spec.task).expanduser().resolve()
         data = read_task_yaml(path, field)
+        if "dataset_kwargs" not in data and _absolute_data_files(merged_config(path, field), path.parent):
+            # lm-eval would read them relative to the working directory: possibly another file of that name
+            raise BenchmarkError(f"{field}: {path} takes relative data_files from a file it includes; give "
+                                 "dataset_kwargs.data_files in this file itself (relative to its folder) or as "
+                                 "absolute paths")
         fixed = _absolute_data_files(data, path.parent)
         return _derived_yaml(path, {"dataset_kwargs": fixed}, workdir) if fixed else path
     tm = registry()

@@ -76,7 +76,7 @@ DEMO: dict[str, Any] = {
     "eval": {"batch_size": 8, "max_general_tokens": 16384, "every_steps": 6, "curve_tokens": 1536},
     # lm-eval's wikitext task (document-level rolling log-likelihood, its detokenizer and bits per byte) on
     # the general documents the study scores: a cross-check of ftstudy's own general perplexity, offline.
-    # Windows of chunk_len tokens like ftstudy's (lm-eval's default, the model's 8192, took 3.5 min per
+    # Windows of chunk_len tokens like ftstudy's (lm-eval's default, the model's 8192, took 3.6 min per
     # model here: attention over 8k tokens on a CPU), so the two differ only where their protocols do.
     "benchmarks": {"tasks": [{"task": "wikitext", "corpus": "general"}], "batch_size": 4, "max_length": 256},
     # bf16 autocast: about 2.5x faster than fp32 on a CPU with native bf16 (AVX512-BF16, AMX), which the

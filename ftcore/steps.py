@@ -361,8 +361,8 @@ def model_to_score(arm: dict[str, Any] | None, base_dir: Path, root: Path, devic
 def benchmark_dir(cfg: StudyConfig, model: ModelRef, task: benchmarks.TaskRef, arm: dict[str, Any] | None = None) -> Path:
     spec = cfg.benchmarks
     reads = {"task": task.digest, "metric": task.metric, "num_fewshot": task.num_fewshot, "limit": task.limit,
-             "batch_size": spec.batch_size, "max_length": spec.max_length, "seed": spec.seed, "precision": cfg.eval.precision, "model": model.digest,
-             "arm": arm["digest"] if arm else None}
+             "batch_size": spec.batch_size, "max_length": spec.max_length, "seed": spec.seed,
+             "precision": cfg.eval.precision, "model": model.digest, "arm": arm["digest"] if arm else None}
     name = arm["arm"] if arm else "base"
     return root_of(cfg) / f"bench-{name}-{task.name}" / step_key("benchmark", reads, (benchmark,))
 

@@ -274,7 +274,8 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
     """Measure what fine-tuning costs: the base and every arm on domain and general text, and the report.
 
     Returns the report's files (paths relative to the artifacts root), `failed` (arm run -> error) and
-    `failed_tasks` (benchmark step "label/task" -> error). Raises InputError for bad input, before any model is loaded where it can be checked.
+    `failed_tasks` (benchmark step "label/task" -> error). Raises InputError for bad input, before any model is
+    loaded where it can be checked.
     """
     runner = runner or InlineRunner()
     p = prepare(cfg, runner)

@@ -184,6 +184,15 @@ def test_a_task_file_that_does_not_parse_or_does_not_exist_is_named(study_config
         study.run_study(cfg)
 
 
+def test_relative_data_files_from_an_included_file_are_refused(mc_task, tmp_path):
+    child = mc_task.parent / "child.yaml"
+    child.write_text(f"include: {mc_task.name}\ntask: tiny_mc_child\n")
+    spec = BenchmarksSpec(tasks=[str(child)]).tasks[0]
+    with pytest.raises(BenchmarkError, match=r"benchmarks.tasks.0: .*child.yaml takes relative data_files from a file"):
+        benchmarks.locate(spec, "benchmarks.tasks.0", registry, tmp_path)
+    child.unlink()
+
+
 def test_config_shorthands_and_duplicates():
     spec = BenchmarksSpec(tasks=["hellaswag", {"task": "arc_challenge", "num_fewshot": 25, "limit": 100}])
     assert spec.tasks[0].task == "hellaswag" and spec.tasks[0].num_fewshot == 0 and spec.tasks[1].limit == 100
