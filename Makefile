@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install test demo demo-sweep smoke clean
+.PHONY: install test demo demo-base demo-sweep smoke clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ smoke: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/ftstudy run --preset demo
+
+# The seed's recipe on a pretrained base model (gemma-3-270m) as far as 2 CPU cores allow (docs/results.md).
+demo-base: $(STAMP)
+	$(VENV)/bin/ftstudy run --preset demo-base
 
 # Six arms x two seeds on the demo's data: under an hour on 2 CPU cores (docs/results.md).
 demo-sweep: $(STAMP)

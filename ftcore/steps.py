@@ -137,10 +137,11 @@ def fetch_model(cfg: StudyConfig) -> dict[str, Any]:
         if built:  # written into this step's directory; run_once adds the digest of its files
             with atomic_path(out / "model") as tmp:
                 sources.fetch_model(spec, tmp)
-            return {"source": spec.source, "name": spec.name, "revision": None, "path": relative(cfg, out / "model")}
+            return {"source": spec.source, "name": spec.name, "revision": None, "path": relative(cfg, out / "model"),
+                    "base_model": sources.base_model_id(spec) if spec.source != "tiny-random" else None}
         path = sources.fetch_model(spec, out, revision)
         return ModelRef(source=spec.source, name=spec.name, revision=revision, path=str(path.resolve()),
-                        digest=hash_dir(path)).model_dump()
+                        digest=hash_dir(path), base_model=spec.name if spec.source == "hub" else None).model_dump()
 
     return run_once(out, compute, outputs=["model"] if built else [])
 
@@ -471,7 +472,7 @@ def write_cards(cfg: StudyConfig, arms: list[dict[str, Any]], out: Path, model: 
     table, runs = pd.read_parquet(out / "table.parquet"), pd.read_parquet(out / "runs.parquet")
     root = root_of(cfg)
     base_dir = model.locate(root) if model else None
-    license_ = cards.base_license(cfg.model.source, base_dir)
+    license_ = cards.base_license(cfg.model, base_dir)
     for arm in arms:
         if arm["arm"] not in set(table.arm):
             continue  # an arm with a failed seed is not in the table

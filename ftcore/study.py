@@ -102,8 +102,10 @@ def resolve_paths(cfg: StudyConfig) -> StudyConfig:
         spec = getattr(cfg, role)
         if spec is not None and spec.source == "file":
             update[role] = spec.model_copy(update={"path": absolute(spec.path)})
-    if cfg.model.source == "local" or (cfg.model.source == "smollm2-wheel" and cfg.model.name.endswith(".whl")):
+    if cfg.model.source == "local":
         update["model"] = cfg.model.model_copy(update={"name": absolute(cfg.model.name)})
+    if cfg.model.wheel_dir is not None:
+        update["model"] = cfg.model.model_copy(update={"wheel_dir": absolute(cfg.model.wheel_dir)})
     return cfg.model_copy(update=update)
 
 

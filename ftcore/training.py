@@ -31,7 +31,7 @@ from peft import LoraConfig, PeftModel
 from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from ftcore import curves, sources
+from ftcore import curves
 from ftcore.config import InputError, LoraSpec, TrainSpec
 from ftcore.io import atomic_path, write_json
 from ftcore.models import TRAIN_SUMMARY, load_model, load_quantized, load_tokenizer, quiet_library_deprecations
@@ -336,7 +336,7 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
         result = trainer.train(resume_from_checkpoint=checkpoint)
     kept = curves.stop_at_budget(trainer.model, plan, out_dir) if curve else None
     _save_arm(trainer, tokenizer, out_dir, merge=plan.saves_merged,
-              base_model=sources.base_model_id(plan.model.source, plan.model.name))
+              base_model=plan.model.base_model or plan.model.name)
     if curve:
         curves.write_frame(out_dir)
     summary = {

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from trl import SFTConfig, SFTTrainer
 
-from ftcore.chunking import (chunk_stream, move_trailing_spaces, prompt_completion, token_bytes, tokenize_instruction,
-                             tokenize_lm, tokenize_stream)
+from ftcore.chunking import (chunk_stream, move_trailing_spaces, prompt_completion, stream_prefix, token_bytes,
+                             tokenize_instruction, tokenize_lm, tokenize_stream)
 from ftcore.config import FormatSpec
 from ftcore.models import load_model, load_tokenizer
 
@@ -27,6 +27,37 @@ def test_lm_chunks_cover_the_stream(tok):
     assert sum(len(r) for r in df.input_ids) == stats.tokens == len(ids)
     assert all(list(i) == list(l) for i, l in zip(df.input_ids, df.labels))  # every token in the loss
     assert df.n_bytes.tolist() == [sum(b[1:]) for b in df.token_bytes]
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tok):
+    """The tiny tokenizer made to start every text with BOS, as Llama's and Gemma's do."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tok.backend_tokenizer)
+    backend.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.vocab_size)])
+    out = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tok.eos_token, pad_token=tok.pad_token)
+    out.add_special_tokens({"bos_token": "<bos>"})
+    assert out.bos_token_id == tok.vocab_size and out("a")["input_ids"][0] == out.bos_token_id
+    return out
+
+
+def test_stream_windows_start_with_bos_where_the_tokenizer_adds_one(tok, bos_tok):
+    texts = ["The first document is here.", "A second one, a bit longer than the first one."]
+    assert stream_prefix(tok) is None  # no BOS added: windows as before
+    assert stream_prefix(bos_tok) == bos_tok.bos_token_id
+    ids, nbytes, _ = tokenize_stream(texts, bos_tok, "\n\n")
+    df, stats = tokenize_lm(texts, bos_tok, chunk_len=8)
+    assert all(r[0] == bos_tok.bos_token_id for r in df.input_ids)
+    assert all(len(r) == 8 for r in df.input_ids[:-1])
+    assert [t for r in df.input_ids for t in r[1:]] == ids.tolist()  # the stream, each token once, in order
+    # every stream token is predicted (BOS is context only) and its bytes counted once
+    assert stats.loss_tokens == stats.tokens == len(ids)
+    assert df.n_bytes.sum() == nbytes.sum() == len("\n\n".join(texts).encode()) + 2
+    assert all(len(d) == len(r) for d, r in zip(df.token_docs, df.input_ids))
 
 
 def test_too_short_documents_are_skipped_and_counted(tok):

