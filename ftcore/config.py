@@ -185,6 +185,23 @@ class TrainSpec(_Frozen):
                           "examples never attend to each other (a test checks the loss equals the unpacked one). "
                           "batch_size then counts packed rows.")
     seed: int = Field(0, description="Seed for model init of adapters, data order and dropout.")
+    devices_per_arm: int = Field(1, ge=1, description="Processes (one per GPU) that train one arm together, started "
+                                 "with torchrun on the arm's worker; the arm holds that many device slots. The global "
+                                 "batch stays batch_size x grad_accum: each process accumulates grad_accum / N "
+                                 "micro-batches. On a CPU the processes share it (gloo), which is for testing.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With devices_per_arm > 1: ddp = a full copy of the model per device (PyTorch DDP); fsdp = "
+        "full fine-tune arms sharded across the devices (FSDP FULL_SHARD, one unit per transformer block, full state "
+        "dict saved), for models whose weights, gradients and Adam moments do not fit one device. LoRA arms "
+        "use DDP either way (their trainable part is small).")
+
+    @model_validator(mode="after")
+    def _split_evenly(self) -> TrainSpec:
+        if self.grad_accum % self.devices_per_arm:
+            raise ValueError(f"train.grad_accum {self.grad_accum} is not a multiple of train.devices_per_arm "
+                             f"{self.devices_per_arm}: the global batch (batch_size x grad_accum) is split evenly "
+                             "across the arm's processes; choose grad_accum as a multiple of devices_per_arm")
+        return self
 
 
 class LoraSpec(_Frozen):
@@ -413,6 +430,11 @@ class StudyConfig(_Frozen):
             raise ValueError("stop_at_budget needs forgetting_budget_pct (the general perplexity rise in % to stop at)")
         if self.eval.stride is not None and self.eval.stride > self.chunk_len:
             raise ValueError(f"eval.stride ({self.eval.stride}) must be <= chunk_len ({self.chunk_len})")
+        sharded = self.train.distributed == "fsdp" and self.train.devices_per_arm > 1
+        if sharded and self.eval.every_steps != 0 and any(a.method == "full" for a in self.arms):
+            raise ValueError("train.distributed fsdp with curves (eval.every_steps > 0) is not supported: a curve point "
+                             "scores the model in the arm's first process, which under FSDP holds only a shard; set "
+                             "eval.every_steps=0 or train.distributed=ddp")
         return self
 
     @property

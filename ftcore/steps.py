@@ -239,6 +239,10 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list | None = None,
                 "dir": plan.dir, "summary": summary,
                 "curves": f"{plan.dir}/{curves.FRAME}" if plan.curve else None}
 
+    if not training.is_main_process():
+        # The arm's other processes (torchrun, train.devices_per_arm > 1) train beside the first, which
+        # alone takes the step's lock and records its result.
+        return recorded(train_dir(plan, root)) or compute()
     curve_files = [curves.LOG, curves.FRAME] if plan.curve else []
     return run_once(train_dir(plan, root), compute, outputs=plan.outputs(),
                     extras=["train_log.jsonl", training.SUMMARY, *curve_files])

@@ -136,6 +136,10 @@ def check_inputs(cfg: StudyConfig) -> StudyConfig:
     from ftcore import sources
 
     sources.source_version(cfg.model)
+    if cfg.executor == "subprocess" and cfg.train.distributed == "fsdp":  # arms train here: this device decides
+        from ftcore import training
+
+        training.check_fsdp_device(cfg.train, cfg.device)
     return cfg
 
 

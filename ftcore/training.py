@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ftcore import curves
 from ftcore.config import InputError, LoraSpec, TrainSpec
-from ftcore.io import atomic_path, write_json
+from ftcore.io import atomic_path, crash_point, write_json
 from ftcore.models import TRAIN_SUMMARY, load_model, load_quantized, load_tokenizer, quiet_library_deprecations
 from ftcore.plan import ArmPlan
 
@@ -109,14 +110,24 @@ def replay_share(mix: pd.DataFrame) -> float:
 # --- trainer setup -----------------------------------------------------------------------------
 
 def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precision: str, device: str,
-               out_dir: Path, report_to: tuple[str, ...] = ("tensorboard",)) -> SFTConfig:
+               out_dir: Path, report_to: tuple[str, ...] = ("tensorboard",), method: str = "full") -> SFTConfig:
     """TRL's SFTConfig with the recipe's values set explicitly (SFTConfig's defaults — bf16, activation
-    checkpointing, lr 2e-5 — differ from TrainingArguments'); checkpoints under out_dir/checkpoints."""
+    checkpointing, lr 2e-5 — differ from TrainingArguments'); checkpoints under out_dir/checkpoints.
+
+    With train.devices_per_arm = N > 1 (the arm's N processes started by torchrun), each process
+    accumulates grad_accum / N micro-batches, so the global batch is batch_size x grad_accum as in one
+    process; gloo is the backend on a CPU; `method` full with train.distributed fsdp adds FSDP's settings.
+    """
     device = resolve_device(device)
+    fsdp = fsdp_settings(train, method)
+    check_fsdp_device(train, device)
     return SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        gradient_accumulation_steps=train.grad_accum // train.devices_per_arm,
+        ddp_backend="gloo" if device == "cpu" and train.devices_per_arm > 1 else None,
+        ddp_find_unused_parameters=False,  # every trainable parameter takes part in the loss
+        **fsdp,
         learning_rate=learning_rate,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
@@ -133,7 +144,8 @@ def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precisio
         save_total_limit=train.save_total_limit,
         bf16=resolve_precision(precision, device) == "bf16",
         fp16=False,
-        activation_checkpointing=train.gradient_checkpointing,
+        # Under FSDP its own activation checkpointing (fsdp_config) replaces this one.
+        activation_checkpointing=train.gradient_checkpointing and not fsdp,
         seed=train.seed,
         data_seed=train.seed,
         use_cpu=device == "cpu",
@@ -147,6 +159,36 @@ def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precisio
         # Training tokens seen, for the curves (padding-free packed rows have no attention mask to count by).
         include_num_input_tokens_seen="all" if train.packing else "non_padding",
     )
+
+
+def fsdp_settings(train: TrainSpec, method: str) -> dict[str, Any]:
+    """The FSDP settings of a full fine-tune sharded across the arm's processes, written out: FSDP2
+    (PyTorch's fully_shard, through accelerate), parameters, gradients and optimizer state sharded and
+    re-sharded after each forward (FULL_SHARD), one unit per transformer block (the model's
+    _no_split_modules), a full state dict saved (one Hugging Face model, as without FSDP), the
+    weights loaded by every process. Empty for LoRA arms, DDP or one process."""
+    if train.distributed != "fsdp" or train.devices_per_arm < 2 or method != "full":
+        return {}
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False, "cpu_offload": False,
+        "activation_checkpointing": train.gradient_checkpointing}}
+
+
+def check_fsdp_device(train: TrainSpec, device: str) -> None:
+    """Refuse FSDP on a CPU: accelerate shards only across accelerators and would silently train with DDP.
+
+    Raises InputError naming train.distributed.
+    """
+    if train.distributed == "fsdp" and train.devices_per_arm > 1 and resolve_device(device) == "cpu":
+        raise InputError("train.distributed fsdp shards a model across GPUs; on a CPU accelerate would silently "
+                         "fall back to DDP (full copies), so it is refused: use train.distributed=ddp here, or run the "
+                         "arm on a GPU worker (device=cuda)")
+
+
+def is_main_process() -> bool:
+    """Whether this is the arm's first process (RANK 0, set by torchrun), the one that writes results."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_lora(lora: LoraSpec, model_dir: str | Path, arm: str) -> None:
@@ -279,6 +321,15 @@ class SkipFinalCheckpoint(TrainerCallback):
             control.should_save = False
 
 
+class CrashPoint(TrainerCallback):
+    """Fault injection for the resume tests: FTSTUDY_CRASH_AT=after-checkpoint-<step> SIGKILLs the arm's first
+    process right after that checkpoint is written (ftcore.io.crash_point); nothing happens otherwise."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            crash_point(f"after-checkpoint-{state.global_step}")
+
+
 class PlainLossSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is the model's own cross-entropy over the completion labels.
 
@@ -309,14 +360,17 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     dataset = datasets.Dataset.from_pandas(mix[["input_ids", "completion_mask"]], preserve_index=False)
 
     args = sft_config(plan.train, plan.learning_rate, plan.chunk_len, plan.precision, plan.device, out_dir,
-                      plan.trackers)
+                      plan.trackers, plan.method)
+    main = is_main_process()  # under torchrun every process trains; only the first writes logs and results
     checkpoint = newest_complete_checkpoint(args.output_dir)
     if checkpoint:
         log.info("train-%s: resuming from %s", plan.label, checkpoint)
     model_dir = plan.model.locate(root)
     tokenizer = load_tokenizer(model_dir)
     curve = (curves.CurveLog(plan.curve, root, out_dir, _checkpoint_step(checkpoint), tokenizer.pad_token_id,
-                             f"train-{plan.label}") if plan.curve else None)
+                             f"train-{plan.label}") if plan.curve and main else None)
+    writers = [LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)),
+               ProgressLog(f"train-{plan.label}", on_progress)] if main else []
     trainer_class = PlainLossSFTTrainer if args.use_cpu else SFTTrainer
     trainer = trainer_class(
         model=starting_model(plan, model_dir, bf16=args.bf16),
@@ -324,19 +378,24 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config(plan.lora) if plan.lora else None,
-        callbacks=[LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)),
-                   ProgressLog(f"train-{plan.label}", on_progress), SkipFinalCheckpoint(),
-                   *([curve] if curve else []), *(callbacks or [])],
+        callbacks=[*writers, SkipFinalCheckpoint(), CrashPoint(), *([curve] if curve else []), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # LossLog and ProgressLog report instead of raw dicts
+    if args.world_size > 1:
+        log.info("train-%s: %d processes, %s (%s), %d micro-batches of %d each per optimizer step", plan.label,
+                 args.world_size, "FSDP full-shard" if trainer.is_fsdp_enabled else "DDP", args.ddp_backend or "nccl",
+                 args.gradient_accumulation_steps, args.per_device_train_batch_size)
     if curve:
         curve.emit = trainer.log  # curve points to the trainer's own loggers (TensorBoard, W&B) at their step
     started = time.monotonic()
     with quiet_library_deprecations():
         result = trainer.train(resume_from_checkpoint=checkpoint)
     kept = curves.stop_at_budget(trainer.model, plan, out_dir) if curve else None
-    _save_arm(trainer, tokenizer, out_dir, merge=plan.saves_merged,
-              base_model=plan.model.base_model or plan.model.name)
+    if trainer.is_fsdp_enabled:  # gathering the full state dict takes every process
+        _save_sharded(trainer, tokenizer, out_dir, main)
+    elif main:
+        _save_arm(trainer, tokenizer, out_dir, merge=plan.saves_merged,
+                  base_model=plan.model.base_model or plan.model.name)
     if curve:
         curves.write_frame(out_dir)
     summary = {
@@ -355,7 +414,8 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
         "curve_seconds": round(curve.seconds, 3) if curve else None,
         "budget": kept,
     }
-    write_json(summary, out_dir / SUMMARY)
+    if main:
+        write_json(summary, out_dir / SUMMARY)
     return summary
 
 
@@ -366,7 +426,10 @@ def starting_model(plan: ArmPlan, model_dir: Path, bf16: bool) -> torch.nn.Modul
         return load_model(model_dir)
     from peft import prepare_model_for_kbit_training
 
-    model = load_quantized(model_dir, resolve_device(plan.device), torch.bfloat16 if bf16 else torch.float32)
+    device = resolve_device(plan.device)
+    if device == "cuda" and plan.train.devices_per_arm > 1:  # each of the arm's processes on its own GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    model = load_quantized(model_dir, device, torch.bfloat16 if bf16 else torch.float32)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.train.gradient_checkpointing)
 
 
@@ -407,6 +470,21 @@ def _save_arm(trainer: SFTTrainer, tokenizer, out_dir: Path, merge: bool, base_m
     with atomic_path(out_dir / "model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def _save_sharded(trainer: SFTTrainer, tokenizer, out_dir: Path, main: bool) -> None:
+    """An FSDP-sharded full fine-tune saved as one ordinary model: every process takes part in gathering the
+    full state dict into a name all of them know; the first then adds the tokenizer and renames it."""
+    staging = out_dir / ".model.gathering"
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(out_dir / "model", ignore_errors=True)
+        staging.rename(out_dir / "model")
 
 
 def portable_adapter_config(path: Path, base_model: str) -> None:

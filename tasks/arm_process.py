@@ -67,17 +67,32 @@ def stop_arms() -> int:
     return len(running)
 
 
+def arm_command(plan: ArmPlan, root: Path) -> list[str]:
+    """The arm's command: its worker module, under torchrun (one process per device, on this machine) when
+    train.devices_per_arm > 1."""
+    processes = plan.train.devices_per_arm
+    if processes == 1:
+        return [sys.executable, "-m", "tasks.arm_worker", str(root)]
+    # --standalone: a rendezvous on this machine at a free port, so arms on one worker never collide.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+            "--module", "tasks.arm_worker", str(root)]
+
+
 def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | None = None,
                         on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train `plan` under the absolute artifacts `root` in a child process; return the arm's recorded result.
+    """Train `plan` under the absolute artifacts `root` in a child process (or, with train.devices_per_arm
+    N > 1, N processes under torchrun, on the GPUs `gpu` lists); return the arm's recorded result.
 
     Raises RuntimeError whose first line names the arm and the child's error (what the report shows).
     """
     root = Path(root)
     if not root.is_absolute():
         raise ValueError(f"the artifacts root must be absolute in the arm's process, got {root}")
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.arm_worker", str(root)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(gpu),
+    env = child_env(gpu)
+    if plan.train.devices_per_arm > 1:  # every process reads the plan; stdin reaches only one
+        env["FTSTUDY_ARM_PLAN"] = plan.model_dump_json()
+    proc = subprocess.Popen(arm_command(plan, root), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             preexec_fn=_die_with_parent)
     assert proc.stdin is not None and proc.stdout is not None
     LIVE.add(proc)

@@ -1,4 +1,5 @@
-"""Entry point of an arm's own process: `python -m tasks.arm_worker ROOT`, the ArmPlan as JSON on stdin.
+"""Entry point of an arm's own process: `python -m tasks.arm_worker ROOT`, the ArmPlan as JSON on stdin
+(or, for an arm on several devices started by torchrun, in the environment variable FTSTUDY_ARM_PLAN).
 
 Training runs in a child process so that a crash or an out-of-memory kill takes down that arm
 alone, and so the arm sees only its own device (CUDA_VISIBLE_DEVICES set by the parent). Every
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -56,13 +58,20 @@ def setup_logging() -> logging.Logger:
     return logging.getLogger("ftcore.arm")
 
 
+PLAN_ENV = "FTSTUDY_ARM_PLAN"
+
+
 def main(root: str) -> int:
     log = setup_logging()
+    first = int(os.environ.get("RANK", "0")) == 0
+    if not first:  # the arm's other processes: their errors only, the first reports the rest
+        logging.getLogger("ftcore").setLevel(logging.ERROR)
+        logging.getLogger().setLevel(logging.ERROR)
     try:
-        plan = ArmPlan.model_validate_json(sys.stdin.read())
+        plan = ArmPlan.model_validate_json(os.environ.get(PLAN_ENV) or sys.stdin.read())
         from ftcore import steps
 
-        steps.train_arm(plan, root, on_progress=lambda p: emit({"progress": p}))
+        steps.train_arm(plan, root, on_progress=(lambda p: emit({"progress": p})) if first else None)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the arm with it
         log.error("arm failed: %s: %s", type(exc).__name__, exc, exc_info=True)
         return 1

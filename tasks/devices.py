@@ -63,34 +63,70 @@ def device_slot(slots: int | None = None, label: str = "", log: Callable[[str], 
 
     While it waits it calls `log` at once and then every `report_every` seconds, naming the holders.
     """
+    with device_slots(1, slots, label, log, poll, report_every) as held:
+        yield held[0]
+
+
+@contextlib.contextmanager
+def device_slots(count: int, slots: int | None = None, label: str = "", log: Callable[[str], None] | None = None,
+                 poll: float = 0.5, report_every: float = 30.0) -> Iterator[list[int]]:
+    """Block until `count` of the machine's `slots` device slots are free together; yield their indices.
+
+    All or nothing: a holder of some slots that cannot get the rest lets them go and tries again, so
+    two arms that each need two GPUs never hold one each and wait forever. Raises ValueError when the
+    machine has fewer than `count` slots.
+    """
     slots = slots or device_count()
+    if count > slots:
+        raise ValueError(f"{label}: needs {count} devices (train.devices_per_arm) and this machine has {slots}; run "
+                         "the arm on a worker with as many GPUs or lower train.devices_per_arm")
     lock_dir = slots_dir()
     lock_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     next_report = started
     while True:
-        for index in range(slots):
-            fd = os.open(lock_dir / f"slot-{index}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        held = _lock_free(lock_dir, slots, count)
+        if len(held) == count:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
-                _write_holder(fd, label)
+                for _, fd in held:
+                    _write_holder(fd, label)
                 if log and time.monotonic() - started > poll:
-                    log(f"{label}: got device slot {index} after {time.monotonic() - started:.0f} s")
-                yield index
+                    log(f"{label}: got device slot{'s' * (count > 1)} {', '.join(str(i) for i, _ in held)} after "
+                        f"{time.monotonic() - started:.0f} s")
+                yield [index for index, _ in held]
             finally:
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+                _release(held)
             return
+        _release(held)
         if log and time.monotonic() >= next_report:
-            held = "; ".join(holders(slots)) or "holders unknown"
-            log(f"{label}: waiting for a device slot ({slots} on this machine, all taken: {held})")
+            taken = "; ".join(holders(slots)) or "holders unknown"
+            wanted = "a device slot" if count == 1 else f"{count} device slots together"
+            log(f"{label}: waiting for {wanted} ({slots} on this machine, taken: {taken})")
             next_report = time.monotonic() + report_every
         time.sleep(poll)
+
+
+def _lock_free(lock_dir: Path, slots: int, count: int) -> list[tuple[int, int]]:
+    """Lock up to `count` free slots without waiting; (index, fd) of those locked."""
+    held = []
+    for index in range(slots):
+        if len(held) == count:
+            break
+        fd = os.open(lock_dir / f"slot-{index}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        held.append((index, fd))
+    return held
+
+
+def _release(held: list[tuple[int, int]]) -> None:
+    for _, fd in held:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _write_holder(fd: int, label: str) -> None:

@@ -28,7 +28,7 @@ from ftcore.benchmarks import TaskRef
 from ftcore.config import InputError, StudyConfig
 from ftcore.plan import ArmPlan, ModelRef
 from tasks.arm_process import train_in_subprocess
-from tasks.devices import device_count, device_slot, visible_gpu
+from tasks.devices import device_count, device_slot, device_slots, visible_gpu
 
 # Prefect's own result cache stays off: the Cached state comes from ftcore's step directories.
 UNCACHED = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -139,9 +139,11 @@ def train_here(plan: ArmPlan, root: str) -> dict[str, Any]:
         if p.get("max_steps"):
             update_progress_artifact(progress, 100.0 * p["step"] / p["max_steps"])
 
-    with device_slot(label=f"train-{plan.label}", log=logger.info) as slot:
-        gpu = visible_gpu(slot) if _has_cuda() else None
-        logger.info("train-%s on device slot %d%s", plan.label, slot,
+    # An arm on N GPUs holds N slots; on a CPU its processes share the one.
+    count = plan.train.devices_per_arm if _has_cuda() else 1
+    with device_slots(count, label=f"train-{plan.label}", log=logger.info) as slots:
+        gpu = ",".join(visible_gpu(slot) for slot in slots) if _has_cuda() else None
+        logger.info("train-%s on device slot%s %s%s", plan.label, "s" * (count > 1), ", ".join(map(str, slots)),
                     f" (CUDA_VISIBLE_DEVICES={gpu})" if gpu is not None else "")
         result = train_in_subprocess(plan, root, logger.log, gpu, on_progress)
     update_progress_artifact(progress, 100.0)

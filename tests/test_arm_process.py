@@ -65,3 +65,69 @@ def test_a_waiting_step_says_who_holds_the_device(monkeypatch, tmp_path):
     assert len(waiting) >= 2  # at once, then every report_every seconds
     assert "eval-base-domain: waiting" in waiting[0] and "slot 0: train-full (pid" in waiting[0]
     assert "eval-base-domain: got device slot 0" in messages[-1]
+
+
+def _train_log(root, result) -> list[tuple[int, float]]:
+    import json
+
+    lines = (Path(root) / result["dir"] / "train_log.jsonl").read_text().splitlines()
+    return [(e["step"], e["loss"]) for e in map(json.loads, lines) if "loss" in e]
+
+
+@pytest.mark.slow
+def test_an_arm_on_two_processes_trains_as_one_and_resumes_after_a_kill(study_config, monkeypatch):
+    """train.devices_per_arm=2: two processes (torchrun, gloo) at the same global batch (2 x 4) draw one process's
+    loss curve; killed right after its checkpoint at step 2, the arm resumes there and ends on the same curve."""
+    def plan(devices):
+        cfg = study_config(arms=["full"], eval={"every_steps": 0},
+                           train={"batch_size": 2, "grad_accum": 4, "max_steps": 4, "logging_steps": 1,
+                                  "save_steps": 2, "devices_per_arm": devices})
+        prepared = study.prepare(study.check_inputs(cfg))
+        return study.plan_arms(prepared)[0], prepared.cfg.artifacts_dir
+
+    one, root = plan(1)
+    single = train_in_subprocess(one, root, lambda level, msg: None)
+    two, root = plan(2)
+    monkeypatch.setenv("FTSTUDY_CRASH_AT", "after-checkpoint-2")
+    with pytest.raises(RuntimeError, match="arm full failed"):
+        train_in_subprocess(two, root, lambda level, msg: None)
+    monkeypatch.delenv("FTSTUDY_CRASH_AT")
+    logs = []
+    resumed = train_in_subprocess(two, root, lambda level, msg: logs.append(msg))
+    assert any("2 processes, DDP (gloo), 2 micro-batches of 2 each" in m for m in logs), logs
+    assert resumed["summary"]["resumed_from_step"] == 2 and resumed["summary"]["steps"] == 4
+    expected, got = _train_log(root, single), _train_log(root, resumed)
+    assert [s for s, _ in got] == [s for s, _ in expected] == [1, 2, 3, 4]
+    # Tolerance: the two processes sum their gradients in another order (float32): 1e-5 relative.
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+    assert (Path(root) / resumed["dir"] / "model" / "model.safetensors").is_file()
+
+
+def test_fsdp_on_a_cpu_is_refused_before_any_work(study_config):
+    """accelerate shards only across GPUs: on a CPU FSDP would silently run as DDP."""
+    from ftcore.config import InputError
+
+    cfg = study_config(arms=["full"], eval={"every_steps": 0}, device="cpu",
+                       train={"grad_accum": 2, "devices_per_arm": 2, "distributed": "fsdp"})
+    with pytest.raises(InputError, match="train.distributed fsdp shards a model across GPUs"):
+        study.check_inputs(cfg)
+
+
+def test_an_arm_on_two_devices_holds_two_slots_or_none(monkeypatch, tmp_path):
+    """All or nothing: with one of two slots taken, a two-device arm waits holding none, then takes both."""
+    from tasks.devices import device_slots
+
+    monkeypatch.setenv("FTSTUDY_SLOTS_DIR", str(tmp_path))
+    got = []
+    with device_slot(slots=2, label="eval-base-domain"):
+        waiter = threading.Thread(target=lambda: got.append(device_slots(2, slots=2, label="train-full",
+                                                                         poll=0.05).__enter__()))
+        waiter.start()
+        time.sleep(0.3)
+        assert not got
+        with device_slot(slots=2, label="eval-other", poll=0.05) as other:  # the free slot was not kept by the waiter
+            assert other == 1
+    waiter.join(timeout=5)
+    assert got == [[0, 1]]
+    with pytest.raises(ValueError, match="needs 4 devices .*train.devices_per_arm.* this machine has 2"):
+        device_slots(4, slots=2, label="train-full").__enter__()

@@ -52,6 +52,20 @@ def test_cross_field_errors_say_what_is_wrong():
         load_config("smoke", eval={"stride": 10_000})
     with pytest.raises(ValidationError, match="prompt_template"):
         load_config("smoke", format={"prompt_template": "no slot"})
+    with pytest.raises(ValidationError, match="train.grad_accum 8 is not a multiple of train.devices_per_arm 3"):
+        load_config("smoke", train={"grad_accum": 8, "devices_per_arm": 3})
+    with pytest.raises(ValidationError, match="fsdp with curves .* is not supported"):
+        load_config("smoke", train={"grad_accum": 2, "devices_per_arm": 2, "distributed": "fsdp"})
+    # FSDP shards the full arms only; its settings are written out, LoRA arms keep DDP
+    from ftcore.training import fsdp_settings
+
+    sharded = load_config("smoke", train={"grad_accum": 2, "devices_per_arm": 2, "distributed": "fsdp"},
+                          eval={"every_steps": 0}).train
+    assert fsdp_settings(sharded, "full")["fsdp_config"] | {} == {
+        "version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False, "cpu_offload": False,
+        "activation_checkpointing": False}
+    assert fsdp_settings(sharded, "lora") == {} == fsdp_settings(sharded.model_copy(update={"devices_per_arm": 1}), "full")
 
 
 def test_unknown_preset_lists_the_presets():
