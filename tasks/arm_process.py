@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,12 +56,16 @@ def child_env(gpu: str | None) -> dict[str, str]:
 
 # The arm processes this process runs now, so an interrupted study can stop them (stop_arms).
 LIVE: set[subprocess.Popen] = set()
+# Set by stop_arms: a task thread that gets its device slot after the study was stopped starts nothing.
+STOPPING = threading.Event()
 
 
 def stop_arms() -> int:
-    """Terminate every arm process this process started and that still runs; return how many. Their
-    checkpoints stay: a rerun resumes them. (Called on Ctrl-C / SIGTERM: Prefect waits for its task
-    threads before it returns, and those wait for their arm, which would otherwise train on.)"""
+    """Terminate every arm process this process started and that still runs, and start no new one in this
+    process; return how many were stopped. Their checkpoints stay: a rerun resumes them. (Called on Ctrl-C /
+    SIGTERM: Prefect waits for its task threads before it returns, and those wait for their arm, which
+    would otherwise train on; a task still waiting for a device slot would start its arm when it got one.)"""
+    STOPPING.set()
     running = [p for p in list(LIVE) if p.poll() is None]
     for proc in running:
         proc.terminate()
@@ -88,6 +93,8 @@ def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | No
     root = Path(root)
     if not root.is_absolute():
         raise ValueError(f"the artifacts root must be absolute in the arm's process, got {root}")
+    if STOPPING.is_set():
+        raise RuntimeError(f"arm {plan.label} not started: the study is stopping")
     env = child_env(gpu)
     if plan.train.devices_per_arm > 1:  # every process reads the plan; stdin reaches only one
         env["FTSTUDY_ARM_PLAN"] = plan.model_dump_json()

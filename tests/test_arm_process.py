@@ -131,3 +131,18 @@ def test_an_arm_on_two_devices_holds_two_slots_or_none(monkeypatch, tmp_path):
     assert got == [[0, 1]]
     with pytest.raises(ValueError, match="needs 4 devices .*train.devices_per_arm.* this machine has 2"):
         device_slots(4, slots=2, label="train-full").__enter__()
+
+
+def test_no_arm_starts_after_the_study_was_stopped(study_config):
+    """A task that gets its device slot after Ctrl-C / SIGTERM must not start its arm (seen: a study killed
+    with SIGTERM started the next arm while it shut down)."""
+    from tasks import arm_process
+
+    prepared = study.prepare(study_config(arms=["lora"]))
+    plan = study.plan_arms(prepared)[0]
+    try:
+        assert arm_process.stop_arms() == 0
+        with pytest.raises(RuntimeError, match="arm lora not started: the study is stopping"):
+            train_in_subprocess(plan, prepared.cfg.artifacts_dir, lambda level, msg: None)
+    finally:
+        arm_process.STOPPING.clear()
