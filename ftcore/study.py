@@ -136,10 +136,10 @@ def check_inputs(cfg: StudyConfig) -> StudyConfig:
     from ftcore import sources
 
     sources.source_version(cfg.model)
-    if cfg.executor == "subprocess" and cfg.train.distributed == "fsdp":  # arms train here: this device decides
+    if cfg.executor == "subprocess" and cfg.train.devices_per_arm > 1:  # arms train here: its devices decide
         from ftcore import training
 
-        training.check_fsdp_device(cfg.train, cfg.device)
+        training.check_devices_per_arm(cfg)
     return cfg
 
 

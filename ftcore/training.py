@@ -186,6 +186,18 @@ def check_fsdp_device(train: TrainSpec, device: str) -> None:
                          "arm on a GPU worker (device=cuda)")
 
 
+def check_devices_per_arm(cfg) -> None:
+    """Refuse, before any work, an arm on more GPUs than this machine has, and FSDP (for the full arms) on
+    a CPU. Raises InputError naming train.devices_per_arm or train.distributed."""
+    device = resolve_device(cfg.device)
+    if device == "cuda" and torch.cuda.device_count() < cfg.train.devices_per_arm:
+        raise InputError(f"train.devices_per_arm {cfg.train.devices_per_arm}: this machine has "
+                         f"{torch.cuda.device_count()} GPU(s); lower it, or train the arms on a work pool whose "
+                         "workers have that many (executor=work-pool)")
+    if any(a.method == "full" for a in cfg.arms):
+        check_fsdp_device(cfg.train, device)
+
+
 def is_main_process() -> bool:
     """Whether this is the arm's first process (RANK 0, set by torchrun), the one that writes results."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -382,9 +394,9 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     )
     trainer.remove_callback(PrinterCallback)  # LossLog and ProgressLog report instead of raw dicts
     if args.world_size > 1:
-        log.info("train-%s: %d processes, %s (%s), %d micro-batches of %d each per optimizer step", plan.label,
-                 args.world_size, "FSDP full-shard" if trainer.is_fsdp_enabled else "DDP", args.ddp_backend or "nccl",
-                 args.gradient_accumulation_steps, args.per_device_train_batch_size)
+        log.info("train-%s: %d processes, %s (%s), each accumulating %d micro-batch(es) of %d rows per optimizer "
+                 "step", plan.label, args.world_size, "FSDP full-shard" if trainer.is_fsdp_enabled else "DDP",
+                 args.ddp_backend or "nccl", args.gradient_accumulation_steps, args.per_device_train_batch_size)
     if curve:
         curve.emit = trainer.log  # curve points to the trainer's own loggers (TensorBoard, W&B) at their step
     started = time.monotonic()

