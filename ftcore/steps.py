@@ -433,7 +433,7 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
     def compute() -> dict[str, Any]:
         root = root_of(cfg)
         logs = {a["label"]: root / a["dir"] / "train_log.jsonl" for a in arms}
-        details = {"config": cfg.name, "seeds": ", ".join(map(str, cfg.run_seeds)),
+        details = {"config": cfg.name, "seeds": ", ".join(map(str, cfg.run_seeds)), "base model": base_line(cfg, model),
                    **{f"model ({a['label']})": a["dir"] for a in arms}}
         details.update({f"FAILED arm {label}": why for label, why in failed.items()})
         titles = next((e.get("titles") for e in evals if e["set"] == "general" and e.get("titles")), None)
@@ -469,6 +469,21 @@ def write_results(cfg: StudyConfig, evals: list[dict[str, Any]], arms: list[dict
                 **({"tasks": relative(cfg, out / "tasks.parquet")} if tasks else {})}
 
     return run_once(out, compute, outputs=files)
+
+
+def base_line(cfg: StudyConfig, model: ModelRef | None) -> str:
+    """The report's line on the base model: what it is and, where known, its license (a GGUF's terms travel
+    with the wheels, not with a model card, so the report names them)."""
+    name = (model.base_model if model else None) or (sources.base_model_id(cfg.model) if cfg.model.source == "gguf-wheels"
+                                                       else cfg.model.name)
+    license_ = cards.base_license(cfg.model, model.locate(root_of(cfg)) if model else None)
+    source = f"{cfg.model.source}: {cfg.model.name}"
+    if cfg.model.source == "gguf-wheels":
+        gguf = sources.gguf_wheels(cfg.model)
+        return f"{name} ({source}, dequantized GGUF; license: {gguf.license_name or gguf.license or 'not stated'})"
+    if cfg.model.source == "local":
+        source = "a local model"
+    return f"{name} ({source}{f'; license: {license_}' if license_ else ''})"
 
 
 def write_cards(cfg: StudyConfig, arms: list[dict[str, Any]], out: Path, model: ModelRef | None) -> None:

