@@ -52,9 +52,9 @@ SEED: dict[str, Any] = {
     "benchmarks": {"tasks": ["hellaswag", "arc_challenge", "winogrande"], "batch_size": 16},
 }
 
-# Offline on 2 CPU cores: SmolLM2-135M from its PyPI wheel and ../shared/data. Sizes are cut for a
-# CPU (30 steps of 8 x <=256 tokens, about half an epoch): 33 minutes from a fresh clone with the curves,
-# the exact KL and the lm-eval cross-check (BENCHMARKS.md §9; 23 minutes before those existed). The lr is
+# Without the Hub on 2 CPU cores: SmolLM2-135M-Instruct from its PyPI wheel and ../shared/data. Sizes are cut
+# for a CPU (30 steps of 8 x <=256 tokens, about half an epoch): 15 minutes from a fresh clone with the
+# curves, the exact KL and the lm-eval cross-check (docs/results.md). The lr is
 # raised because at the seed's 5e-5 (and at 3e-4 for 40 steps, measured here) this short run lowers
 # general perplexity too: the base is an instruction-tuned, 4-bit-dequantized model that plain text
 # first repairs (../shared/data/README.md). The report states whichever way general perplexity moves.
