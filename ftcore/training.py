@@ -120,7 +120,8 @@ def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precisio
     """
     device = resolve_device(device)
     fsdp = fsdp_settings(train, method)
-    check_fsdp_device(train, device)
+    if method == "full":  # only full arms are sharded; LoRA arms train with DDP anywhere
+        check_fsdp_device(train, device)
     return SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=train.batch_size,

