@@ -284,6 +284,12 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
     loaded where it can be checked.
     """
     runner = runner or InlineRunner()
+    if isinstance(runner, InlineRunner) and cfg.train.devices_per_arm > 1:
+        # In-process arms are one process: each would accumulate grad_accum / N micro-batches and train on a
+        # silently smaller global batch.
+        raise InputError(f"train.devices_per_arm {cfg.train.devices_per_arm}: arms trained in this process (the "
+                         "in-process runner) run as one process; run the study as a flow (ftstudy run), which starts "
+                         "each arm under torchrun, or set train.devices_per_arm=1")
     p = prepare(cfg, runner)
     cfg, root = p.cfg, p.cfg.artifacts_dir
     baseline = {w: runner.submit(EVALUATE, cfg, p.model, p.data(w), w) for w in SETS}

@@ -375,6 +375,10 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     args = sft_config(plan.train, plan.learning_rate, plan.chunk_len, plan.precision, plan.device, out_dir,
                       plan.trackers, plan.method)
     main = is_main_process()  # under torchrun every process trains; only the first writes logs and results
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != plan.train.devices_per_arm:  # else the global batch would silently differ from the recipe's
+        raise InputError(f"arm {plan.label}: train.devices_per_arm is {plan.train.devices_per_arm} but this arm runs in "
+                         f"{world} process(es); start it through the flow (tasks.arm_process), which uses torchrun")
     checkpoint = newest_complete_checkpoint(args.output_dir)
     if checkpoint:
         log.info("train-%s: resuming from %s", plan.label, checkpoint)

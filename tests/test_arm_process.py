@@ -164,3 +164,12 @@ def test_a_lora_only_study_with_fsdp_trains_with_ddp_on_a_cpu(monkeypatch):
     assert "fsdp" not in args and args["gradient_accumulation_steps"] == 1 and args["ddp_backend"] == "gloo"
     with pytest.raises(InputError, match="train.distributed fsdp shards a model across GPUs"):
         training.sft_config(train, 1e-4, 64, "fp32", "cpu", Path("/tmp/unused"), (), method="full")
+
+
+def test_an_arm_on_n_devices_outside_torchrun_is_refused(study_config):
+    """In one process, devices_per_arm 2 would halve the global batch silently: refused before any work."""
+    from ftcore.config import InputError
+
+    cfg = study.check_inputs(study_config(arms=["full"], train={"grad_accum": 2, "devices_per_arm": 2}))
+    with pytest.raises(InputError, match="train.devices_per_arm 2: arms trained in this process"):
+        study.run_study(cfg)
