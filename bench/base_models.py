@@ -27,7 +27,7 @@ import pandas as pd
 
 from bench.common import ROOT, record
 from ftcore import study
-from ftcore.config import load_config
+from ftcore.config_files import load_config
 
 COLUMNS = ("domain_ppl", "general_ppl", "domain_change_pct", "domain_change_ci_low", "domain_change_ci_high",
            "general_change_pct", "general_change_ci_low", "general_change_ci_high", "general_kl")
@@ -38,7 +38,7 @@ def run(model: str, overrides: list[str]) -> tuple[pd.DataFrame, float]:
     cfg = load_config("demo-base", [f"model.name={model}", *overrides],
                       artifacts_dir=str(ROOT / "artifacts"))
     started = time.perf_counter()
-    results = study.run_study(study.check_inputs(cfg))
+    results = study.run_study(cfg)
     wall = time.perf_counter() - started
     if results.get("failed") or results.get("failed_tasks"):
         raise SystemExit(f"{model}: steps failed: {results.get('failed') or results.get('failed_tasks')}")

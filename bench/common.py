@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ftcore import study
-from ftcore.config import load_config
+from ftcore.config_files import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("FTSTUDY_BENCH_ARTIFACTS", ROOT / "bench-artifacts"))

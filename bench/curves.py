@@ -62,7 +62,7 @@ def main() -> None:
         demo_points = len(range(0, cfg.train.max_steps + 1, cfg.eval.every_steps))
         demo_share = demo_points * point_s / (cfg.train.max_steps * step_s)
 
-        rows = perplexity.stream_windows(pd.read_parquet(data.path(data.general["path"])), cfg.chunk_len, None,
+        rows = perplexity.stream_windows(pd.read_parquet(data.root / data.general.path), cfg.chunk_len, None,
                                          args.tokens)
         base = models.load_model(data.model_dir)
         plain_s, _ = timed_scores(base, rows, cfg.eval.batch_size)

@@ -58,7 +58,7 @@ def main() -> None:
     cfg = demo_config()
     data = prepared(cfg)
     model = models.load_model(data.model_dir)
-    windows = perplexity.stream_windows(pd.read_parquet(data.path(data.general["path"])), cfg.chunk_len)[: args.windows]
+    windows = perplexity.stream_windows(pd.read_parquet(data.root / data.general.path), cfg.chunk_len)[: args.windows]
     windows = [w for w in windows if len(w[0]) == cfg.chunk_len]  # equal lengths: the bare loop needs no padding
     tokens = sum(len(w[0]) for w in windows)
     bs = cfg.eval.batch_size
@@ -77,7 +77,7 @@ def main() -> None:
     eager.config._attn_implementation = "eager"
     t_eager, p_eager = timed(lambda: ppl(eager, windows, bs), 1)
     del eager
-    rows = perplexity.domain_rows(pd.read_parquet(data.path(data.domain["test"])))[:32]
+    rows = perplexity.domain_rows(pd.read_parquet(data.root / data.domain.test))[:32]
     p_sorted = ppl(model, rows, bs)
     p_unbatched = ppl(model, rows, 1)  # batch 1: no padding at all, the order-free reference
 

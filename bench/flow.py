@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench.common import ROOT, record
 from ftcore import study
-from ftcore.config import load_config
+from ftcore.config_files import load_config
 
 
 def cli_run(preset: str, artifacts: Path) -> tuple[float, str]:

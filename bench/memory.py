@@ -31,7 +31,7 @@ def run_stage(stage: str, work: Path) -> None:
         return
     cfg = demo_config(train={**demo_config().train.model_dump(), "max_steps": 2})
     data = prepared(cfg)
-    windows = perplexity.stream_windows(pd.read_parquet(data.path(data.general["path"])), cfg.chunk_len)[:16]
+    windows = perplexity.stream_windows(pd.read_parquet(data.root / data.general.path), cfg.chunk_len)[:16]
     before = peak_rss_mb()
     if stage == "tokenize":
         tokenizer = models.load_tokenizer(data.model_dir)

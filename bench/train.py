@@ -92,7 +92,7 @@ def main() -> None:
         ours, base = [], []
         for _ in range(args.repeats):  # interleaved, so drift of the machine hits both alike
             ours.append(ftcore_arm(data, arm))
-            base.append(plain_trainer(cfg, arm, data.model_dir, data.path(data.domain["train"])))
+            base.append(plain_trainer(cfg, arm, data.model_dir, data.root / data.domain.train))
         results[arm] = {"ftcore_tokens_per_s": round(statistics.median(ours), 1),
                         "plain_trainer_tokens_per_s": round(statistics.median(base), 1),
                         "ratio": round(statistics.median(ours) / statistics.median(base), 3),

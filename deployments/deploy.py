@@ -40,8 +40,8 @@ def default_config(preset: str = "demo", artifacts: str | Path | None = None) ->
     """The run form's defaults: the preset, with its arms sent to the GPU work pool, every path absolute
     (the corpora under FTSTUDY_DATA, the artifacts root), so a worker in any directory reads and
     writes the same places (JSON)."""
-    from ftcore.config import load_config
-    from ftcore.study import resolve_paths
+    from ftcore.config_files import load_config
+    from ftcore.inputs import resolve_paths
 
     cfg = load_config(preset, executor="work-pool", artifacts_dir=str(artifacts or default_artifacts()))
     return resolve_paths(cfg).model_dump(mode="json")

@@ -73,7 +73,8 @@ def _prepare_env(artifacts: Path) -> None:
 def _load(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from ftcore.config import ConfigError, describe_error, load_config
+    from ftcore.config import ConfigError
+    from ftcore.config_files import describe_error, load_config
 
     fields = {"artifacts_dir": args.artifacts} if args.artifacts else {}
     preset = args.preset or (None if args.config else "smoke")
@@ -111,16 +112,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     root = Path(cfg.artifacts_dir).expanduser().resolve()
     _prepare_env(root)
-    from ftcore import study
+    from ftcore import inputs, study
     from ftcore.config import InputError
 
     try:  # before Prefect starts: a missing file or an unwritable root exits 2 at once
-        cfg = study.check_inputs(cfg)
+        checked = inputs.check_inputs(cfg)
     except InputError as exc:
         return _fail(str(exc))
+    inputs.hand_over(checked)  # the flow below trusts these checks instead of repeating them
     from flows.study import study_flow
 
-    state = study_flow(config=cfg, return_state=True)
+    state = study_flow(config=checked.cfg, return_state=True)
     if state.is_completed():
         print_results(root, state.result())
         return EXIT_OK
@@ -146,7 +148,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from ftcore.config import ConfigError, config_yaml, load_config
+    from ftcore.config import ConfigError
+    from ftcore.config_files import config_yaml, load_config
 
     try:
         cfg = load_config(args.preset) if args.preset else None

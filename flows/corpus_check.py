@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
-from ftcore import study
+from ftcore import inputs
 from ftcore.config import StudyConfig
 
 EVENT = "ftstudy.corpus.changed"
@@ -31,9 +31,9 @@ def resource_id(cfg: StudyConfig) -> str:
 
 
 def _same_corpora(a: StudyConfig, b: StudyConfig) -> bool:
-    a, b = study.resolve_paths(a), study.resolve_paths(b)
-    roles = study.corpus_roles(a)
-    return roles == study.corpus_roles(b) and all(getattr(a, r) == getattr(b, r) for r in roles)
+    a, b = inputs.resolve_paths(a), inputs.resolve_paths(b)
+    roles = inputs.corpus_roles(a)
+    return roles == inputs.corpus_roles(b) and all(getattr(a, r) == getattr(b, r) for r in roles)
 
 
 def _study_in_progress(config: StudyConfig):
@@ -61,14 +61,14 @@ def _study_in_progress(config: StudyConfig):
 def corpus_check_flow(config: StudyConfig) -> dict[str, Any]:
     """Compare the corpus sources with the last successful study; emit an event if one changed."""
     log = get_run_logger()
-    config = study.resolve_paths(config)  # as the study resolves them, so both read the same record
-    versions = study.corpus_versions(config)
-    if not study.has_recorded_versions(config):
+    config = inputs.resolve_paths(config)  # as the study resolves them, so both read the same record
+    versions = inputs.corpus_versions(config)
+    if not inputs.has_recorded_versions(config):
         # Nothing to re-run: a fresh server must not start a long study that nobody asked for.
         log.info("no successful study of these corpora is recorded under %s yet: nothing to re-run (start the "
                  "first one from the ftstudy/study deployment)", config.artifacts_dir)
         return {"changed": {}, "versions": versions, "recorded": False}
-    changed = study.changed_corpora(config, versions)
+    changed = inputs.changed_corpora(config, versions)
     if not changed:
         log.info("corpora unchanged since the last successful study: %s", ", ".join(versions))
         return {"changed": {}, "versions": versions}

@@ -19,10 +19,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from ftcore import study
-from ftcore.config import ConfigError, InputError, StudyConfig, describe_error
+from ftcore import inputs, study
+from ftcore.config import ConfigError, InputError, StudyConfig
+from ftcore.config_files import describe_error
 from tasks.arm_process import STOPPING, stop_arms
-from tasks.steps import PrefectRunner
+from tasks.runner import PrefectRunner
 
 # ftcore reports progress (tokens scored, steps trained, ETA) at INFO; Prefect forwards the
 # "ftcore" logger to the run's logs when PREFECT_LOGGING_EXTRA_LOGGERS names it.
@@ -48,9 +49,9 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     """Measure what fine-tuning costs: domain gain vs general forgetting for each arm."""
     STOPPING.clear()  # an earlier study stopped in this process does not stop this one
     try:
-        cfg = study.check_inputs(validated(config))
-        check_executor(cfg)
-        results = study.run_study(cfg, PrefectRunner(cfg))
+        checked = inputs.check_inputs(validated(config))
+        check_executor(checked.cfg)
+        results = study.run_study(checked, PrefectRunner(checked.cfg))
     except InputError as exc:  # the run's state carries the message; no traceback, no second copy in the log
         return Failed(message=str(exc), data=exc)
     except BaseException:
@@ -60,13 +61,13 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
         if stop_arms():
             print("ftstudy: stopping the running arms; their checkpoints are kept", file=sys.stderr)
         raise
-    publish(Path(cfg.artifacts_dir), results)
+    publish(checked.root, results)
     if results.get("failed_tasks") and not results["failed"]:
         raise RuntimeError(f"benchmark step(s) failed: {', '.join(results['failed_tasks'])}; the arms, the other "
-                           f"steps and the report are kept: {Path(cfg.artifacts_dir) / results['report']}")
+                           f"steps and the report are kept: {checked.root / results['report']}")
     if results["failed"]:
         raise RuntimeError(f"arm(s) failed: {', '.join(results['failed'])}; finished arms and the report are kept: "
-                           f"{Path(cfg.artifacts_dir) / results['report']}")
+                           f"{checked.root / results['report']}")
     return results
 
 
@@ -93,7 +94,7 @@ def check_executor(cfg: StudyConfig) -> None:
         try:
             client.read_deployment_by_name(cfg.train_deployment)
         except ObjectNotFound:
-            raise study.StudyError(
+            raise inputs.StudyError(
                 f"train_deployment: no deployment {cfg.train_deployment!r} on the Prefect server at "
                 f"{client.api_url}; run `ftstudy serve` (or `ftstudy deploy` and start a worker on its "
                 "ftstudy-gpu pool) and point PREFECT_API_URL at it, or use executor=subprocess") from None

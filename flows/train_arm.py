@@ -15,9 +15,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from ftcore import study
 from ftcore.plan import ArmPlan
-from ftcore.steps import TRAIN
-from tasks.steps import artifacts_root, cached, train_here
+from ftcore.steps import recorded
+from tasks.runner import artifacts_root, train_here
 
 logging.getLogger("ftcore").setLevel(logging.INFO)
 
@@ -25,8 +26,9 @@ logging.getLogger("ftcore").setLevel(logging.INFO)
 @flow(name="ftstudy-train-arm", flow_run_name="train-{plan.label}-{plan.key}", log_prints=True)
 def train_arm_flow(plan: ArmPlan, root: str) -> dict[str, Any]:
     """Train one planned arm under the artifacts root and return its recorded result."""
-    root = artifacts_root(root)
-    if done := cached(TRAIN, plan, root):
-        get_run_logger().info("train-%s: already trained in %s", plan.label, plan.dir)
-        return done.result()
-    return train_here(plan, root)
+    step = study.train(plan, artifacts_root(root))
+    if (done := recorded(step)) is None:
+        done = train_here(step)
+    else:
+        get_run_logger().info("%s: already trained in %s", step.label, plan.dir)
+    return done.model_dump(mode="json")

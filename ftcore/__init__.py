@@ -6,6 +6,7 @@ import logging
 # optional faster kernel from the Hub; its own kernels work (and are what the tests use). Not actionable.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from ftcore.config import StudyConfig, load_config  # noqa: E402
+from ftcore.config import StudyConfig
+from ftcore.config_files import load_config  # noqa: E402
 
 __all__ = ["StudyConfig", "load_config"]

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from ftcore import sources
 from ftcore.config import ModelSpec, StudyConfig
+from ftcore.io import write_text
+from ftcore.results import ModelRef, TrainedArm
+
 
 def base_license(spec: ModelSpec, model_dir: Path | None) -> str | None:
     """The base model's license: from its own card (README.md metadata) when it has one, else, for a GGUF
@@ -44,31 +46,31 @@ def _pct(row: pd.Series, s: str) -> str:
     return text
 
 
-def model_card(cfg: StudyConfig, arm: dict[str, Any], table: pd.DataFrame, runs: pd.DataFrame,
+def model_card(cfg: StudyConfig, arm: TrainedArm, table: pd.DataFrame, runs: pd.DataFrame,
                license_: str | None) -> str:
     """The card of one trained arm (a result of the train step) as the text of a README.md."""
     from huggingface_hub import ModelCardData
 
-    row = table.set_index("arm").loc[arm["arm"]]
+    row = table.set_index("arm").loc[arm.arm]
     base = table.set_index("arm").loc["base"]
-    run = runs[(runs.arm == arm["arm"]) & (runs.seed == arm["seed"])].iloc[0]
-    lora = arm["method"] in ("lora", "qlora")  # both are saved as a peft adapter
+    run = runs[(runs.arm == arm.arm) & (runs.seed == arm.seed)].iloc[0]
+    lora = arm.method in ("lora", "qlora")  # both are saved as a peft adapter
     base_model = sources.base_model_id(cfg.model) if cfg.model.source in ("hub", "gguf-wheels") else None
     datasets = [s.path for s in (cfg.domain, cfg.replay) if s is not None and s.source == "hub"]
     data = ModelCardData(base_model=base_model, library_name="peft" if lora else "transformers", license=license_,
-                         datasets=datasets or None, tags=["ftstudy", "fine-tuned", arm["method"], "causal-lm"],
+                         datasets=datasets or None, tags=["ftstudy", "fine-tuned", arm.method, "causal-lm"],
                          pipeline_tag="text-generation")
-    summary = arm.get("summary", {})
-    settings = {"method": arm["method"], "seed": arm["seed"], "steps": summary.get("steps"),
+    summary = arm.summary
+    settings = {"method": arm.method, "seed": arm.seed, "steps": summary.get("steps"),
                 "replay share of training tokens": round(summary.get("replay_share", 0.0), 4),
                 "trainable parameters": summary.get("trainable_params"), "chunk_len": cfg.chunk_len,
                 **{f"train.{k}": v for k, v in cfg.train.model_dump(mode="json").items() if k != "seed"}}
     if lora:
-        lora_settings = cfg.lora_of(next(a for a in cfg.arms if a.name == arm["arm"]))
+        lora_settings = cfg.lora_of(next(a for a in cfg.arms if a.name == arm.arm))
         settings |= {f"lora.{k}": v for k, v in lora_settings.model_dump(mode="json").items()}
     lines = [
-        f"# {cfg.name}: arm `{arm['arm']}` (seed {arm['seed']})", "",
-        f"{WHAT[arm['method']]} of `{base_model or cfg.model.name}` trained by ftstudy on the domain corpus "
+        f"# {cfg.name}: arm `{arm.arm}` (seed {arm.seed})", "",
+        f"{WHAT[arm.method]} of `{base_model or cfg.model.name}` trained by ftstudy on the domain corpus "
         f"`{_corpus(cfg.domain)}`"
         + (f" with {100 * summary.get('replay_share', 0):.0f}% general replay text" if summary.get("replay_share") else "")
         + ", in a study of what fine-tuning costs: the change in perplexity on held-out domain text and on a "
@@ -78,11 +80,11 @@ def model_card(cfg: StudyConfig, arm: dict[str, Any], table: pd.DataFrame, runs:
         f"| base model perplexity | {base['domain_ppl']:.2f} | {base['general_ppl']:.2f} |",
         f"| this arm, mean over seeds | {row['domain_ppl']:.2f} | {row['general_ppl']:.2f} |",
         f"| change against base | {_pct(row, 'domain')} | {_pct(row, 'general')} |",
-        f"| this seed ({arm['seed']}) | {run['domain_change_pct']:+.1f}% | {run['general_change_pct']:+.1f}% |", "",
+        f"| this seed ({arm.seed}) | {run['domain_change_pct']:+.1f}% | {run['general_change_pct']:+.1f}% |", "",
         "Intervals are 95% paired bootstrap intervals over documents; a negative change is an improvement. "
         "The full report (every arm, the noise rule, where forgetting happens) is the study's report.md.", "",
         "## Training", "", "```json", json.dumps(settings, indent=2), "```", "",
-        "## How to load", "", "```python", _loading(arm["method"], base_model, cfg.model.revision), "```", "",
+        "## How to load", "", "```python", _loading(arm.method, base_model, cfg.model.revision), "```", "",
     ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
@@ -121,3 +123,32 @@ def _loading(method: str, base_model: str | None, revision: str | None) -> str:
     return ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
             f"base = AutoModelForCausalLM.from_pretrained({args})\n"
             "model = PeftModel.from_pretrained(base, \"path/to/this/adapter\")")
+
+
+def base_line(cfg: StudyConfig, model: ModelRef | None, root: str | Path) -> str:
+    """The report's line on the base model: what it is and, where known, its license (a GGUF's terms travel
+    with the wheels, not with a model card, so the report names them)."""
+    name = (model.base_model if model else None) or (sources.base_model_id(cfg.model) if cfg.model.source == "gguf-wheels"
+                                                       else cfg.model.name)
+    license_ = base_license(cfg.model, model.locate(root) if model else None)
+    source = f"{cfg.model.source}: {cfg.model.name}"
+    if cfg.model.source == "gguf-wheels":
+        gguf = sources.gguf_wheels(cfg.model)
+        return f"{name} ({source}, dequantized GGUF; license: {gguf.license_name or gguf.license or 'not stated'})"
+    if cfg.model.source == "local":
+        source = "a local model"
+    return f"{name} ({source}{f'; license: {license_}' if license_ else ''})"
+
+
+def write_cards(cfg: StudyConfig, arms: list[TrainedArm], out: Path, model: ModelRef, root: str | Path) -> None:
+    """A model card per finished arm: in the report (`out`/cards/<label>.md) and as README.md beside its weights.
+    Reads the report's table.parquet and runs.parquet in `out`."""
+    table, runs = pd.read_parquet(out / "table.parquet"), pd.read_parquet(out / "runs.parquet")
+    license_ = base_license(cfg.model, model.locate(root))
+    for arm in arms:
+        if arm.arm not in set(table.arm):
+            continue  # an arm with a failed seed is not in the table
+        text = model_card(cfg, arm, table, runs, license_)
+        write_text(text, out / "cards" / f"{arm.label}.md")
+        weights = Path(root) / arm.dir / ("model" if arm.method == "full" else "adapter")
+        write_text(text, weights / "README.md")

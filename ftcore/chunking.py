@@ -200,22 +200,15 @@ def tokenize_instruction(
 
 # --- language-modelling stream -----------------------------------------------------------------
 
-def tokenize_stream(
+def tokenize_documents(
     texts: list[str], tokenizer: PreTrainedTokenizerBase, separator: str = "\n\n"
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Token ids and per-token bytes of the documents joined by `separator`; also the skipped count.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Token ids, per-token UTF-8 bytes and document index (into `texts`) of the documents joined by `separator`,
+    and how many were skipped (under 2 tokens).
 
     Documents are tokenized one by one (batched) with the separator appended, which matches
     tokenizing the joined text except possibly at document boundaries and scales to large corpora.
     """
-    ids, nbytes, _, skipped = tokenize_documents(texts, tokenizer, separator)
-    return ids, nbytes, skipped
-
-
-def tokenize_documents(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, separator: str = "\n\n"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """As tokenize_stream, plus the index (into `texts`) of the document each token belongs to."""
     ids: list[np.ndarray] = []
     nbytes: list[np.ndarray] = []
     docs: list[np.ndarray] = []

@@ -1,4 +1,5 @@
-"""The one study configuration: a frozen pydantic model, and `--set` overrides on top of a preset.
+"""The one study configuration: a frozen pydantic model (the schema alone; files, overrides and the field
+reference are ftcore.config_files).
 
 Prefect renders this model's JSON schema as the run form, so every field carries a description.
 Invalid values raise `pydantic.ValidationError`, whose message names the field path
@@ -13,13 +14,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
-                      model_validator)
-
-from ftcore import presets
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_validator
 
 # The arm names that stand for a whole spec (expanded once, when the config is validated).
 ARMS: tuple[str, ...] = ("full", "replay", "lora")
+# The two sets every model is scored on: held-out domain text (the gain) and general text (the forgetting).
+SETS: tuple[str, str] = ("domain", "general")
 
 
 class InputError(ValueError):
@@ -202,17 +202,6 @@ class TrainSpec(_Frozen):
         "full fine-tune arms sharded across the devices (FSDP FULL_SHARD, one unit per transformer block, full state "
         "dict saved), for models whose weights, gradients and Adam moments do not fit one device. LoRA arms "
         "use DDP either way (their trainable part is small).")
-
-    @model_validator(mode="after")
-    def _split_evenly(self) -> TrainSpec:
-        if self.distributed == "fsdp" and self.devices_per_arm == 1:
-            raise ValueError("train.distributed fsdp shards an arm across its processes and train.devices_per_arm is "
-                             "1: set devices_per_arm to the number of GPUs per arm, or distributed=ddp")
-        if self.grad_accum % self.devices_per_arm:
-            raise ValueError(f"train.grad_accum {self.grad_accum} is not a multiple of train.devices_per_arm "
-                             f"{self.devices_per_arm}: the global batch (batch_size x grad_accum) is split evenly "
-                             "across the arm's processes; choose grad_accum as a multiple of devices_per_arm")
-        return self
 
 
 class LoraSpec(_Frozen):
@@ -441,11 +430,8 @@ class StudyConfig(_Frozen):
             raise ValueError("stop_at_budget needs forgetting_budget_pct (the general perplexity rise in % to stop at)")
         if self.eval.stride is not None and self.eval.stride > self.chunk_len:
             raise ValueError(f"eval.stride ({self.eval.stride}) must be <= chunk_len ({self.chunk_len})")
-        sharded = self.train.distributed == "fsdp" and self.train.devices_per_arm > 1
-        if sharded and self.eval.every_steps != 0 and any(a.method == "full" for a in self.arms):
-            raise ValueError("train.distributed fsdp with curves (eval.every_steps > 0) is not supported: a curve point "
-                             "scores the model in the arm's first process, which under FSDP holds only a shard; set "
-                             "eval.every_steps=0 or train.distributed=ddp")
+        check_devices_per_arm(self.train, full=any(a.method == "full" for a in self.arms),
+                              curves=self.eval.every_steps != 0)
         return self
 
     @property
@@ -484,227 +470,40 @@ class StudyConfig(_Frozen):
         return None
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` on top of `base`, nested dicts merged key by key (what a preset, --set and a config file do)."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+def check_devices_per_arm(train: TrainSpec, full: bool | None = None, curves: bool | None = None,
+                          device: str | None = None, processes: int | None = None, gpus: int | None = None) -> None:
+    """Every rule of an arm on several devices (train.devices_per_arm, train.distributed), in one place.
 
-
-def parse_override(item: str) -> dict[str, Any]:
-    """`train.learning_rate=1e-4` -> {"train": {"learning_rate": 1e-4}}; values are JSON when they parse as JSON."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form field=value (e.g. train.max_steps=10)")
-    path, raw = item.split("=", 1)
-    try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        if raw.strip()[:1] in ("[", "{"):  # meant as a list or mapping (the shell may have eaten its quotes)
-            raise ConfigError(f"override {item!r}: {raw} looks like a JSON list or object but does not parse "
-                              f"({exc.msg}); quote its strings and the whole argument, e.g. "
-                              """--set 'lora.target_modules=["q_proj","v_proj"]'""") from None
-        value = raw
-    parts = path.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {item!r} has an empty field name")
-    nested: dict[str, Any] = {parts[-1]: value}
-    for part in reversed(parts[:-1]):
-        nested = {part: nested}
-    return nested
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A config file (YAML, or JSON, which is YAML) as a dict of fields; ConfigError naming the file and line."""
-    import yaml
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist; write one with `ftstudy init > {file.name}`")
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {file} is not UTF-8 text") from None
-    if file.suffix.lower() == ".json":  # strict JSON: YAML would accept what JSON tools reject (a trailing comma)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {file} is not valid JSON at line {exc.lineno}, column {exc.colno}: "
-                              f"{exc.msg}") from None
-        return _mapping(data, file)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {file} is not valid YAML or JSON{where}: {getattr(exc, 'problem', exc)}") from None
-    return _mapping(data, file)
-
-
-def _mapping(data: Any, file: Path) -> dict[str, Any]:
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {file}: the top level must be a mapping of config fields (name: ..., "
-                          f"domain: ...), not a {type(data).__name__}")
-    return data
-
-
-def load_config(preset: str | None = "smoke", overrides: list[str] | tuple[str, ...] = (),
-                config_file: str | Path | None = None, **fields: Any) -> StudyConfig:
-    """Build a StudyConfig; later sources override earlier ones, field by field (nested fields merge):
-
-    the defaults < the preset (if any) < the config file (if any) < `field=value` overrides < `fields`.
-
-    Raises ConfigError for an unknown preset, an unreadable config file or a malformed override, and
-    pydantic.ValidationError, naming the field, for an invalid value.
+    What is not known where it is called is None and its rules wait: the config alone (a form, a file)
+    knows `full` (some arm is a full fine-tune) and `curves`; the door of a study that trains its arms
+    here also knows the `device` ("cpu", "cuda"), the `gpus` of this machine and, for the in-process
+    runner, `processes` (1); an arm's own process knows its device and its WORLD_SIZE. Raises
+    InputError naming the field and what to do.
     """
-    data: dict[str, Any] = {}
-    if preset is not None:
-        try:
-            data = presets.preset(preset)
-        except presets.MissingDataError as exc:
-            raise ConfigError(str(exc.args[0])) from None
-        except KeyError:
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(presets.PRESETS)}") from None
-    if config_file is not None:
-        data = deep_merge(data, read_config_file(config_file))
-    for item in overrides:
-        data = deep_merge(data, parse_override(item))
-    data = deep_merge(data, fields)
-    return StudyConfig.model_validate(data)
+    n, fsdp = train.devices_per_arm, train.distributed == "fsdp"
+    if fsdp and n == 1:
+        raise InputError("train.distributed fsdp shards an arm across its processes and train.devices_per_arm is 1: "
+                         "set devices_per_arm to the number of GPUs per arm, or distributed=ddp")
+    if train.grad_accum % n:
+        raise InputError(f"train.grad_accum {train.grad_accum} is not a multiple of train.devices_per_arm {n}: the global "
+                         "batch (batch_size x grad_accum) is split evenly across the arm's processes; choose grad_accum "
+                         "as a multiple of devices_per_arm")
+    sharded = fsdp and n > 1 and full is not False
+    if sharded and full and curves:
+        raise InputError("train.distributed fsdp with curves (eval.every_steps > 0) is not supported: a curve point "
+                         "scores the model in the arm's first process, which under FSDP holds only a shard; set "
+                         "eval.every_steps=0 or train.distributed=ddp")
+    if processes is not None and processes != n:
+        # Each process accumulates grad_accum / N micro-batches: in fewer processes the global batch would
+        # silently shrink.
+        raise InputError(f"train.devices_per_arm {n}: arms trained in this process run as {processes} process(es) and "
+                         "would train on a smaller global batch than batch_size x grad_accum; run the study as a flow "
+                         "(ftstudy run), which starts each arm under torchrun, or set train.devices_per_arm=1")
+    if device == "cuda" and gpus is not None and gpus < n:
+        raise InputError(f"train.devices_per_arm {n}: this machine has {gpus} GPU(s); lower it, or train the arms on a "
+                         "work pool whose workers have that many (executor=work-pool)")
+    if sharded and device == "cpu":
+        raise InputError("train.distributed fsdp shards a model across GPUs; on a CPU accelerate would silently fall "
+                         "back to DDP (full copies), so it is refused: use train.distributed=ddp here, or run the arm on "
+                         "a GPU worker (device=cuda)")
 
-
-def describe_error(exc: ValidationError) -> str:
-    """One line per invalid field, `field.path: message`, for command-line output, with the likely field
-    for a misspelt one and how to pass a number as text."""
-    lines = []
-    errors = exc.errors()
-    for err in errors:
-        deeper = [e for e in errors if len(e["loc"]) > len(err["loc"]) and e["loc"][:len(err["loc"])] == err["loc"]]
-        if err["type"] == "too_short" and deeper:
-            continue  # "arms: at least 1 item" only because its one entry is invalid: that error says why
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            near = _close_field(err["loc"])
-            message = "not a field" + (f"; did you mean {near!r}?" if near else "") + " (`ftstudy init` lists them all)"
-        elif err["type"] in ("tuple_type", "list_type") and isinstance(err.get("input"), str):
-            message += f" (a list: --set '{loc}=[\"{err['input']}\"]', or in a file {loc}: [{err['input']}])"
-        elif err["type"] == "string_type" and isinstance(err.get("input"), (int, float)):
-            message += (f" (got the number {err['input']!r}: a --set value is read as JSON, so quote it, "
-                        f"e.g. --set '{loc}=\"{err['input']}\"')")
-        lines.append(f"{loc}: {message}")
-    return "\n".join(lines)
-
-
-def _close_field(loc: tuple) -> str | None:
-    """The dotted name of the config field closest to a misspelt one at `loc`, if one is close."""
-    import difflib
-
-    model: type[BaseModel] | None = StudyConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if model else None
-        model = _submodel(field.annotation) if field else None
-    if model is None:
-        return None
-    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
-    if match:
-        return ".".join([*map(str, loc[:-1]), match[0]])
-    # a nested field given at the wrong level (learning_rate for train.learning_rate)
-    paths = [row.split("`")[1] for row in config_reference().splitlines()[2:]]
-    return next((path for path in paths if path.split(".")[-1] == str(loc[-1])), None)
-
-
-def config_reference() -> str:
-    """Markdown table of every config field (dotted path, type, default, description), from the model itself."""
-    rows = ["| field | type | default | description |", "| --- | --- | --- | --- |"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            path = f"{prefix}{name}"
-            sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
-            if sub is not None:
-                walk(sub, path + ".")
-                continue
-            default = "required" if field.is_required() else json.dumps(
-                field.get_default(call_default_factory=True), default=str)
-            ann = field.annotation
-            kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
-            if path == "arms":  # the annotation's repr names a validator function and its address
-                kind = "list of arm specs (or full / replay / lora)"
-            if path == "benchmarks.tasks":
-                kind = "list of task specs (or task names / YAML paths)"
-            kind = kind.replace("ftcore.config.", "").replace("CorpusSpec", "corpus (fields as for domain)")
-            kind = kind.replace("LoraOverride", "lora (fields as for lora)").replace("|", "\\|")
-            rows.append(f"| `{path}` | {kind} | `{default}` | {(field.description or '').replace('|', '/')} |")
-            if path == "benchmarks":  # optional (None = no tasks): its fields, and those of each task
-                walk(BenchmarksSpec, "benchmarks.")
-                walk(BenchmarkTask, "benchmarks.tasks[].")
-
-    walk(StudyConfig, "")
-    walk(ArmSpec, "arms[].")
-    return "\n".join(rows)
-
-
-# --- a commented config file (`ftstudy init`) ------------------------------------------------------
-
-# What `ftstudy init` writes for the corpora when no preset gives them: values to replace.
-EXAMPLE_CORPORA = {
-    "domain": {"source": "file", "path": "my-domain-corpus.csv", "text_fields": ["title", "abstract"]},
-    "general": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "test"},
-    "replay": {"source": "hub", "path": "Salesforce/wikitext", "subset": "wikitext-103-raw-v1", "max_docs": 20000},
-}
-
-
-def config_yaml(cfg: StudyConfig | None = None, header: str = "") -> str:
-    """Every field of the config as a YAML file, each under its description as a comment.
-
-    Values are `cfg`'s (a preset, say) or, without one, the defaults with example corpora to replace.
-    The file validates back to the same config (`load_config(None, config_file=...)`).
-    """
-    import yaml
-
-    cfg = cfg or StudyConfig.model_validate(EXAMPLE_CORPORA)
-    values = cfg.model_dump(mode="json")
-    values["arms"] = [{"name": a.name} | a.model_dump(mode="json", exclude_defaults=True) for a in cfg.arms]
-
-    def scalar(value: Any) -> str:
-        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, allow_unicode=True, width=10_000).strip().removesuffix("...").strip()
-
-    def walk(model: type[BaseModel], data: dict[str, Any], indent: str) -> list[str]:
-        lines = []
-        for name, field in model.model_fields.items():
-            for line in _wrap(field.description or ""):
-                lines.append(f"{indent}# {line}")
-            sub = _submodel(field.annotation)
-            value = data.get(name)
-            if sub is not None and isinstance(value, dict):
-                lines.append(f"{indent}{name}:")
-                lines += walk(sub, value, indent + "  ")
-            elif name == "arms":
-                lines.append(f"{indent}{name}:")
-                lines += [f"{indent}  - {scalar(arm)}" for arm in value]
-            else:
-                lines.append(f"{indent}{name}: {scalar(value)}")
-        return lines
-
-    head = [f"# {line}" for line in header.splitlines()] if header else []
-    return "\n".join(head + walk(StudyConfig, values, "")) + "\n"
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model a field holds (also inside `X | None`), if any."""
-    import typing
-
-    candidates = [annotation, *typing.get_args(annotation)]
-    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-
-
-def _wrap(text: str, width: int = 98) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width) or []

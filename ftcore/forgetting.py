@@ -21,15 +21,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ftcore import curves  # noqa: E402
-from ftcore.report import save_figure  # noqa: E402
+from ftcore import curves, plots
 
 MIN_POINTS = 4  # trained points (step > 0) a fit needs
 POOR_FIT = 0.9  # R² under this is reported as a poor fit
@@ -121,47 +116,6 @@ def budget_rows(df: pd.DataFrame, budget_pct: float, summaries: dict[tuple[str, 
     return rows
 
 
-# --- plots -------------------------------------------------------------------------------------------
-
-def plot_curves(means: pd.DataFrame, path: Path) -> Path:
-    """Domain and general perplexity against the step, a line per arm, seeds as a band."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, which in zip(axes, curves.SETS):
-        for i, (arm, g) in enumerate(means[means.set == which].groupby("arm", sort=False)):
-            c = colors[i % len(colors)]
-            ax.plot(g["step"], g["ppl"], marker="o", ms=3, color=c, label=arm)
-            if g["seeds"].max() > 1:
-                ax.fill_between(g["step"], g["ppl_min"], g["ppl_max"], color=c, alpha=0.2, lw=0)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(f"{which} perplexity on the curve subsample")
-        ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
-def plot_path(means: pd.DataFrame, path: Path, budget_pct: float | None = None) -> Path:
-    """General change against domain gain along training, from the base (origin) to each arm's last point."""
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    wide = means.pivot_table(index=["arm", "step"], columns="set", values="change_pct", sort=False).reset_index()
-    for i, (arm, g) in enumerate(wide.groupby("arm", sort=False)):
-        c = colors[i % len(colors)]
-        g = g.sort_values("step")
-        ax.plot(-g["domain"], g["general"], marker="o", ms=3, color=c, label=arm)
-        ax.scatter(-g["domain"].iloc[-1], g["general"].iloc[-1], s=70, color=c, edgecolor="k", zorder=3)
-        ax.annotate(f"{arm} (step {int(g['step'].iloc[-1])})", (-g["domain"].iloc[-1], g["general"].iloc[-1]),
-                    textcoords="offset points", xytext=(6, 4 - 11 * i), fontsize=8)  # staggered: ends may coincide
-    ax.scatter([0], [0], marker="x", color="k", label="base (step 0)", zorder=4)
-    if budget_pct is not None:
-        ax.axhline(budget_pct, color="r", lw=0.8, ls="--", label=f"forgetting budget +{budget_pct:g}%")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_xlabel("domain gain along training (% fall in perplexity) →")
-    ax.set_ylabel("general change (% rise in perplexity) ↓")
-    ax.set_title("learning–forgetting path (large dot: last step)")
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
 # --- words -------------------------------------------------------------------------------------------
 
 def _fit_text(fit: dict[str, Any]) -> tuple[str, str]:
@@ -213,6 +167,6 @@ def write(arms: list[dict[str, Any]], root: str | Path, out: Path, budget_pct: f
         return {}
     means = seed_means(df)
     summaries = {(a["arm"], a["seed"]): a["summary"] for a in arms}
-    return {"plots": {"curves": plot_curves(means, out / "curves.png"),
-                      "path": plot_path(means, out / "path.png", budget_pct)},
+    return {"plots": {"curves": plots.plot_curves(means, out / "curves.png"),
+                      "path": plots.plot_path(means, out / "path.png", budget_pct)},
             "lines": section(df, means, budget_pct, summaries, whole)}

@@ -106,14 +106,17 @@ MANIFEST = "manifest.json"
 
 
 def file_entries(step_dir: str | os.PathLike, files: list[str]) -> dict[str, dict[str, Any]]:
-    """sha256 and size of each of `files` (relative to step_dir; a directory stands for every file under it)."""
+    """sha256, size and modification time of each of `files` (relative to step_dir; a directory stands for every
+    file under it)."""
     root = Path(step_dir)
     entries = {}
     for name in files:
         target = root / name
         paths = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
         for path in paths:
-            entries[str(path.relative_to(root))] = {"sha256": hash_file(path), "size": path.stat().st_size}
+            stat = path.stat()
+            entries[str(path.relative_to(root))] = {"sha256": hash_file(path), "size": stat.st_size,
+                                                    "mtime_ns": stat.st_mtime_ns}
     return entries
 
 
@@ -123,22 +126,36 @@ def entries_digest(entries: dict[str, dict[str, Any]]) -> str:
 
 
 def write_manifest(step_dir: str | os.PathLike, files: list[str], known: dict[str, dict[str, Any]] | None = None) -> Path:
-    """Record sha256 and size of `files` (plus entries already hashed, `known`). Written last, so a step
-    directory without a valid manifest is unfinished or damaged and is never reused."""
+    """Record sha256, size and modification time of `files` (plus entries already hashed, `known`). Written last,
+    so a step directory without a valid manifest is unfinished or damaged and is never reused."""
     entries = {**(known or {}), **file_entries(step_dir, files)}
     return write_json(entries, Path(step_dir) / MANIFEST)
 
 
 def verify_manifest(step_dir: str | os.PathLike) -> bool:
-    """True when the manifest exists and every file it lists is present with its recorded checksum."""
+    """True when the manifest exists and every file it lists is present with its recorded size and content.
+
+    A file whose size and modification time are the recorded ones, and older than the manifest, is
+    taken as unchanged (so large weights are hashed once, when they are recorded; any change after the
+    manifest was written gives a time at least as new as the manifest's); any other file is hashed and
+    compared: a copied root (new times) stays valid, an edited or truncated file does not.
+    """
     root = Path(step_dir)
     try:
+        written = (root / MANIFEST).stat().st_mtime_ns
         entries = json.loads((root / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return False
     for name, entry in entries.items():
         path = root / name
-        if not path.is_file() or path.stat().st_size != entry["size"] or hash_file(path) != entry["sha256"]:
+        try:
+            stat = path.stat()
+        except OSError:
+            return False
+        if not path.is_file() or stat.st_size != entry["size"]:
+            return False
+        unchanged = stat.st_mtime_ns == entry.get("mtime_ns") and stat.st_mtime_ns < written
+        if not unchanged and hash_file(path) != entry["sha256"]:
             return False
     return True
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from ftcore.results import Scored
+
 # Written last into an arm's directory: an arm without it did not finish training.
 TRAIN_SUMMARY = "train_summary.json"
 
@@ -86,3 +88,27 @@ def max_context(model_dir: str | Path) -> int | None:
         if key in config:
             return int(config[key])
     return None
+
+
+def load_scored(scored: Scored, base_dir: str | Path, root: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """The model an evaluation or a task scores: the base, the base in 4-bit NF4, or a trained arm as it was
+    trained (`load_trained`)."""
+    if scored.method == "base":
+        return load_model(base_dir, device=device)
+    if scored.method == "nf4":
+        return load_quantized(base_dir, device)
+    return load_trained(Path(root) / scored.dir, base_dir, device, quantized=scored.method == "qlora")
+
+
+def reference_logits(scored: Scored, model: torch.nn.Module, base_dir: str | Path, device: str = "cpu"):
+    """The base model's logits on a batch, `(input_ids, attention_mask) -> logits`, for the exact KL beside
+    `model` (the scored arm): a LoRA arm's own model with its adapter switched off (the base's weights, no
+    second model in memory); for a full arm, a QLoRA arm (whose adapter-free model is the 4-bit base) and
+    the 4-bit base, the base loaded beside it."""
+    if scored.method == "lora":
+        def logits(input_ids, attention_mask):
+            with model.disable_adapter():
+                return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits
+    base = load_model(base_dir, device=device).eval()
+    return lambda input_ids, attention_mask: base(input_ids=input_ids, attention_mask=attention_mask).logits

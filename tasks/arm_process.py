@@ -4,8 +4,8 @@ The child (`python -m tasks.arm_worker ROOT`, the plan as JSON on stdin) writes 
 line to stdout: log records (ftcore's progress, and every library's warnings and errors, Python
 warnings included), training progress, and on failure the error with its traceback. This side
 forwards them to `log` (ftcore INFO lines, every WARNING and ERROR, each distinct warning once),
-progress to `on_progress`, and raises with the child's own error line when it fails. The arm's
-result is then read from its step directory, the one record of a finished arm.
+progress to `on_progress`, and raises with the child's own error line when it fails. The trainer's
+summary is then read from the arm's directory; the caller records the step (ftcore.steps.run_step).
 
 Every path the child sees is absolute (the artifacts root is resolved once, in the parent) and the
 child runs in the caller's working directory, so where the study writes never depends on where
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.plan import ArmPlan
-from ftcore.steps import recorded, train_dir
+from ftcore.training import SUMMARY
 
 PR_SET_PDEATHSIG = 1
 # The directory that holds the `tasks` package: the child imports it from there, wherever it runs.
@@ -86,7 +86,7 @@ def arm_command(plan: ArmPlan, root: Path) -> list[str]:
 def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | None = None,
                         on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `plan` under the absolute artifacts `root` in a child process (or, with train.devices_per_arm
-    N > 1, N processes under torchrun, on the GPUs `gpu` lists); return the arm's recorded result.
+    N > 1, N processes under torchrun, on the GPUs `gpu` lists); return the trainer's summary.
 
     Raises RuntimeError whose first line names the arm and the child's error (what the report shows).
     """
@@ -117,11 +117,11 @@ def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | No
         error = events.error or events.last_error_line()
         raise RuntimeError(f"arm {plan.label} failed ({reason})" + (f": {error}" if error else "") + "\n"
                            + "\n".join(events.tail))
-    done = recorded(train_dir(plan, root))
-    if done is None:
-        raise RuntimeError(f"arm {plan.label}: its process ended without error but {train_dir(plan, root)} holds no "
-                           "finished arm")
-    return done
+    summary = root / plan.dir / SUMMARY
+    if not summary.is_file():
+        raise RuntimeError(f"arm {plan.label}: its process ended without error but {summary.parent} holds no "
+                           f"{SUMMARY} (a finished arm)")
+    return json.loads(summary.read_text())
 
 
 class EventReader:

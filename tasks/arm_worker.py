@@ -4,7 +4,8 @@
 Training runs in a child process so that a crash or an out-of-memory kill takes down that arm
 alone, and so the arm sees only its own device (CUDA_VISIBLE_DEVICES set by the parent). Every
 log record (ftcore's, the libraries', Python warnings) and every progress update goes to stdout as
-one JSON object per line, which tasks.arm_process reads; the arm's result is its step directory.
+one JSON object per line, which tasks.arm_process reads; the arm's files are its step directory, which the
+parent records.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ def main(root: str) -> int:
         logging.getLogger().setLevel(logging.ERROR)
     try:
         plan = ArmPlan.model_validate_json(os.environ.get(PLAN_ENV) or sys.stdin.read())
-        from ftcore import steps
+        from ftcore import training
 
-        steps.train_arm(plan, root, on_progress=(lambda p: emit({"progress": p})) if first else None)
+        # Training only: the parent holds the step's lock and records the result (ftcore.steps.run_step).
+        training.train_arm(plan, root, on_progress=(lambda p: emit({"progress": p})) if first else None)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the arm with it
         log.error("arm failed: %s: %s", type(exc).__name__, exc, exc_info=True)
         return 1

@@ -21,7 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ftcore.config import load_config  # noqa: E402
+from ftcore.config_files import load_config  # noqa: E402
 from ftcore.sources import build_tiny_model  # noqa: E402
 
 WORDS = ("model network learning data training loss gradient layer attention token language vision graph "

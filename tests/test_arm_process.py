@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ftcore import study
+from ftcore import inputs, study
 from tasks.arm_process import EventReader, train_in_subprocess
 from tasks.devices import device_slot
+from tasks.runner import train_in_own_process
 
 
 def test_the_childs_warnings_and_errors_are_forwarded_once():
@@ -37,9 +38,9 @@ def test_a_real_arm_process_reports_a_library_warning_and_its_progress(study_con
                                           arms=["lora"], train={"max_steps": 2}))
     plan = study.plan_arms(prepared)[0]
     logs, progress = [], []
-    result = train_in_subprocess(plan, prepared.cfg.artifacts_dir, lambda level, msg: logs.append((level, msg)),
-                                 on_progress=progress.append)
-    assert result["summary"]["steps"] == 2 and [p["step"] for p in progress] == [1, 2]
+    result = train_in_own_process(study.train(plan, prepared.root), lambda level, msg: logs.append((level, msg)),
+                                  on_progress=progress.append)
+    assert result.summary["steps"] == 2 and [p["step"] for p in progress] == [1, 2]
     fan_in = [m for level, m in logs if level == logging.WARNING and "fan_in_fan_out" in m]
     assert len(fan_in) == 1, logs
 
@@ -70,7 +71,7 @@ def test_a_waiting_step_says_who_holds_the_device(monkeypatch, tmp_path):
 def _train_log(root, result) -> list[tuple[int, float]]:
     import json
 
-    lines = (Path(root) / result["dir"] / "train_log.jsonl").read_text().splitlines()
+    lines = (Path(root) / result.dir / "train_log.jsonl").read_text().splitlines()
     return [(e["step"], e["loss"]) for e in map(json.loads, lines) if "loss" in e]
 
 
@@ -82,25 +83,25 @@ def test_an_arm_on_two_processes_trains_as_one_and_resumes_after_a_kill(study_co
         cfg = study_config(arms=["full"], eval={"every_steps": 0},
                            train={"batch_size": 2, "grad_accum": 4, "max_steps": 4, "logging_steps": 1,
                                   "save_steps": 2, "devices_per_arm": devices})
-        prepared = study.prepare(study.check_inputs(cfg))
-        return study.plan_arms(prepared)[0], prepared.cfg.artifacts_dir
+        prepared = study.prepare(inputs.check_inputs(cfg))
+        return study.train(study.plan_arms(prepared)[0], prepared.root), prepared.cfg.artifacts_dir
 
     one, root = plan(1)
-    single = train_in_subprocess(one, root, lambda level, msg: None)
+    single = train_in_own_process(one, lambda level, msg: None)
     two, root = plan(2)
     monkeypatch.setenv("FTSTUDY_CRASH_AT", "after-checkpoint-2")
     with pytest.raises(RuntimeError, match="arm full failed"):
-        train_in_subprocess(two, root, lambda level, msg: None)
+        train_in_own_process(two, lambda level, msg: None)
     monkeypatch.delenv("FTSTUDY_CRASH_AT")
     logs = []
-    resumed = train_in_subprocess(two, root, lambda level, msg: logs.append(msg))
+    resumed = train_in_own_process(two, lambda level, msg: logs.append(msg))
     assert any("2 processes, DDP (gloo), each accumulating 2 micro-batch(es) of 2 rows" in m for m in logs), logs
-    assert resumed["summary"]["resumed_from_step"] == 2 and resumed["summary"]["steps"] == 4
+    assert resumed.summary["resumed_from_step"] == 2 and resumed.summary["steps"] == 4
     expected, got = _train_log(root, single), _train_log(root, resumed)
     assert [s for s, _ in got] == [s for s, _ in expected] == [1, 2, 3, 4]
     # Tolerance: the two processes sum their gradients in another order (float32): 1e-5 relative.
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
-    assert (Path(root) / resumed["dir"] / "model" / "model.safetensors").is_file()
+    assert (Path(root) / resumed.dir / "model" / "model.safetensors").is_file()
 
 
 def test_fsdp_on_a_cpu_is_refused_before_any_work(study_config):
@@ -110,10 +111,10 @@ def test_fsdp_on_a_cpu_is_refused_before_any_work(study_config):
     cfg = study_config(arms=["full"], eval={"every_steps": 0}, device="cpu",
                        train={"grad_accum": 2, "devices_per_arm": 2, "distributed": "fsdp"})
     with pytest.raises(InputError, match="train.distributed fsdp shards a model across GPUs"):
-        study.check_inputs(cfg)
+        inputs.check_inputs(cfg)
     lora_only = study_config(arms=["lora"], eval={"every_steps": 0}, device="cpu",
                              train={"grad_accum": 2, "devices_per_arm": 2, "distributed": "fsdp"})
-    study.check_inputs(lora_only)  # LoRA arms train with DDP: nothing to shard, nothing to refuse
+    inputs.check_inputs(lora_only)  # LoRA arms train with DDP: nothing to shard, nothing to refuse
 
 
 def test_an_arm_on_two_devices_holds_two_slots_or_none(monkeypatch, tmp_path):
@@ -170,6 +171,6 @@ def test_an_arm_on_n_devices_outside_torchrun_is_refused(study_config):
     """In one process, devices_per_arm 2 would halve the global batch silently: refused before any work."""
     from ftcore.config import InputError
 
-    cfg = study.check_inputs(study_config(arms=["full"], train={"grad_accum": 2, "devices_per_arm": 2}))
+    cfg = inputs.check_inputs(study_config(arms=["full"], train={"grad_accum": 2, "devices_per_arm": 2}))
     with pytest.raises(InputError, match="train.devices_per_arm 2: arms trained in this process"):
         study.run_study(cfg)

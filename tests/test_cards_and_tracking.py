@@ -16,7 +16,7 @@ def finished(tmp_path_factory, tiny_model, corpus_files, mc_task):
     """One small study (full and LoRA, two seeds, a local benchmark task), logged to an MLflow file store."""
     import mlflow
 
-    from ftcore.config import load_config
+    from ftcore.config_files import load_config
 
     root = tmp_path_factory.mktemp("study")
     # MLflow's local store (a SQLite file; its older file store is deprecated), artifacts beside it.
@@ -60,10 +60,12 @@ def test_a_qlora_arms_card_is_an_adapters_card_loaded_on_the_4bit_base(finished)
     from huggingface_hub import ModelCard
 
     from ftcore import cards
+    from ftcore.results import TrainedArm
 
     cfg, root, results = finished
     table, runs = pd.read_parquet(root / results["table"]), pd.read_parquet(root / results["runs"])
-    text = cards.model_card(cfg, {"arm": "lora", "seed": 0, "method": "qlora", "summary": {}}, table, runs, None)
+    arm = TrainedArm(label="lora", arm="lora", method="qlora", seed=0, digest="d", dir="train-lora/k", key="k", summary={})
+    text = cards.model_card(cfg, arm, table, runs, None)
     card = ModelCard(text)
     assert card.data.library_name == "peft" and "qlora" in card.data.tags
     assert "A QLoRA adapter" in text and "BitsAndBytesConfig(load_in_4bit=True" in text

@@ -6,7 +6,7 @@ import pytest
 from trl import SFTConfig, SFTTrainer
 
 from ftcore.chunking import (chunk_stream, move_trailing_spaces, prompt_completion, stream_prefix, token_bytes,
-                             tokenize_instruction, tokenize_lm, tokenize_stream)
+                             tokenize_documents, tokenize_instruction, tokenize_lm)
 from ftcore.config import FormatSpec
 from ftcore.models import load_model, load_tokenizer
 
@@ -18,7 +18,7 @@ def tok(tiny_model):
 
 def test_lm_chunks_cover_the_stream(tok):
     texts = ["The first document is here.", "A second one, a bit longer than the first one."]
-    ids, nbytes, skipped = tokenize_stream(texts, tok, "\n\n")
+    ids, nbytes, _, skipped = tokenize_documents(texts, tok, "\n\n")
     assert skipped == 0
     assert tok.decode(ids.tolist()) == "The first document is here.\n\nA second one, a bit longer than the first one.\n\n"
     assert nbytes.sum() == len("\n\n".join(texts).encode()) + 2
@@ -49,7 +49,7 @@ def test_stream_windows_start_with_bos_where_the_tokenizer_adds_one(tok, bos_tok
     texts = ["The first document is here.", "A second one, a bit longer than the first one."]
     assert stream_prefix(tok) is None  # no BOS added: windows as before
     assert stream_prefix(bos_tok) == bos_tok.bos_token_id
-    ids, nbytes, _ = tokenize_stream(texts, bos_tok, "\n\n")
+    ids, nbytes, _, _ = tokenize_documents(texts, bos_tok, "\n\n")
     df, stats = tokenize_lm(texts, bos_tok, chunk_len=8)
     assert all(r[0] == bos_tok.bos_token_id for r in df.input_ids)
     assert all(len(r) == 8 for r in df.input_ids[:-1])
@@ -61,7 +61,7 @@ def test_stream_windows_start_with_bos_where_the_tokenizer_adds_one(tok, bos_tok
 
 
 def test_too_short_documents_are_skipped_and_counted(tok):
-    _, _, skipped = tokenize_stream(["", "long enough text"], tok, "")
+    _, _, _, skipped = tokenize_documents(["", "long enough text"], tok, "")
     assert skipped == 1
 
 
@@ -142,7 +142,7 @@ def test_corpus_text_that_spells_a_special_token_stays_text(tok):
     ids = list(df.input_ids[0])
     assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
     assert tok.decode(ids[:-1]) == "Q: a <|endoftext|> b\nA: the end <|endoftext|> here"
-    stream, _, _ = tokenize_stream(["x <|endoftext|> y"], tok, "\n\n")
+    stream, _, _, _ = tokenize_documents(["x <|endoftext|> y"], tok, "\n\n")
     assert tok.eos_token_id not in stream.tolist() and tok.decode(stream.tolist()) == "x <|endoftext|> y\n\n"
 
 

@@ -3,7 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from ftcore.config import ArmSpec, ConfigError, StudyConfig, describe_error, load_config, parse_override
+from ftcore.config import ArmSpec, ConfigError, StudyConfig
+from ftcore.config_files import describe_error, load_config, parse_override
 from ftcore.presets import PRESETS
 
 
@@ -164,7 +165,7 @@ def test_readme_config_reference_is_generated():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from readme import CONFIG_DOC, section
 
-    from ftcore.config import config_reference
+    from ftcore.config_files import config_reference
 
     assert section(CONFIG_DOC.read_text(), "config").strip() == config_reference().strip(), (
         "docs/configuration.md's config reference is stale: run `python tools/readme.py`")
@@ -192,7 +193,7 @@ def test_demo_reads_shared_data_when_present_else_the_hub(monkeypatch, tmp_path)
 # --- config files ---------------------------------------------------------------------------------
 
 def test_init_writes_every_field_and_reads_back_to_the_same_config(tmp_path):
-    from ftcore.config import EXAMPLE_CORPORA, config_yaml
+    from ftcore.config_files import EXAMPLE_CORPORA, config_yaml
 
     for name in [None, *PRESETS]:
         cfg = load_config(name) if name else StudyConfig.model_validate(EXAMPLE_CORPORA)

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from ftcore import curves, steps, study
+from ftcore import curves, study
+from ftcore.results import BASE
+from ftcore.steps import run_step
 
 TRAIN = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
 
@@ -24,7 +26,7 @@ def _plan(prepared, name):
 
 
 def _curve(root, result) -> pd.DataFrame:
-    return pd.read_parquet(Path(root) / result["curves"])
+    return pd.read_parquet(Path(root) / result.curves)
 
 
 @pytest.mark.parametrize("arm, precision", [("full", "fp32"), ("lora", "bf16")])
@@ -32,24 +34,24 @@ def test_last_point_on_the_whole_sets_equals_the_final_evaluation(study_config, 
     # Trained under bf16 autocast, the points are still scored in the evaluation's precision (fp32).
     prepared = _prepared(study_config, arms=[arm], eval={"curve_tokens": None, "every_steps": 2}, precision=precision)
     root = prepared.cfg.artifacts_dir
-    trained = steps.train_arm(_plan(prepared, arm), root)
+    trained = run_step(study.train(_plan(prepared, arm), root))
     curve = _curve(root, trained)
     assert sorted(set(curve.step)) == [0, 2, 4]  # step 0 (the base), every 2 steps, the last step
     for which in ("domain", "general"):
-        final = steps.evaluate(prepared.cfg, prepared.model, prepared.data(which), which, trained)
+        final = run_step(study.evaluate(prepared, which, trained))
         last = curve[(curve.step == 4) & (curve.set == which)].iloc[0]
-        assert last["tokens"] == final["tokens"]
-        assert last["ppl"] == pytest.approx(final["ppl"], rel=1e-6)
-        assert last["bpb"] == pytest.approx(final["bpb"], rel=1e-6)
-        base = steps.evaluate(prepared.cfg, prepared.model, prepared.data(which), which)
+        assert last["tokens"] == final.tokens
+        assert last["ppl"] == pytest.approx(final.ppl, rel=1e-6)
+        assert last["bpb"] == pytest.approx(final.bpb, rel=1e-6)
+        base = run_step(study.evaluate(prepared, which, BASE))
         first = curve[(curve.step == 0) & (curve.set == which)].iloc[0]
-        assert first["ppl"] == pytest.approx(base["ppl"], rel=1e-6)  # step 0 is the base model
+        assert first["ppl"] == pytest.approx(base.ppl, rel=1e-6)  # step 0 is the base model
     assert (curve.tokens_seen.diff().dropna() >= 0).all() and curve.tokens_seen.iloc[-1] > 0
-    log = (Path(root) / trained["dir"] / "train_log.jsonl").read_text().splitlines()
+    log = (Path(root) / trained.dir / "train_log.jsonl").read_text().splitlines()
     assert len(log) == 4  # measuring a point does not swallow that step's loss log
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(next((Path(root) / trained["dir"] / "checkpoints" / "runs").iterdir()))).Reload()
+    events = EventAccumulator(str(next((Path(root) / trained.dir / "checkpoints" / "runs").iterdir()))).Reload()
     tb = events.Scalars("eval/general_ppl")
     assert [e.step for e in tb] == [0, 2, 4]
     assert [e.value for e in tb] == pytest.approx(list(curve[curve.set == "general"].ppl), rel=1e-6)
@@ -65,13 +67,13 @@ def test_a_killed_and_resumed_arm_draws_the_uninterrupted_curve(study_config, tm
     prepared = _prepared(study_config, arms=["full"], eval={"every_steps": 1, "curve_tokens": 300})
     root, plan = prepared.cfg.artifacts_dir, _plan(prepared, "full")
     with pytest.raises(KeyboardInterrupt):
-        steps.train_arm(plan, root, callbacks=[Crash()])
+        run_step(study.train(plan, root, callbacks=[Crash()]))
     assert sorted({p["step"] for p in curves.read_points(Path(root) / plan.dir)}) == [0, 1, 2, 3]
-    resumed = steps.train_arm(plan, root)
-    assert resumed["summary"]["resumed_from_step"] == 2
+    resumed = run_step(study.train(plan, root))
+    assert resumed.summary["resumed_from_step"] == 2
     clean_root = tmp_path / "clean"
     shutil.copytree(root, clean_root, ignore=shutil.ignore_patterns("train-*"))
-    clean = steps.train_arm(plan, clean_root)
+    clean = run_step(study.train(plan, clean_root))
     a, b = _curve(root, resumed), _curve(clean_root, clean)
     assert list(a.step) == list(b.step) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert list(a.tokens_seen) == list(b.tokens_seen)
@@ -103,17 +105,16 @@ def test_stop_at_budget_stops_and_keeps_the_best_step_within_it(study_config, tm
                          general={"source": "file", "path": str(digits), "file_format": "text", "max_docs": None},
                          train={**TRAIN, "learning_rate": 5e-3}, forgetting_budget_pct=1e-6, stop_at_budget=True)
     root = Path(prepared.cfg.artifacts_dir)
-    trained = steps.train_arm(_plan(prepared, "full"), root)
-    budget = trained["summary"]["budget"]
-    assert budget["stopped_at_step"] == budget["first_over_step"] == trained["summary"]["steps"] == 1
+    trained = run_step(study.train(_plan(prepared, "full"), root))
+    budget = trained.summary["budget"]
+    assert budget["stopped_at_step"] == budget["first_over_step"] == trained.summary["steps"] == 1
     assert budget["model_step"] == budget["best_step"] == 0
-    assert curves.snapshots(root / trained["dir"]) == {} and budget["best_weights"] is None  # the saved model is it
-    saved = load_file(root / trained["dir"] / "model" / "model.safetensors")
+    assert curves.snapshots(root / trained.dir) == {} and budget["best_weights"] is None  # the saved model is it
+    saved = load_file(root / trained.dir / "model" / "model.safetensors")
     base = load_file(prepared.model_dir / "model.safetensors")
     assert all(torch.equal(saved[k], base[k]) for k in base)
-    final = steps.evaluate(prepared.cfg, prepared.model, prepared.data("general"), "general", trained)
-    assert final["ppl"] == pytest.approx(steps.evaluate(prepared.cfg, prepared.model, prepared.data("general"),
-                                                        "general")["ppl"], rel=1e-6)
+    final = run_step(study.evaluate(prepared, "general", trained))
+    assert final.ppl == pytest.approx(run_step(study.evaluate(prepared, "general", BASE)).ppl, rel=1e-6)
 
 
 # --- KL(base ‖ arm) ----------------------------------------------------------------------------------
@@ -143,23 +144,22 @@ def test_kl_to_the_base_matches_a_hand_computation(study_config, tmp_path, arm_n
 
     prepared = _prepared(study_config, arms=[arm_name], eval={"every_steps": 0, "kl_top_k": top_k})
     root = Path(prepared.cfg.artifacts_dir)
-    trained = steps.train_arm(_plan(prepared, arm_name), root)
-    data = prepared.data("general")
-    base = steps.evaluate(prepared.cfg, prepared.model, data, "general")
-    arm = steps.evaluate(prepared.cfg, prepared.model, data, "general", trained, base)
-    rows = perplexity.stream_windows(pd.read_parquet(root / prepared.general["path"]), prepared.cfg.chunk_len, None,
+    trained = run_step(study.train(_plan(prepared, arm_name), root))
+    base = run_step(study.evaluate(prepared, "general", BASE))
+    arm = run_step(study.evaluate(prepared, "general", trained, base))
+    rows = perplexity.stream_windows(pd.read_parquet(root / prepared.general.path), prepared.cfg.chunk_len, None,
                                      prepared.cfg.eval.max_general_tokens)
     base_model = AutoModelForCausalLM.from_pretrained(prepared.model_dir)
-    tuned = models.load_trained(root / trained["dir"], prepared.model_dir)
-    assert arm["kl"] > 0
-    assert arm["kl"] == pytest.approx(_kl_by_hand(base_model, tuned, rows), rel=1e-4)
-    docs = pd.read_parquet(root / arm["docs"])
-    assert docs["kl_sum"].sum() == pytest.approx(arm["kl"] * arm["tokens"], rel=1e-9)  # split by document
+    tuned = models.load_trained(root / trained.dir, prepared.model_dir)
+    assert arm.kl > 0
+    assert arm.kl == pytest.approx(_kl_by_hand(base_model, tuned, rows), rel=1e-4)
+    docs = pd.read_parquet(root / arm.docs)
+    assert docs["kl_sum"].sum() == pytest.approx(arm.kl * arm.tokens, rel=1e-9)  # split by document
     if top_k:  # the base against its own stored top-k: exactly 0
-        itself = perplexity.score_rows(base_model, rows, 8, 0, reference=steps.read_reference(root / base["reference"]))
+        itself = perplexity.score_rows(base_model, rows, 8, 0, reference=perplexity.read_reference(root / base.reference))
         assert itself["kl_sum"].sum() == 0.0
     else:
-        assert base.get("reference") is None  # the exact KL stores nothing
+        assert base.reference is None  # the exact KL stores nothing
 
 
 def test_top_k_kl_is_a_lower_bound_of_the_full_kl():

@@ -9,7 +9,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from deployments.deploy import ARM_POOL, STUDY_POOL, default_config, deploy
 from flows import corpus_check
-from ftcore.config import ConfigError, StudyConfig, load_config
+from ftcore.config import ConfigError, StudyConfig
+from ftcore.config_files import load_config
 from tasks.devices import visible_gpu
 
 
@@ -25,7 +26,7 @@ def deployed(tmp_path_factory):
 
 
 def test_the_form_is_filled_from_the_preset_not_a_copy_of_it(deployed):
-    from ftcore.study import resolve_paths
+    from ftcore.inputs import resolve_paths
 
     study = deployed["ftstudy/study"]
     form = StudyConfig.model_validate(study.parameters["config"])

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from ftcore import models, steps, study
+from ftcore import models, study
+from ftcore.steps import run_step
 from ftcore.config import InputError
 
 TIED_TARGETS = ["q_proj", "v_proj", "embed_tokens"]  # the tiny Llama ties its embeddings, as SmolLM2 does
@@ -29,8 +30,8 @@ def test_a_lora_arm_on_a_tied_layer_is_evaluated_as_trained(study_config):
                                           train={"max_steps": 4}))
     plan = study.plan_arms(prepared)[0]
     seen = Logits()
-    result = steps.train_arm(plan, prepared.cfg.artifacts_dir, callbacks=[seen])
-    arm_dir = Path(prepared.cfg.artifacts_dir) / result["dir"]
+    result = run_step(study.train(plan, prepared.cfg.artifacts_dir, callbacks=[seen]))
+    arm_dir = Path(prepared.cfg.artifacts_dir) / result.dir
     evaluated = models.load_trained(arm_dir, prepared.model_dir)
     with torch.no_grad():
         logits = evaluated(input_ids=torch.arange(40)[None]).logits.float()
@@ -54,7 +55,7 @@ def test_the_table_reports_the_trained_adapter(study_config):
     prepared = study.prepare(cfg)
     arm = study.plan_arms(prepared)[0]
     model = models.load_trained(root / arm.dir, prepared.model_dir)
-    rows = perplexity.domain_rows(pd.read_parquet(root / prepared.domain["test"]))
+    rows = perplexity.domain_rows(pd.read_parquet(root / prepared.domain.test))
     by_hand = perplexity.summarize(perplexity.score_rows(model, rows, 1, models.load_tokenizer(prepared.model_dir).pad_token_id))
     table = pd.read_parquet(root / results["table"]).set_index("arm")
     assert table.loc["lora", "domain_ppl"] == pytest.approx(by_hand["ppl"], rel=1e-6)
@@ -77,7 +78,7 @@ def test_targets_that_cannot_be_evaluated_faithfully_are_refused_before_any_work
                                              ("gpt2", "all-linear"), ("neox", "all-linear")])
 def test_lora_targets_of_the_seed_families_are_accepted(tiny_models, family, targets):
     from ftcore.config import LoraSpec
-    from ftcore.training import check_lora
+    from ftcore.inputs import check_lora
 
     check_lora(LoraSpec(target_modules=targets), tiny_models[family], "lora")
     with pytest.raises(InputError, match="not found"):

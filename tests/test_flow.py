@@ -105,7 +105,7 @@ def test_benchmark_tasks_run_on_the_base_and_every_arm_as_cached_steps(study_con
     cfg = study_config(arms=["full", "lora"], benchmarks={"tasks": [str(mc_task)], "batch_size": 4})
     state, states = _run(cfg)
     assert state.is_completed()
-    bench = {f"bench-{a}-tiny_mc" for a in ("base", "full", "lora")}
+    bench = {f"task-{a}-tiny_mc" for a in ("base", "full", "lora")}
     assert {name: states.get(name) for name in bench} == dict.fromkeys(bench, "Completed")
     root, results = Path(cfg.artifacts_dir), state.result()
     table = pd.read_parquet(root / results["table"]).set_index("arm")
@@ -229,7 +229,7 @@ def test_damaged_artifact_is_recomputed_not_used(study_config):
     assert pd.read_parquet(root / state.result()["table"]).equals(table)
 
 
-INLINE = ("import sys; from ftcore import study; from ftcore.config import load_config; "
+INLINE = ("import sys; from ftcore import study; from ftcore.config_files import load_config; "
           "study.run_study(load_config('smoke', sys.argv[2:], artifacts_dir=sys.argv[1]))")
 
 
@@ -285,14 +285,14 @@ def test_corpus_check_emits_only_after_a_recorded_study_and_not_while_one_runs(s
     from prefect.states import Cancelled, Scheduled
 
     from flows.corpus_check import corpus_check_flow
-    from ftcore import study
+    from ftcore import inputs
 
     domain = Path(shutil.copy(corpus_files["domain"], tmp_path / "papers.csv"))
     cfg = study_config(domain={"path": str(domain)})
     # A fresh server: no study of these corpora succeeded yet, so there is nothing to re-run.
     result = corpus_check_flow(config=cfg)
     assert result["recorded"] is False and not result["changed"] and "event_id" not in result
-    study.record_corpus_versions(study.resolve_paths(cfg), study.corpus_versions(study.resolve_paths(cfg)))
+    inputs.record_corpus_versions(inputs.resolve_paths(cfg), inputs.corpus_versions(inputs.resolve_paths(cfg)))
     domain.write_text(domain.read_text() + "A new title,A new abstract about sparse kernels.\n")
     with get_client(sync_client=True) as client:
         pending = client.create_flow_run(study_flow, parameters={"config": cfg.model_dump(mode="json")}, state=Scheduled())

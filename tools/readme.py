@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ftcore.config import config_reference  # noqa: E402
+from ftcore.config_files import config_reference  # noqa: E402
 
 
 def splice(text: str, marker: str, content: str) -> str:

@@ -36,10 +36,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from ftcore import stats
+from ftcore.progress import Progress
 from ftcore.config import BenchmarkTask, InputError, StudyConfig
 from ftcore.io import write_text
 
-log = logging.getLogger("ftcore.benchmarks")
+log = logging.getLogger("ftcore.task_forgetting")
 ROLLING = "loglikelihood_rolling"
 # The metric compared when the config names none: acc_norm where a task defines it (Biderman et al. 2024).
 PREFERRED = ("acc_norm", "acc", "bits_per_byte")
@@ -365,8 +366,6 @@ def _scored_lm(model, tokenizer, batch_size: int, max_length: int | None, label:
     task; tokens of a perplexity task)."""
     from lm_eval.models.huggingface import HFLM
 
-    from ftcore.perplexity import Progress
-
     class ScoredLM(HFLM):
         progress = Progress(label, 1)
 
@@ -632,23 +631,6 @@ def cross_check(results: list[dict[str, Any]], refs: list[TaskRef], evals: list[
                   "detokenizer) but divides by the bytes of the original page. The changes against the base are "
                   "what the study compares; they should agree in sign and roughly in size."]
     return lines
-
-
-def plot_frontier(arms: pd.DataFrame, path: Path) -> Path:
-    """Domain gain (x, % fall in domain perplexity) vs task forgetting (y, mean change in points)."""
-    import matplotlib.pyplot as plt
-
-    from ftcore.report import finish_frontier
-
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    rows = arms[(arms.arm != "base") & arms["task_forgetting_pts"].notna()]
-    for _, r in rows.iterrows():
-        gain, change = -r["domain_change_pct"], r["task_forgetting_pts"]
-        yerr = [[change - r["task_forgetting_ci_low"]], [r["task_forgetting_ci_high"] - change]]
-        ax.errorbar(gain, change, yerr=yerr, fmt="o", ms=7, capsize=3, lw=1, label=r["arm"])
-        ax.annotate(r["arm"], (gain, change), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    return finish_frontier(fig, ax, path, "task change (mean accuracy change, points) ↑",
-                           "learning vs task forgetting (bars: 95% CI over examples)")
 
 
 def has_task_forgetting(bench: dict[str, Any] | None) -> bool:

@@ -16,12 +16,12 @@ import torch
 pytest.importorskip("lm_eval")
 
 from conftest import MC_QUESTIONS  # noqa: E402
-from ftcore import benchmarks, models, study  # noqa: E402
-from ftcore.benchmarks import BenchmarkError, TaskRef  # noqa: E402
+from ftcore import models, study, task_forgetting  # noqa: E402
+from ftcore.task_forgetting import BenchmarkError, TaskRef  # noqa: E402
 from ftcore.config import BenchmarksSpec  # noqa: E402
 
 
-_REGISTRY = benchmarks._registry
+_REGISTRY = task_forgetting._registry
 
 
 @lru_cache(maxsize=1)
@@ -30,7 +30,7 @@ def registry():
 
 
 def _resolve(cfg, tmp_path):
-    return benchmarks.resolve(cfg, tmp_path / "bench", registry=registry)
+    return task_forgetting.resolve(cfg, tmp_path / "bench", registry=registry)
 
 
 def _choice_loglikelihood(model, tok, context: str, choice: str) -> float:
@@ -51,7 +51,7 @@ def test_accuracy_equals_a_hand_computation_of_the_choices_loglikelihoods(study_
     assert ref.name == "tiny_mc" and ref.metric == "acc_norm" and ref.examples == len(MC_QUESTIONS)
     model, tok = models.load_model(tiny_model).eval(), models.load_tokenizer(tiny_model)
 
-    summary, table = benchmarks.run_task(model, tok, ref, batch_size=3, seed=1234, autocast=contextlib.nullcontext(),
+    summary, table = task_forgetting.run_task(model, tok, ref, batch_size=3, seed=1234, autocast=contextlib.nullcontext(),
                                          label="test")
     acc, acc_norm = [], []
     for question, choices, label in MC_QUESTIONS:
@@ -62,7 +62,7 @@ def test_accuracy_equals_a_hand_computation_of_the_choices_loglikelihoods(study_
     assert summary["score"] == pytest.approx(np.mean(acc_norm), abs=1e-12)
     # the other metric, through the config: the hand computation again
     acc_ref = ref.model_copy(update={"metric": "acc"})
-    summary, table = benchmarks.run_task(model, tok, acc_ref, 3, 1234, contextlib.nullcontext(), "test")
+    summary, table = task_forgetting.run_task(model, tok, acc_ref, 3, 1234, contextlib.nullcontext(), "test")
     assert table["value"].tolist() == acc and summary["score"] == pytest.approx(np.mean(acc), abs=1e-12)
 
 
@@ -70,14 +70,14 @@ def test_a_perplexity_task_on_the_general_documents_matches_lm_evals_own_aggrega
     cfg = study_config(benchmarks={"tasks": [{"task": "wikitext", "corpus": "general"}]})
     documents = pd.DataFrame({"doc": [3, 4], "text": ["The city council met on tuesday.", "The river runs on."],
                               "whole": [True, False]})
-    (ref,) = benchmarks.resolve(cfg, tmp_path / "bench", general_documents=lambda: documents, registry=registry)
+    (ref,) = task_forgetting.resolve(cfg, tmp_path / "bench", general_documents=lambda: documents, registry=registry)
     assert ref.name == "wikitext_general" and ref.metric == "bits_per_byte" and ref.perplexity_like
     model, tok = models.load_model(tiny_model).eval(), models.load_tokenizer(tiny_model)
-    summary, table = benchmarks.run_task(model, tok, ref, 2, 1234, contextlib.nullcontext(), "test")
+    summary, table = task_forgetting.run_task(model, tok, ref, 2, 1234, contextlib.nullcontext(), "test")
     assert table["ftstudy_doc"].tolist() == [3, 4] and table["ftstudy_whole"].tolist() == [True, False]
     # bytes of the original page, as lm-eval counts them; bits per byte from our table = lm-eval's aggregate
     assert table["bytes"].tolist() == [len(t.encode()) for t in documents.text]
-    ours = benchmarks.bits_per_byte(table["loglikelihood"].sum(), table["bytes"].sum())
+    ours = task_forgetting.bits_per_byte(table["loglikelihood"].sum(), table["bytes"].sum())
     assert ours == pytest.approx(summary["score"], rel=1e-9)
 
 
@@ -118,7 +118,7 @@ def test_the_change_is_in_points_paired_over_examples_and_task_forgetting_is_the
     worse = _results(tmp_path, "a", {("worse", 0): worse_a, ("worse", 1): worse_a})
     b = _results(tmp_path, "b", {("base", None): base_b, ("same", 0): base_b, ("same", 1): base_b,
                                  ("worse", 0): base_b, ("worse", 1): base_b})
-    wide, per_task = benchmarks.analyse(same + worse + b, [_ref("a"), _ref("b")], ["same", "worse"])
+    wide, per_task = task_forgetting.analyse(same + worse + b, [_ref("a"), _ref("b")], ["same", "worse"])
     row = wide.set_index("arm")
     # identical answers: no change, an interval of exactly 0, within noise
     assert row.loc["same", "task_forgetting_pts"] == 0 and row.loc["same", "task_forgetting_ci_low"] == 0
@@ -135,7 +135,7 @@ def test_unpaired_examples_are_refused(tmp_path):
     res = _results(tmp_path, "a", {("base", None): [1.0, 0.0], ("arm", 0): [1.0, 1.0]})
     pd.DataFrame({"example": [0, 1], "doc_hash": ["x", "y"], "value": [1.0, 1.0]}).to_parquet(res[1]["samples_path"])
     with pytest.raises(ValueError, match="not paired"):
-        benchmarks.analyse(res, [_ref("a")], ["arm"])
+        task_forgetting.analyse(res, [_ref("a")], ["arm"])
 
 
 def _no_training(root: Path) -> bool:
@@ -151,7 +151,7 @@ def _no_training(root: Path) -> bool:
 ])
 def test_bad_tasks_are_refused_before_any_training_naming_the_field(study_config, entry, message, tmp_path,
                                                                      monkeypatch):
-    monkeypatch.setattr(benchmarks, "_registry", registry)  # hellaswag's and arc_easy's data are on the Hub,
+    monkeypatch.setattr(task_forgetting, "_registry", registry)  # hellaswag's and arc_easy's data are on the Hub,
     # unreachable here (HF_HUB_OFFLINE in conftest): arc_easy is refused for its output type before its data
     cfg = study_config(benchmarks={"tasks": [entry]})
     with pytest.raises(BenchmarkError, match=message):
@@ -189,7 +189,7 @@ def test_relative_data_files_from_an_included_file_are_refused(mc_task, tmp_path
     child.write_text(f"include: {mc_task.name}\ntask: tiny_mc_child\n")
     spec = BenchmarksSpec(tasks=[str(child)]).tasks[0]
     with pytest.raises(BenchmarkError, match=r"benchmarks.tasks.0: .*child.yaml takes relative data_files from a file"):
-        benchmarks.locate(spec, "benchmarks.tasks.0", registry, tmp_path)
+        task_forgetting.locate(spec, "benchmarks.tasks.0", registry, tmp_path)
     child.unlink()
 
 
@@ -202,14 +202,14 @@ def test_config_shorthands_and_duplicates():
 
 def test_a_task_failing_at_run_time_fails_its_step_only(study_config, mc_task, monkeypatch):
     cfg = study_config(arms=["full", "lora"], benchmarks={"tasks": [str(mc_task)]})
-    real = benchmarks.run_task
+    real = task_forgetting.run_task
 
     def flaky(*args, label, **kwargs):
-        if label.startswith("bench-lora"):
+        if label.startswith("task-lora"):
             raise RuntimeError("out of memory (simulated)")
         return real(*args, label=label, **kwargs)
 
-    monkeypatch.setattr(benchmarks, "run_task", flaky)
+    monkeypatch.setattr(task_forgetting, "run_task", flaky)
     results = study.run_study(cfg)
     root = Path(cfg.artifacts_dir)
     assert results["failed"] == {}  # the arms themselves finished

@@ -1,0 +1,282 @@
+"""The door: a study's input checked once, before any work, into a frozen `Inputs`; what the steps start from.
+
+`check_inputs` resolves every path once, checks what can be checked without a model (the artifacts
+root, the trackers, every corpus and model source, the multi-device rules) and computes the
+sources' versions once: later code trusts the Inputs instead of asking again. The checks that need
+the fetched model or the tokenized data (the split, the context, LoRA targets, the replay budget)
+are here too; ftcore.study runs them as soon as it can.
+The corpus versions of the last successful study are recorded here for the scheduled corpus check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftcore.config import InputError, LoraSpec, StudyConfig, check_devices_per_arm
+from ftcore.io import write_json
+from ftcore.results import DomainRows, Fingerprint, Stream
+
+log = logging.getLogger("ftcore.inputs")
+
+
+class StudyError(InputError):
+    """Input the study cannot run with, found by a check; raised before expensive work."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A study's input, checked: the config with every path absolute, and its sources' versions."""
+
+    cfg: StudyConfig
+    versions: dict[str, str]  # corpus role -> a file's sha256 or a Hub dataset's commit
+    model_version: str  # the model source's identity (ftcore.sources.source_version)
+    arms_in_process: bool = False  # checked for arms trained in this process (the in-process runner)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.cfg.artifacts_dir)
+
+
+# An Inputs checked by the command line before Prefect starts, for the flow it starts in the same process.
+_handed_over: list[Inputs] = []
+
+
+def hand_over(inputs: Inputs) -> None:
+    """Keep `inputs` for the next check_inputs of the same config in this process (the flow the CLI starts)."""
+    _handed_over[:] = [inputs]
+
+
+def check_inputs(cfg: StudyConfig, arms_in_process: bool = False) -> Inputs:
+    """Everything that can be checked before any model is loaded, and the sources' versions, once.
+
+    Raises InputError (naming the field or file) for an unwritable artifacts root, a tracker that is
+    not installed, a corpus or model source that does not exist or cannot be resolved, and an arm on
+    more devices than it can have.
+    """
+    cfg = resolve_paths(cfg)
+    if _handed_over and _handed_over[0].cfg == cfg and _handed_over[0].arms_in_process == arms_in_process:
+        return _handed_over.pop()
+    from ftcore import sources, training
+
+    check_trackers(cfg)
+    warn_slow_bf16(cfg)
+    check_artifacts_dir(cfg)
+    versions = corpus_versions(cfg)  # every corpus source exists (or its Hub revision resolves)
+    model_version = sources.source_version(cfg.model)
+    here = cfg.executor == "subprocess"  # the arms train on this machine: its devices decide
+    device = training.resolve_device(cfg.device) if here else None
+    check_devices_per_arm(cfg.train, full=any(a.method == "full" for a in cfg.arms), curves=cfg.eval.every_steps != 0,
+                          device=device, processes=1 if arms_in_process else None,
+                          gpus=training.gpu_count() if device == "cuda" else None)
+    return Inputs(cfg, versions, model_version, arms_in_process)
+
+
+def resolve_paths(cfg: StudyConfig) -> StudyConfig:
+    """The config with every path absolute, resolved once against this process's working directory
+    (the artifacts root, local corpus files, a local model), so child processes and workers that run
+    elsewhere read and write the same places."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    update: dict[str, Any] = {"artifacts_dir": absolute(cfg.artifacts_dir)}
+    for role in ("domain", "general", "replay"):
+        spec = getattr(cfg, role)
+        if spec is not None and spec.source == "file":
+            update[role] = spec.model_copy(update={"path": absolute(spec.path)})
+    if cfg.model.source == "local":
+        update["model"] = cfg.model.model_copy(update={"name": absolute(cfg.model.name)})
+    if cfg.model.wheel_dir is not None:
+        update["model"] = cfg.model.model_copy(update={"wheel_dir": absolute(cfg.model.wheel_dir)})
+    return cfg.model_copy(update=update)
+
+
+def check_artifacts_dir(cfg: StudyConfig) -> Path:
+    """The artifacts root, created; StudyError naming artifacts_dir when it cannot be written."""
+    root = Path(cfg.artifacts_dir).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StudyError(f"artifacts_dir: {root} is not writable ({exc.strerror}); choose a writable directory") from None
+    return root
+
+
+# What each tracker of report_to needs installed, and how to install it.
+TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "mlflow": ("mlflow", "pip install 'ftstudy[mlflow]'"),
+            "wandb": ("wandb", "pip install wandb")}
+
+
+def check_trackers(cfg: StudyConfig) -> None:
+    """Every tracker in report_to is installed; StudyError naming report_to otherwise (an asked-for tracker that
+    silently logs nothing, or fails every arm after the base evaluations, is worse than a refusal)."""
+    for tracker in cfg.report_to:
+        module, install = TRACKERS[tracker]
+        if importlib.util.find_spec(module) is None:
+            raise StudyError(f"report_to: {tracker} is not installed ({install}); or drop it from report_to")
+
+
+def warn_slow_bf16(cfg: StudyConfig) -> None:
+    """A warning (not an error: the numbers are right, only slow) for bf16 on a CPU that emulates it."""
+    from ftcore import training
+
+    if training.resolve_device(cfg.device) != "cpu" or training.cpu_has_native_bf16():
+        return
+    slow = [name for name, value in (("precision", cfg.precision), ("eval.precision", cfg.eval.precision))
+            if value == "bf16"]
+    if slow:
+        log.warning("%s: bf16 on this CPU, which has no native bf16 (AVX512-BF16 or AMX), is emulated and runs "
+                    "several times slower than fp32 (6x measured on an AVX2-only CPU); set %s to fp32 unless "
+                    "you need bf16's numbers", " and ".join(slow), " and ".join(slow))
+
+
+# --- what the arms start from, and the checks that need it ------------------------------------------------
+
+def check_split(cfg: StudyConfig, domain: Fingerprint) -> None:
+    from ftcore import corpora
+
+    if cfg.test_docs >= domain.documents:
+        raise corpora.CorpusError(f"test_docs ({cfg.test_docs}) must be smaller than the {domain.documents} usable "
+                                  "documents of domain; lower test_docs or raise domain.max_docs")
+
+
+def check_model(cfg: StudyConfig, model_dir: Path) -> None:
+    """What the fetched model must allow: chunk_len within its context, and every LoRA arm's targets."""
+    from ftcore import models
+
+    limit = models.max_context(model_dir)
+    if limit is not None and cfg.chunk_len > limit:
+        raise StudyError(f"chunk_len: {cfg.chunk_len} tokens exceed the model's context of {limit}; lower chunk_len")
+    for arm in cfg.arms:  # LoRA targets the study cannot train or evaluate faithfully, before any work
+        if arm.method == "qlora":
+            check_qlora(model_dir, arm.name, cfg.device)
+        if arm.method != "full":
+            check_lora(cfg.lora_of(arm), model_dir, arm.name)
+
+
+def check_lora(lora: LoraSpec, model_dir: str | Path, arm: str) -> None:
+    """Refuse, before any work, LoRA settings this study cannot train or evaluate faithfully on the model.
+
+    The adapter is applied with peft to the model's skeleton on the meta device (no weights, well
+    under a second), so the same matching rules decide. Raises InputError naming lora.target_modules
+    when no module matches, when the output layer (lm_head) is targeted (TRL computes the loss from
+    lm_head.weight directly, so such an adapter would never train), and when lora.merge is set and an
+    adapted weight is tied to another (merging would change the tied layer too, so the merged model
+    would not be the trained one).
+    """
+    import torch
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ftcore.training import peft_config
+
+    field = f"arm {arm}: lora.target_modules {lora.target_modules!r}"
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        adapted = get_peft_model(skeleton, peft_config(lora))
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
+        raise InputError(f"{field}: {str(exc).splitlines()[0]}; name modules of this model (e.g. q_proj, c_attn) "
+                         "or use 'all-linear'") from None
+    if isinstance(adapted.get_output_embeddings(), BaseTunerLayer):
+        raise InputError(f"{field}: adapts the output layer (lm_head), which TRL's loss reads as lm_head.weight directly, "
+                         "so the adapter would never train; drop it from lora.target_modules")
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False)
+    if lora.merge and tied and isinstance(adapted.get_input_embeddings(), BaseTunerLayer):
+        raise InputError(f"{field}: adapts the input embedding, which this model ties to its output layer "
+                         "(tie_word_embeddings); merging the adapter would change the output layer too, so the merged "
+                         "model would not be the trained one. Set lora.merge=false (the arm is evaluated as its "
+                         "adapter) or drop the embedding from lora.target_modules")
+
+
+def check_qlora(model_dir: str | Path, arm: str, device: str) -> None:
+    """Refuse a QLoRA arm before any work when this machine cannot train it: bitsandbytes missing, or its
+    CPU kernels and a model whose layer widths are not multiples of their block size (64).
+
+    Raises InputError naming the arm and the method.
+    """
+    from ftcore.training import resolve_device
+
+    field = f"arm {arm}: method qlora"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(f"{field} loads the base in 4-bit with bitsandbytes, which is not installed: "
+                         "pip install 'ftstudy[qlora]'")
+    if resolve_device(device) != "cpu":
+        return
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    widths = {k: config[k] for k in ("hidden_size", "n_embd", "intermediate_size", "n_inner") if config.get(k)}
+    odd = {k: v for k, v in widths.items() if v % 64}
+    if odd:
+        raise InputError(f"{field}: bitsandbytes' 4-bit CPU kernels need layer widths that are multiples of 64, and "
+                         f"this model has {odd}; train it on a GPU (device=cuda) or use method lora")
+
+
+def check_replay_budget(cfg: StudyConfig, domain: DomainRows, replay: Stream | None) -> None:
+    """Enough replay tokens for every arm's replay_ratio, checked before any training starts."""
+    import pandas as pd
+
+    from ftcore import training
+
+    replaying = [a for a in cfg.arms if a.replay_ratio > 0]
+    if not replaying or replay is None:
+        return
+    greediest = max(replaying, key=lambda a: a.replay_ratio)  # the largest ratio needs the most replay tokens
+    root = Path(cfg.artifacts_dir)
+    try:
+        training.build_training_mix(pd.read_parquet(root / domain.train, columns=["input_ids", "completion_mask"]),
+                                    pd.read_parquet(root / replay.path, columns=["input_ids", "completion_mask"]),
+                                    greediest.replay_ratio, cfg.train.seed)
+    except training.ReplayBudgetError as exc:
+        raise training.ReplayBudgetError(f"arm {greediest.name}: {exc}") from None
+
+
+# --- corpus change detection (what the scheduled check compares) -----------------------------------
+
+def corpus_roles(cfg: StudyConfig) -> list[str]:
+    """The corpora this study reads: domain, general, and replay when an arm mixes replay text in."""
+    return ["domain", "general"] + (["replay"] if any(a.replay_ratio > 0 for a in cfg.arms) else [])
+
+
+def corpus_versions(cfg: StudyConfig) -> dict[str, str]:
+    """Cheap identity of every corpus source now: a file's sha256 or a Hub dataset's commit."""
+    from ftcore import corpora
+
+    return {role: corpora.source_version(getattr(cfg, role), role) for role in corpus_roles(cfg)}
+
+
+def _corpus_state_path(cfg: StudyConfig) -> Path:
+    # One record per set of corpus sources, so studies sharing an artifacts root do not mix.
+    specs = {role: getattr(cfg, role).model_dump(mode="json") for role in corpus_roles(cfg)}
+    digest = hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.artifacts_dir).expanduser() / "corpus-state" / f"{cfg.name}-{digest}.json"
+
+
+def has_recorded_versions(cfg: StudyConfig) -> bool:
+    """Whether a successful study of these corpus sources is recorded under the artifacts root."""
+    return _corpus_state_path(cfg).is_file()
+
+
+def record_corpus_versions(cfg: StudyConfig, versions: dict[str, str]) -> Path:
+    """Remember the corpus versions a successful study measured."""
+    return write_json({"name": cfg.name, "versions": versions}, _corpus_state_path(cfg))
+
+
+def changed_corpora(cfg: StudyConfig, versions: dict[str, str] | None = None) -> dict[str, str]:
+    """Roles whose source differs from the last successful study, each with why; empty when none."""
+    versions = versions if versions is not None else corpus_versions(cfg)
+    path = _corpus_state_path(cfg)
+    if not path.exists():
+        return {role: "no successful study recorded yet" for role in versions}
+    seen = json.loads(path.read_text())["versions"]
+    return {role: f"{seen.get(role, 'none')[:12]} -> {version[:12]}"
+            for role, version in versions.items() if seen.get(role) != version}

@@ -1,0 +1,162 @@
+"""Forgetting at equal domain gain: the arms compared where they have learned the same amount.
+
+An arm's general change at its end mixes two things: how much it learned and what that cost. LoRA
+"forgets less" may only mean it learned less, or trained at another learning rate (Biderman et al.
+2024, "LoRA Learns Less and Forgets Less", compare methods on the learning–forgetting plane along
+training). From each arm's curve (ftcore.curves: domain and general perplexity on fixed subsamples
+at step 0 = the base, and along training) this module reads off the general change at a common
+domain gain g:
+
+- the gain of a point is the % fall in domain perplexity against step 0; the general change at g
+  is interpolated linearly between the two measured points that bracket g where the arm *first*
+  reaches it (a curve need not be monotone); an arm that never reaches g has no value there ("not
+  reached") — nothing is extrapolated;
+- g is by default the largest gain every compared run (arm and seed) reaches, and any gains the
+  user lists (config `report.matched_gains`, in %);
+- uncertainty: a paired bootstrap over the subsample's units (domain: held-out documents;
+  general: the evaluation's windows of chunk_len tokens, since the subsample holds few whole
+  articles) — every resample recomputes both changes at every point of every run and finds g
+  again — and the standard deviation over seeds; differences between arms at g are paired the
+  same way. The noise rule is the report's (ftcore.stats.within_noise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ftcore import stats
+
+# A bootstrap value is reported only when at least this share of resamples reaches g.
+MIN_REACHED = 0.95
+
+
+def at_gain(gain: np.ndarray, value: np.ndarray, g: float) -> np.ndarray:
+    """`value` where the path first reaches domain gain `g`, linearly interpolated between the two points that
+    bracket it; NaN where it never does.
+
+    gain, value: [..., points] along training (point 0 = step 0, gain 0). Returns [...].
+    """
+    gain, value = np.asarray(gain, dtype=float), np.asarray(value, dtype=float)
+    reached = gain >= g
+    first = np.argmax(reached, axis=-1)
+    ok = reached.any(axis=-1) & (first > 0)
+    before = np.maximum(first - 1, 0)
+    take = lambda a, i: np.take_along_axis(a, i[..., None], axis=-1)[..., 0]  # noqa: E731
+    g0, g1 = take(gain, before), take(gain, first)
+    v0, v1 = take(value, before), take(value, first)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.where(g1 > g0, (g - g0) / (g1 - g0), 1.0)
+    return np.where(ok, v0 + t * (v1 - v0), np.nan)
+
+
+def unit_matrix(run: pd.DataFrame, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """(nll [points x units], tokens [units]) of one run's curve on one set, points in step order."""
+    rows = run[run.set == which].sort_values("step")
+    nll = np.stack([np.asarray(u, dtype=float) for u in rows["unit_nll"]])
+    tokens = np.asarray(rows["unit_tokens"].iloc[0], dtype=float)
+    return nll, tokens
+
+
+def changes(nll: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """% change of perplexity against point 0 under each resample: [resamples x points]."""
+    mean = (weights @ nll.T) / (weights @ tokens)[:, None]
+    return 100 * np.expm1(mean - mean[:, [0]])
+
+
+def runs_of(curves: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
+    """Each arm's and seed's curve, in the curves' order (ftcore.forgetting.load)."""
+    return {key: g for key, g in curves.groupby(["arm", "seed"], sort=False)}
+
+
+def largest_common_gain(curves: pd.DataFrame, arms: Sequence[str] | None = None) -> float:
+    """The largest domain gain (%) every run of `arms` (default all) reaches on its curve, floored to 0.1; 0 or
+    less when some run never gains."""
+    best = []
+    for (arm, _), run in runs_of(curves).items():
+        if arms is None or arm in arms:
+            domain = run[run.set == "domain"]
+            best.append(float((-domain["change_pct"]).max()))
+    return math.floor(min(best) * 10) / 10 if best else float("nan")
+
+
+def analyse(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], reference: str | None,
+            resamples: int = stats.RESAMPLES) -> pd.DataFrame:
+    """Per gain g and arm: the general change at g (mean over seeds) with its seed spread, a bootstrap interval
+    and the share of resamples that reach g; the step and training tokens where g is reached; the
+    difference from `reference` at g with its interval and the noise mark.
+
+    `curves` holds every run's points with per-unit sums (columns arm, seed, step, tokens_seen, set,
+    change_pct, unit_nll, unit_tokens). Raises ValueError when runs were not scored on the same units.
+    """
+    runs = runs_of(curves)
+    if not runs:
+        return pd.DataFrame()
+    first = next(iter(runs.values()))
+    sizes = {w: len(unit_matrix(first, w)[1]) for w in ("domain", "general")}
+    weights = {w: stats.resample_weights(n, resamples, seed=i) for i, (w, n) in enumerate(sizes.items())}
+    ones = {w: np.ones((1, n)) for w, n in sizes.items()}
+    paths = {}
+    for key, run in runs.items():
+        (dn, dt), (gn, gt) = unit_matrix(run, "domain"), unit_matrix(run, "general")
+        if len(dt) != sizes["domain"] or len(gt) != sizes["general"]:
+            raise ValueError(f"the curve of {key} was scored on other units than the others: not paired")
+        steps = run[run.set == "domain"].sort_values("step")
+        paths[key] = {"gain": -changes(dn, dt, weights["domain"]), "general": changes(gn, gt, weights["general"]),
+                      "gain0": -changes(dn, dt, ones["domain"])[0], "general0": changes(gn, gt, ones["general"])[0],
+                      "step": steps["step"].to_numpy(float), "tokens": steps["tokens_seen"].to_numpy(float)}
+    rows = []
+    for g in gains:
+        per_arm = {}
+        for arm in order:
+            keys = [k for k in runs if k[0] == arm]
+            if not keys:
+                continue
+            point = np.array([at_gain(paths[k]["gain0"], paths[k]["general0"], g) for k in keys])
+            boot = np.stack([at_gain(paths[k]["gain"], paths[k]["general"], g) for k in keys]).mean(axis=0)
+            step = np.array([at_gain(paths[k]["gain0"], paths[k]["step"], g) for k in keys])
+            tokens = np.array([at_gain(paths[k]["gain0"], paths[k]["tokens"], g) for k in keys])
+            per_arm[arm] = boot
+            reached = bool(np.isfinite(point).all())
+            share = float(np.isfinite(boot).mean())
+            row = {"gain_pct": g, "arm": arm, "seeds": len(keys), "reached": reached, "reached_share": share,
+                   "general_change_pct": float(point.mean()) if reached else np.nan,
+                   "general_change_std": stats.seed_std(point) if reached else np.nan,
+                   "step": float(step.mean()) if reached else np.nan,
+                   "tokens_seen": float(tokens.mean()) if reached else np.nan}
+            row["ci_low"], row["ci_high"] = _interval(boot) if reached else (np.nan, np.nan)
+            rows.append(row)
+        by_arm = {r["arm"]: r for r in rows if r["gain_pct"] == g}
+        ref = by_arm.get(reference)
+        for arm, row in by_arm.items():
+            if ref is None or arm == reference or not (row["reached"] and ref["reached"]):
+                continue
+            diff = row["general_change_pct"] - ref["general_change_pct"]
+            spread = math.sqrt(np.nan_to_num(row["general_change_std"]) ** 2 + np.nan_to_num(ref["general_change_std"]) ** 2)
+            ci = _interval(per_arm[arm] - per_arm[reference])
+            row.update(reference=reference, diff_pp=diff, diff_ci_low=ci[0], diff_ci_high=ci[1],
+                       within_noise=stats.within_noise(diff, ci, spread if spread > 0 else float("nan")))
+    return pd.DataFrame(rows)
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    """Percentile interval over the resamples that reach g; NaN when fewer than MIN_REACHED of them do."""
+    finite = samples[np.isfinite(samples)]
+    if len(finite) < MIN_REACHED * len(samples):
+        return float("nan"), float("nan")
+    return stats.interval(finite)
+
+
+def best_of_each(table: pd.DataFrame, families: dict[str, list[str]], g: float) -> dict[str, str]:
+    """Per family of arms (a method swept over settings), the member with the least general change at gain g
+    among those whose every seed reaches it."""
+    at = table[(table.gain_pct == g) & table.reached].set_index("arm")["general_change_pct"]
+    best = {}
+    for family, members in families.items():
+        reached = at[at.index.isin(members)]
+        if len(reached):
+            best[family] = str(reached.idxmin())
+    return best
