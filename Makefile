@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install test demo demo-base demo-sweep smoke clean
+.PHONY: install test demo demo-base demo-sweep demo-frontier smoke clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ demo-base: $(STAMP)
 # Six arms x two seeds on the demo's data: under an hour on 2 CPU cores (docs/results.md).
 demo-sweep: $(STAMP)
 	$(VENV)/bin/ftstudy run --preset demo-sweep
+
+# demo-base with each method at three learning rates and replay at 1% and 10%: the arms at equal gain, each at its best.
+demo-frontier: $(STAMP)
+	$(VENV)/bin/ftstudy run --preset demo-frontier
 
 clean:
 	rm -rf $(VENV) .prefect artifacts

@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_validator
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # The arm names that stand for a whole spec (expanded once, when the config is validated).
 ARMS: tuple[str, ...] = ("full", "replay", "lora")
@@ -234,6 +235,10 @@ class LoraOverride(_Frozen):
     use_rslora: bool | None = Field(None, description="rsLoRA: scale = alpha / sqrt(r).")
 
 
+Ratio = Annotated[float, Field(ge=0, lt=1)]
+Rate = Annotated[float, Field(gt=0, lt=1)]
+
+
 class ArmSpec(_Frozen):
     """One training arm: a method, a share of replay text, and (for LoRA) its adapter settings.
 
@@ -247,16 +252,65 @@ class ArmSpec(_Frozen):
         "full", description="full: every weight trains; lora: LoRA adapters (peft); qlora: LoRA adapters on the base "
         "loaded in 4-bit NF4 (bitsandbytes; Dettmers et al. 2023) — the report adds the 4-bit base as a row, so the "
         "quantization's own cost is seen beside the adapter's.")
-    replay_ratio: float = Field(0.0, ge=0, lt=1, description="Share of general replay tokens mixed into the training set.")
+    replay_ratio: Ratio | tuple[Ratio, ...] = Field(
+        0.0, description="Share of general replay tokens mixed into the training set; a list trains one arm per ratio "
+        "(named <name>-<ratio>).")
+    learning_rate: Rate | tuple[Rate, ...] | None = Field(
+        None, description="The arm's peak learning rate; None = train.learning_rate (full) or lora.learning_rate (LoRA). "
+        "A list trains one arm per rate (named <name>-lr<rate>): each method at its own best rate, compared at equal "
+        "domain gain in the report.")
     lora: LoraOverride | None = Field(
         None, description="For method=lora or qlora: fields that differ from the study's `lora` (e.g. {r: 4}); unset "
         "ones follow it.")
+    family: str | None = Field(
+        None, description="The arm a list of learning rates or replay ratios was expanded from (set by the study); the "
+        "report picks each family's best setting.")
 
     @model_validator(mode="after")
     def _lora_only_for_lora(self) -> ArmSpec:
         if self.method == "full" and self.lora is not None:
             raise ValueError(f"arm {self.name!r}: lora settings given but method is {self.method!r}")
+        if isinstance(self.replay_ratio, tuple) or isinstance(self.learning_rate, tuple):
+            raise ValueError(f"arm {self.name!r}: a list of learning rates or replay ratios is expanded by the study "
+                             "config into one arm per value")
+        if self.learning_rate is not None and self.lora is not None and self.lora.learning_rate is not None:
+            raise ValueError(f"arm {self.name!r}: learning_rate and lora.learning_rate both set; give one")
         return self
+
+    @property
+    def group(self) -> str:
+        """The arm's family: the arm it was expanded from, else itself."""
+        return self.family or self.name
+
+
+def _short(value: float) -> str:
+    """A learning rate as a label: 3e-4, 2.5e-5, 0.1."""
+    return np.format_float_scientific(value, trim="-", exp_digits=1) if value < 0.01 else f"{value:g}"
+
+
+def expand_sweeps(arms: Any) -> Any:
+    """Arm entries whose learning_rate or replay_ratio is a list, each expanded into one arm per value (every
+    combination), named <name>-lr<rate> / <name>-<ratio> and keeping <name> as their family."""
+    if not isinstance(arms, (list, tuple)):
+        return arms
+    out = []
+    for entry in arms:
+        if isinstance(entry, BaseModel):
+            entry = entry.model_dump(exclude_none=True)
+        lists = {k: v for k, v in entry.items() if k in ("learning_rate", "replay_ratio") and isinstance(v, (list, tuple))} \
+            if isinstance(entry, dict) else {}
+        if not lists:
+            out.append(entry)
+            continue
+        combos = [{}]
+        for key, values in lists.items():
+            if not values:
+                raise ValueError(f"arm {entry.get('name')!r}: {key} is an empty list")
+            combos = [{**c, key: v} for c in combos for v in values]
+        for combo in combos:
+            suffix = "".join(f"-lr{_short(v)}" if k == "learning_rate" else f"-{v:g}" for k, v in combo.items())
+            out.append({**entry, **combo, "name": f"{entry.get('name')}{suffix}", "family": entry.get("name")})
+    return out
 
 
 def _expand_shorthand(value: Any, info: ValidationInfo) -> Any:
@@ -293,11 +347,20 @@ class EvalSpec(_Frozen):
         "many predicted tokens, the first this many tokens of the general stream; None = the whole evaluation sets "
         "(then the last point equals the final evaluation).")
     kl_top_k: int | None = Field(
-        None, ge=0, description="KL(base ‖ arm) per general token, in nats. None = exact, over the whole vocabulary: "
-        "the base scores each batch beside the arm (a LoRA arm with its adapter switched off, so no second model; "
-        "a full or QLoRA arm loads the base beside it). k > 0 = for when two models do not fit: the base's k most "
-        "likely tokens per position are stored once and an arm's KL sums over them plus the rest as one bucket, a "
-        "lower bound (on the demo's models 20% low at k=64, 4% at k=1024: BENCHMARKS.md). 0 = off.")
+        None, ge=0, description="KL(base ‖ arm) per token, in nats, on both sets (the domain KL is on the new task's "
+        "own text). None = exact, over the whole vocabulary: the base scores each batch beside the arm (a LoRA arm "
+        "with its adapter switched off, so no second model; a full or QLoRA arm loads the base beside it), and every "
+        "curve point measures it too. k > 0 = for when two models do not fit: the base's k most likely tokens per "
+        "position are stored once and an arm's KL sums over them plus the rest as one bucket, a lower bound (on the "
+        "demo's models 20% low at k=64, 4% at k=1024: BENCHMARKS.md); curve points then measure none. 0 = off.")
+
+
+class ReportSpec(_Frozen):
+    """What the report compares beyond each arm's end point."""
+
+    matched_gains: tuple[Annotated[float, Field(gt=0, lt=100)], ...] = Field(
+        (), description="Domain gains (% fall in domain perplexity) at which the report compares the arms' general "
+        "change along their curves, besides the largest gain every arm reaches (always compared).")
 
 
 class BenchmarkTask(_Frozen):
@@ -373,6 +436,7 @@ class StudyConfig(_Frozen):
         "marks differences within noise. None = train.seed only.",
     )
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation settings.")
+    report: ReportSpec = Field(default_factory=lambda: ReportSpec(), description="What the report compares.")
     benchmarks: BenchmarksSpec | None = Field(
         None, description="Benchmark tasks (lm-evaluation-harness, pip install 'ftstudy[tasks]') scored on the base "
         "and every arm: score, change in points, task forgetting (the mean change). None = no tasks.")
@@ -445,10 +509,24 @@ class StudyConfig(_Frozen):
             return self.reference_arm
         return "full" if "full" in self.arm_names else self.arms[0].name
 
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _expand_sweeps(cls, value: Any) -> Any:
+        return expand_sweeps(value)
+
     def lora_of(self, arm: ArmSpec) -> LoraSpec:
-        """The LoRA settings an arm trains with: the study's, with the fields the arm sets replaced."""
+        """The LoRA settings an arm trains with: the study's, with the fields the arm sets replaced (its
+        learning_rate too)."""
         own = arm.lora.model_dump(exclude_none=True) if arm.lora else {}
+        if arm.learning_rate is not None:
+            own["learning_rate"] = arm.learning_rate
         return self.lora.model_copy(update=own)
+
+    def learning_rate_of(self, arm: ArmSpec) -> float:
+        """The peak learning rate an arm trains at: its own, else the study's for its method."""
+        if arm.method != "full":
+            return self.lora_of(arm).learning_rate
+        return arm.learning_rate if arm.learning_rate is not None else self.train.learning_rate
 
     def run_label(self, arm: str, seed: int) -> str:
         """How one seed's run of an arm is named in task runs and per-run tables."""
@@ -463,7 +541,7 @@ class StudyConfig(_Frozen):
         seen: dict[str, str] = {}
         for arm in self.arms:
             lora = self.lora_of(arm).model_dump(mode="json") if arm.method != "full" else None
-            what = json.dumps([arm.method, arm.replay_ratio, lora], sort_keys=True)
+            what = json.dumps([arm.method, arm.replay_ratio, lora, self.learning_rate_of(arm)], sort_keys=True)
             if what in seen:
                 return seen[what], arm.name
             seen[what] = arm.name

@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 from transformers import TrainerCallback
 
-from ftcore import perplexity
+from ftcore import models, perplexity
 from ftcore.io import atomic_path, write_parquet
 from ftcore.plan import ArmPlan, CurvePlan
 
@@ -113,7 +113,8 @@ def best_within(points: list[dict[str, Any]], budget_pct: float) -> tuple[int | 
 def write_frame(out_dir: str | Path) -> Path:
     """curves.parquet from curves.jsonl, with each point's % change against step 0."""
     points = read_points(out_dir)
-    df = pd.DataFrame(points, columns=["step", "tokens_seen", "set", "ppl", "nll", "bpb", "tokens"])
+    columns = ["step", "tokens_seen", "set", "ppl", "nll", "bpb", "tokens", "unit_nll", "unit_tokens"]
+    df = pd.DataFrame(points, columns=columns + (["kl", "unit_kl"] if points and "kl" in points[0] else []))
     start = df[df.step == 0].set_index("set")["nll"]
     df["change_pct"] = [100 * math.expm1(n - start[s]) if s in start else float("nan") for s, n in zip(df["set"], df["nll"])]
     return write_parquet(df, Path(out_dir) / FRAME)
@@ -180,11 +181,12 @@ class CurveLog(TrainerCallback):
     """
 
     def __init__(self, curve: CurvePlan, root: str | Path, out_dir: str | Path, resume_step: int, pad_id: int,
-                 label: str = "train"):
+                 label: str = "train", base_dir: str | Path | None = None, method: str = "full"):
         self.curve, self.out_dir, self.pad_id, self.label = curve, Path(out_dir), pad_id, label
         self.rows = subsample(curve, root)
         self.emit = None
         self.seconds = 0.0
+        self.base_dir, self.method, self._reference = base_dir, method, None
         self._forget_after(resume_step)
 
     def _forget_after(self, step: int) -> None:
@@ -240,10 +242,26 @@ class CurveLog(TrainerCallback):
     def _score(self, model, state, which: str) -> dict[str, Any]:
         with without_training_autocast(model):
             scores = perplexity.score_rows(model, self.rows[which], self.curve.batch_size, self.pad_id,
-                                           self.curve.precision, label=f"{self.label}-curve-{which}")
+                                           self.curve.precision, label=f"{self.label}-curve-{which}",
+                                           reference_logits=self.reference(model) if self.curve.kl else None)
         s = perplexity.summarize(scores)
+        # Per-row sums (a held-out document; a window of the general stream): what the matched-gain
+        # comparison resamples (ftcore.matched_gain).
+        units = {"unit_nll": scores["nll_sum"].tolist(), "unit_tokens": scores["n_tokens"].astype(int).tolist()}
+        if "kl_sum" in scores:
+            units |= {"kl": s["kl"], "unit_kl": scores["kl_sum"].tolist()}
         return {"step": state.global_step, "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
-                "set": which, "ppl": s["ppl"], "nll": s["nll"], "bpb": s["bpb"], "tokens": s["tokens"]}
+                "set": which, "ppl": s["ppl"], "nll": s["nll"], "bpb": s["bpb"], "tokens": s["tokens"], **units}
+
+    def reference(self, model):
+        """The base's logits beside the model being trained, for the points' KL (ftcore.models.reference_logits):
+        a LoRA model with its adapter off; for a full arm the base, loaded once on the model's device."""
+        if self.method == "lora":
+            return models.reference_logits("lora", model, self.base_dir)
+        if self._reference is None:
+            self._reference = models.reference_logits(self.method, model, self.base_dir,
+                                                      str(next(model.parameters()).device))
+        return self._reference
 
     def _budget(self, model, state, control) -> None:
         first_over, best = best_within(read_points(self.out_dir), self.curve.budget_pct)

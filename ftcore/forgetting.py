@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ftcore import curves, plots
+from ftcore import curves, matched_gain, plots
 
 MIN_POINTS = 4  # trained points (step > 0) a fit needs
 POOR_FIT = 0.9  # R² under this is reported as a poor fit
@@ -158,15 +158,51 @@ def section(df: pd.DataFrame, means: pd.DataFrame, budget_pct: float | None,
     return lines
 
 
+def kl_predicts(df: pd.DataFrame) -> list[str]:
+    """How well the KL to the base on each set predicts the general change, over every arm, seed and curve point
+    after step 0: Spearman's rank correlation and the R² of a straight line, with n (the report's lines)."""
+    from scipy import stats as st
+
+    if "kl" not in df or df["kl"].isna().all():
+        return []
+    wide = df[df.step > 0].pivot_table(index=["arm", "seed", "step"], columns="set", values=["kl", "change_pct"])
+    wide = wide.dropna()
+    n = len(wide)
+    if n < 3:
+        return [f"KL and forgetting: {n} trained curve points, too few to say how well the KL predicts the general "
+                "change."]
+    y = wide[("change_pct", "general")].to_numpy()
+    lines = [f"Over n = {n} curve points (every arm, seed and step after 0), how well the KL(base ‖ model) per token "
+             "predicts the general change in perplexity (Shenfeld et al. 2025, \"RL's Razor\", find the KL on the "
+             "new task's own distribution predicts forgetting):", "",
+             "| predictor | Spearman ρ | R² (straight line) |", "| --- | ---: | ---: |"]
+    for which, name in (("domain", "KL on the held-out domain text"), ("general", "KL on the general text")):
+        x = wide[("kl", which)].to_numpy()
+        if np.ptp(x) == 0 or np.ptp(y) == 0:
+            lines.append(f"| {name} | — | — |")
+            continue
+        rho = st.spearmanr(x, y).statistic
+        r2 = st.linregress(x, y).rvalue ** 2
+        lines.append(f"| {name} | {rho:+.2f} | {r2:.2f} |")
+    lines += ["", "The domain KL needs only the user's own data; where it tracks the general change as well as the "
+              "general KL does, it is a cheap early warning of forgetting."]
+    return lines
+
+
 def write(arms: list[dict[str, Any]], root: str | Path, out: Path, budget_pct: float | None,
-          whole: bool = False) -> dict[str, Any]:
-    """The curves' plots and report section for the finished arms (`whole`: scored on the whole evaluation
-    sets, eval.curve_tokens None); empty when no arm has curves."""
+          whole: bool = False, gains: tuple[float, ...] = (), order: list[str] | None = None,
+          reference: str | None = None, families: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """The curves' plots, the report's sections and the matched-gain comparison (ftcore.matched_gain) for the
+    finished arms; empty when no arm has curves. `whole`: scored on the whole evaluation sets
+    (eval.curve_tokens None); `gains`: the user's matched gains; `order`, `reference`, `families`: the
+    arms to compare (in the study's order), the arm compared against, each arm's family ((arm, family))."""
     df = load(arms, root)
     if df.empty:
         return {}
     means = seed_means(df)
     summaries = {(a["arm"], a["seed"]): a["summary"] for a in arms}
+    order = order or list(dict.fromkeys(df["arm"]))
+    matched = matched_gain.section(df, gains, order, reference, families or [(a, a) for a in order])
     return {"plots": {"curves": plots.plot_curves(means, out / "curves.png"),
-                      "path": plots.plot_path(means, out / "path.png", budget_pct)},
-            "lines": section(df, means, budget_pct, summaries, whole)}
+                      "path": plots.plot_path(means, out / "path.png", budget_pct, matched.get("gain"))},
+            "lines": section(df, means, budget_pct, summaries, whole), "matched": matched, "kl": kl_predicts(df)}

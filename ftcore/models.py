@@ -100,12 +100,12 @@ def load_scored(scored: Scored, base_dir: str | Path, root: str | Path, device: 
     return load_trained(Path(root) / scored.dir, base_dir, device, quantized=scored.method == "qlora")
 
 
-def reference_logits(scored: Scored, model: torch.nn.Module, base_dir: str | Path, device: str = "cpu"):
+def reference_logits(method: str, model: torch.nn.Module, base_dir: str | Path, device: str = "cpu"):
     """The base model's logits on a batch, `(input_ids, attention_mask) -> logits`, for the exact KL beside
-    `model` (the scored arm): a LoRA arm's own model with its adapter switched off (the base's weights, no
+    `model` (a model of `method`): a LoRA arm's own model with its adapter switched off (the base's weights, no
     second model in memory); for a full arm, a QLoRA arm (whose adapter-free model is the 4-bit base) and
     the 4-bit base, the base loaded beside it."""
-    if scored.method == "lora":
+    if method == "lora":
         def logits(input_ids, attention_mask):
             with model.disable_adapter():
                 return model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -88,7 +88,7 @@ def document_scores(scores: pd.DataFrame, token_docs: list[tuple[np.ndarray, np.
     """
     if row_docs is not None:
         df = pd.DataFrame({"doc": np.asarray(row_docs), "n_tokens": scores["n_tokens"], "nll_sum": scores["nll_sum"],
-                           "n_bytes": scores["n_bytes"]})
+                           "n_bytes": scores["n_bytes"], **({"kl_sum": scores["kl_sum"]} if "kl_sum" in scores else {})})
         return df.groupby("doc", sort=True).sum().reset_index()
     if token_docs is None:
         raise ValueError("document_scores needs row_docs or token_docs")

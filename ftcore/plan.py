@@ -38,6 +38,7 @@ class CurvePlan(_Frozen):
     precision: Literal["fp32", "bf16"]
     budget_pct: float | None  # forgetting_budget_pct
     stop_at_budget: bool
+    kl: bool = False  # each point also measures KL(base ‖ model) per token, exactly (eval.kl_top_k None)
 
 
 class ArmPlan(_Frozen):

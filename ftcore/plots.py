@@ -119,8 +119,9 @@ def plot_curves(means: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_path(means: pd.DataFrame, path: Path, budget_pct: float | None = None) -> Path:
-    """General change against domain gain along training, from the base (origin) to each arm's last point."""
+def plot_path(means: pd.DataFrame, path: Path, budget_pct: float | None = None, gain: float | None = None) -> Path:
+    """General change against domain gain along training, from the base (origin) to each arm's last point; the
+    matched domain gain (ftcore.matched_gain) as a vertical line."""
     fig, ax = plt.subplots(figsize=(6.5, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     wide = means.pivot_table(index=["arm", "step"], columns="set", values="change_pct", sort=False).reset_index()
@@ -134,6 +135,8 @@ def plot_path(means: pd.DataFrame, path: Path, budget_pct: float | None = None) 
     ax.scatter([0], [0], marker="x", color="k", label="base (step 0)", zorder=4)
     if budget_pct is not None:
         ax.axhline(budget_pct, color="r", lw=0.8, ls="--", label=f"forgetting budget +{budget_pct:g}%")
+    if gain is not None and gain > 0:
+        ax.axvline(gain, color="0.4", lw=0.8, ls=":", label=f"compared at {gain:.1f}% domain gain")
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xlabel("domain gain along training (% fall in perplexity) →")
     ax.set_ylabel("general change (% rise in perplexity) ↓")

@@ -70,8 +70,8 @@ def run_table(evals: list[dict[str, Any]]) -> pd.DataFrame:
         row[f"{e['set']}_change_pct"] = 100 * (e["ppl"] / base[e["set"]]["ppl"] - 1)
         row[f"{e['set']}_bpb"] = e["bpb"]
         row[f"{e['set']}_tokens"] = e["tokens"]
-        if e["set"] == "general" and e.get("kl") is not None:
-            row["general_kl"] = e["kl"]
+        if e.get("kl") is not None:
+            row[f"{e['set']}_kl"] = e["kl"]
     df = pd.DataFrame(list(rows.values()))
     df["seed"] = df["seed"].astype("Int64")
     return df
@@ -120,8 +120,7 @@ def analyse(evals: list[dict[str, Any]], order: list[str] | None = None, titles:
                 row[f"{s}_change_pct"], (row[f"{s}_change_ci_low"], row[f"{s}_change_ci_high"]), row[f"{s}_change_std"])
             row[f"{s}_bpb"] = float(per_seed[f"{s}_bpb"].mean())
             row[f"{s}_tokens"] = int(per_seed[f"{s}_tokens"].iloc[0])
-        if s == "general":
-            _kl_to_base(models, table, arms, seeds, runs, resamples)
+        _kl_to_base(s, models, table, arms, seeds, runs, resamples)
     table_df = pd.DataFrame(table)
     if arms:
         # The front is over the trained arms: the base and the 4-bit base (a reference point) are not on it.
@@ -144,9 +143,9 @@ def analyse(evals: list[dict[str, Any]], order: list[str] | None = None, titles:
                     general_docs=general_doc_changes(evals, titles))
 
 
-def _kl_to_base(models: list[dict[str, Any]], table: list[dict[str, Any]], arms: list[str], seeds: dict[str, list[int]],
-                runs: pd.DataFrame, resamples: int) -> None:
-    """Each arm's mean KL(base ‖ arm) per general token (nats): mean over seeds, their spread, and a
+def _kl_to_base(s: str, models: list[dict[str, Any]], table: list[dict[str, Any]], arms: list[str],
+                seeds: dict[str, list[int]], runs: pd.DataFrame, resamples: int) -> None:
+    """Each arm's mean KL(base ‖ arm) per token of set `s` (nats): mean over seeds, their spread, and a
     bootstrap interval over documents (the same resamples as the perplexities), into `table`."""
     docs = [_docs(e) for e in models[1:]]
     if not docs or not all("kl_sum" in d for d in docs):
@@ -155,15 +154,15 @@ def _kl_to_base(models: list[dict[str, Any]], table: list[dict[str, Any]], arms:
     kl = np.stack([np.asarray(d["kl_sum"], dtype=np.float64) for d in docs])
     weights = stats.resample_weights(len(tokens), resamples)
     per_model = (weights @ kl.T) / (weights @ tokens)[:, None]  # [resamples x arm runs]
-    table[0].update(general_kl=0.0, general_kl_ci_low=0.0, general_kl_ci_high=0.0)  # the base from itself
+    table[0].update({f"{s}_kl": 0.0, f"{s}_kl_ci_low": 0.0, f"{s}_kl_ci_high": 0.0})  # the base from itself
     col = 0
     for i, a in enumerate(arms, start=1):
         cols = list(range(col, col + len(seeds[a])))
         col += len(seeds[a])
-        values = runs.set_index(["arm", "seed"]).loc[[(a, sd) for sd in seeds[a]], "general_kl"].to_numpy()
-        table[i]["general_kl"] = float(values.mean())
-        table[i]["general_kl_std"] = stats.seed_std(values)
-        table[i]["general_kl_ci_low"], table[i]["general_kl_ci_high"] = stats.interval(per_model[:, cols].mean(axis=1))
+        values = runs.set_index(["arm", "seed"]).loc[[(a, sd) for sd in seeds[a]], f"{s}_kl"].to_numpy()
+        table[i][f"{s}_kl"] = float(values.mean())
+        table[i][f"{s}_kl_std"] = stats.seed_std(values)
+        table[i][f"{s}_kl_ci_low"], table[i][f"{s}_kl_ci_high"] = stats.interval(per_model[:, cols].mean(axis=1))
 
 
 def general_doc_changes(evals: list[dict[str, Any]], titles: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -198,26 +197,28 @@ def _pct(row: pd.Series, s: str) -> str:
 
 
 TABLE_COLUMNS = ("arm", "seeds", "domain ppl", "Δ domain ± std [95% CI]", "general ppl", "Δ general ± std [95% CI]",
-                 "KL(base‖arm) general, nats/token [95% CI]", "Δ tasks, points [95% CI]", "domain bits/byte",
-                 "general bits/byte", "front")
-KL_COLUMN = TABLE_COLUMNS[6]
-TASKS_COLUMN = TABLE_COLUMNS[7]
+                 "KL(base‖arm) domain, nats/token [95% CI]", "KL(base‖arm) general, nats/token [95% CI]",
+                 "Δ tasks, points [95% CI]", "domain bits/byte", "general bits/byte", "front")
+KL_COLUMNS = {"domain": TABLE_COLUMNS[6], "general": TABLE_COLUMNS[7]}
+KL_COLUMN = KL_COLUMNS["general"]
+TASKS_COLUMN = TABLE_COLUMNS[8]
 
 
-def _kl(r: pd.Series) -> str:
-    value = r.get("general_kl")
+def _kl(r: pd.Series, s: str) -> str:
+    value = r.get(f"{s}_kl")
     if value is None or pd.isna(value):
         return "—"
-    spread = f" ± {r['general_kl_std']:.2g}" if r["seeds"] > 1 else ""
-    return f"{value:.3g}{spread} [{r['general_kl_ci_low']:.3g}, {r['general_kl_ci_high']:.3g}]"
+    spread = f" ± {r[f'{s}_kl_std']:.2g}" if r["seeds"] > 1 else ""
+    return f"{value:.3g}{spread} [{r[f'{s}_kl_ci_low']:.3g}, {r[f'{s}_kl_ci_high']:.3g}]"
 
 
 def columns(table: pd.DataFrame) -> tuple[str, ...]:
-    """The table's columns: the KL column only when the arms' KL was measured, the task column only when
-    benchmark tasks were (ftcore.task_forgetting)."""
-    with_kl = "general_kl" in table and table["general_kl"].notna().any()
-    with_tasks = "task_forgetting_pts" in table and table["task_forgetting_pts"].notna().any()
-    return tuple(c for c in TABLE_COLUMNS if (c != KL_COLUMN or with_kl) and (c != TASKS_COLUMN or with_tasks))
+    """The table's columns: a KL column only when the arms' KL on that set was measured, the task column only
+    when benchmark tasks were (ftcore.task_forgetting)."""
+    shown = {c for s, c in KL_COLUMNS.items() if f"{s}_kl" in table and table[f"{s}_kl"].notna().any()}
+    if "task_forgetting_pts" in table and table["task_forgetting_pts"].notna().any():
+        shown.add(TASKS_COLUMN)
+    return tuple(c for c in TABLE_COLUMNS if c not in (*KL_COLUMNS.values(), TASKS_COLUMN) or c in shown)
 
 
 def table_rows(table: pd.DataFrame) -> list[dict[str, str]]:
@@ -229,7 +230,7 @@ def table_rows(table: pd.DataFrame) -> list[dict[str, str]]:
         for s in SETS:
             cells.append(f"{r[f'{s}_ppl']:.2f}")
             cells.append(f"[{r[f'{s}_ppl_ci_low']:.2f}, {r[f'{s}_ppl_ci_high']:.2f}]" if base else _pct(r, s))
-        cells += ["0 (itself)" if base else _kl(r)]
+        cells += ["0 (itself)" if base else _kl(r, s) for s in SETS]
         cells += ["0 (itself)" if base else task_forgetting.forgetting_cell(r)]
         cells += [f"{r['domain_bpb']:.3f}", f"{r['general_bpb']:.3f}", "" if base else ("●" if r.get("pareto") else "")]
         row = dict(zip(TABLE_COLUMNS, cells))
@@ -401,15 +402,24 @@ def data_lines(data: dict[str, Any], chunk_len: int | None = None) -> list[str]:
 
 def render_markdown(a: Analysis, title: str, details: dict[str, Any], figures: dict[str, Path],
                     methods: dict[str, str] | None = None, data: dict[str, Any] | None = None,
-                    chunk_len: int | None = None, sections: dict[str, list[str]] | None = None) -> str:
-    lines = [f"# Fine-tuning cost study: {title}", "", markdown_table(a.arms), "",
+                    chunk_len: int | None = None, sections: dict[str, list[str]] | None = None,
+                    lead: list[str] | None = None) -> str:
+    """report.md: `lead` (the comparison at equal domain gain, ftcore.matched_gain) first, then the arms at the end
+    of training, the seed's expectations, `sections`, where forgetting happens, the data and the run."""
+    lines = [f"# Fine-tuning cost study: {title}", ""]
+    if lead:
+        lines += ["## At equal domain gain", ""] + lead + ["", "## At the end of training", ""]
+    lines += [markdown_table(a.arms), "",
              f"Δ is the % change in perplexity against the base model; ± the standard deviation over seeds; "
              f"[..] the 95% bootstrap interval over documents ({stats.RESAMPLES} resamples, paired across models). "
              f"{NOISE_RULE}. ● marks the arms on the Pareto front of domain gain vs general forgetting."
              + (" KL(base‖arm) is the mean per-token KL divergence of the arm's next-token distribution from the "
                 "base's on the general set, in nats (0 = the base's predictions unchanged; it does not depend on how "
                 "well the base fit the text); exact over the vocabulary unless eval.kl_top_k sets the top-k lower bound."
-                if KL_COLUMN in columns(a.arms) else ""), "",
+                if KL_COLUMN in columns(a.arms) else "")
+             + (" The domain KL is the same on the held-out domain text, the new task's own distribution (Shenfeld et "
+                "al. 2025, \"RL's Razor\": forgetting is predicted by the KL measured there)."
+                if KL_COLUMNS["domain"] in columns(a.arms) else ""), "",
              "## Against the seed recipe's expectations", "", f"Expected: {EXPECTED['domain']}; {EXPECTED['general']}.", ""]
     lines += [f"- {line}" for line in expectation_checks(a, methods)]
     if a.runs["seed"].notna().any() and a.arms["seeds"].max() > 1:
@@ -436,10 +446,11 @@ def write_report(
     order: list[str] | None = None, methods: dict[str, str] | None = None, titles: pd.DataFrame | None = None,
     reference: str | None = None, data: dict[str, Any] | None = None, chunk_len: int | None = None,
     sections: dict[str, list[str]] | None = None, more_plots: dict[str, Path] | None = None,
-    task_table: pd.DataFrame | None = None,
+    task_table: pd.DataFrame | None = None, lead: list[str] | None = None,
 ) -> dict[str, str]:
-    """Write the tables, report.md and the plots into out_dir; return their paths. `sections` (heading ->
-    markdown lines) and `more_plots` (already drawn, e.g. ftcore.forgetting's) join the report;
+    """Write the tables, report.md and the plots into out_dir; return their paths. `lead` (markdown lines) opens
+    the report; `sections` (heading -> markdown lines) and `more_plots` (already drawn, e.g.
+    ftcore.forgetting's) join it;
     `task_table` (ftcore.task_forgetting.analyse: per-arm task columns) joins the table, with its frontier plot."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -457,7 +468,8 @@ def write_report(
     write_parquet(a.runs, out / "runs.parquet")
     write_parquet(a.general_docs, out / "general_docs.parquet")
     write_text(markdown_table(a.arms) + "\n", out / "table.md")
-    write_text(render_markdown(a, title, details or {}, drawn, methods, data, chunk_len, sections), out / "report.md")
+    write_text(render_markdown(a, title, details or {}, drawn, methods, data, chunk_len, sections, lead),
+               out / "report.md")
     return {"table": str(out / "table.parquet"), "runs": str(out / "runs.parquet"),
             "general_docs": str(out / "general_docs.parquet"), "report": str(out / "report.md"),
             **{name: str(p) for name, p in drawn.items()}}

@@ -152,6 +152,7 @@ class Report(Result):
     path: str | None = None
     tasks: str | None = None
     task_frontier: str | None = None
+    matched_gain: str | None = None  # the arms' general change at equal domain gain (ftcore.matched_gain)
 
     def files(self) -> dict[str, str]:
         return self.model_dump(exclude={"digest"}, exclude_none=True)

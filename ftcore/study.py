@@ -200,13 +200,13 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
     """Perplexity and bits per byte of the base, the 4-bit base or a trained arm (`scored`) on `which` (domain or
     general), with per-row (scores.parquet) and per-document (docs.parquet) NLL.
 
-    On the general set with eval.kl_top_k > 0, the base's evaluation also stores its top-k
-    log-probabilities per token (reference.npz), and an arm's, given that evaluation as `base`, adds
-    `kl`: the mean KL(base ‖ arm) per token in nats (per document in docs.parquet); with kl_top_k
-    None the KL is exact, against the base scored beside the arm.
+    An arm's evaluation adds `kl`: the mean KL(base ‖ arm) per token in nats (per document in
+    docs.parquet), exact against the base scored beside the arm (eval.kl_top_k None); with
+    eval.kl_top_k > 0 the base's evaluation stores its top-k log-probabilities per token
+    (reference.npz) and an arm's, given that evaluation as `base`, sums over them.
     """
     cfg, root, data = p.cfg, p.root, p.data(which)
-    keeps_reference = which == "general" and scored.is_base and bool(cfg.eval.kl_top_k)
+    keeps_reference = scored.is_base and bool(cfg.eval.kl_top_k)
     reads = {"eval": cfg.eval.model_dump(mode="json"), "chunk_len": cfg.chunk_len, "set": which,
              "model": p.model.digest, "arm": scored.digest, "data": data.digest,
              "base": base.digest if base and base.reference else None}
@@ -228,11 +228,11 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
         tokenizer = models.load_tokenizer(base_dir)
         reference = (perplexity.read_reference(root / base.reference)
                      if base and base.reference and not scored.is_base else None)
-        exact = which == "general" and not scored.is_base and cfg.eval.kl_top_k is None
+        exact = not scored.is_base and cfg.eval.kl_top_k is None
         scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
                                        label=f"eval-{scored.label}-{which}", keep_tokens=token_docs is not None,
                                        top_k=cfg.eval.kl_top_k if keeps_reference else 0, reference=reference,
-                                       reference_logits=models.reference_logits(scored, net, base_dir, where)
+                                       reference_logits=models.reference_logits(scored.method, net, base_dir, where)
                                        if exact else None)
         del net
         if keeps_reference:
@@ -298,7 +298,7 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
                        "failed": bench["failed"]} if bench else None}
     files = ["table.parquet", "runs.parquet", "general_docs.parquet", "table.md", "report.md", "perplexity.png",
              "frontier.png", "config.yaml"] + (["loss.png", "cards"] if arms else [])
-    files += ["curves.png", "path.png"] if any(a.curves for a in arms) else []
+    files += ["curves.png", "path.png", "matched_gain.parquet"] if any(a.curves for a in arms) else []
     tasks = {"tasks": [t.model_dump() for t in p.tasks], "failed": bench["failed"],
              "results": [r.model_dump() for r in bench["results"]]} if bench else None
     files += ["tasks.parquet"] if tasks and tasks["results"] else []
@@ -318,11 +318,19 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
                   "general": next((e.tokens for e in evals if e.arm == "base" and e.set == "general"), None)}
         data_seen = {name: {**st, "scored": scored[name]} if scored.get(name) is not None else st
                      for name, st in data.items()}
-        along = forgetting.write([a.model_dump() for a in arms], root, out, cfg.forgetting_budget_pct,
-                                 whole=cfg.eval.curve_tokens is None)
-        order = ["base-nf4", *[a for a in cfg.arm_names if a not in broken]]
+        finished = [a for a in cfg.arms if a.name not in broken]
+        along = forgetting.write([a.model_dump() for a in arms if a.arm not in broken], root, out,
+                                 cfg.forgetting_budget_pct, whole=cfg.eval.curve_tokens is None,
+                                 gains=cfg.report.matched_gains, order=[a.name for a in finished],
+                                 reference=cfg.reference, families=[(a.name, a.group) for a in finished])
+        order = ["base-nf4", *[a.name for a in finished]]
         task_part = task_forgetting.write(tasks, done, root, order, cfg.benchmarks.max_length if cfg.benchmarks else None)
+        matched = along.get("matched") or {}
+        if along:  # the arms' general change at equal domain gain (empty when none can be compared)
+            write_parquet(matched.get("table", pd.DataFrame({"gain_pct": []})), out / "matched_gain.parquet")
         sections = {"Forgetting along training": along["lines"]} if along else {}
+        if along.get("kl"):
+            sections["What predicts forgetting"] = along["kl"]
         if task_part:
             sections["Benchmark tasks (lm-evaluation-harness)"] = task_part["lines"]
             write_parquet(task_part["tasks"], out / "tasks.parquet")
@@ -331,7 +339,8 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
                                     reference=cfg.reference,
                                     titles=pd.read_parquet(root / titles) if titles else None, data=data_seen,
                                     chunk_len=cfg.chunk_len, sections=sections or None,
-                                    more_plots=along.get("plots"), task_table=task_part["table"] if task_part else None)
+                                    more_plots=along.get("plots"), task_table=task_part["table"] if task_part else None,
+                                    lead=matched.get("lines"))
         header = ("The effective config of this study (ftstudy run --config config.yaml reruns it); artifacts_dir,\n"
                   "executor, train_deployment and report_to, which change no number, are left at their defaults.")
         defaults = StudyConfig.model_fields
@@ -340,7 +349,8 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
         cards.write_cards(cfg, arms, out, p.model, root)
         return {**{name: relative(root, Path(path)) for name, path in paths.items()},
                 "config": relative(root, out / "config.yaml"),
-                **({"tasks": relative(root, out / "tasks.parquet")} if task_part else {})}
+                **({"tasks": relative(root, out / "tasks.parquet")} if task_part else {}),
+                **({"matched_gain": relative(root, out / "matched_gain.parquet")} if along else {})}
 
     where = step_dir(root, "report", "report", reads, write_report)
     return Step("report", "write-results", where, compute, Report, outputs=tuple(files))
@@ -362,7 +372,7 @@ def plan_curve(cfg: StudyConfig, domain: DomainRows, general: Stream | None) -> 
                      general_rows=general.path, window=cfg.chunk_len, stride=cfg.eval.stride,
                      max_general_tokens=cfg.eval.max_general_tokens, batch_size=cfg.eval.batch_size,
                      precision=cfg.eval.precision, budget_pct=cfg.forgetting_budget_pct,
-                     stop_at_budget=cfg.stop_at_budget)
+                     stop_at_budget=cfg.stop_at_budget, kl=cfg.eval.kl_top_k is None)
 
 
 def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain: DomainRows, replay: Stream | None,
@@ -377,7 +387,8 @@ def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain:
     key too; with curves off they are not.
     """
     lora = cfg.lora_of(arm) if arm.method != "full" else None
-    train_spec = cfg.train.model_copy(update={"seed": seed})
+    train_spec = cfg.train.model_copy(update={"seed": seed, "learning_rate": cfg.learning_rate_of(arm) if not lora
+                                              else cfg.train.learning_rate})
     replaying = arm.replay_ratio > 0
     if replaying and replay is None:
         raise ValueError(f"arm {arm.name}: replay_ratio {arm.replay_ratio} but the study has no tokenized replay corpus")
@@ -466,8 +477,8 @@ def run_study(cfg: StudyConfig | Inputs, runner: Runner | None = None) -> dict[s
     cfg, root = p.cfg, str(p.root)
     quantized = any(a.method == "qlora" for a in cfg.arms)
     baseline = {w: runner.submit(evaluate, p, w, BASE, label=f"eval-base-{w}") for w in SETS}
-    # With eval.kl_top_k, an arm's general evaluation reads the base's stored top-k (exact KL needs none).
-    against = {"domain": None, "general": baseline["general"] if cfg.eval.kl_top_k else None}
+    # With eval.kl_top_k, an arm's evaluation reads the base's stored top-k (exact KL needs none).
+    against = {w: baseline[w] if cfg.eval.kl_top_k else None for w in SETS}
     base = list(baseline.values())
     if quantized:  # the 4-bit base: what quantization alone costs
         base += [runner.submit(evaluate, p, w, QUANTIZED_BASE, against[w], label=f"eval-base-nf4-{w}") for w in SETS]

@@ -515,7 +515,7 @@ def analyse(results: list[dict[str, Any]], refs: list[TaskRef], order: list[str]
                          "score": float(np.mean([r["score"] for r in runs])) * _scale(ref), "seeds": len(runs),
                          "change": change, "change_std": spread, "ci_low": ci[0], "ci_high": ci[1],
                          "within_noise": stats.within_noise(change, ci, spread),
-                         "unit": ref.unit})
+                         "unit": ref.unit, **flips(base_table, tables)})
             if ref.unit == "pts":
                 forgetting.setdefault(arm, []).append((change, per_seed, samples))
     per_task = pd.DataFrame(long)
@@ -539,6 +539,31 @@ def analyse(results: list[dict[str, Any]], refs: list[TaskRef], order: list[str]
 
 # --- the report ----------------------------------------------------------------------------------------
 
+def mcnemar(right_to_wrong: int, wrong_to_right: int) -> float:
+    """Exact McNemar test of paired right/wrong outcomes: the two-sided binomial p of the discordant pairs
+    (scipy.stats.binomtest, p = 0.5; McNemar 1947, exact form); 1.0 when no example changed."""
+    from scipy.stats import binomtest
+
+    n = right_to_wrong + wrong_to_right
+    return float(binomtest(min(right_to_wrong, wrong_to_right), n, 0.5).pvalue) if n else 1.0
+
+
+def flips(base: pd.DataFrame, arms: list[pd.DataFrame]) -> dict[str, Any]:
+    """For a task scored right or wrong per example (values 0 and 1): per seed of an arm, the examples that went
+    right -> wrong and wrong -> right against the base (paired by example), and McNemar's exact p; empty for
+    other metrics. Several seeds: the mean counts and the largest p (every seed's p is at most it)."""
+    right = base["value"].to_numpy() if "value" in base else None
+    if right is None or not np.isin(right, (0.0, 1.0)).all():
+        return {}
+    counts = []
+    for table in arms:
+        arm = table["value"].to_numpy()
+        counts.append((int(((right == 1) & (arm == 0)).sum()), int(((right == 0) & (arm == 1)).sum())))
+    lost, gained = np.mean([c[0] for c in counts]), np.mean([c[1] for c in counts])
+    return {"right_to_wrong": float(lost), "wrong_to_right": float(gained),
+            "mcnemar_p": max(mcnemar(a, b) for a, b in counts)}
+
+
 def _cell(r: pd.Series, unit: str) -> str:
     if r["arm"] == "base":
         return f"{r['score']:.2f}" if unit == "pts" else f"{r['score']:.4f}"
@@ -547,6 +572,8 @@ def _cell(r: pd.Series, unit: str) -> str:
     if r["seeds"] > 1:
         sign += f" ± {r['change_std']:.1f}"
     sign += f" [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
+    if pd.notna(r.get("mcnemar_p")):
+        sign += f"; {r['right_to_wrong']:g} right→wrong, {r['wrong_to_right']:g} wrong→right, McNemar p {r['mcnemar_p']:.2g}"
     return f"{score} ({'≈ ' if r['within_noise'] else ''}{sign})"
 
 
@@ -582,7 +609,9 @@ def task_lines(per_task: pd.DataFrame, refs: list[TaskRef], failed: dict[str, st
                   f"95% paired bootstrap interval over examples ({stats.RESAMPLES} resamples). ≈ marks a change within "
                   "noise by the same rule as the perplexity table. Task forgetting in the table above is the mean "
                   "change over the accuracy tasks (Biderman et al. 2024 take the same mean over HellaSwag, "
-                  "ARC-Challenge and WinoGrande)."]
+                  "ARC-Challenge and WinoGrande). For a task scored right or wrong per example, the examples that "
+                  "went right→wrong and wrong→right against the base (paired) and McNemar's exact test on them "
+                  "(with several seeds: mean counts and the largest p)."]
     for what, why in failed.items():
         lines += ["", f"- FAILED {what}: {why}"]
     return lines

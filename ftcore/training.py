@@ -321,7 +321,7 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     model_dir = plan.model.locate(root)
     tokenizer = load_tokenizer(model_dir)
     curve = (curves.CurveLog(plan.curve, root, out_dir, _checkpoint_step(checkpoint), tokenizer.pad_token_id,
-                             f"train-{plan.label}") if plan.curve and main else None)
+                             f"train-{plan.label}", model_dir, plan.method) if plan.curve and main else None)
     writers = [LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)),
                ProgressLog(f"train-{plan.label}", on_progress)] if main else []
     trainer_class = PlainLossSFTTrainer if args.use_cpu else SFTTrainer

@@ -162,6 +162,39 @@ def test_kl_to_the_base_matches_a_hand_computation(study_config, tmp_path, arm_n
         assert base.reference is None  # the exact KL stores nothing
 
 
+@pytest.mark.parametrize("arm_name", ["full", "lora"])
+def test_kl_on_the_domain_matches_a_hand_computation_and_is_zero_for_the_base(study_config, arm_name):
+    """KL(base ‖ arm) on the held-out domain completions (Shenfeld et al. 2025): exact, per predicted token."""
+    from transformers import AutoModelForCausalLM
+
+    from ftcore import models, perplexity
+
+    prepared = _prepared(study_config, arms=[arm_name], eval={"every_steps": 0})
+    root = Path(prepared.cfg.artifacts_dir)
+    trained = run_step(study.train(_plan(prepared, arm_name), root))
+    arm = run_step(study.evaluate(prepared, "domain", trained))
+    rows = perplexity.domain_rows(pd.read_parquet(root / prepared.domain.test))
+    base_model = AutoModelForCausalLM.from_pretrained(prepared.model_dir)
+    tuned = models.load_trained(root / trained.dir, prepared.model_dir)
+    assert arm.kl > 0 and arm.kl == pytest.approx(_kl_by_hand(base_model, tuned, rows), rel=1e-4)
+    assert pd.read_parquet(root / arm.docs)["kl_sum"].sum() == pytest.approx(arm.kl * arm.tokens, rel=1e-9)
+    itself = perplexity.score_rows(base_model, rows, 8, 0, reference_logits=models.reference_logits(
+        "full", base_model, prepared.model_dir))
+    assert itself["kl_sum"].abs().max() < 1e-9  # the base against itself
+
+
+def test_each_curve_point_keeps_its_units_and_kl(study_config):
+    """What the matched-gain bootstrap resamples: per held-out document and general window, the NLL and tokens of
+    every point (summing to the point's totals), and the point's KL to the base (0 at step 0)."""
+    prepared = _prepared(study_config, arms=["lora"], eval={"every_steps": 2, "curve_tokens": 300})
+    trained = run_step(study.train(_plan(prepared, "lora"), prepared.cfg.artifacts_dir))
+    curve = _curve(prepared.cfg.artifacts_dir, trained)
+    for _, p in curve.iterrows():
+        assert sum(p["unit_nll"]) / sum(p["unit_tokens"]) == pytest.approx(p["nll"], rel=1e-9)
+        assert sum(p["unit_tokens"]) == p["tokens"]
+    assert curve[curve.step == 0]["kl"].abs().max() < 1e-9 and (curve[curve.step > 0]["kl"] > 0).all()
+
+
 def test_top_k_kl_is_a_lower_bound_of_the_full_kl():
     from ftcore import perplexity
 
