@@ -97,12 +97,14 @@ def print_results(root: Path, results: dict) -> None:
     from ftcore.study import report_files
 
     files = report_files(root, results)
+    if "headline" in files:  # the arms at equal domain gain first: the fair comparison
+        print(files["headline"].read_text())
     print(files["table"].with_name("table.md").read_text())
     print(f"report: {files['report']}")
     for name in ("perplexity", "frontier", "loss", "curves", "path", "task_frontier"):
         if name in files:
             print(f"plot:   {files[name]}")
-    for name in ("runs", "general_docs", "tasks", "config"):
+    for name in ("matched_gain", "runs", "general_docs", "tasks", "config"):
         if name in files:
             print(f"{name + ':':<7} {files[name]}")
     print(f"models: see the 'model' lines of {files['report']} (relative to {root})")

@@ -153,6 +153,7 @@ class Report(Result):
     tasks: str | None = None
     task_frontier: str | None = None
     matched_gain: str | None = None  # the arms' general change at equal domain gain (ftcore.matched_gain)
+    headline: str | None = None  # the report's first sentence(s): that comparison in words
 
     def files(self) -> dict[str, str]:
         return self.model_dump(exclude={"digest"}, exclude_none=True)

@@ -298,7 +298,7 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
                        "failed": bench["failed"]} if bench else None}
     files = ["table.parquet", "runs.parquet", "general_docs.parquet", "table.md", "report.md", "perplexity.png",
              "frontier.png", "config.yaml"] + (["loss.png", "cards"] if arms else [])
-    files += ["curves.png", "path.png", "matched_gain.parquet"] if any(a.curves for a in arms) else []
+    files += ["curves.png", "path.png", "matched_gain.parquet", "headline.md"] if any(a.curves for a in arms) else []
     tasks = {"tasks": [t.model_dump() for t in p.tasks], "failed": bench["failed"],
              "results": [r.model_dump() for r in bench["results"]]} if bench else None
     files += ["tasks.parquet"] if tasks and tasks["results"] else []
@@ -328,6 +328,8 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
         matched = along.get("matched") or {}
         if along:  # the arms' general change at equal domain gain (empty when none can be compared)
             write_parquet(matched.get("table", pd.DataFrame({"gain_pct": []})), out / "matched_gain.parquet")
+            write_text("\n\n".join(h for h in (matched.get("headline"), matched.get("best_headline")) if h) + "\n",
+                       out / "headline.md")
         sections = {"Forgetting along training": along["lines"]} if along else {}
         if along.get("kl"):
             sections["What predicts forgetting"] = along["kl"]
@@ -350,7 +352,8 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
         return {**{name: relative(root, Path(path)) for name, path in paths.items()},
                 "config": relative(root, out / "config.yaml"),
                 **({"tasks": relative(root, out / "tasks.parquet")} if task_part else {}),
-                **({"matched_gain": relative(root, out / "matched_gain.parquet")} if along else {})}
+                **({"matched_gain": relative(root, out / "matched_gain.parquet"),
+                    "headline": relative(root, out / "headline.md")} if along else {})}
 
     where = step_dir(root, "report", "report", reads, write_report)
     return Step("report", "write-results", where, compute, Report, outputs=tuple(files))
