@@ -74,7 +74,7 @@ def model_card(cfg: StudyConfig, arm: TrainedArm, table: pd.DataFrame, runs: pd.
         f"`{_corpus(cfg.domain)}`"
         + (f" with {100 * summary.get('replay_share', 0):.0f}% general replay text" if summary.get("replay_share") else "")
         + ", in a study of what fine-tuning costs: the change in perplexity on held-out domain text and on a "
-        f"general benchmark (`{_corpus(cfg.general)}`), against the base model." + _base_note(cfg), "",
+        f"general text (`{_corpus(cfg.general)}`), against the base model." + _base_note(cfg), "",
         "## Measured", "",
         "| | domain | general |", "| --- | ---: | ---: |",
         f"| base model perplexity | {base['domain_ppl']:.2f} | {base['general_ppl']:.2f} |",

@@ -411,7 +411,7 @@ class StudyConfig(_Frozen):
     name: str = Field("study", description="Label used in reports.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Base causal LM.")
     domain: CorpusSpec = Field(..., description="Domain corpus; a held-out split of it measures the domain gain.")
-    general: CorpusSpec = Field(..., description="General benchmark (joined text stream), measures forgetting.")
+    general: CorpusSpec = Field(..., description="General text (WikiText-2 in the presets), joined into one stream: measures forgetting.")
     replay: CorpusSpec | None = Field(None, description="General text mixed into the replay arm; must be disjoint from `general`.")
     test_docs: int = Field(1000, gt=0, description="Domain documents held out for evaluation.")
     split_seed: int = Field(0, description="Seed of the train/test split of the domain corpus.")

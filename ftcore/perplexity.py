@@ -5,7 +5,7 @@ bits/byte  = sum of NLL (nats) / ln 2 / UTF-8 bytes of the predicted tokens
 
 A predicted token is a position whose label is not -100, excluding position 0 (nothing precedes
 it). Domain rows carry their own labels (completion tokens in instruction format, all tokens in lm
-format). The general benchmark is one token stream scored in windows of chunk_len tokens that
+format). The general text is one token stream scored in windows of chunk_len tokens that
 advance by `stride` (the transformers perplexity guide): each window predicts only the tokens the
 previous window did not, with up to chunk_len - stride tokens of context before them.
 """

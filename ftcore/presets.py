@@ -43,7 +43,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 ARXIV_FIELDS = {"prompt_field": "titles", "completion_field": "summaries"}
 
 # The reference recipe on a GPU: gpt2-medium, 10k arXiv CS abstracts from the Hub (1k held out),
-# WikiText-2 test as the benchmark, WikiText-103 train as replay. The training defaults are its own.
+# WikiText-2 test as the general text, WikiText-103 train as replay. The training defaults are its own.
 SEED: dict[str, Any] = {
     "name": "seed",
     "domain": {"source": "hub", "path": "CShorten/ML-ArXiv-Papers", "text_fields": ["title", "abstract"],
@@ -124,7 +124,7 @@ DEMO_FRONTIER: dict[str, Any] = deep_merge(DEMO_BASE, {
 })
 
 # The demo's corpora from the Hub, for an install without ../shared/data (SOTU is not on the Hub
-# under a known name; WikiText-103 train is general text disjoint from the benchmark).
+# under a known name; WikiText-103 train is general text disjoint from WikiText-2).
 DEMO_FROM_HUB: dict[str, Any] = {
     "domain": {"source": "hub", "path": "CShorten/ML-ArXiv-Papers", "text_fields": ["title", "abstract"],
                "max_docs": 600},

@@ -348,7 +348,7 @@ def forgetting_summary(docs: pd.DataFrame, order: list[str], top: int = TOP_DOCS
         return []
     per_arm = docs.groupby(["arm", "doc", "title"], sort=False).agg(
         n_tokens=("n_tokens", "first"), ppl_change_pct=("ppl_change_pct", "mean")).reset_index()
-    lines = ["Per document of the general benchmark (seed mean), the change in perplexity against the base model.", ""]
+    lines = ["Per document of the general text (seed mean), the change in perplexity against the base model.", ""]
     for arm in order:
         d = per_arm[per_arm.arm == arm]
         if d.empty:
