@@ -154,9 +154,13 @@ def wait_healthy(service: Service, timeout: float = 180) -> None:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether the server can listen on host:port now. Probed as the server binds (SO_REUSEADDR, as uvicorn does),
+    so a port a stopped server left in TIME_WAIT counts as free (a restart right after Ctrl-C), and one with
+    a listener does not."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -13,8 +13,13 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from ftcore.results import Scored
+
+# transformers draws a "Loading weights" bar per model load: dozens per study in the run logs, each for a load of
+# seconds. ftcore's own progress lines (ftcore.progress) say what runs.
+hf_logging.disable_progress_bar()
 
 # Written last into an arm's directory: an arm without it did not finish training.
 TRAIN_SUMMARY = "train_summary.json"

@@ -46,6 +46,8 @@ def setup_logging() -> logging.Logger:
     logging.getLogger("ftcore").setLevel(logging.INFO)
     logging.captureWarnings(True)
     warnings.simplefilter("default")  # each distinct warning once per place, not silenced
+    # Raised by torch itself when transformers imports (torch.jit.script_method): nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method.* is deprecated", category=DeprecationWarning)
     # One line per warning: where and what, without the echoed source line.
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: (
         f"{category.__name__}: {message} ({filename}:{lineno})")

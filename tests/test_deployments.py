@@ -66,3 +66,23 @@ def test_a_slot_maps_to_the_workers_own_gpus(monkeypatch):
     assert [visible_gpu(0), visible_gpu(1)] == ["4", "5"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert visible_gpu(1) == "1"
+
+
+def test_a_port_a_stopped_server_left_in_time_wait_is_free_and_a_listening_one_is_not():
+    """A restart right after Ctrl-C must bind the same port (seen: "port in use" for ~50 s while nothing listened)."""
+    import socket
+
+    from deployments.serve import port_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert not port_free("127.0.0.1", port)  # a listener
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+    server.close()
+    client.close()
+    assert port_free("127.0.0.1", port)

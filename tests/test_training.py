@@ -248,3 +248,11 @@ def test_packed_rows_have_the_loss_of_the_unpacked_rows(prepared, tmp_path):
     with torch.no_grad():
         leaked = float(load_model(model_dir)(**leaky).loss)
     assert abs(leaked - losses[False]) > 50 * abs(losses[True] - losses[False]) + 1e-5
+
+
+def test_loading_a_model_draws_no_progress_bar(tiny_model, capfd):
+    """transformers' "Loading weights" bar, once per load, flooded every run log (dozens per study)."""
+    from ftcore import models
+
+    models.load_model(tiny_model)
+    assert "Loading weights" not in capfd.readouterr().err
