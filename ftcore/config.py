@@ -32,8 +32,15 @@ class ConfigError(InputError):
     """A configuration problem found outside pydantic's field checks (preset, override, file)."""
 
 
+def _positions(schema: dict[str, Any], model: type) -> None:
+    """Each property's place in the form: the field order of the model. A database that stores the schema as
+    JSONB (PostgreSQL) re-sorts its keys; Prefect's UI orders a form by `position` where it has one."""
+    for position, prop in enumerate(schema.get("properties", {}).values()):
+        prop["position"] = position
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_positions)
 
 
 class GGUFWheels(_Frozen):

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ftcore.config import ArmSpec, StudyConfig, TrainSpec
 from ftcore.config_files import load_config
 
 pytestmark = pytest.mark.slow
@@ -166,6 +167,10 @@ def test_deployments_are_registered_with_the_config_form(client):
     schema = study.parameter_openapi_schema
     assert schema["properties"]["config"]["$ref"].endswith("StudyConfig")
     assert study.parameters["config"]["executor"] == "work-pool"  # the preset's values fill the form
+    # PostgreSQL stores the schema as JSONB, which re-sorts its keys: the form's order is each field's position.
+    for name, model in (("StudyConfig", StudyConfig), ("TrainSpec", TrainSpec), ("ArmSpec", ArmSpec)):
+        props = schema["definitions"][name]["properties"]
+        assert sorted(props, key=lambda k: props[k]["position"]) == list(model.model_fields), name
     arm = _deployment(client, "ftstudy-train-arm/train-arm")
     assert arm.work_pool_name == "ftstudy-gpu"
     assert "PREFECT_LOGGING_EXTRA_LOGGERS" in arm.job_variables["env"]
