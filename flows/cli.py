@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ftcore.presets import ABOUT
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -25,8 +27,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="The config is built in this order, each source overriding the one before, "
                          "field by field: the defaults, --preset, --config, each --set, --artifacts. Without "
                          "--preset and --config the smoke preset runs.")
-    run.add_argument("--preset", help="smoke (seconds, tiny model), demo (offline SmolLM2, CPU), demo-sweep, "
-                     "seed (the reference recipe: gpt2-medium, Hub data, GPU)")
+    run.add_argument("--preset", help="; ".join(f"{name}: {about}" for name, about in ABOUT.items()).replace("%", "%%"))
     run.add_argument("--config", metavar="FILE", help="a YAML or JSON config file (write one with `ftstudy init`)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                      help="override a config field, dotted, value as JSON when it parses (repeatable)")

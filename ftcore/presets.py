@@ -173,6 +173,19 @@ PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO, "demo-base": D
                                       "demo-frontier": DEMO_FRONTIER, "smoke": SMOKE}
 
 
+# What each preset is for, and how long it took (2-core CPU with native bf16, from a fresh clone where said):
+# what `ftstudy run --help` lists.
+ABOUT: dict[str, str] = {
+    "demo-base": "the main job: the seed's experiment on a pretrained base (gemma-3-270m, offline), compared at equal "
+                 "domain gain (DEMO_BASE_TIME)",
+    "demo": "the fast tour of every feature (SmolLM2-135M-Instruct at a raised lr, offline; 15-21 min)",
+    "demo-frontier": "demo-base with each method at three learning rates and replay at 1% and 10% (DEMO_FRONTIER_TIME)",
+    "demo-sweep": "six arms x two seeds on the demo's data (under an hour)",
+    "smoke": "a tiny random model on slices of the offline data (about a minute)",
+    "seed": "the reference recipe: gpt2-medium, Hub data, a GPU (hours)",
+}
+
+
 class MissingDataError(KeyError):
     """A preset reads the offline corpora and their directory is not there."""
 
