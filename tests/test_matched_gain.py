@@ -124,3 +124,15 @@ def test_each_method_at_its_best_setting():
     best = section["best_table"].set_index("arm")
     assert best.loc["lora-lr1e-3", "general_change_pct"] == pytest.approx(3.6) and best.loc["lora-lr1e-3", "reference"] == "full-lr1e-4"
     assert any("optimistic" in line for line in section["lines"])
+
+
+def test_each_method_at_its_best_within_a_forgetting_budget():
+    from ftcore import forgetting
+
+    rows = (_curve("full-a", 0, [0, 2, 4], [0, 1, 2], 20, 20) + _curve("full-b", 0, [0, 6, 12], [0, 6, 12], 20, 20)
+            + _curve("lora-a", 0, [0, 3, 6], [0, 0.3, 0.6], 20, 20))
+    df = pd.DataFrame(rows)
+    df["nll"] = df["unit_nll"].map(sum) / df["unit_tokens"].map(sum)
+    lines = forgetting.best_within_budget(df, 3.0, {}, [("full-a", "full"), ("full-b", "full"), ("lora-a", "lora")])
+    # within +3%: full-a reaches 4% gain (general +2%), full-b only 0 (its first point is +6%): full-a is full's best
+    assert "| full | full-a | +4.0% | +2.0% |" in lines
