@@ -4,14 +4,16 @@ Two layouts, both with `input_ids` and `labels` (-100 = not in the loss) so trai
 evaluation read the same tokens:
 - instruction: one row per prompt -> completion example; the completion mask is TRL's
   (tokenize prompt and prompt+completion, the completion starts where they diverge;
-  `trl.data_utils.common_prefix_length`), then the EOS token, truncated at chunk_len from the
-  start. Trailing spaces of the prompt move to the start of the completion, so a BPE tokenizer
-  cannot merge the prompt's last space into the completion's first token (TRL warns of that
-  mismatch; here it does not happen). Rows cut at chunk_len, and the completion tokens they lose
+  `trl.data_utils.common_prefix_length`), then the EOS token (plain-text styles; a conversation
+  ends as its chat template ends it, as in TRL), truncated at chunk_len from the start. Trailing
+  spaces of the prompt move to the start of the completion, so a BPE tokenizer cannot merge the
+  prompt's last space into the completion's first token (TRL warns of that mismatch; here it does
+  not happen). Rows cut at chunk_len, and the completion tokens they lose
   (their EOS included), are counted per split.
 - lm: the documents joined by a separator into one token stream, cut into chunk_len rows;
-  every token is in the loss. `token_bytes` keeps the UTF-8 bytes each token adds, so
-  bits-per-byte can be computed for any window of the stream.
+  every token is in the loss (a BOS that starts each row for a BOS-adding tokenizer is context).
+  `token_bytes` keeps the UTF-8 bytes of the original text each token predicts, so bits per byte
+  can be computed for any window of the stream, whatever the tokenizer's normalizer does.
 
 Corpus text reaches the tokenizer as text: a special token's string inside a document (say
 "<|endoftext|>") is tokenized as the characters it is, never as the special token, and the EOS
@@ -21,6 +23,7 @@ special tokens by design, so rendered conversations are tokenized with special t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from trl.data_utils import common_prefix_length
 
 from ftcore.config import FormatSpec, InputError
+from ftcore.perplexity import IGNORE, UNKNOWN_BYTES, bytes_sum
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request.\n\n"
@@ -41,6 +45,7 @@ CHATML_TEMPLATE = (
 )
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 BATCH = 512
+log = logging.getLogger("ftcore.chunking")
 
 
 class FormatError(InputError):
@@ -128,22 +133,60 @@ def _prompt_completion(record: dict, fmt: FormatSpec, tokenizer: PreTrainedToken
 # --- token byte lengths ------------------------------------------------------------------------
 
 def token_bytes(text: str, offsets: list[tuple[int, int]], limit: int | None = None) -> list[int]:
-    """UTF-8 bytes each token adds to the text (characters up to `limit`; special tokens add 0)."""
-    limit = len(text) if limit is None else limit
-    seen = 0
-    out = []
-    for start, end in offsets:
-        end = min(end, limit)
-        start = max(start, seen)
-        if end > start:
-            out.append(len(text[start:end].encode("utf-8")))
-            seen = end
-        else:
-            out.append(0)
-    return out
+    """UTF-8 bytes of the original text each token predicts, for bits per byte: the characters from where
+    the token starts to where the next one does (the first token's from the text's start, the last one's
+    up to `limit` characters, default the whole text). Tokens with an empty span (special tokens the
+    tokenizer adds), tokens sharing their start with the token before (one character in several byte
+    tokens) and tokens starting at or after `limit` add 0.
+
+    So every character up to `limit` is counted exactly once whatever the tokenizer did to the text.
+    Characters between one token's end and the next one's start belong to the token before — after
+    Unicode composition (NFC/NFKC) an end offset can cover only part of the original character
+    (tokenizers #1201: "e" + U+0301 ends at the "e") — except whitespace just before the next token,
+    which is that token's leading space when offsets are trimmed (GPT-2's ByteLevel trim_offsets).
+    Where start offsets go backwards no such split exists: every token gets UNKNOWN_BYTES (-1), and
+    bits per byte of what they reach is NaN instead of a wrong number.
+    """
+    limit = len(text) if limit is None else min(limit, len(text))
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    real = np.flatnonzero((spans[:, 1] > spans[:, 0]) & (spans[:, 0] < limit))
+    starts, ends = spans[real, 0], np.minimum(spans[real, 1], limit)
+    out = np.zeros(len(spans), dtype=np.int64)
+    if not len(real):
+        return out.tolist()
+    if np.any(np.diff(starts) < 0):
+        return [UNKNOWN_BYTES] * len(spans)
+    first = np.flatnonzero(np.concatenate([[True], np.diff(starts) > 0]))  # first token of each start
+    covered = np.maximum.accumulate(np.maximum.reduceat(ends, first))  # characters the tokens so far span
+    before = np.concatenate([[0], covered[:-1]])
+    bounds = np.maximum(starts[first] - _spaces_before(text)[starts[first]], before)
+    bounds[0] = 0
+    cum = _byte_positions(text)
+    out[real[first]] = cum[np.concatenate([bounds[1:], [limit]])] - cum[bounds]
+    return out.tolist()
+
+
+def _byte_positions(text: str) -> np.ndarray:
+    """UTF-8 bytes of text[:i] for i = 0..len(text) (a code point takes 1-4 bytes)."""
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    width = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
+    return np.concatenate([[0], np.cumsum(width)])
+
+
+def _spaces_before(text: str) -> np.ndarray:
+    """For i = 0..len(text): how many whitespace characters end right before position i."""
+    space = np.fromiter((c.isspace() for c in text), dtype=bool, count=len(text))
+    last_other = np.maximum.accumulate(np.where(space, -1, np.arange(len(text))))  # last non-space at or before j
+    return np.arange(len(text) + 1) - 1 - np.concatenate([[-1], last_other])
 
 
 # --- instruction rows --------------------------------------------------------------------------
+
+def example_texts(records: pd.DataFrame, fmt: FormatSpec, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The text each instruction record is tokenized as (prompt + completion), one per record. Raises
+    FormatError for a record that does not fit the format."""
+    return [p + c for p, c in (prompt_completion(rec, fmt, tokenizer) for rec in records.to_dict("records"))]
+
 
 def tokenize_instruction(
     records: pd.DataFrame, fmt: FormatSpec, tokenizer: PreTrainedTokenizerBase, chunk_len: int
@@ -154,21 +197,27 @@ def tokenize_instruction(
     completion tokens scored) and the split's ChunkStats.
     """
     pairs = [prompt_completion(rec, fmt, tokenizer) for rec in records.to_dict("records")]
-    # Conversations are rendered by a chat template whose markup is special tokens; fields are plain text.
+    # Conversations are rendered by a chat template whose markup is special tokens, and tokenized as TRL does
+    # (apply_chat_template: no special tokens added, the template writes them); fields are plain text.
     plain_text = fmt.style in ("fields", "alpaca")
-    eos = tokenizer.eos_token_id
+    # A conversation ends as its template ends it: TRL adds no EOS to one, and a template whose assistant turn
+    # ends "<|im_end|>\n" (SmolLM2's) would otherwise get a second end marker in every row's loss.
+    eos = tokenizer.eos_token_id if plain_text else None
     rows: dict[str, list] = {"doc": [], "input_ids": [], "labels": [], "completion_mask": [], "n_bytes": []}
     skipped = truncated = truncated_tokens = merged = 0
     for start in range(0, len(pairs), BATCH):
         batch = pairs[start : start + BATCH]
-        prompt_ids = tokenizer([p for p, _ in batch], split_special_tokens=plain_text)["input_ids"]
+        prompt_ids = tokenizer([p for p, _ in batch], split_special_tokens=plain_text,
+                               add_special_tokens=plain_text)["input_ids"]
         texts = [p + c for p, c in batch]
-        enc = tokenizer(texts, return_offsets_mapping=True, split_special_tokens=plain_text)
+        enc = tokenizer(texts, return_offsets_mapping=True, split_special_tokens=plain_text,
+                        add_special_tokens=plain_text)
         for i, (p_ids, ids, offsets) in enumerate(zip(prompt_ids, enc["input_ids"], enc["offset_mapping"])):
             plen = common_prefix_length(p_ids, ids)
             merged += plen < len(p_ids)
             if eos is not None and (not ids or ids[-1] != eos):
                 ids, offsets = [*ids, eos], [*offsets, (0, 0)]
+            nbytes = token_bytes(texts[i], offsets)  # before the cut: a cut row's last token ends where the next began
             if len(ids) > chunk_len:
                 truncated += 1
                 truncated_tokens += len(ids) - chunk_len
@@ -178,12 +227,11 @@ def tokenize_instruction(
             if sum(mask[1:]) == 0:
                 skipped += 1
                 continue
-            nbytes = token_bytes(texts[i], offsets[: len(ids)])
             rows["doc"].append(start + i)
             rows["input_ids"].append(ids)
             rows["completion_mask"].append(mask)
             rows["labels"].append([t if m else -100 for t, m in zip(ids, mask)])
-            rows["n_bytes"].append(sum(b for b, m in zip(nbytes[1:], mask[1:]) if m))
+            rows["n_bytes"].append(bytes_sum([b for b, m in zip(nbytes[1:], mask[1:]) if m]))
     df = pd.DataFrame(rows)
     stats = ChunkStats(
         docs=len(pairs),
@@ -223,6 +271,10 @@ def tokenize_documents(
             ids.append(np.asarray(doc_ids, dtype=np.int32))
             nbytes.append(np.asarray(token_bytes(text, offsets), dtype=np.int32))
             docs.append(np.full(len(doc_ids), start + i, dtype=np.int32))
+    unknown = sum(int(b[0] < 0) for b in nbytes if len(b))
+    if unknown:
+        log.warning("%d of %d documents: the tokenizer's offsets cannot say which original bytes each token "
+                    "predicts; bits per byte of what they reach is not computed", unknown, len(nbytes))
     if not ids:
         return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), skipped
     return np.concatenate(ids), np.concatenate(nbytes), np.concatenate(docs), skipped
@@ -248,9 +300,11 @@ def chunk_stream(ids: np.ndarray, nbytes: np.ndarray, chunk_len: int, docs: np.n
     """Cut a stream into rows of chunk_len tokens (the last one shorter; dropped under 2 tokens).
 
     With `prefix` (a BOS id), each row is that token then chunk_len - 1 tokens of the stream, so every
-    stream token is predicted; without it a row's first token is context only. With `docs` (document
-    index per token), rows keep `token_docs`, so per-document scores can be recovered from windows
-    that cross document boundaries.
+    stream token is predicted; the prefix is context, not stream: its label is IGNORE and its completion
+    mask 0, which is how perplexity.read_stream tells it from the stream. Without it a row's first token is
+    context only. With `docs` (document index per token), rows keep `token_docs`, so per-document scores
+    can be recovered from windows that cross document boundaries. n_bytes: the UTF-8 bytes of the tokens
+    a row predicts (-1 when unknown, see token_bytes).
     """
     rows: dict[str, list] = {"input_ids": [], "labels": [], "completion_mask": [], "token_bytes": [], "n_bytes": []}
     if docs is not None:
@@ -258,15 +312,16 @@ def chunk_stream(ids: np.ndarray, nbytes: np.ndarray, chunk_len: int, docs: np.n
     head = [] if prefix is None else [prefix]
     step = chunk_len - len(head)
     for start in range(0, len(ids), step):
-        piece = head + ids[start : start + step].tolist()
+        tokens = ids[start : start + step].tolist()
+        piece = head + tokens
         if len(piece) < 2:
             break
         piece_bytes = [0] * len(head) + nbytes[start : start + step].tolist()
         rows["input_ids"].append(piece)
-        rows["labels"].append(piece)
-        rows["completion_mask"].append([1] * len(piece))
+        rows["labels"].append([IGNORE] * len(head) + tokens)
+        rows["completion_mask"].append([0] * len(head) + [1] * len(tokens))
         rows["token_bytes"].append(piece_bytes)
-        rows["n_bytes"].append(int(sum(piece_bytes[1:])))
+        rows["n_bytes"].append(bytes_sum(piece_bytes[1:]))
         if docs is not None:
             window_docs = docs[start : start + step].tolist()
             rows["token_docs"].append(window_docs[:1] * len(head) + window_docs)

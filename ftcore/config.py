@@ -133,9 +133,9 @@ class CorpusSpec(_Frozen):
         "auto", description="Local file format; auto picks it from the extension (under a compression suffix). text: one document per line, split at \\n only; empty lines are dropped."
     )
     text_fields: tuple[str, ...] = Field(
-        ("text",), min_length=1, description="Fields joined (blank line between) into a document's text for language modelling."
+        ("text",), min_length=1, description="Fields joined (blank line between, empty ones skipped) into a document's text for language modelling; a document is dropped only when all of them are empty."
     )
-    max_docs: int | None = Field(None, gt=0, description="Use only the first N documents (after dropping empty ones).")
+    max_docs: int | None = Field(None, gt=0, description="Use only the first N documents (after dropping those without text).")
     doc_start: str | None = Field(
         None,
         description="Regex: a record whose text matches starts a new document and the records after it join it "
@@ -341,9 +341,9 @@ class EvalSpec(_Frozen):
 
     batch_size: int = Field(4, gt=0, description="Sequences per forward pass.")
     stride: int | None = Field(
-        None, gt=0, description="Sliding-window stride on the general stream; None = chunk_len (non-overlapping windows)."
+        None, gt=0, description="Sliding-window stride on the general stream, in stream tokens; None = non-overlapping windows of chunk_len tokens (for a tokenizer that adds BOS: BOS then chunk_len - 1 stream tokens, and every window starts with BOS)."
     )
-    max_general_tokens: int | None = Field(None, gt=1, description="Score only the first N tokens of the general stream.")
+    max_general_tokens: int | None = Field(None, gt=1, description="Score only the first N tokens of the general stream (BOS not counted).")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Evaluation dtype; fp32 is the reference.")
     every_steps: int | None = Field(
         None, ge=0, description="Learning and forgetting curves: every N optimizer steps while an arm trains, score "
@@ -419,7 +419,7 @@ class StudyConfig(_Frozen):
     model: ModelSpec = Field(default_factory=ModelSpec, description="Base causal LM.")
     domain: CorpusSpec = Field(..., description="Domain corpus; a held-out split of it measures the domain gain.")
     general: CorpusSpec = Field(..., description="General text (WikiText-2 in the presets), joined into one stream: measures forgetting.")
-    replay: CorpusSpec | None = Field(None, description="General text mixed into the replay arm; must be disjoint from `general`.")
+    replay: CorpusSpec | None = Field(None, description="General text mixed into the replay arm; must be disjoint from `general` (refused when more than 1% of the scored general tokens lie in 32-token runs it also holds).")
     test_docs: int = Field(1000, gt=0, description="Domain documents held out for evaluation.")
     split_seed: int = Field(0, description="Seed of the train/test split of the domain corpus.")
     format: FormatSpec = Field(default_factory=FormatSpec, description="Training-example format of the domain corpus: instruction (prompt -> completion) or raw lm.")

@@ -10,15 +10,20 @@ What the study reads is the text as stored, byte for byte, in every format and w
 - a UTF-8 byte-order mark at the start of a file is not text (every format drops it);
 - a text file has one document per line, lines split at "\n" (a "\r" before it is dropped) and
   nowhere else: form feeds, U+2028 and the like stay inside their line;
-- field values are never stripped or otherwise normalised; a record whose used fields are empty or
-  whitespace only is dropped; a used field that holds something other than text (a number, a list)
-  is refused, naming the field and the record.
+- field values are never stripped or otherwise normalised; a record is dropped only when none of its
+  used fields holds text (empty or whitespace only; in instruction format also when its completion is
+  empty: it has nothing to train on) and the drops are counted (`Corpus.empty`); a used field that
+  holds something other than text (a number, a list) is refused, naming the field and the record.
+- the domain corpus is deduplicated on the text each record is tokenized as, before the held-out
+  split (`drop_duplicates`), so no held-out document equals a training one.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,7 @@ STYLE_FIELDS = {
     "chatml": ("messages",),
 }
 OPTIONAL_FIELDS = {"input"}
+log = logging.getLogger("ftcore.corpora")
 
 
 class CorpusError(InputError):
@@ -43,8 +49,13 @@ class CorpusError(InputError):
 
 @dataclass(frozen=True)
 class Corpus:
+    """Records restricted to the used fields, their content fingerprint, and what reading dropped: `empty`
+    records without text to use (load_corpus), `duplicates` copies of another record's text (drop_duplicates)."""
+
     records: pd.DataFrame
     fingerprint: str
+    empty: int = 0
+    duplicates: int = 0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -57,6 +68,15 @@ def used_fields(spec: CorpusSpec, fmt: FormatSpec | None) -> tuple[str, ...]:
     if fmt.style == "fields":
         return (fmt.prompt_field, fmt.completion_field)
     return STYLE_FIELDS[fmt.style]
+
+
+def completion_fields(fmt: FormatSpec | None) -> tuple[str, ...]:
+    """The used fields an instruction record trains on (its completion, or its conversation); none for lm text."""
+    if fmt is None or fmt.kind == "lm":
+        return ()
+    if fmt.style == "fields":
+        return (fmt.completion_field,)
+    return ("output",) if fmt.style == "alpaca" else STYLE_FIELDS[fmt.style]
 
 
 def text_fields(spec: CorpusSpec, fmt: FormatSpec | None) -> tuple[str, ...]:
@@ -237,8 +257,13 @@ def load_corpus(spec: CorpusSpec, role: str, fmt: FormatSpec | None = None) -> C
     records = raw[present].astype(object).copy()
     _check_text(records, text_fields(spec, fmt), role, spec.path)
     required = [f for f in present if f not in OPTIONAL_FIELDS]
-    keep = ~records[required].apply(lambda row: any(_is_empty(v) for v in row), axis=1)
+    needed = completion_fields(fmt)
+    keep = has_text(records, present, needed)
+    empty = int((~keep).sum())
     records = records[keep].reset_index(drop=True)
+    if empty:
+        log.info("%s: %d of %d records dropped: no text in any of %s%s", role, empty, len(keep), present,
+                 f", or none in {', '.join(needed)}" if needed else "")
     if spec.doc_start is not None:
         if fmt is not None and fmt.kind == "instruction":
             raise CorpusError(f"{role}.doc_start: applies to text corpora; an instruction-format corpus has one "
@@ -248,18 +273,52 @@ def load_corpus(spec: CorpusSpec, role: str, fmt: FormatSpec | None = None) -> C
         records = records.head(spec.max_docs)
     if records.empty:
         raise CorpusError(f"{role}: {spec.path} has no non-empty documents in fields {required}")
-    return Corpus(records=records, fingerprint=fingerprint_records(records))
+    return Corpus(records=records, fingerprint=fingerprint_records(records), empty=empty)
+
+
+def has_text(records: pd.DataFrame, fields: list[str], needed: tuple[str, ...] = ()) -> pd.Series:
+    """Per record, whether it is kept: any of `fields` holds text, and every field of `needed` does.
+
+    A record is a document when any used field holds text (document_texts skips the empty ones): a
+    title-less article is still an article, which dropping rows with any empty field would lose. An
+    instruction record also needs its completion: without one it has nothing to train on.
+    """
+    empty = pd.DataFrame({f: records[f].map(_is_empty).astype(bool) for f in fields}, index=records.index)
+    keep = ~empty.all(axis=1)
+    for field in needed:
+        if field in empty:
+            keep &= ~empty[field]
+    return keep
+
+
+def drop_duplicates(corpus: Corpus, texts: list[str]) -> Corpus:
+    """The corpus without records whose text (`texts`, one per record: what it is tokenized as) equals an
+    earlier record's; the first copy is kept, in order, and `duplicates` counts the dropped ones.
+
+    Run before the held-out split: a document stored twice would otherwise be on both sides of it.
+    """
+    if len(texts) != len(corpus):
+        raise ValueError(f"{len(texts)} texts for {len(corpus)} records")
+    first = ~pd.Series(texts, dtype=object).duplicated(keep="first").to_numpy()
+    records = corpus.records[first].reset_index(drop=True)
+    return replace(corpus, records=records, fingerprint=fingerprint_records(records),
+                   duplicates=corpus.duplicates + int((~first).sum()))
 
 
 def group_documents(records: pd.DataFrame, pattern: str, fields: list[str]) -> pd.DataFrame:
     """Join each record matching `pattern` (in its first field) with the records after it into one document.
 
     Records before the first match form a document of their own; fields join with a blank line,
-    as the documents of a stream do, so the joined text stream stays the same.
+    as the documents of a stream do, so the joined text stream stays the same. Empty values are
+    skipped, as document_texts skips them (a record may have an empty field).
     """
-    starts = records[fields[0]].astype(str).str.contains(pattern, regex=True).to_numpy()
+    starts = records[fields[0]].map(lambda v: not _is_empty(v) and bool(re.search(pattern, str(v)))).to_numpy(bool)
     group = np.cumsum(starts)
-    return records.groupby(group, sort=True)[fields].agg(lambda col: "\n\n".join(map(str, col))).reset_index(drop=True)
+    return records.groupby(group, sort=True)[fields].agg(_join_text).reset_index(drop=True)
+
+
+def _join_text(values: pd.Series) -> str:
+    return "\n\n".join(str(v) for v in values if not _is_empty(v))
 
 
 def document_titles(corpus: Corpus, fields: tuple[str, ...], width: int = 80) -> list[str]:
@@ -289,11 +348,16 @@ def _jsonable(value: object) -> object:
 
 
 def split_train_test(corpus: Corpus, test_docs: int, seed: int, role: str = "domain") -> tuple[Corpus, Corpus]:
-    """Deterministic split: `test_docs` documents drawn by `seed` are held out; both keep corpus order."""
+    """Deterministic split: `test_docs` documents drawn by `seed` are held out; both keep corpus order.
+
+    Deduplicate first (drop_duplicates): the split draws records, not texts. Raises CorpusError when
+    test_docs is not smaller than the corpus.
+    """
     n = len(corpus)
     if test_docs >= n:
+        dropped = f" (after dropping {corpus.duplicates} duplicates)" if corpus.duplicates else ""
         raise CorpusError(
-            f"test_docs ({test_docs}) must be smaller than the {n} usable documents of {role}; "
+            f"test_docs ({test_docs}) must be smaller than the {n} usable documents of {role}{dropped}; "
             f"lower test_docs or raise {role}.max_docs"
         )
     order = np.random.default_rng(seed).permutation(n)

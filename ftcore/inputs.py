@@ -221,6 +221,37 @@ def check_qlora(model_dir: str | Path, arm: str, device: str) -> None:
                          f"this model has {odd}; train it on a GPU (device=cuda) or use method lora")
 
 
+def check_contamination(cfg: StudyConfig, domain: DomainRows, general: Stream, replay: Stream | None) -> None:
+    """Refuse, before any training, training text that is the benchmark: when more than 1% of the general
+    set's scored tokens (within eval.max_general_tokens) lie in runs of 32 tokens that the domain training
+    rows or the replay stream also hold (ftcore.contamination). The arms would be scored on text they
+    trained on, and forgetting would look smaller than it is.
+
+    Raises StudyError naming the training field, general.path and the share.
+    """
+    import pandas as pd
+
+    from ftcore import contamination, perplexity
+
+    root = Path(cfg.artifacts_dir)
+    scored = perplexity.read_stream(pd.read_parquet(root / general.path), cfg.eval.max_general_tokens).ids
+    sources = {"domain.path": lambda: list(pd.read_parquet(root / domain.train, columns=["input_ids"])["input_ids"])}
+    if replay is not None:
+        sources["replay.path"] = lambda: [perplexity.read_stream(pd.read_parquet(root / replay.path)).ids]
+    for field, rows in sources.items():
+        share = contamination.shared_share(scored, rows())
+        log.info("%s: %.3f%% of the general set's scored tokens lie in runs of %d tokens it shares with general.path",
+                 field, 100 * share, contamination.RUN)
+        if share > contamination.TOLERANCE:
+            role = field.split(".")[0]
+            raise StudyError(
+                f"{field} and general.path overlap: {100 * share:.1f}% of the general set's scored tokens lie in runs of "
+                f"{contamination.RUN} tokens that the {role} {'training rows' if role == 'domain' else 'corpus'} also "
+                f"hold (at most {100 * contamination.TOLERANCE:.0f}% is accepted); the arms would be scored on text "
+                f"they trained on. {role} must be disjoint from general: point {field} at other text, or general.path "
+                "at another benchmark")
+
+
 def check_replay_budget(cfg: StudyConfig, domain: DomainRows, replay: Stream | None) -> None:
     """Enough replay tokens for every arm's replay_ratio, checked before any training starts."""
     import pandas as pd

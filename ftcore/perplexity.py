@@ -7,7 +7,11 @@ A predicted token is a position whose label is not -100, excluding position 0 (n
 it). Domain rows carry their own labels (completion tokens in instruction format, all tokens in lm
 format). The general text is one token stream scored in windows of chunk_len tokens that
 advance by `stride` (the transformers perplexity guide): each window predicts only the tokens the
-previous window did not, with up to chunk_len - stride tokens of context before them.
+previous window did not, with up to chunk_len - stride tokens of context before them. For a
+tokenizer that adds BOS every window is BOS then up to chunk_len - 1 stream tokens, so every stream
+token is predicted exactly once and BOS never is (lm-eval's rolling log-likelihood starts with it too).
+Bytes a token predicts can be unknown (UNKNOWN_BYTES, ftcore.chunking.token_bytes): a sum that
+reaches one is unknown, and so is bits per byte (NaN).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,13 @@ from ftcore.progress import Progress
 
 log = logging.getLogger("ftcore.perplexity")
 IGNORE = -100
+UNKNOWN_BYTES = -1  # a token whose original bytes cannot be attributed
+
+
+def bytes_sum(values) -> int:
+    """The sum of per-token UTF-8 byte counts, or UNKNOWN_BYTES when any of them is unknown."""
+    values = np.asarray(values, dtype=np.int64)
+    return UNKNOWN_BYTES if np.any(values < 0) else int(values.sum())
 
 
 def domain_rows(df: pd.DataFrame) -> list[tuple[list[int], list[int], int]]:
@@ -35,14 +47,42 @@ def domain_rows(df: pd.DataFrame) -> list[tuple[list[int], list[int], int]]:
     return [(list(i), list(l), int(b)) for i, l, b in zip(df["input_ids"], df["labels"], df["n_bytes"])]
 
 
-def _stream_arrays(df: pd.DataFrame, column: str, max_tokens: int | None) -> np.ndarray:
-    out = np.concatenate([np.asarray(r, dtype=np.int64) for r in df[column]])
-    return out[:max_tokens] if max_tokens is not None else out
+@dataclass(frozen=True)
+class StreamTokens:
+    """A token stream as stored in lm rows: the prefix every row starts with ([BOS] or []), and the stream's
+    tokens, their UTF-8 bytes and (when stored) documents, in order, without the prefixes."""
+
+    prefix: list[int]
+    ids: np.ndarray
+    nbytes: np.ndarray
+    docs: np.ndarray | None
+
+
+def read_stream(df: pd.DataFrame, max_tokens: int | None = None) -> StreamTokens:
+    """The stream of lm rows (chunking.chunk_stream), cut to its first `max_tokens` stream tokens.
+
+    A row's first token is a prefix, not stream, when its label is IGNORE (the BOS chunk_stream puts
+    before each row for a BOS-adding tokenizer); then every row has it. Raises ValueError otherwise.
+    """
+    marked = [len(row) > 0 and row[0] == IGNORE for row in df["labels"]] if "labels" in df else [False] * len(df)
+    if any(marked) and not all(marked):
+        raise ValueError("stream rows disagree on their prefix: some start with a context-only token, some do not")
+    skip = 1 if marked and marked[0] else 0
+    prefix = [int(df["input_ids"].iloc[0][0])] if skip else []
+    cut = slice(0, max_tokens)
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(r, dtype=np.int64)[skip:] for r in df[name]])[cut]
+
+    return StreamTokens(prefix, column("input_ids"), column("token_bytes"),
+                        column("token_docs") if "token_docs" in df else None)
 
 
 def window_spans(n_tokens: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
-    """(begin, end, target) per window: tokens [begin, end) of the stream, the last `target` of them predicted."""
-    stride = stride or window
+    """(begin, end, target) per window: tokens [begin, end) of the stream, the last `target` of them predicted.
+
+    A stride above the window is the window (windows never leave tokens out)."""
+    stride = min(stride or window, window)
     spans = []
     prev_end = 0
     for begin in range(0, n_tokens, stride):
@@ -57,25 +97,36 @@ def window_spans(n_tokens: int, window: int, stride: int | None = None) -> list[
 def stream_windows(
     df: pd.DataFrame, window: int, stride: int | None = None, max_tokens: int | None = None
 ) -> list[tuple[list[int], list[int], int]]:
-    """Sliding windows over the stream stored as consecutive lm chunks (input_ids, token_bytes)."""
-    ids = _stream_arrays(df, "input_ids", max_tokens)
-    nbytes = _stream_arrays(df, "token_bytes", max_tokens)
+    """Sliding windows over the stream stored as consecutive lm chunks: (input_ids, labels, n_bytes) each.
+
+    `window` tokens per window, the stored prefix (BOS) included: each window is the prefix then a
+    slice of the stream (read_stream), never a prefix inside it; `stride` and `max_tokens` count stream
+    tokens. n_bytes: the UTF-8 bytes of the tokens the window predicts (-1 when unknown).
+    """
+    s = read_stream(df, max_tokens)
+    head = len(s.prefix)
     rows = []
-    for begin, end, target in window_spans(len(ids), window, stride):
-        piece = ids[begin:end].tolist()
-        labels = [IGNORE] * (len(piece) - target) + piece[len(piece) - target :]
-        first = max(1, len(piece) - target)
-        rows.append((piece, labels, int(nbytes[begin + first : end].sum())))
+    for begin, end, target in window_spans(len(s.ids), window - head, stride):
+        piece = s.prefix + s.ids[begin:end].tolist()
+        context = len(piece) - target
+        labels = [IGNORE] * context + piece[context:]
+        first = max(1, context)  # position 0 is never predicted
+        rows.append((piece, labels, bytes_sum(s.nbytes[begin + first - head : end])))
     return rows
 
 
 def stream_token_docs(
     df: pd.DataFrame, window: int, stride: int | None = None, max_tokens: int | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per window of stream_windows: the document index and UTF-8 bytes of each of its tokens."""
-    docs = _stream_arrays(df, "token_docs", max_tokens)
-    nbytes = _stream_arrays(df, "token_bytes", max_tokens)
-    return [(docs[b:e], nbytes[b:e]) for b, e, _ in window_spans(len(docs), window, stride)]
+    """Per window of stream_windows: the document index and UTF-8 bytes of each of its tokens (the prefix: the
+    document of the token after it, 0 bytes)."""
+    s = read_stream(df, max_tokens)
+    head = len(s.prefix)
+    out = []
+    for b, e, _ in window_spans(len(s.docs), window - head, stride):
+        out.append((np.concatenate([s.docs[b:b + 1].repeat(head), s.docs[b:e]]),
+                    np.concatenate([np.zeros(head, np.int64), s.nbytes[b:e]])))
+    return out
 
 
 def document_scores(scores: pd.DataFrame, token_docs: list[tuple[np.ndarray, np.ndarray]] | None = None,
@@ -85,11 +136,12 @@ def document_scores(scores: pd.DataFrame, token_docs: list[tuple[np.ndarray, np.
     Either each row is one document (`row_docs`, e.g. an instruction example's source record), or
     rows span documents and `token_docs` gives each token's document and bytes (stream windows):
     then the per-token NLL of the scores (score_rows(keep_tokens=True)) is split at the boundaries.
+    A document whose bytes are unknown anywhere has n_bytes UNKNOWN_BYTES.
     """
     if row_docs is not None:
         df = pd.DataFrame({"doc": np.asarray(row_docs), "n_tokens": scores["n_tokens"], "nll_sum": scores["nll_sum"],
                            "n_bytes": scores["n_bytes"], **({"kl_sum": scores["kl_sum"]} if "kl_sum" in scores else {})})
-        return df.groupby("doc", sort=True).sum().reset_index()
+        return _unknown_bytes_stay_unknown(df.groupby("doc", sort=True).sum().reset_index(), df)
     if token_docs is None:
         raise ValueError("document_scores needs row_docs or token_docs")
     with_kl = "token_kl" in scores
@@ -109,7 +161,15 @@ def document_scores(scores: pd.DataFrame, token_docs: list[tuple[np.ndarray, np.
         df["kl_sum"] = np.concatenate(kl)
         sums["kl_sum"] = ("kl_sum", "sum")
         columns.append("kl_sum")
-    return df.groupby("doc", sort=True).agg(**sums).reset_index()[columns]
+    return _unknown_bytes_stay_unknown(df.groupby("doc", sort=True).agg(**sums).reset_index()[columns], df)
+
+
+def _unknown_bytes_stay_unknown(per_doc: pd.DataFrame, parts: pd.DataFrame) -> pd.DataFrame:
+    """per_doc (sorted by doc) with n_bytes UNKNOWN_BYTES where any of the doc's parts had unknown bytes."""
+    unknown = (parts["n_bytes"] < 0).groupby(parts["doc"], sort=True).any().to_numpy()
+    if unknown.any():
+        per_doc.loc[unknown, "n_bytes"] = UNKNOWN_BYTES
+    return per_doc
 
 
 def autocast(precision: str, device: str):
@@ -273,18 +333,23 @@ def read_reference(path: Path) -> TopK:
 
 def summarize(scores: pd.DataFrame) -> dict[str, float]:
     """Token-weighted perplexity, mean NLL (nats) and bits per byte of a per-row score table; with `kl_sum`
-    also `kl`, the mean KL(reference ‖ model) per predicted token in nats."""
+    also `kl`, the mean KL(reference ‖ model) per predicted token in nats. Bits per byte is NaN (and bytes
+    UNKNOWN_BYTES) where a row's bytes are unknown: a normalizing tokenizer whose offsets cannot say which
+    original bytes a token predicts (chunking.token_bytes). Raises ValueError with no predicted token."""
     tokens = int(scores["n_tokens"].sum())
     nll = float(scores["nll_sum"].sum())
-    nbytes = int(scores["n_bytes"].sum())
+    nbytes = bytes_sum(scores["n_bytes"])
     if tokens == 0:
         raise ValueError("no predicted tokens to score")
+    if nbytes == UNKNOWN_BYTES:
+        log.warning("bits per byte not computed: the original bytes of %d of %d rows are unknown (the tokenizer's "
+                    "offsets cannot attribute them)", int((scores["n_bytes"] < 0).sum()), len(scores))
     kl = {"kl": float(scores["kl_sum"].sum()) / tokens} if "kl_sum" in scores else {}
     return {
         **kl,
         "ppl": math.exp(nll / tokens),
         "nll": nll / tokens,
-        "bpb": nll / math.log(2) / nbytes if nbytes else float("nan"),
+        "bpb": nll / math.log(2) / nbytes if nbytes > 0 else float("nan"),
         "tokens": tokens,
         "bytes": nbytes,
         "rows": len(scores),

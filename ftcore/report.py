@@ -386,18 +386,33 @@ def truncation_note(split: str, st: dict[str, int], chunk_len: int | None = None
 
 def data_lines(data: dict[str, Any], chunk_len: int | None = None) -> list[str]:
     """What the study read: per set documents, rows and tokens; the tokens in the training loss (train,
-    replay) or scored (test, general: `scored`, from the evaluations); what chunk_len cut."""
+    replay) or scored (test, general: `scored`, from the evaluations); what chunk_len cut; and a note per
+    set on the documents dropped before tokenizing (`empty`: no text; `duplicates`: copies of another
+    domain document, dropped before the held-out split). An entry without `rows` has notes only."""
     lines = ["| set | documents | rows | tokens | in the training loss | scored | skipped | cut at chunk_len | tokens cut |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, st in data.items():
-        if not st:
+        if not st or "rows" not in st:
             continue
         trained = name.endswith("train") or name == "replay"
         lines.append(f"| {name} | {st.get('docs', 0)} | {st.get('rows', 0)} | {st.get('tokens', 0)} | "
                      f"{st.get('loss_tokens', 0) if trained else '—'} | {st.get('scored', '—')} | "
                      f"{st.get('skipped', 0)} | {st.get('truncated', 0)} | {st.get('truncated_tokens', 0)} |")
-    notes = [note for name, st in data.items() if st and (note := truncation_note(name, st, chunk_len))]
-    return lines + ([""] + [f"- ⚠ {note}" for note in notes] if notes else [])
+    notes = [note for name, st in data.items() if st and (note := dropped_note(name, st))]
+    notes += [f"⚠ {note}" for name, st in data.items() if st and (note := truncation_note(name, st, chunk_len))]
+    return lines + ([""] + [f"- {note}" for note in notes] if notes else [])
+
+
+def dropped_note(name: str, st: dict[str, int]) -> str | None:
+    """What reading a set dropped before tokenizing, in words; None when nothing was."""
+    parts = []
+    if st.get("duplicates"):
+        parts.append(f"{st['duplicates']} duplicate documents (the same text as an earlier one) dropped before the "
+                     "held-out split, so no held-out document is also a training one")
+    if st.get("empty"):
+        parts.append(f"{st['empty']} records without text dropped (every used field empty; in instruction format, "
+                     "an empty completion)")
+    return f"{name}: " + "; ".join(parts) if parts else None
 
 
 def render_markdown(a: Analysis, title: str, details: dict[str, Any], figures: dict[str, Path],

@@ -27,8 +27,8 @@ import pandas as pd
 from ftcore import (cards, chunking, config_files, corpora, curves, forgetting, keys, models, perplexity, report,
                     sources, task_forgetting, tracking, training)
 from ftcore.config import SETS, ArmSpec, StudyConfig
-from ftcore.inputs import (Inputs, StudyError, check_inputs, check_model, check_replay_budget, check_split,
-                           record_corpus_versions)
+from ftcore.inputs import (Inputs, StudyError, check_contamination, check_inputs, check_model, check_replay_budget,
+                           check_split, record_corpus_versions)
 from ftcore.io import atomic_path, hash_dir, write_json, write_parquet, write_text
 from ftcore.plan import ArmPlan, CurvePlan
 from ftcore.results import (BASE, QUANTIZED_BASE, DomainRows, Evaluation, Fingerprint, ModelRef, Report, Scored, Stream,
@@ -113,8 +113,10 @@ def fetch_model(inputs: Inputs) -> Step:
 
 
 def tokenize_domain(cfg: StudyConfig, model: ModelRef, corpus: Fingerprint) -> Step:
-    """The domain corpus split into training and held-out rows (train.parquet, test.parquet). Its computation
-    raises StudyError when no row has a completion token within chunk_len."""
+    """The domain corpus deduplicated and split into training and held-out rows (train.parquet, test.parquet),
+    with what tokenizing read and cut (stats.json: per split, and `corpus`: the records kept, the empty ones
+    and the duplicates dropped). Its computation raises StudyError when no row has a completion token within
+    chunk_len, CorpusError when test_docs is not below the deduplicated corpus."""
     root = Path(cfg.artifacts_dir)
     reads = {"corpus": corpus.digest, "text_fields": cfg.domain.text_fields, "format": cfg.format.model_dump(mode="json"),
              "test_docs": cfg.test_docs, "split_seed": cfg.split_seed, "chunk_len": cfg.chunk_len,
@@ -122,9 +124,10 @@ def tokenize_domain(cfg: StudyConfig, model: ModelRef, corpus: Fingerprint) -> S
 
     def compute(out: Path, device: str | None) -> dict[str, Any]:
         tokenizer = models.load_tokenizer(model.locate(root))
-        whole = corpora.load_corpus(cfg.domain, "domain", cfg.format)
+        whole = distinct_documents(cfg, corpora.load_corpus(cfg.domain, "domain", cfg.format), tokenizer)
         train, test = corpora.split_train_test(whole, cfg.test_docs, cfg.split_seed)
-        stats = {}
+        stats: dict[str, dict[str, int]] = {"corpus": {"docs": len(whole), "empty": whole.empty,
+                                                       "duplicates": whole.duplicates}}
         for name, part in (("train", train), ("test", test)):
             if cfg.format.kind == "instruction":
                 df, st = chunking.tokenize_instruction(part.records, cfg.format, tokenizer, cfg.chunk_len)
@@ -152,9 +155,25 @@ def tokenize_domain(cfg: StudyConfig, model: ModelRef, corpus: Fingerprint) -> S
                 extras=("stats.json",))
 
 
+def distinct_documents(cfg: StudyConfig, corpus: corpora.Corpus, tokenizer) -> corpora.Corpus:
+    """The domain corpus without copies of a document: records whose text, as it is tokenized (prompt +
+    completion, or the joined text fields), equals an earlier record's are dropped and counted, before the
+    held-out split, so no held-out document is also a training one (datasets #4261)."""
+    if cfg.format.kind == "instruction":
+        texts = chunking.example_texts(corpus.records, cfg.format, tokenizer)
+    else:
+        texts = corpora.document_texts(corpus, cfg.domain.text_fields)
+    distinct = corpora.drop_duplicates(corpus, texts)
+    if distinct.duplicates:
+        log.warning("domain: %d of %d documents are copies of another and were dropped before the held-out split",
+                    distinct.duplicates, len(corpus))
+    return distinct
+
+
 def tokenize_stream(cfg: StudyConfig, role: str, model: ModelRef, corpus: Fingerprint) -> Step:
     """The general or the replay corpus as one token stream in chunk_len rows (chunks.parquet), with each
-    document's title (docs.parquet). Its computation raises StudyError when nothing is left to score."""
+    document's title (docs.parquet); its stats count the records dropped as empty too. Its computation
+    raises StudyError when nothing is left to score."""
     root, spec = Path(cfg.artifacts_dir), getattr(cfg, role)
     reads = {"corpus": corpus.digest, "text_fields": spec.text_fields, "chunk_len": cfg.chunk_len,
              "separator": cfg.general_separator, "model": model.digest}
@@ -171,7 +190,7 @@ def tokenize_stream(cfg: StudyConfig, role: str, model: ModelRef, corpus: Finger
         write_parquet(pd.DataFrame({"doc": range(len(titles)), "title": titles}), out / "docs.parquet")
         log.info("tokenize-%s: %s", role, st.as_dict())
         return {"path": relative(root, out / "chunks.parquet"), "docs": relative(root, out / "docs.parquet"),
-                "stats": st.as_dict()}
+                "stats": {**st.as_dict(), "empty": whole.empty}}
 
     where = step_dir(root, f"tokenize-{role}", "tokenize", reads, tokenize_stream)
     return Step("tokenize", f"tokenize-{role}", where, compute, Stream, outputs=("chunks.parquet", "docs.parquet"))
@@ -360,8 +379,9 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
 
 
 def data_stats(p: Prepared) -> dict[str, dict[str, int]]:
-    """What tokenizing read and cut, per set: the report's Data section."""
-    data = {f"domain {split}": st for split, st in p.domain.stats.items()}
+    """What tokenizing read and cut, per set: the report's Data section (`domain`: what reading the domain
+    corpus dropped before the split)."""
+    data = {("domain" if split == "corpus" else f"domain {split}"): st for split, st in p.domain.stats.items()}
     return data | {"general": p.general.stats} | ({"replay": p.replay.stats} if p.replay else {})
 
 
@@ -445,6 +465,7 @@ def prepare(inputs: Inputs | StudyConfig, runner: Runner | None = None) -> Prepa
     general = runner.run(tokenize_stream, cfg, "general", model, corpus["general"], label="tokenize-general")
     replay = (runner.run(tokenize_stream, cfg, "replay", model, corpus["replay"], label="tokenize-replay")
               if "replay" in corpus else None)
+    check_contamination(cfg, domain, general, replay)  # what the arms train on is not what they are scored on
     check_replay_budget(cfg, domain, replay)  # before any model is loaded for evaluation or training
     on_general = task_forgetting.resolve(cfg, workdir, general_documents=lambda: general_documents(cfg, general),
                                          registry=registry, which="general")
@@ -455,8 +476,9 @@ def prepare(inputs: Inputs | StudyConfig, runner: Runner | None = None) -> Prepa
 def general_documents(cfg: StudyConfig, general: Stream) -> pd.DataFrame:
     """The general documents the general perplexity scores (within eval.max_general_tokens): columns doc (index
     in the general corpus), text, and whole (all of its tokens are scored)."""
-    frame = pd.read_parquet(Path(cfg.artifacts_dir) / general.path, columns=["token_docs"])
-    every = np.concatenate(frame["token_docs"].to_numpy())
+    frame = pd.read_parquet(Path(cfg.artifacts_dir) / general.path,
+                            columns=["input_ids", "labels", "token_bytes", "token_docs"])
+    every = perplexity.read_stream(frame).docs  # the stream as the windows score it: no BOS prefixes
     scored = every[: cfg.eval.max_general_tokens] if cfg.eval.max_general_tokens else every
     ids, counts = np.unique(scored, return_counts=True)
     total = dict(zip(*np.unique(every, return_counts=True)))

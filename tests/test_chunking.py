@@ -94,16 +94,82 @@ def test_completion_mask_prompt_is_ignored(tok):
         assert row.n_bytes == len((" " + rec.c).encode())
 
 
-def test_mask_matches_trl_own_preparation(tiny_model, tok, tmp_path):
-    """Our parquet rows equal what SFTTrainer builds from the raw prompt/completion pairs."""
-    fmt = FormatSpec(prompt_field="t", completion_field="c", prompt_template="Q: {prompt}\nA: ")
-    records = pd.DataFrame({"t": ["one", "two words", "three more words"], "c": ["alpha beta", "gamma", "delta epsilon zeta"]})
-    ours, _ = tokenize_instruction(records, fmt, tok, chunk_len=64)
-    pairs = [prompt_completion(r, fmt, tok) for r in records.to_dict("records")]
-    raw = datasets.Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
+# SmolLM2's own chat template: the assistant turn ends "<|im_end|>\n", and its EOS is <|im_end|> (trl #3318).
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou "
+    "are a helpful AI assistant<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' "
+    "}}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_toks(tok):
+    """The tiny tokenizer with ChatML markup as special tokens, EOS <|im_end|> and SmolLM2's template; and the same
+    adding BOS to every text with a template that writes BOS itself (as Gemma's does)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    out = {}
+    for name in ("smollm2", "bos"):
+        backend = copy.deepcopy(tok.backend_tokenizer)
+        backend.add_special_tokens(["<|im_start|>", "<|im_end|>", "<bos>"])
+        extra = {}
+        if name == "bos":
+            backend.post_processor = TemplateProcessing(single="<bos> $A",
+                                                        special_tokens=[("<bos>", backend.token_to_id("<bos>"))])
+            extra["bos_token"] = "<bos>"
+        chat = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token=tok.pad_token, **extra)
+        chat.chat_template = ("{{ bos_token }}" if name == "bos" else "") + SMOLLM2_TEMPLATE
+        out[name] = chat
+    return out
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sum 1 2"},
+     {"role": "assistant", "content": "3"}],
+    [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue"},
+     {"role": "user", "content": "Another"}, {"role": "assistant", "content": "Red, or green."}],
+]
+
+
+def _style_case(style: str, tokenizer) -> tuple[FormatSpec, pd.DataFrame, list[dict]]:
+    """Records in `style`, and the same examples as TRL's prompt/completion dataset, built here."""
+    if style == "fields":
+        fmt = FormatSpec(prompt_field="t", completion_field="c", prompt_template="Q: {prompt}\nA: ")
+        records = pd.DataFrame({"t": ["one", "two words", "three more words"],
+                                "c": ["alpha beta", "gamma", "delta epsilon zeta"]})
+    elif style == "alpaca":
+        fmt = FormatSpec(style="alpaca")
+        records = pd.DataFrame({"instruction": ["Sum", "Name a colour"], "input": ["1 2", ""], "output": ["3", "Blue"]})
+    else:
+        fmt = FormatSpec(style=style)
+        if style == "chatml":
+            records = pd.DataFrame({"messages": CONVERSATIONS})
+        else:
+            sharegpt = {"user": "human", "assistant": "gpt", "system": "system"}
+            records = pd.DataFrame({"conversations": [[{"from": sharegpt[m["role"]], "value": m["content"]} for m in c]
+                                                      for c in CONVERSATIONS]})
+        # TRL's conversational prompt/completion: the turns before the last assistant turn, and that turn.
+        return fmt, records, [{"prompt": c[:-1], "completion": c[-1:]} for c in CONVERSATIONS]
+    pairs = [prompt_completion(r, fmt, tokenizer) for r in records.to_dict("records")]
+    return fmt, records, [{"prompt": p, "completion": c} for p, c in pairs]
+
+
+@pytest.mark.parametrize("style, chat", [("fields", None), ("alpaca", None), ("chatml", "smollm2"),
+                                         ("sharegpt", "smollm2"), ("chatml", "bos")])
+def test_mask_matches_trl_own_preparation(tiny_model, tok, chat_toks, tmp_path, style, chat):
+    """Our parquet rows equal what SFTTrainer builds from the same examples, for every format.style: a chat template
+    that ends the assistant turn in "<|im_end|>\n" gets no second end marker, a template that writes BOS no second BOS."""
+    tokenizer = chat_toks[chat] if chat else tok
+    fmt, records, examples = _style_case(style, tokenizer)
+    ours, _ = tokenize_instruction(records, fmt, tokenizer, chunk_len=64)
+    raw = datasets.Dataset.from_list(examples)
     args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, max_length=64, report_to="none", use_cpu=True,
                      bf16=False, activation_checkpointing=False)
-    trainer = SFTTrainer(model=load_model(tiny_model), args=args, train_dataset=raw, processing_class=tok)
+    trainer = SFTTrainer(model=load_model(tiny_model), args=args, train_dataset=raw, processing_class=tokenizer)
     prepared = trainer.train_dataset
     assert [list(x) for x in prepared["input_ids"]] == [list(x) for x in ours.input_ids]
     assert [list(x) for x in prepared["labels"]] == [list(x) for x in ours.labels]

@@ -94,7 +94,8 @@ def test_hub_source_goes_through_datasets_load_dataset(tmp_path):
     """The Hub path is `datasets.load_dataset(path, subset, split=...)`; a local dataset directory takes it offline."""
     repo = tmp_path / "hub_like_dataset"
     (repo / "data").mkdir(parents=True)
-    pd.DataFrame({"title": ["A", "B", ""], "abstract": ["first", "second", "third"]}).to_parquet(
+    # The third record has no text in any used field (one with an abstract but no title is a document: kept).
+    pd.DataFrame({"title": ["A", "B", ""], "abstract": ["first", "second", " "]}).to_parquet(
         repo / "data" / "train-00000-of-00001.parquet")
     spec = CorpusSpec(source="hub", path=str(repo), split="train", text_fields=("title", "abstract"))
     corpus = load_corpus(spec, "domain")
