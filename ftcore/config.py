@@ -291,8 +291,8 @@ class ArmSpec(_Frozen):
 
 
 def _short(value: float) -> str:
-    """A learning rate as a label: 3e-4, 2.5e-5, 0.1."""
-    return np.format_float_scientific(value, trim="-", exp_digits=1) if value < 0.01 else f"{value:g}"
+    """A learning rate as a label: 3e-4, 2.5e-5, 1e-2; 0.1 and above as they are."""
+    return np.format_float_scientific(value, trim="-", exp_digits=1) if value < 0.1 else f"{value:g}"
 
 
 def expand_sweeps(arms: Any) -> Any:
@@ -301,7 +301,7 @@ def expand_sweeps(arms: Any) -> Any:
     if not isinstance(arms, (list, tuple)):
         return arms
     out = []
-    for entry in arms:
+    for index, entry in enumerate(arms):
         if isinstance(entry, BaseModel):
             entry = entry.model_dump(exclude_none=True)
         lists = {k: v for k, v in entry.items() if k in ("learning_rate", "replay_ratio") and isinstance(v, (list, tuple))} \
@@ -309,15 +309,35 @@ def expand_sweeps(arms: Any) -> Any:
         if not lists:
             out.append(entry)
             continue
+        where = f"arms.{index} ({entry.get('name')!r})"
+        if "learning_rate" in lists and (entry.get("lora") or {}).get("learning_rate") is not None:
+            raise ValueError(f"{where}: learning_rate and lora.learning_rate both set; give one")
         combos = [{}]
         for key, values in lists.items():
-            if not values:
-                raise ValueError(f"arm {entry.get('name')!r}: {key} is an empty list")
-            combos = [{**c, key: v} for c in combos for v in values]
+            _check_sweep(where, key, values)
+            combos = [{**c, key: float(v)} for c in combos for v in values]
         for combo in combos:
             suffix = "".join(f"-lr{_short(v)}" if k == "learning_rate" else f"-{v:g}" for k, v in combo.items())
-            out.append({**entry, **combo, "name": f"{entry.get('name')}{suffix}", "family": entry.get("name")})
+            name = f"{entry.get('name')}{suffix}"
+            if len(name) > 48:
+                raise ValueError(f"{where}: the expanded arm name {name!r} is longer than 48 characters; shorten the name")
+            out.append({**entry, **combo, "name": name, "family": entry.get("name")})
     return out
+
+
+def _check_sweep(where: str, key: str, values: list[Any]) -> None:
+    """A list of learning rates or replay ratios: numbers in range, each once. ValueError naming the arm entry."""
+    low, high = (0.0, 1.0)
+    if not values:
+        raise ValueError(f"{where}: {key} is an empty list; give one or more values")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{where}: {key} lists {v!r}, not a number")
+        if not (low < v < high if key == "learning_rate" else low <= v < high):
+            raise ValueError(f"{where}: {key} lists {v:g}, outside {'(0, 1)' if key == 'learning_rate' else '[0, 1)'}")
+    repeated = sorted({float(v) for v in values if [float(x) for x in values].count(float(v)) > 1})
+    if repeated:
+        raise ValueError(f"{where}: {key} lists {', '.join(f'{v:g}' for v in repeated)} more than once")
 
 
 def _expand_shorthand(value: Any, info: ValidationInfo) -> Any:
@@ -491,7 +511,9 @@ class StudyConfig(_Frozen):
                              "adapter cannot be merged into a 4-bit base without dequantizing it, so the merged model "
                              "would not be the trained one; set lora.merge=false")
         if self.reference_arm is not None and self.reference_arm not in names:
-            raise ValueError(f"reference_arm {self.reference_arm!r} is not one of the arms {names}")
+            members = [a.name for a in self.arms if a.family == self.reference_arm]
+            hint = f"; it was expanded into {members}: name one of them" if members else ""
+            raise ValueError(f"reference_arm {self.reference_arm!r} is not one of the arms {names}{hint}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds has duplicates: {list(self.seeds)}")
         if self.forgetting_budget_pct is not None and self.eval.every_steps == 0:

@@ -106,22 +106,36 @@ def describe_error(exc: ValidationError) -> str:
     for a misspelt one and how to pass a number as text."""
     lines = []
     errors = exc.errors()
+    union = {e["loc"][:-1] for e in errors if _member(e["loc"][-1])}
     for err in errors:
         deeper = [e for e in errors if len(e["loc"]) > len(err["loc"]) and e["loc"][:len(err["loc"])] == err["loc"]]
         if err["type"] == "too_short" and deeper:
             continue  # "arms: at least 1 item" only because its one entry is invalid: that error says why
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        field = tuple(p for p in err["loc"] if not _member(p))
+        if field in union and _member(err["loc"][-1]) and err["loc"][-1] != _first_member(errors, field):
+            continue  # one line per field of a union (a number or a list): its first member's message
+        loc = ".".join(str(p) for p in field) or "config"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             near = _close_field(err["loc"])
             message = "not a field" + (f"; did you mean {near!r}?" if near else "") + " (`ftstudy init` lists them all)"
-        elif err["type"] in ("tuple_type", "list_type") and isinstance(err.get("input"), str):
+        elif err["type"] in ("tuple_type", "list_type") and isinstance(err.get("input"), str) and field == err["loc"]:
             message += f" (a list: --set '{loc}=[\"{err['input']}\"]', or in a file {loc}: [{err['input']}])"
         elif err["type"] == "string_type" and isinstance(err.get("input"), (int, float)):
             message += (f" (got the number {err['input']!r}: a --set value is read as JSON, so quote it, "
                         f"e.g. --set '{loc}=\"{err['input']}\"')")
         lines.append(f"{loc}: {message}")
     return "\n".join(lines)
+
+
+def _member(part: Any) -> bool:
+    """Whether a part of an error's location names a member of a union type (constrained-float, tuple[...]),
+    which pydantic adds to the location, rather than a field."""
+    return isinstance(part, str) and not part.isidentifier()
+
+
+def _first_member(errors: list[dict[str, Any]], field: tuple) -> Any:
+    return next(e["loc"][-1] for e in errors if tuple(p for p in e["loc"] if not _member(p)) == field)
 
 
 def _close_field(loc: tuple) -> str | None:

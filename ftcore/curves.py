@@ -59,22 +59,41 @@ def interval(every_steps: int | None, max_steps: int) -> int:
     return every_steps or max(1, math.ceil(max_steps / POINTS))
 
 
-def subsample(curve: CurvePlan, root: str | Path) -> dict[str, list[tuple[list[int], list[int], int]]]:
-    """The rows each curve point scores, per set: prefixes of the final evaluation's rows.
+def subsample(curve: CurvePlan, root: str | Path) -> dict[str, perplexity.ScoredSet]:
+    """What each curve point scores, per set: rows of the final evaluation's, with their documents.
 
-    domain: held-out rows in their order until `curve.tokens` predicted tokens (every row when None);
-    general: the final evaluation's windows over the first `curve.tokens` tokens of the stream (capped
-    by max_general_tokens, as the final evaluation is).
+    domain: held-out rows in their order (the split is random) until `curve.tokens` predicted tokens;
+    general: the final evaluation's windows (within max_general_tokens), `curve.tokens` predicted tokens'
+    worth of them spread evenly over the scored stream, so that the points cover as many documents as the
+    final evaluation does (the comparison at equal gain resamples documents). With tokens None: every row.
     """
     root = Path(root)
-    domain = perplexity.domain_rows(pd.read_parquet(root / curve.domain_rows))
-    if curve.tokens is not None:
-        predicted = np.cumsum([sum(1 for label in labels[1:] if label != perplexity.IGNORE) for _, labels, _ in domain])
-        domain = domain[: int(np.searchsorted(predicted, curve.tokens)) + 1]
-    limits = [t for t in (curve.tokens, curve.max_general_tokens) if t is not None]
-    general = perplexity.stream_windows(pd.read_parquet(root / curve.general_rows), curve.window, curve.stride,
-                                        min(limits) if limits else None)
-    return {"domain": domain, "general": general}
+    domain = perplexity.domain_set(pd.read_parquet(root / curve.domain_rows))
+    general = perplexity.general_set(pd.read_parquet(root / curve.general_rows), curve.window, curve.stride,
+                                     curve.max_general_tokens)
+    if curve.tokens is None:
+        return {"domain": domain, "general": general}
+    predicted = np.cumsum([_predicted(row) for row in domain.rows])
+    domain = domain.take(range(int(np.searchsorted(predicted, curve.tokens)) + 1))
+    return {"domain": domain, "general": general.take(spread(general.rows, curve.tokens))}
+
+
+def _predicted(row: tuple[list[int], list[int], int]) -> int:
+    return sum(1 for label in row[1][1:] if label != perplexity.IGNORE)
+
+
+def spread(rows: list[tuple[list[int], list[int], int]], tokens: int) -> list[int]:
+    """Indices of rows evenly spaced over `rows`, as few as predict at least `tokens` tokens (all when they
+    hold fewer)."""
+    counts = np.array([_predicted(row) for row in rows])
+    if counts.sum() <= tokens:
+        return list(range(len(rows)))
+    n = max(1, int(math.ceil(tokens / counts.mean())))
+    while True:
+        index = sorted(set(np.linspace(0, len(rows) - 1, n).round().astype(int).tolist()))
+        if counts[index].sum() >= tokens or n >= len(rows):
+            return index
+        n += 1
 
 
 def read_points(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -240,16 +259,19 @@ class CurveLog(TrainerCallback):
             self._budget(model, state, control)
 
     def _score(self, model, state, which: str) -> dict[str, Any]:
+        rows = self.rows[which]
         with without_training_autocast(model):
-            scores = perplexity.score_rows(model, self.rows[which], self.curve.batch_size, self.pad_id,
+            scores = perplexity.score_rows(model, rows.rows, self.curve.batch_size, self.pad_id,
                                            self.curve.precision, label=f"{self.label}-curve-{which}",
+                                           keep_tokens=rows.token_docs is not None,
                                            reference_logits=self.reference(model) if self.curve.kl else None)
         s = perplexity.summarize(scores)
-        # Per-row sums (a held-out document; a window of the general stream): what the matched-gain
-        # comparison resamples (ftcore.matched_gain).
-        units = {"unit_nll": scores["nll_sum"].tolist(), "unit_tokens": scores["n_tokens"].astype(int).tolist()}
-        if "kl_sum" in scores:
-            units |= {"kl": s["kl"], "unit_kl": scores["kl_sum"].tolist()}
+        # Per-document sums (a held-out abstract; a general article): what the comparison at equal domain gain
+        # resamples (ftcore.matched_gain).
+        docs = rows.per_document(scores)
+        units = {"unit_nll": docs["nll_sum"].tolist(), "unit_tokens": docs["n_tokens"].astype(int).tolist()}
+        if "kl_sum" in docs:
+            units |= {"kl": s["kl"], "unit_kl": docs["kl_sum"].tolist()}
         return {"step": state.global_step, "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
                 "set": which, "ppl": s["ppl"], "nll": s["nll"], "bpb": s["bpb"], "tokens": s["tokens"], **units}
 

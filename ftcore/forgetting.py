@@ -178,33 +178,51 @@ def best_within_budget(df: pd.DataFrame, budget_pct: float, summaries: dict[tupl
 
 def kl_predicts(df: pd.DataFrame) -> list[str]:
     """How well the KL to the base on each set predicts the general change, over every arm, seed and curve point
-    after step 0: Spearman's rank correlation and the R² of a straight line, with n (the report's lines)."""
+    after step 0: Spearman's rank correlation and the R² of a straight line, with n, and what they say here."""
     from scipy import stats as st
 
     if "kl" not in df or df["kl"].isna().all():
         return []
     wide = df[df.step > 0].pivot_table(index=["arm", "seed", "step"], columns="set", values=["kl", "change_pct"])
     wide = wide.dropna()
-    n = len(wide)
+    n, runs = len(wide), wide.reset_index()[["arm", "seed"]].drop_duplicates().shape[0]
     if n < 3:
         return [f"KL and forgetting: {n} trained curve points, too few to say how well the KL predicts the general "
                 "change."]
     y = wide[("change_pct", "general")].to_numpy()
-    lines = [f"Over n = {n} curve points (every arm, seed and step after 0), how well the KL(base ‖ model) per token "
-             "predicts the general change in perplexity (Shenfeld et al. 2025, \"RL's Razor\", find the KL on the "
-             "new task's own distribution predicts forgetting):", "",
+    lines = [f"Over n = {n} curve points ({runs} runs: every arm and seed, each step after 0), how well the "
+             "KL(base ‖ model) per token predicts the general change in perplexity (Shenfeld et al. 2025, \"RL's "
+             "Razor\", find the KL on the new task's own distribution predicts forgetting):", "",
              "| predictor | Spearman ρ | R² (straight line) |", "| --- | ---: | ---: |"]
+    rho = {}
     for which, name in (("domain", "KL on the held-out domain text"), ("general", "KL on the general text")):
         x = wide[("kl", which)].to_numpy()
         if np.ptp(x) == 0 or np.ptp(y) == 0:
             lines.append(f"| {name} | — | — |")
             continue
-        rho = st.spearmanr(x, y).statistic
-        r2 = st.linregress(x, y).rvalue ** 2
-        lines.append(f"| {name} | {rho:+.2f} | {r2:.2f} |")
-    lines += ["", "The domain KL needs only the user's own data; where it tracks the general change as well as the "
-              "general KL does, it is a cheap early warning of forgetting."]
+        rho[which] = float(st.spearmanr(x, y).statistic)
+        lines.append(f"| {name} | {rho[which]:+.2f} | {st.linregress(x, y).rvalue ** 2:.2f} |")
+    lines += ["", _kl_verdict(rho) + f" The points of one run are not independent ({runs} runs): read ρ as a "
+              "description of this study, not as a test."]
     return lines
+
+
+def _kl_verdict(rho: dict[str, float]) -> str:
+    """What the two correlations say, in words that follow the numbers."""
+    d, g = rho.get("domain"), rho.get("general")
+    if d is None or g is None:
+        return "One of the KLs or the general change did not vary: nothing to compare."
+    if min(d, g) <= -0.3:
+        return ("More KL went with a *lower* general perplexity here: the KL measures how far the model moved from "
+                "the base, not whether that hurt the general text.")
+    if d >= 0.7 and d >= g - 0.15:
+        return ("The domain KL, which needs only your own data, tracked the general change about as well as the "
+                "general KL: a cheap early warning of forgetting in this study.")
+    if d >= 0.7:
+        return "Both KLs tracked the general change; the general KL more closely."
+    if max(d, g) < 0.3:
+        return "Neither KL tracked the general change here."
+    return "The KLs tracked the general change only loosely here."
 
 
 def write(arms: list[dict[str, Any]], root: str | Path, out: Path, budget_pct: float | None,
@@ -225,5 +243,5 @@ def write(arms: list[dict[str, Any]], root: str | Path, out: Path, budget_pct: f
     if budget_pct is not None and matched_gain.families_of(families):
         matched["lines"] = [*matched.get("lines", []), "", *best_within_budget(df, budget_pct, summaries, families)]
     return {"plots": {"curves": plots.plot_curves(means, out / "curves.png"),
-                      "path": plots.plot_path(means, out / "path.png", budget_pct, matched.get("gain"))},
+                      "path": plots.plot_path(means, out / "path.png", budget_pct, matched.get("gains", ()))},
             "lines": section(df, means, budget_pct, summaries, whole), "matched": matched, "kl": kl_predicts(df)}

@@ -63,18 +63,20 @@ def check_inputs(cfg: StudyConfig, arms_in_process: bool = False) -> Inputs:
     cfg = resolve_paths(cfg)
     if _handed_over and _handed_over[0].cfg == cfg and _handed_over[0].arms_in_process == arms_in_process:
         return _handed_over.pop()
+    import torch
+
     from ftcore import sources, training
 
     check_trackers(cfg)
     warn_slow_bf16(cfg)
-    check_artifacts_dir(cfg)
-    versions = corpus_versions(cfg)  # every corpus source exists (or its Hub revision resolves)
-    model_version = sources.source_version(cfg.model)
     here = cfg.executor == "subprocess"  # the arms train on this machine: its devices decide
     device = training.resolve_device(cfg.device) if here else None
     check_devices_per_arm(cfg.train, full=any(a.method == "full" for a in cfg.arms), curves=cfg.eval.every_steps != 0,
                           device=device, processes=1 if arms_in_process else None,
-                          gpus=training.gpu_count() if device == "cuda" else None)
+                          gpus=torch.cuda.device_count() if device == "cuda" else None)
+    check_artifacts_dir(cfg)  # the first check that writes: after every one that can refuse without writing
+    versions = corpus_versions(cfg)  # every corpus source exists (or its Hub revision resolves)
+    model_version = sources.source_version(cfg.model)
     return Inputs(cfg, versions, model_version, arms_in_process)
 
 

@@ -140,9 +140,9 @@ def analyse(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], 
             diff = row["general_change_pct"] - ref["general_change_pct"]
             spread = math.sqrt(np.nan_to_num(row["general_change_std"]) ** 2 + np.nan_to_num(ref["general_change_std"]) ** 2)
             ci = _interval(per_arm[arm] - per_arm[reference])
-            unknown = not np.isfinite(ci[0])  # too few resamples reach g: no difference is claimed
-            row.update(reference=reference, diff_pp=diff, diff_ci_low=ci[0], diff_ci_high=ci[1],
-                       within_noise=unknown or stats.within_noise(diff, ci, spread if spread > 0 else float("nan")))
+            # Too few resamples reach g: no interval, and the noise rule says nothing (NaN, not "within noise").
+            noise = stats.within_noise(diff, ci, spread if spread > 0 else float("nan")) if np.isfinite(ci[0]) else np.nan
+            row.update(reference=reference, diff_pp=diff, diff_ci_low=ci[0], diff_ci_high=ci[1], within_noise=noise)
     return pd.DataFrame(rows)
 
 
@@ -182,24 +182,31 @@ def common_family_gain(curves: pd.DataFrame, families: dict[str, list[str]], sin
     return math.floor(DEFAULT_SHARE * min(levels) * 10) / 10 if levels else float("nan")
 
 
+def _num(x: float, sign: bool = True) -> str:
+    """A change in % or points: one decimal, two where one would print 0.0 for a value that is not 0."""
+    digits = 2 if abs(x) < 0.095 and x != 0 else 1
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
 def _cell(r: pd.Series) -> str:
     if not r["reached"]:
         return "not reached"
-    text = f"{r['general_change_pct']:+.1f}%"
+    text = f"{_num(r['general_change_pct'])}%"
     if r["seeds"] > 1 and np.isfinite(r["general_change_std"]):
-        text += f" ± {r['general_change_std']:.1f}"
+        text += f" ± {_num(r['general_change_std'], sign=False)}"
     if np.isfinite(r["ci_low"]):
-        text += f" [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
+        text += f" [{_num(r['ci_low'])}, {_num(r['ci_high'])}]"
     else:
-        text += f" [reached in {100 * r['reached_share']:.0f}% of resamples]"
+        text += f" [no interval: g reached in only {100 * r['reached_share']:.0f}% of resamples]"
     return text
 
 
 def _diff(r: pd.Series) -> str:
     if pd.isna(r.get("diff_pp")):
         return "—"
-    ci = f" [{r['diff_ci_low']:+.1f}, {r['diff_ci_high']:+.1f}]" if np.isfinite(r["diff_ci_low"]) else ""
-    return f"{'≈ ' if r['within_noise'] else ''}{r['diff_pp']:+.1f}{ci}"
+    if not np.isfinite(r["diff_ci_low"]):  # no interval: nothing is said about noise either way
+        return f"{_num(r['diff_pp'])} (no interval)"
+    return f"{'≈ ' if r['within_noise'] else ''}{_num(r['diff_pp'])} [{_num(r['diff_ci_low'])}, {_num(r['diff_ci_high'])}]"
 
 
 def headline(table: pd.DataFrame, g: float, what: str) -> str:
@@ -211,64 +218,86 @@ def headline(table: pd.DataFrame, g: float, what: str) -> str:
             + ("; " + ", ".join(diffs) if diffs else "") + ".")
 
 
+def _tokens(n: float) -> str:
+    return f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
+
+
 def table_lines(table: pd.DataFrame, reference: str | None) -> list[str]:
     """The matched-gain table: per gain and arm, where the gain is reached and the general change there."""
-    lines = [f"| domain gain | arm | step (tokens) where reached | Δ general at that gain ± std [95% CI] | "
+    lines = [f"| domain gain | arm | step (training tokens) where reached | Δ general at that gain ± std [95% CI] | "
              f"vs {reference or 'reference'}, points [95% CI] |", "| ---: | --- | ---: | ---: | ---: |"]
     for _, r in table.iterrows():
-        where = f"{r['step']:.1f} ({r['tokens_seen'] / 1e3:.0f}k)" if r["reached"] else "—"
+        where = f"{r['step']:.1f} ({_tokens(r['tokens_seen'])})" if r["reached"] else "—"
         lines.append(f"| {r['gain_pct']:.1f}% | {r['arm']} | {where} | {_cell(r)} | {_diff(r)} |")
     return lines
 
 
 def section(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], reference: str | None,
             arms: Sequence[tuple[str, str]]) -> dict[str, object]:
-    """The report's matched-gain comparison: {"table": per gain and arm, "headline": the report's first
-    sentence, "lines": its section, "gain": the default gain g}; empty without curves.
+    """The report's comparison at equal domain gain: {"headline": the report's first sentence, "lines": its
+    section, "table": per gain and arm, "gain": the default g, "gains": every gain compared (for path.png)},
+    plus "best", "best_gain", "best_table" when some arm entry was swept over settings (the headline is then
+    each method at its best); empty without curves.
 
     `arms` are (arm, family) pairs in the study's order; `gains` the user's (report.matched_gains).
     """
     if curves.empty or "unit_nll" not in curves:
         return {}
     g = math.floor(DEFAULT_SHARE * largest_common_gain(curves) * 10) / 10
-    runs = runs_of(curves)
-    first = next(iter(runs.values()))
+    first = next(iter(runs_of(curves).values()))
     units = {w: len(unit_matrix(first, w)[1]) for w in ("domain", "general")}
     if not g > 0:
         note = ("No domain gain is reached by every arm (some arm's curve never falls below the base's domain "
                 "perplexity), so the arms cannot be compared at equal gain.")
-        return {"headline": note, "lines": [note], "gain": g}
-    every = sorted({g, *gains})
-    table = analyse(curves, every, order, reference)
+        return {"headline": note, "lines": [note], "gain": g, "gains": []}
+    table = analyse(curves, sorted({g, *gains}), order, reference)
     what = f"{100 * DEFAULT_SHARE:.0f}% of the largest every arm reaches on its curve"
-    lines = [headline(table, g, what), "",
-             "Each arm's general change where it has learned the same amount: read off its curve where the domain "
-             "gain first reaches the level, interpolated between the two points that bracket it (never "
-             f"extrapolated). Curve subsample: {units['domain']} held-out documents and {units['general']} general "
-             "windows; [..] is the 95% paired bootstrap interval over them (each resample recomputes both changes "
-             "along every curve and finds the level again), ± the standard deviation over seeds.", ""]
-    lines += table_lines(table, reference)
+    every_arm = [headline(table, g, what), "", *table_lines(table, reference)]
+    out: dict[str, object] = {"table": table, "gain": g, "gains": sorted({g, *gains}), "headline": every_arm[0]}
+    lines = [*every_arm]
     families = families_of(arms)
-    out: dict[str, object] = {"table": table, "gain": g, "headline": headline(table, g, what)}
-    if families:
-        singles = [a for a, f in arms if f not in families]
-        g_best = common_family_gain(curves, families, singles)
-        if g_best > 0:
-            best = best_of_each(analyse(curves, [g_best], order, reference), families, g_best)
-            chosen = [best.get(f, a) for a, f in _unique_families(arms)]
-            family_of = dict(arms)
-            ref = best.get(family_of.get(reference), reference)  # the reference method at its best
-            best_table = analyse(curves, [g_best], chosen, ref)
-            lines += ["", f"**Each method at its best**, at a {g_best:.1f}% domain gain ({100 * DEFAULT_SHARE:.0f}% of "
-                      "the largest every method reaches with one of its settings): per method the setting with the least general change "
-                      "there — " + ", ".join(f"{f}: {best[f]}" for f in best) + ". Chosen on the curve subsample of "
-                      "the held-out test documents, the same documents the comparison is measured on: the chosen "
-                      "settings' numbers are optimistic (no separate validation split).", ""]
-            lines += table_lines(best_table, ref)
-            out |= {"best": best, "best_gain": g_best, "best_table": best_table,
-                    "best_headline": headline(best_table, g_best, "each method at its best setting")}
+    if families and (best := _at_their_best(curves, families, arms, order, reference)):
+        out |= best
+        out["headline"] = best["best_headline"]
+        out["gains"] = sorted({*out["gains"], best["best_gain"]})
+        lines = [*best["best_lines"], "", "**Every setting**: " + every_arm[0].removeprefix("**"), *every_arm[1:]]
+    few = [f"{n} {'held-out' if w == 'domain' else 'general'} documents" for w, n in units.items() if n < 5]
+    lines += ["", "Each arm's general change where it has learned the same amount: read off its curve where the domain "
+              "gain first reaches the level, interpolated between the two points that bracket it (never "
+              f"extrapolated). Curve subsample: {units['domain']} held-out and {units['general']} general documents; "
+              "[..] is the 95% paired bootstrap interval over those documents (each resample recomputes both changes "
+              "along every curve and finds the level again; an interval needs 95% of the resamples to reach it), "
+              "± the standard deviation over seeds; ≈ marks a difference within noise by the table's rule."]
+    if few:
+        lines += ["", f"⚠ Only {' and '.join(few)} in the curve subsample: the interval is rough; raise "
+                  "eval.curve_tokens (or max_general_tokens) to cover more documents."]
     out["lines"] = lines
     return out
+
+
+def _at_their_best(curves: pd.DataFrame, families: dict[str, list[str]], arms: Sequence[tuple[str, str]],
+                   order: Sequence[str], reference: str | None) -> dict[str, object]:
+    """Each swept arm entry (family) at its best setting, at the gain every family reaches with one setting."""
+    singles = [a for a, f in arms if f not in families]
+    g_best = common_family_gain(curves, families, singles)
+    if not g_best > 0:
+        return {}
+    at = analyse(curves, [g_best], order, reference)
+    best = best_of_each(at, families, g_best)
+    reaching = at[at.reached].arm.tolist()
+    only = [f for f, members in families.items() if f in best and sum(m in reaching for m in members) == 1]
+    chosen = [best.get(f, a) for a, f in _unique_families(arms)]
+    ref = best.get(dict(arms).get(reference), reference)  # the reference entry at its best
+    table = analyse(curves, [g_best], chosen, ref)
+    what = f"each swept entry at its best setting, at {100 * DEFAULT_SHARE:.0f}% of the largest gain every one reaches"
+    lines = [headline(table, g_best, what), "",
+             "Per arm entry with several settings, the setting with the least general change at this gain — "
+             + ", ".join(f"{f}: {best[f]}" + (" (its only setting that reaches it)" if f in only else "")
+                         for f in best)
+             + ". Chosen on the curve subsample of the held-out test documents, the same documents the comparison "
+             "is measured on: the chosen settings' numbers are optimistic (no separate validation split).", "",
+             *table_lines(table, ref)]
+    return {"best": best, "best_gain": g_best, "best_table": table, "best_headline": lines[0], "best_lines": lines}
 
 
 def _unique_families(arms: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:

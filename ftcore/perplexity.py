@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -127,6 +128,41 @@ def stream_token_docs(
         out.append((np.concatenate([s.docs[b:b + 1].repeat(head), s.docs[b:e]]),
                     np.concatenate([np.zeros(head, np.int64), s.nbytes[b:e]])))
     return out
+
+
+class ScoredSet(NamedTuple):
+    """What an evaluation scores on one set: its rows, and how their tokens map to documents — `token_docs` (per
+    row, each token's document and bytes: stream windows, lm chunks) or `row_docs` (one document per row:
+    instruction examples)."""
+
+    rows: list[tuple[list[int], list[int], int]]
+    token_docs: list[tuple[np.ndarray, np.ndarray]] | None
+    row_docs: np.ndarray | None
+
+    def take(self, index: Sequence[int]) -> ScoredSet:
+        """The rows at `index` (a subsample), with their documents."""
+        return ScoredSet([self.rows[i] for i in index],
+                         [self.token_docs[i] for i in index] if self.token_docs is not None else None,
+                         self.row_docs[list(index)] if self.row_docs is not None else None)
+
+    def per_document(self, scores: pd.DataFrame) -> pd.DataFrame:
+        """Per document: summed NLL, predicted tokens, bytes (and KL) of `score_rows` on these rows."""
+        return document_scores(scores, token_docs=self.token_docs, row_docs=self.row_docs)
+
+
+def domain_set(frame: pd.DataFrame) -> ScoredSet:
+    """The held-out domain rows (test.parquet): instruction rows are one document each; lm rows are chunks of a
+    stream, split by token."""
+    if "token_docs" in frame:
+        return ScoredSet(domain_rows(frame), list(zip(map(np.asarray, frame["token_docs"]),
+                                                      map(np.asarray, frame["token_bytes"]))), None)
+    return ScoredSet(domain_rows(frame), None, np.asarray(frame["doc"]))
+
+
+def general_set(frame: pd.DataFrame, window: int, stride: int | None = None, max_tokens: int | None = None) -> ScoredSet:
+    """The general stream's windows (stream_windows), split by token into documents."""
+    return ScoredSet(stream_windows(frame, window, stride, max_tokens),
+                     stream_token_docs(frame, window, stride, max_tokens), None)
 
 
 def document_scores(scores: pd.DataFrame, token_docs: list[tuple[np.ndarray, np.ndarray]] | None = None,

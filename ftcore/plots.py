@@ -7,6 +7,7 @@ Each function takes the report's tables and writes one figure atomically.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -56,8 +57,7 @@ def plot_frontier(table: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
         xerr = [[gain - -r["domain_change_ci_high"]], [-r["domain_change_ci_low"] - gain]]
         yerr = [[forget - r["general_change_ci_low"]], [r["general_change_ci_high"] - forget]]
         ax.errorbar(gain, forget, xerr=xerr, yerr=yerr, fmt="o", color=c, ms=7, capsize=3, lw=1,
-                    mec="k" if r.get("pareto") else c, label=r["arm"])
-        ax.annotate(r["arm"], (gain, forget), textcoords="offset points", xytext=(6, 6), fontsize=8)
+                    mec="k" if r.get("pareto") else c, label=r["arm"])  # named in the legend: labels collided
     front = arms[arms["pareto"]].sort_values("domain_change_pct", ascending=False) if "pareto" in arms else arms.iloc[:0]
     if len(front):
         ax.step(-front["domain_change_pct"], front["general_change_pct"], where="post", color="k", lw=1, ls="--",
@@ -98,7 +98,6 @@ def plot_task_frontier(arms: pd.DataFrame, path: Path) -> Path:
         gain, change = -r["domain_change_pct"], r["task_forgetting_pts"]
         yerr = [[change - r["task_forgetting_ci_low"]], [r["task_forgetting_ci_high"] - change]]
         ax.errorbar(gain, change, yerr=yerr, fmt="o", ms=7, capsize=3, lw=1, label=r["arm"])
-        ax.annotate(r["arm"], (gain, change), textcoords="offset points", xytext=(6, 6), fontsize=8)
     return finish_frontier(fig, ax, path, "task change (mean accuracy change, points) ↑",
                            "learning vs task forgetting (bars: 95% CI over examples)")
 
@@ -119,24 +118,25 @@ def plot_curves(means: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_path(means: pd.DataFrame, path: Path, budget_pct: float | None = None, gain: float | None = None) -> Path:
+def plot_path(means: pd.DataFrame, path: Path, budget_pct: float | None = None, gains: Sequence[float] = ()) -> Path:
     """General change against domain gain along training, from the base (origin) to each arm's last point; the
-    matched domain gain (ftcore.matched_gain) as a vertical line."""
+    domain gains the arms are compared at (ftcore.matched_gain) as vertical lines."""
     fig, ax = plt.subplots(figsize=(6.5, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     wide = means.pivot_table(index=["arm", "step"], columns="set", values="change_pct", sort=False).reset_index()
     for i, (arm, g) in enumerate(wide.groupby("arm", sort=False)):
         c = colors[i % len(colors)]
         g = g.sort_values("step")
-        ax.plot(-g["domain"], g["general"], marker="o", ms=3, color=c, label=arm)
+        # Named in the legend, not beside the points: the ends of two arms often coincide and their labels collided.
+        ax.plot(-g["domain"], g["general"], marker="o", ms=3, color=c, label=f"{arm} (last: step {int(g['step'].iloc[-1])})")
         ax.scatter(-g["domain"].iloc[-1], g["general"].iloc[-1], s=70, color=c, edgecolor="k", zorder=3)
-        ax.annotate(f"{arm} (step {int(g['step'].iloc[-1])})", (-g["domain"].iloc[-1], g["general"].iloc[-1]),
-                    textcoords="offset points", xytext=(6, 4 - 11 * i), fontsize=8)  # staggered: ends may coincide
     ax.scatter([0], [0], marker="x", color="k", label="base (step 0)", zorder=4)
     if budget_pct is not None:
         ax.axhline(budget_pct, color="r", lw=0.8, ls="--", label=f"forgetting budget +{budget_pct:g}%")
-    if gain is not None and gain > 0:
-        ax.axvline(gain, color="0.4", lw=0.8, ls=":", label=f"compared at {gain:.1f}% domain gain")
+    for i, gain in enumerate(gains):
+        ax.axvline(gain, color="0.4", lw=0.8, ls=":", label="compared at equal domain gain" if i == 0 else None)
+        ax.annotate(f"{gain:.1f}%", (gain, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7, color="0.3")
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xlabel("domain gain along training (% fall in perplexity) →")
     ax.set_ylabel("general change (% rise in perplexity) ↓")

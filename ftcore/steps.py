@@ -56,6 +56,9 @@ class Step:
     extras: tuple[str, ...] = ()
     devices: int = 0
     arm: ArmPlan | None = field(default=None, repr=False)
+    # Fields of the result that name it in this study (its label), not part of its content: they come from the
+    # current study, also when the result was recorded by an earlier one (a seed added relabels "full" "full-s0").
+    names: dict[str, Any] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -74,7 +77,7 @@ def recorded(step: Step) -> Any:
     """The step's result (its `result` type) when its directory holds a finished, unmodified result; else None."""
     if not verify_manifest(step.dir):
         return None
-    return step.result.model_validate(json.loads((step.dir / RESULT).read_text()))
+    return step.result.model_validate(json.loads((step.dir / RESULT).read_text()) | step.names)
 
 
 def run_step(step: Step, compute: Compute | None = None, device: str | None = None) -> Any:
@@ -98,7 +101,7 @@ def run_step(step: Step, compute: Compute | None = None, device: str | None = No
         write_json({"seconds": round(time.perf_counter() - started, 3)}, out / TIMING)
         hashed = file_entries(out, list(step.outputs))
         fields.setdefault("digest", entries_digest(hashed))
-        result = step.result.model_validate(fields)
+        result = step.result.model_validate(fields | step.names)
         write_json(result.model_dump(mode="json"), out / RESULT)
         write_manifest(out, [*step.extras, TIMING, RESULT], known=hashed)
         return result

@@ -206,7 +206,8 @@ def train(plan: ArmPlan, root: str | Path, callbacks: list | None = None,
 
     curve_files = (curves.LOG, curves.FRAME) if plan.curve else ()
     return Step("train", f"train-{plan.label}", Path(root) / plan.dir, compute, TrainedArm, outputs=tuple(plan.outputs()),
-                extras=("train_log.jsonl", training.SUMMARY, *curve_files), devices=plan.train.devices_per_arm, arm=plan)
+                extras=("train_log.jsonl", training.SUMMARY, *curve_files), devices=plan.train.devices_per_arm, arm=plan,
+                names={"label": plan.label})
 
 
 def trained(plan: ArmPlan, summary: dict[str, Any]) -> dict[str, Any]:
@@ -226,21 +227,17 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
     """
     cfg, root, data = p.cfg, p.root, p.data(which)
     keeps_reference = scored.is_base and bool(cfg.eval.kl_top_k)
-    reads = {"eval": cfg.eval.model_dump(mode="json"), "chunk_len": cfg.chunk_len, "set": which,
+    # The evaluation settings it uses (not the curves': they change no final evaluation).
+    reads = {"eval": cfg.eval.model_dump(mode="json", include={"batch_size", "stride", "max_general_tokens", "precision",
+                                                                "kl_top_k"}), "chunk_len": cfg.chunk_len, "set": which,
              "model": p.model.digest, "arm": scored.digest, "data": data.digest,
              "base": base.digest if base and base.reference else None}
 
     def compute(out: Path, device: str | None) -> dict[str, Any]:
         frame = pd.read_parquet(root / (data.test if which == "domain" else data.path))
-        if which == "domain":
-            rows = perplexity.domain_rows(frame)
-            # Instruction rows are one document each; lm rows are chunks of a stream, split by token.
-            token_docs = (list(zip(map(np.asarray, frame["token_docs"]), map(np.asarray, frame["token_bytes"])))
-                          if "token_docs" in frame else None)
-        else:
-            window = (cfg.chunk_len, cfg.eval.stride, cfg.eval.max_general_tokens)
-            rows = perplexity.stream_windows(frame, *window)
-            token_docs = perplexity.stream_token_docs(frame, *window)
+        scored_set = (perplexity.domain_set(frame) if which == "domain" else
+                      perplexity.general_set(frame, cfg.chunk_len, cfg.eval.stride, cfg.eval.max_general_tokens))
+        rows = scored_set.rows
         where = device or training.resolve_device(cfg.device)
         base_dir = p.model.locate(root)
         net = models.load_scored(scored, base_dir, root, where)
@@ -249,7 +246,7 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
                      if base and base.reference and not scored.is_base else None)
         exact = not scored.is_base and cfg.eval.kl_top_k is None
         scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
-                                       label=f"eval-{scored.label}-{which}", keep_tokens=token_docs is not None,
+                                       label=f"eval-{scored.label}-{which}", keep_tokens=scored_set.token_docs is not None,
                                        top_k=cfg.eval.kl_top_k if keeps_reference else 0, reference=reference,
                                        reference_logits=models.reference_logits(scored.method, net, base_dir, where)
                                        if exact else None)
@@ -257,8 +254,7 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
         if keeps_reference:
             perplexity.write_reference(perplexity.top_k_reference(scores), out / "reference.npz")
             scores = scores.drop(columns=["topk_ids", "topk_logp"])
-        docs = perplexity.document_scores(scores, token_docs=token_docs,
-                                          row_docs=None if token_docs is not None else frame["doc"])
+        docs = scored_set.per_document(scores)
         write_parquet(scores, out / "scores.parquet")
         write_parquet(docs, out / "docs.parquet")
         summary = perplexity.summarize(scores)
@@ -272,7 +268,8 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
 
     outputs = ("scores.parquet", "docs.parquet", "summary.json", *(("reference.npz",) if keeps_reference else ()))
     where = step_dir(root, f"eval-{scored.arm}-{which}", "evaluate", reads, evaluate)
-    return Step("evaluate", f"eval-{scored.label}-{which}", where, compute, Evaluation, outputs=outputs, devices=1)
+    return Step("evaluate", f"eval-{scored.label}-{which}", where, compute, Evaluation, outputs=outputs, devices=1,
+                names={"label": scored.label})
 
 
 def task(p: Prepared, ref: task_forgetting.TaskRef, scored: Scored) -> Step:
@@ -297,7 +294,8 @@ def task(p: Prepared, ref: task_forgetting.TaskRef, scored: Scored) -> Step:
                 **summary, "samples": relative(root, out / "samples.parquet")}
 
     where = step_dir(root, f"task-{scored.arm}-{ref.name}", "task", reads, task)
-    return Step("task", label, where, compute, TaskScore, outputs=("samples.parquet",), devices=1)
+    return Step("task", label, where, compute, TaskScore, outputs=("samples.parquet",), devices=1,
+                names={"label": scored.label})
 
 
 def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], failed: dict[str, str],
@@ -341,7 +339,7 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
         along = forgetting.write([a.model_dump() for a in arms if a.arm not in broken], root, out,
                                  cfg.forgetting_budget_pct, whole=cfg.eval.curve_tokens is None,
                                  gains=cfg.report.matched_gains, order=[a.name for a in finished],
-                                 reference=cfg.reference, families=[(a.name, a.group) for a in finished])
+                                 reference=cfg.reference, families=[(a.name, a.family or a.name) for a in finished])
         order = ["base-nf4", *[a.name for a in finished]]
         task_part = task_forgetting.write(tasks, done, root, order, cfg.benchmarks.max_length if cfg.benchmarks else None)
         matched = along.get("matched") or {}
@@ -410,8 +408,8 @@ def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain:
     key too; with curves off they are not.
     """
     lora = cfg.lora_of(arm) if arm.method != "full" else None
-    train_spec = cfg.train.model_copy(update={"seed": seed, "learning_rate": cfg.learning_rate_of(arm) if not lora
-                                              else cfg.train.learning_rate})
+    # The rate the arm trains at (a LoRA arm's own): a LoRA arm's key does not change with train.learning_rate.
+    train_spec = cfg.train.model_copy(update={"seed": seed, "learning_rate": cfg.learning_rate_of(arm)})
     replaying = arm.replay_ratio > 0
     if replaying and replay is None:
         raise ValueError(f"arm {arm.name}: replay_ratio {arm.replay_ratio} but the study has no tokenized replay corpus")
@@ -424,11 +422,11 @@ def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain:
     curve = plan_curve(cfg, domain, general)
     if curve is not None:
         reads["curve"] = curve.model_dump(mode="json", exclude={"domain_rows", "general_rows"}) | {"general": general.digest}
-    key = keys.step_key("train", reads, (train,), without=() if curve else ("curves",))
+    key = keys.step_key("train", reads, (train, plan_arm), without=() if curve else ("curves",))
     return ArmPlan(
         name=arm.name, label=cfg.run_label(arm.name, seed), seed=seed, method=arm.method,
         replay_ratio=arm.replay_ratio, lora=lora, train=train_spec,
-        learning_rate=lora.learning_rate if lora else train_spec.learning_rate,
+        learning_rate=train_spec.learning_rate,
         chunk_len=cfg.chunk_len, precision=cfg.precision, device=cfg.device, model=model,
         trackers=tuple(t for t in cfg.report_to if t != "mlflow"),  # MLflow gets the whole study (ftcore.tracking)
         train_rows=domain.train, replay_rows=replay.path if replaying else None, curve=curve,

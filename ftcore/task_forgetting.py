@@ -75,11 +75,6 @@ class TaskRef(BaseModel):
         """A rolling log-likelihood task: its change is a % like ftstudy's perplexity, not points."""
         return self.output_type == ROLLING
 
-    @property
-    def unit(self) -> str:
-        """How its change is given: "%" (relative, a perplexity task), "pts" (points of a share such as
-        accuracy, which counts toward task forgetting) or "" (the metric's own units)."""
-        return "%" if self.perplexity_like else ("pts" if self.metric in SHARES else "")
 
 
 # --- find and load tasks ------------------------------------------------------------------------------
@@ -447,8 +442,15 @@ def run_task(model, tokenizer, ref: TaskRef, batch_size: int, seed: int, autocas
 
 # --- analysis ------------------------------------------------------------------------------------------
 
+def unit(ref: TaskRef) -> str:
+    """How a task's change is given: "%" (relative, a perplexity task), "pts" (points of a share such as
+    accuracy, which counts toward task forgetting) or "" (the metric's own units). The report's choice, kept
+    off TaskRef so that rewording it scores no model again."""
+    return "%" if ref.perplexity_like else ("pts" if ref.metric in SHARES else "")
+
+
 def _scale(ref: TaskRef) -> float:
-    return 100.0 if ref.unit == "pts" else 1.0
+    return 100.0 if unit(ref) == "pts" else 1.0
 
 
 def bits_per_byte(loglikelihood: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
@@ -472,7 +474,7 @@ def _resampled(ref: TaskRef, tables: list[pd.DataFrame], weights: np.ndarray) ->
 def _change(ref: TaskRef, arm: np.ndarray, base: np.ndarray) -> np.ndarray:
     """Change against the base: % for a perplexity task, points (×100) for a share such as accuracy, else the
     difference in the metric's units."""
-    if ref.unit == "%":
+    if unit(ref) == "%":
         return 100 * (arm / base - 1)
     return _scale(ref) * (arm - base)
 
@@ -495,7 +497,7 @@ def analyse(results: list[dict[str, Any]], refs: list[TaskRef], order: list[str]
             continue
         base_table = pd.read_parquet(base["samples_path"])
         weights = stats.resample_weights(len(base_table), resamples, seed=t)
-        long.append({"arm": "base", "task": ref.name, "metric": ref.metric, "score": base["score"] * _scale(ref), "unit": ref.unit,
+        long.append({"arm": "base", "task": ref.name, "metric": ref.metric, "score": base["score"] * _scale(ref), "unit": unit(ref),
                      "seeds": 0, "change": 0.0})
         for arm in order:
             runs = sorted((r for (a, _, name), r in by.items() if a == arm and name == ref.name),
@@ -515,8 +517,8 @@ def analyse(results: list[dict[str, Any]], refs: list[TaskRef], order: list[str]
                          "score": float(np.mean([r["score"] for r in runs])) * _scale(ref), "seeds": len(runs),
                          "change": change, "change_std": spread, "ci_low": ci[0], "ci_high": ci[1],
                          "within_noise": stats.within_noise(change, ci, spread),
-                         "unit": ref.unit, **flips(base_table, tables)})
-            if ref.unit == "pts":
+                         "unit": unit(ref), **flips(base_table, tables)})
+            if unit(ref) == "pts":
                 forgetting.setdefault(arm, []).append((change, per_seed, samples))
     per_task = pd.DataFrame(long)
     rows = []
@@ -600,7 +602,7 @@ def task_lines(per_task: pd.DataFrame, refs: list[TaskRef], failed: dict[str, st
             cells = []
             for r in shown:
                 row = per_task[(per_task.arm == arm) & (per_task.task == r.name)]
-                cells.append(_cell(row.iloc[0], r.unit) if len(row) else "—")
+                cells.append(_cell(row.iloc[0], unit(r)) if len(row) else "—")
             if any(c != "—" for c in cells):
                 lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines += ["", "Scores are lm-eval's (accuracy and other shares in %, other metrics such as bits per byte as "
@@ -667,7 +669,7 @@ def has_task_forgetting(bench: dict[str, Any] | None) -> bool:
     draws the task frontier."""
     if not bench:
         return False
-    accuracy = {t["name"] for t in bench["tasks"] if TaskRef.model_validate(t).unit == "pts"}
+    accuracy = {t["name"] for t in bench["tasks"] if unit(TaskRef.model_validate(t)) == "pts"}
     on_base = {r["task"] for r in bench["results"] if r["arm"] == "base"} & accuracy
     return any(r["arm"] != "base" and r["task"] in on_base for r in bench["results"])
 

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,6 +57,10 @@ def holders(slots: int) -> list[str]:
     return out
 
 
+class StoppedError(RuntimeError):
+    """A step that waited for a device slot while its study was stopped (Ctrl-C, SIGTERM, a cancellation)."""
+
+
 @contextlib.contextmanager
 def device_slot(slots: int | None = None, label: str = "", log: Callable[[str], None] | None = None,
                 poll: float = 0.5, report_every: float = 30.0) -> Iterator[int]:
@@ -69,8 +74,9 @@ def device_slot(slots: int | None = None, label: str = "", log: Callable[[str], 
 
 @contextlib.contextmanager
 def device_slots(count: int, slots: int | None = None, label: str = "", log: Callable[[str], None] | None = None,
-                 poll: float = 0.5, report_every: float = 30.0) -> Iterator[list[int]]:
-    """Block until `count` of the machine's `slots` device slots are free together; yield their indices.
+                 poll: float = 0.5, report_every: float = 30.0, stop: threading.Event | None = None) -> Iterator[list[int]]:
+    """Block until `count` of the machine's `slots` device slots are free together; yield their indices. Raises
+    StoppedError when `stop` is set while waiting (the study was stopped: a waiting step starts nothing).
 
     All or nothing: a holder of some slots that cannot get the rest lets them go and tries again, so
     two arms that each need two GPUs never hold one each and wait forever. Raises ValueError when the
@@ -98,6 +104,8 @@ def device_slots(count: int, slots: int | None = None, label: str = "", log: Cal
                 _release(held)
             return
         _release(held)
+        if stop is not None and stop.is_set():
+            raise StoppedError(f"{label}: not started: the study is stopping")
         if log and time.monotonic() >= next_report:
             taken = "; ".join(holders(slots)) or "holders unknown"
             wanted = "a device slot" if count == 1 else f"{count} device slots together"

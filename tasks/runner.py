@@ -28,8 +28,8 @@ from ftcore import sources, study
 from ftcore.config import InputError, StudyConfig
 from ftcore.results import TrainedArm
 from ftcore.steps import Define, Step, recorded, run_step
-from tasks.arm_process import train_in_subprocess
-from tasks.devices import device_count, device_slots, visible_gpu
+from tasks.arm_process import STOPPING, train_in_subprocess
+from tasks.devices import StoppedError, device_count, device_slots, visible_gpu
 
 
 def _network_only(task_, task_run, state) -> bool:
@@ -50,11 +50,13 @@ def step_task(define: Define, args: tuple, label: str, executor: str = "subproce
         step = define(*args)
         if (done := recorded(step)) is not None:
             return Completed(name="Cached", data=done)
+        if STOPPING.is_set():  # stopped while this task waited for its inputs: compute nothing new
+            raise StoppedError(f"{label}: not started: the study is stopping")
         if step.arm is not None:
             return train_on_work_pool(step, deployment) if executor == "work-pool" else train_here(step)
         if not step.devices:
             return run_step(step)
-        with device_slots(step.devices, label=step.label, log=get_run_logger().info) as slots:
+        with device_slots(step.devices, label=step.label, log=get_run_logger().info, stop=STOPPING) as slots:
             return run_step(step, device=f"cuda:{slots[0]}" if device_count() > 1 else None)
     except InputError as exc:  # the message alone: no traceback, no retry; the caller gets the error
         get_run_logger().error(str(exc))
@@ -99,7 +101,7 @@ def train_here(step: Step) -> TrainedArm:
 
     # An arm on N GPUs holds N slots; on a CPU its processes share the one.
     count = plan.train.devices_per_arm if _has_cuda() else 1
-    with device_slots(count, label=step.label, log=logger.info) as slots:
+    with device_slots(count, label=step.label, log=logger.info, stop=STOPPING) as slots:
         gpu = ",".join(visible_gpu(slot) for slot in slots) if _has_cuda() else None
         logger.info("%s on device slot%s %s%s", step.label, "s" * (count > 1), ", ".join(map(str, slots)),
                     f" (CUDA_VISIBLE_DEVICES={gpu})" if gpu is not None else "")

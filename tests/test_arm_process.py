@@ -174,3 +174,41 @@ def test_an_arm_on_n_devices_outside_torchrun_is_refused(study_config):
     cfg = inputs.check_inputs(study_config(arms=["full"], train={"grad_accum": 2, "devices_per_arm": 2}))
     with pytest.raises(InputError, match="train.devices_per_arm 2: arms trained in this process"):
         study.run_study(cfg)
+
+
+def test_a_step_waiting_for_a_device_gives_up_when_the_study_stops(monkeypatch, tmp_path):
+    """After Ctrl-C or SIGTERM a step still waiting for a device slot (held by another study, say) starts
+    nothing and ends: the process must not wait for the slot forever (seen: a SIGTERMed run that never exited)."""
+    from tasks.devices import StoppedError, device_slots
+
+    monkeypatch.setenv("FTSTUDY_SLOTS_DIR", str(tmp_path))
+    stop, errors = threading.Event(), []
+
+    def wait():
+        try:
+            with device_slots(1, slots=1, label="eval-base-domain", poll=0.05, stop=stop):
+                errors.append("started")
+        except StoppedError as exc:
+            errors.append(str(exc))
+
+    with device_slot(slots=1, label="another study's arm"):
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.2)
+        stop.set()
+        waiter.join(5)
+    assert errors == ["eval-base-domain: not started: the study is stopping"]
+
+
+def test_an_arm_on_more_gpus_than_the_machine_has_is_refused_before_any_work(study_config, monkeypatch):
+    """The door counts this machine's GPUs when the arms train here (executor subprocess), before it writes
+    anything (the count was once asked of a function that did not exist: a GPU user's study crashed there)."""
+    import torch
+
+    from ftcore.config import InputError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = study_config(arms=["full"], device="cuda", train={"grad_accum": 2, "devices_per_arm": 2})
+    with pytest.raises(InputError, match=r"train.devices_per_arm 2: this machine has 1 GPU\(s\)"):
+        inputs.check_inputs(cfg)
+    assert not Path(cfg.artifacts_dir).exists()

@@ -184,7 +184,7 @@ def _digests(package_dir=None) -> dict[str, str]:
 
 @pytest.mark.parametrize("helper, steps", [
     ("models.load_scored", {"evaluate", "task"}),  # the model an evaluation or a task scores
-    ("models.reference_logits", {"evaluate"}),  # the base beside an arm for the exact KL
+    ("models.reference_logits", {"evaluate", "train+curves"}),  # the base beside an arm for the exact KL
     ("perplexity.read_reference", {"evaluate"}),  # the base's top-k for the top-k KL
     ("perplexity.score_rows", {"evaluate", "train+curves"}),  # scoring: also the curve points, when measured
     ("cards.base_line", {"report"}), ("cards.write_cards", {"report"}), ("report.markdown_table", {"report"}),
@@ -265,7 +265,9 @@ def test_a_code_edit_recomputes_exactly_the_steps_whose_code_changed(study_confi
         # bytes and their evaluations stay cached; the report is rewritten (it names the new arm dirs).
         ("training.build_training_mix", {"train-full", "train-lora", "report"}),
         # The helpers the evaluations call: every model is scored again (to the same numbers: nothing below).
-        ("models.load_scored", evaluations | tasks), ("models.reference_logits", evaluations),
+        ("models.load_scored", evaluations | tasks),
+        # The base beside the model for the exact KL: every evaluation, and every curve point (the arms train again).
+        ("models.reference_logits", evaluations | {"train-full", "train-lora", "report"}),
         ("cards.base_line", {"report"}), ("cards.write_cards", {"report"}),
         ("inputs.check_lora", set()), ("presets.deep_merge", set()),  # an input check, a preset: no step's code
     ]:
