@@ -201,20 +201,22 @@ def _cell(r: pd.Series) -> str:
     return text
 
 
-def _diff(r: pd.Series) -> str:
+def _diff(r: pd.Series, unit: str = "") -> str:
     if pd.isna(r.get("diff_pp")):
         return "—"
     if not np.isfinite(r["diff_ci_low"]):  # no interval: nothing is said about noise either way
-        return f"{_num(r['diff_pp'])} (no interval)"
-    return f"{'≈ ' if r['within_noise'] else ''}{_num(r['diff_pp'])} [{_num(r['diff_ci_low'])}, {_num(r['diff_ci_high'])}]"
+        return f"{_num(r['diff_pp'])}{unit} (no interval)"
+    return (f"{'≈ ' if r['within_noise'] else ''}{_num(r['diff_pp'])}{unit} "
+            f"[{_num(r['diff_ci_low'])}, {_num(r['diff_ci_high'])}]")
 
 
-def headline(table: pd.DataFrame, g: float, what: str) -> str:
+def headline(table: pd.DataFrame, g: float, what: str, lead: str = "At") -> str:
     """One sentence: every arm's general change at gain g, and its difference from the reference arm."""
     rows = table[table.gain_pct == g]
     parts = [f"{r['arm']} {_cell(r)}" for _, r in rows.iterrows()]
-    diffs = [f"{r['arm']} vs {r['reference']} {_diff(r)} points" for _, r in rows.iterrows() if not pd.isna(r.get("diff_pp"))]
-    return (f"**At a domain gain of {g:.1f}%** ({what}), the general perplexity change: " + ", ".join(parts)
+    diffs = [f"{r['arm']} vs {r['reference']} {_diff(r, ' points')}" for _, r in rows.iterrows()
+             if not pd.isna(r.get("diff_pp"))]
+    return (f"**{lead} a domain gain of {g:.1f}%** ({what}), the general perplexity change: " + ", ".join(parts)
             + ("; " + ", ".join(diffs) if diffs else "") + ".")
 
 
@@ -252,15 +254,15 @@ def section(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], 
         return {"headline": note, "lines": [note], "gain": g, "gains": []}
     table = analyse(curves, sorted({g, *gains}), order, reference)
     what = f"{100 * DEFAULT_SHARE:.0f}% of the largest every arm reaches on its curve"
-    every_arm = [headline(table, g, what), "", *table_lines(table, reference)]
+    families = families_of(arms)
+    every_arm = [headline(table, g, what, "Every setting, at" if families else "At"), "", *table_lines(table, reference)]
     out: dict[str, object] = {"table": table, "gain": g, "gains": sorted({g, *gains}), "headline": every_arm[0]}
     lines = [*every_arm]
-    families = families_of(arms)
     if families and (best := _at_their_best(curves, families, arms, order, reference)):
         out |= best
         out["headline"] = best["best_headline"]
         out["gains"] = sorted({*out["gains"], best["best_gain"]})
-        lines = [*best["best_lines"], "", "**Every setting**: " + every_arm[0].removeprefix("**"), *every_arm[1:]]
+        lines = [*best["best_lines"], "", *every_arm]
     few = [f"{n} {'held-out' if w == 'domain' else 'general'} documents" for w, n in units.items() if n < 5]
     lines += ["", "Each arm's general change where it has learned the same amount: read off its curve where the domain "
               "gain first reaches the level, interpolated between the two points that bracket it (never "

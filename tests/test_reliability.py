@@ -72,3 +72,20 @@ def test_two_concurrent_runs_produce_the_same_table(study_config):
         if step.startswith("train-"):
             log = [json.loads(x) for x in (dirs[0] / "train_log.jsonl").read_text().splitlines()]
             assert [e["step"] for e in log] == sorted({e["step"] for e in log})  # trained once, not twice
+
+
+class Named(Result):
+    label: str
+
+
+def test_a_result_is_named_by_the_study_that_reads_it(tmp_path):
+    """A label names a result in this study (a seed added turns "full" into "full-s0"); it is no part of the
+    content, so a recorded result takes the current one."""
+    def compute(out, device):
+        (out / "w").write_text("weights")
+        return {"label": "full"}
+
+    out = tmp_path / "root" / "train-full" / "key"
+    assert run_step(Step("train", "train-full", out, compute, Named, outputs=("w",), names={"label": "full"})).label == "full"
+    again = run_step(Step("train", "train-full-s0", out, compute, Named, outputs=("w",), names={"label": "full-s0"}))
+    assert again.label == "full-s0"

@@ -171,8 +171,9 @@ def test_a_moved_or_copied_artifacts_root_keeps_every_cache_hit(study_config, tm
 # Each step's definition (ftcore.study) and the modules its key does not follow; train twice: with and
 # without the curves it measures while training.
 DEFINITIONS = {"fingerprint": ([study.fingerprint], ()), "fetch-model": ([study.fetch_model], ()),
-               "tokenize": ([study.tokenize_domain, study.tokenize_stream], ()), "train": ([study.train], ("curves",)),
-               "train+curves": ([study.train], ()), "evaluate": ([study.evaluate], ()), "task": ([study.task], ()),
+               "tokenize": ([study.tokenize_domain, study.tokenize_stream], ()),
+               "train": ([study.train, study.plan_arm], ("curves",)), "train+curves": ([study.train, study.plan_arm], ()),
+               "evaluate": ([study.evaluate], ()), "task": ([study.task], ()),
                "report": ([study.write_report], ())}
 
 
@@ -190,6 +191,8 @@ def _digests(package_dir=None) -> dict[str, str]:
     ("cards.base_line", {"report"}), ("cards.write_cards", {"report"}), ("report.markdown_table", {"report"}),
     ("task_forgetting.task_lines", {"report"}),  # the task report's wording re-runs no model
     ("task_forgetting.run_task", {"task"}), ("training.train_arm", {"train", "train+curves"}),
+    ("task_forgetting.unit", {"report"}),  # how a task's change is given: the report's alone
+    ("study.plan_arm", {"train", "train+curves"}),  # what an arm trains with (its learning rate, ...)
     ("training.build_training_mix", {"train", "train+curves"}), ("curves.CurveLog", {"train+curves"}),
     ("chunking.tokenize_lm", {"tokenize"}), ("corpora.load_corpus", {"fingerprint", "tokenize"}),
     ("sources.build_tiny_model", {"fetch-model"}),
@@ -519,3 +522,24 @@ def test_a_tracker_that_is_not_installed_is_refused_before_any_work(study_config
     with pytest.raises(inputs.StudyError, match=r"report_to: wandb is not installed \(pip install wandb\)"):
         inputs.check_inputs(cfg)
     assert not Path(cfg.artifacts_dir).exists()
+
+
+def test_keys_follow_what_a_step_uses_not_every_setting_near_it(study_config):
+    """A LoRA arm does not retrain for train.learning_rate (it trains at its own); an evaluation is not scored
+    again for the curves' settings (they change no final evaluation)."""
+    from ftcore.inputs import Inputs
+    from ftcore.results import BASE
+
+    model = ModelRef(source="local", name="m", path="/m", digest="m")
+    cfg = study_config(arms=["full", "lora"])
+    other = study_config(arms=["full", "lora"], train={"learning_rate": 2e-3}, eval={"curve_tokens": 600, "every_steps": 2})
+
+    def plans(c):
+        return {a.name: plan_arm(c, a, 0, model, _domain(), None, _stream()) for a in c.arms}
+
+    assert plans(cfg)["lora"].key != plans(other)["lora"].key  # the curves changed: trained again ...
+    no_curves = [c.model_copy(update={"eval": c.eval.model_copy(update={"every_steps": 0})}) for c in (cfg, other)]
+    assert plans(no_curves[0])["lora"].key == plans(no_curves[1])["lora"].key  # ... but not for train.learning_rate
+    assert plans(no_curves[0])["full"].key != plans(no_curves[1])["full"].key
+    prepared = [study.Prepared(Inputs(c, {}, "v"), model, _domain(), _stream(), None) for c in (cfg, other)]
+    assert study.evaluate(prepared[0], "domain", BASE).dir == study.evaluate(prepared[1], "domain", BASE).dir
