@@ -110,9 +110,11 @@ def publish(root: Path, results: dict[str, Any]) -> None:
 
     files = study.report_files(root, results)
     rows = report.table_rows(pd.read_parquet(files["table"]))
+    headline = files["headline"].read_text() + "\n" if "headline" in files else ""  # the arms at equal domain gain
     create_table_artifact(rows, key="ftstudy-table",
-                          description="Per arm: perplexity (domain / general), % change against base ± std over seeds "
-                                      "[95% bootstrap interval over documents], ≈ within noise, ● on the Pareto front")
+                          description=headline + "At the end of training, per arm: perplexity (domain / general), % "
+                                      "change against base ± std over seeds [95% bootstrap interval over documents], ≈ "
+                                      "within noise, ● on the Pareto front")
     if "tasks" in files:  # benchmark tasks: score and change per task and model
         tasks = pd.read_parquet(files["tasks"])
         create_table_artifact(json.loads(tasks.to_json(orient="records")), key="ftstudy-tasks",

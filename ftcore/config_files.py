@@ -106,13 +106,13 @@ def describe_error(exc: ValidationError) -> str:
     for a misspelt one and how to pass a number as text."""
     lines = []
     errors = exc.errors()
-    union = {e["loc"][:-1] for e in errors if _member(e["loc"][-1])}
+    union = {e["loc"][:-1] for e in errors if e["loc"] and _member(e["loc"][-1])}
     for err in errors:
         deeper = [e for e in errors if len(e["loc"]) > len(err["loc"]) and e["loc"][:len(err["loc"])] == err["loc"]]
         if err["type"] == "too_short" and deeper:
             continue  # "arms: at least 1 item" only because its one entry is invalid: that error says why
         field = tuple(p for p in err["loc"] if not _member(p))
-        if field in union and _member(err["loc"][-1]) and err["loc"][-1] != _first_member(errors, field):
+        if field in union and err["loc"] and _member(err["loc"][-1]) and err["loc"][-1] != _first_member(errors, field):
             continue  # one line per field of a union (a number or a list): its first member's message
         loc = ".".join(str(p) for p in field) or "config"
         message = err["msg"].removeprefix("Value error, ")
@@ -135,7 +135,7 @@ def _member(part: Any) -> bool:
 
 
 def _first_member(errors: list[dict[str, Any]], field: tuple) -> Any:
-    return next(e["loc"][-1] for e in errors if tuple(p for p in e["loc"] if not _member(p)) == field)
+    return next(e["loc"][-1] for e in errors if e["loc"] and tuple(p for p in e["loc"] if not _member(p)) == field)
 
 
 def _close_field(loc: tuple) -> str | None:

@@ -74,7 +74,7 @@ def subsample(curve: CurvePlan, root: str | Path) -> dict[str, perplexity.Scored
     if curve.tokens is None:
         return {"domain": domain, "general": general}
     predicted = np.cumsum([_predicted(row) for row in domain.rows])
-    domain = domain.take(range(int(np.searchsorted(predicted, curve.tokens)) + 1))
+    domain = domain.take(range(min(len(domain.rows), int(np.searchsorted(predicted, curve.tokens)) + 1)))
     return {"domain": domain, "general": general.take(spread(general.rows, curve.tokens))}
 
 

@@ -190,7 +190,7 @@ def test_each_curve_point_keeps_its_units_and_kl(study_config):
     trained = run_step(study.train(_plan(prepared, "lora"), prepared.cfg.artifacts_dir))
     curve = _curve(prepared.cfg.artifacts_dir, trained)
     for _, p in curve.iterrows():
-        assert sum(p["unit_nll"]) / sum(p["unit_tokens"]) == pytest.approx(p["nll"], rel=1e-9)
+        assert sum(p["unit_nll"]) / sum(p["unit_tokens"]) == pytest.approx(p["nll"], rel=1e-6)  # per-token NLL is float32
         assert sum(p["unit_tokens"]) == p["tokens"]
     assert curve[curve.step == 0]["kl"].abs().max() < 1e-9 and (curve[curve.step > 0]["kl"] > 0).all()
 
