@@ -185,7 +185,16 @@ def _spaces_before(text: str) -> np.ndarray:
 def example_texts(records: pd.DataFrame, fmt: FormatSpec, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The text each instruction record is tokenized as (prompt + completion), one per record. Raises
     FormatError for a record that does not fit the format."""
-    return [p + c for p, c in (prompt_completion(rec, fmt, tokenizer) for rec in records.to_dict("records"))]
+    return [p + c for p, c in (_located(prompt_completion, rec, i, fmt, tokenizer)
+                               for i, rec in enumerate(records.to_dict("records")))]
+
+
+def _located(fn, record: dict, index: int, fmt: FormatSpec, tokenizer) -> tuple[str, str]:
+    """fn(record, ...), its FormatError naming the record (its place among the used records, from 1)."""
+    try:
+        return fn(record, fmt, tokenizer)
+    except FormatError as exc:
+        raise FormatError(f"domain record #{index + 1}: {exc}") from None
 
 
 def tokenize_instruction(
@@ -196,7 +205,7 @@ def tokenize_instruction(
     Returns the rows (doc, input_ids, labels, completion_mask, n_bytes: UTF-8 bytes of the
     completion tokens scored) and the split's ChunkStats.
     """
-    pairs = [prompt_completion(rec, fmt, tokenizer) for rec in records.to_dict("records")]
+    pairs = [_located(prompt_completion, rec, i, fmt, tokenizer) for i, rec in enumerate(records.to_dict("records"))]
     # Conversations are rendered by a chat template whose markup is special tokens, and tokenized as TRL does
     # (apply_chat_template: no special tokens added, the template writes them); fields are plain text.
     plain_text = fmt.style in ("fields", "alpaca")

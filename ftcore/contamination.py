@@ -19,6 +19,8 @@ import numpy as np
 
 RUN = 32  # tokens: a shared run this long is copied text, not chance
 TOLERANCE = 0.01  # the share of the general set's scored tokens that may lie in shared runs
+FLOOR = 2 * RUN  # ... and never fewer tokens than two runs' worth: one run shared by chance refuses no small set
+COPY = 0.5  # a held-out row is a copy of training text when more than this share of its scored tokens is shared
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # spreads token ids over 64 bits before they are combined
 _BASE = np.uint64(0x100000001B3)
 
@@ -37,16 +39,44 @@ def run_hashes(ids: np.ndarray, n: int = RUN) -> np.ndarray:
     return out
 
 
+def hashes_of(others: list[np.ndarray], n: int = RUN) -> np.ndarray:
+    """Every run of `n` tokens of `others` (token sequences; a run does not continue from one into the next),
+    hashed, sorted and unique: what shared_mask looks runs up in."""
+    return np.unique(np.concatenate([run_hashes(o, n) for o in others] + [np.zeros(0, np.uint64)]))
+
+
+def shared_mask(ids: np.ndarray, theirs: np.ndarray, n: int = RUN) -> np.ndarray:
+    """Per token of `ids`, whether it lies inside a run of `n` tokens whose hash is in `theirs` (hashes_of)."""
+    ids = np.asarray(ids)
+    hits = np.flatnonzero(np.isin(run_hashes(ids, n), theirs))
+    # Each hit covers tokens [hit, hit + n): mark run starts and ends, and count the tokens inside any run.
+    edges = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.add.at(edges, hits, 1)
+    np.add.at(edges, hits + n, -1)
+    return np.cumsum(edges)[:-1] > 0
+
+
 def shared_share(general: np.ndarray, others: list[np.ndarray], n: int = RUN) -> float:
     """The share (0..1) of the tokens of `general` that lie inside a run of `n` tokens also found in one of
     `others` (token sequences; a run does not continue from one of them into the next)."""
     general = np.asarray(general)
     if len(general) == 0:
         return 0.0
-    theirs = np.unique(np.concatenate([run_hashes(o, n) for o in others] + [np.zeros(0, np.uint64)]))
-    hits = np.flatnonzero(np.isin(run_hashes(general, n), theirs))
-    # Each hit covers tokens [hit, hit + n): mark run starts and ends, and count the tokens inside any run.
-    edges = np.zeros(len(general) + 1, dtype=np.int64)
-    np.add.at(edges, hits, 1)
-    np.add.at(edges, hits + n, -1)
-    return float(np.count_nonzero(np.cumsum(edges)[:-1] > 0) / len(general))
+    return float(shared_mask(general, hashes_of(others, n), n).mean())
+
+
+def too_much(share: float, tokens: int) -> bool:
+    """Whether a shared share of a set of `tokens` tokens is over the tolerance: more than TOLERANCE of them, and
+    more than FLOOR tokens (in a small set one run shared by chance is already over 1%)."""
+    return share > TOLERANCE and share * tokens > FLOOR
+
+
+def scored_shared(rows: list[tuple[list[int], list[int]]], theirs: np.ndarray, n: int = RUN) -> list[tuple[int, int]]:
+    """Per row (input_ids, labels): (its scored tokens — labels other than -100 after position 0 — that lie in a
+    shared run, its scored tokens)."""
+    out = []
+    for ids, labels in rows:
+        mask = shared_mask(np.asarray(ids), theirs, n)[1:]
+        scored = np.asarray(labels)[1:] != -100
+        out.append((int((mask & scored).sum()), int(scored.sum())))
+    return out

@@ -56,6 +56,7 @@ class Corpus:
     fingerprint: str
     empty: int = 0
     duplicates: int = 0
+    capped: bool = False  # max_docs cut documents off: raising it gives more
 
     def __len__(self) -> int:
         return len(self.records)
@@ -240,6 +241,13 @@ def _is_empty(value: object) -> bool:
     return bool(pd.isna(value))
 
 
+def _read_as(spec: CorpusSpec) -> str:
+    """How a corpus was read, for messages: a Hub dataset, or a file in its format (and why that format)."""
+    if spec.source == "hub":
+        return "a Hub dataset"
+    return f"{spec.file_format} (its file_format)" if spec.file_format != "auto" else "the format its extension names"
+
+
 def load_corpus(spec: CorpusSpec, role: str, fmt: FormatSpec | None = None) -> Corpus:
     """Read a corpus, keep the used fields, drop empty documents, cut to max_docs, fingerprint it."""
     raw = _read_hub(spec) if spec.source == "hub" else _read_file(spec, role)
@@ -249,8 +257,9 @@ def load_corpus(spec: CorpusSpec, role: str, fmt: FormatSpec | None = None) -> C
     missing = [f for f in fields if f not in raw.columns and f not in OPTIONAL_FIELDS]
     if missing:
         raise CorpusError(
-            f"{role}: field(s) {missing} not in {spec.path}; its fields are {list(map(str, raw.columns))}. "
-            f"Set {role}.text_fields (or format.prompt_field/completion_field) to existing fields."
+            f"{role}: field(s) {missing} not in {spec.path}, read as {_read_as(spec)}; its fields are "
+            f"{list(map(str, raw.columns))}. Set {role}.text_fields (or format.prompt_field/completion_field) to existing "
+            f"fields{f', or {role}.file_format' if spec.source == 'file' and spec.file_format != 'auto' else ''}."
         )
     present = [f for f in fields if f in raw.columns]
     # Plain Python objects: the values as read, whatever dtype this pandas version would infer.
@@ -269,11 +278,12 @@ def load_corpus(spec: CorpusSpec, role: str, fmt: FormatSpec | None = None) -> C
             raise CorpusError(f"{role}.doc_start: applies to text corpora; an instruction-format corpus has one "
                               "document per record. Unset it.")
         records = group_documents(records, spec.doc_start, present)
+    capped = spec.max_docs is not None and len(records) > spec.max_docs
     if spec.max_docs is not None:
         records = records.head(spec.max_docs)
     if records.empty:
         raise CorpusError(f"{role}: {spec.path} has no non-empty documents in fields {required}")
-    return Corpus(records=records, fingerprint=fingerprint_records(records), empty=empty)
+    return Corpus(records=records, fingerprint=fingerprint_records(records), empty=empty, capped=capped)
 
 
 def has_text(records: pd.DataFrame, fields: list[str], needed: tuple[str, ...] = ()) -> pd.Series:
@@ -358,7 +368,7 @@ def split_train_test(corpus: Corpus, test_docs: int, seed: int, role: str = "dom
         dropped = f" (after dropping {corpus.duplicates} duplicates)" if corpus.duplicates else ""
         raise CorpusError(
             f"test_docs ({test_docs}) must be smaller than the {n} usable documents of {role}{dropped}; "
-            f"lower test_docs or raise {role}.max_docs"
+            f"lower test_docs" + (f" or raise {role}.max_docs" if corpus.capped else f", or give {role} more documents")
         )
     order = np.random.default_rng(seed).permutation(n)
     test_idx = np.sort(order[:test_docs])

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ftcore.config import InputError, LoraSpec, StudyConfig, check_devices_per_arm
 from ftcore.io import write_json
 from ftcore.results import DomainRows, Fingerprint, Stream
@@ -224,12 +226,13 @@ def check_qlora(model_dir: str | Path, arm: str, device: str) -> None:
 
 
 def check_contamination(cfg: StudyConfig, domain: DomainRows, general: Stream, replay: Stream | None) -> None:
-    """Refuse, before any training, training text that is the benchmark: when more than 1% of the general
-    set's scored tokens (within eval.max_general_tokens) lie in runs of 32 tokens that the domain training
-    rows or the replay stream also hold (ftcore.contamination). The arms would be scored on text they
-    trained on, and forgetting would look smaller than it is.
+    """Refuse, before any training, training text that is a benchmark (ftcore.contamination): more than 1% (and
+    more than two runs' worth) of the general set's scored tokens (within eval.max_general_tokens) in runs of 32
+    tokens that the domain training rows or the replay stream also hold, or of the held-out domain rows' scored
+    tokens in runs the replay stream holds. The arms would be scored on text they trained on: forgetting would
+    look smaller, and the domain gain larger, than they are.
 
-    Raises StudyError naming the training field, general.path and the share.
+    Raises StudyError naming the training field, the benchmark's field and the share.
     """
     import pandas as pd
 
@@ -241,17 +244,31 @@ def check_contamination(cfg: StudyConfig, domain: DomainRows, general: Stream, r
     if replay is not None:
         sources["replay.path"] = lambda: [perplexity.read_stream(pd.read_parquet(root / replay.path)).ids]
     for field, rows in sources.items():
-        share = contamination.shared_share(scored, rows())
+        theirs = contamination.hashes_of([np.asarray(r) for r in rows()])
+        share = float(contamination.shared_mask(scored, theirs).mean()) if len(scored) else 0.0
         log.info("%s: %.3f%% of the general set's scored tokens lie in runs of %d tokens it shares with general.path",
                  field, 100 * share, contamination.RUN)
-        if share > contamination.TOLERANCE:
-            role = field.split(".")[0]
-            raise StudyError(
-                f"{field} and general.path overlap: {100 * share:.1f}% of the general set's scored tokens lie in runs of "
-                f"{contamination.RUN} tokens that the {role} {'training rows' if role == 'domain' else 'corpus'} also "
-                f"hold (at most {100 * contamination.TOLERANCE:.0f}% is accepted); the arms would be scored on text "
-                f"they trained on. {role} must be disjoint from general: point {field} at other text, or general.path "
-                "at another benchmark")
+        if contamination.too_much(share, len(scored)):
+            _refuse_overlap(field, "general.path", "the general set's scored tokens", share)
+        if field == "replay.path":  # replay must not hold the held-out domain text either
+            test = pd.read_parquet(root / domain.test, columns=["input_ids", "labels"])
+            counts = contamination.scored_shared(list(zip(test["input_ids"], test["labels"])), theirs)
+            tokens = sum(t for _, t in counts)
+            held = sum(n for n, _ in counts) / tokens if tokens else 0.0
+            if contamination.too_much(held, tokens):
+                _refuse_overlap(field, "domain.path", "the held-out domain rows' scored tokens", held)
+
+
+def _refuse_overlap(field: str, benchmark: str, what: str, share: float) -> None:
+    from ftcore import contamination
+
+    role = field.split(".")[0]
+    raise StudyError(
+        f"{field} and {benchmark} overlap: {100 * share:.1f}% of {what} lie in runs of {contamination.RUN} tokens that "
+        f"the {role} {'training rows' if role == 'domain' else 'corpus'} also holds (at most "
+        f"{100 * contamination.TOLERANCE:.0f}% is accepted); the arms would be scored on text they trained on. {role} "
+        f"must be disjoint from {benchmark.split('.')[0]}: point {field} at other text, or {benchmark} at another "
+        "benchmark")
 
 
 def check_replay_budget(cfg: StudyConfig, domain: DomainRows, replay: Stream | None) -> None:

@@ -380,7 +380,8 @@ def truncation_note(split: str, st: dict[str, int], chunk_len: int | None = None
         return None
     limit = f" of {chunk_len} tokens" if chunk_len else ""
     return (f"{cut} of {docs} {split} examples ({100 * cut / docs:.0f}%) were longer than chunk_len{limit} and were cut, "
-            f"losing {st.get('truncated_tokens', 0)} tokens (their end and EOS): the arms learn, and are scored on, "
+            f"losing {st.get('truncated_tokens', 0)} tokens (their end, and any end marker): the arms learn, and are "
+            "scored on, "
             "truncated completions; raise chunk_len to keep them whole")
 
 
@@ -409,10 +410,18 @@ def dropped_note(name: str, st: dict[str, int]) -> str | None:
     if st.get("duplicates"):
         parts.append(f"{st['duplicates']} duplicate documents (the same text as an earlier one) dropped before the "
                      "held-out split, so no held-out document is also a training one")
+    if st.get("copies"):
+        parts.append(f"{_count(st['copies'], 'held-out example')} dropped as copies of training text (most of its "
+                     "scored tokens in 32-token runs of the training rows: the same text under another prompt)")
     if st.get("empty"):
-        parts.append(f"{st['empty']} records without text dropped (every used field empty; in instruction format, "
-                     "an empty completion)")
+        what = ("no text in any used field, or an empty completion" if name.startswith("domain") else
+                "no text in any used field")
+        parts.append(f"{_count(st['empty'], 'record')} without text dropped ({what})")
     return f"{name}: " + "; ".join(parts) if parts else None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def render_markdown(a: Analysis, title: str, details: dict[str, Any], figures: dict[str, Path],
@@ -445,8 +454,9 @@ def render_markdown(a: Analysis, title: str, details: dict[str, Any], figures: d
     if forgetting:
         lines += ["", "## Where forgetting happens", ""] + forgetting
     if data:
-        lines += ["", "## Data", "", "Domain splits are prompt → completion examples (skipped: no completion token "
-                  "within chunk_len); the general and replay sets are token streams cut into chunk_len rows.", ""]
+        lines += ["", "## Data", "", "Domain splits are the format's training examples (instruction: prompt → "
+                  "completion, skipped when no completion token is within chunk_len; lm: chunks of the documents' "
+                  "stream); the general and replay sets are token streams cut into chunk_len rows.", ""]
         lines += data_lines(data, chunk_len)
     if details:
         lines += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in details.items()]

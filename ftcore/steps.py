@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Step:
     # Fields of the result that name it in this study (its label), not part of its content: they come from the
     # current study, also when the result was recorded by an earlier one (a seed added relabels "full" "full-s0").
     names: dict[str, Any] = field(default_factory=dict)
+    resumable: bool = False  # what a failed run leaves (checkpoints) is where the next one resumes: kept
 
     @property
     def root(self) -> Path:
@@ -96,7 +98,12 @@ def run_step(step: Step, compute: Compute | None = None, device: str | None = No
             log.info("%s: no valid manifest in %s (unfinished, or changed on disk): computing it again", step.label, out)
         out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        fields = (compute or step.compute)(out, device)
+        try:
+            fields = (compute or step.compute)(out, device)
+        except BaseException:
+            if not step.resumable:  # nothing half-computed stays behind to be looked at as a result
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         # The step's own compute time: what orchestration overhead is measured against (bench/flow.py).
         write_json({"seconds": round(time.perf_counter() - started, 3)}, out / TIMING)
         hashed = file_entries(out, list(step.outputs))

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ftcore import (cards, chunking, config_files, corpora, curves, forgetting, keys, models, perplexity, report,
+from ftcore import (cards, chunking, config_files, contamination, corpora, curves, forgetting, keys, models, perplexity, report,
                     sources, task_forgetting, tracking, training)
 from ftcore.config import SETS, ArmSpec, StudyConfig
 from ftcore.inputs import (Inputs, StudyError, check_contamination, check_inputs, check_model, check_replay_budget,
@@ -128,6 +128,7 @@ def tokenize_domain(cfg: StudyConfig, model: ModelRef, corpus: Fingerprint) -> S
         train, test = corpora.split_train_test(whole, cfg.test_docs, cfg.split_seed)
         stats: dict[str, dict[str, int]] = {"corpus": {"docs": len(whole), "empty": whole.empty,
                                                        "duplicates": whole.duplicates}}
+        train_rows = None
         for name, part in (("train", train), ("test", test)):
             if cfg.format.kind == "instruction":
                 df, st = chunking.tokenize_instruction(part.records, cfg.format, tokenizer, cfg.chunk_len)
@@ -137,8 +138,11 @@ def tokenize_domain(cfg: StudyConfig, model: ModelRef, corpus: Fingerprint) -> S
             if df.empty:
                 raise StudyError(f"domain: no {name} example left after tokenizing: all {st.skipped} have no completion "
                                  "token within chunk_len; raise chunk_len or shorten format.prompt_template")
-            write_parquet(df, out / f"{name}.parquet")
             stats[name] = st.as_dict()
+            if name == "test":  # after the training rows: held-out rows that copy them are dropped
+                df, stats[name]["copies"] = drop_trained_copies(df, train_rows)
+            train_rows = df
+            write_parquet(df, out / f"{name}.parquet")
             log.info("tokenize-domain %s: %s", name, st.as_dict())
             if note := report.truncation_note(f"domain {name}", stats[name], cfg.chunk_len):
                 log.warning(note)
@@ -153,6 +157,21 @@ def tokenize_domain(cfg: StudyConfig, model: ModelRef, corpus: Fingerprint) -> S
     where = step_dir(root, "tokenize-domain", "tokenize", reads, tokenize_domain)
     return Step("tokenize", "tokenize-domain", where, compute, DomainRows, outputs=("train.parquet", "test.parquet"),
                 extras=("stats.json",))
+
+
+def drop_trained_copies(test: pd.DataFrame, train: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The held-out rows without the ones whose scored text the training rows hold: more than half of their
+    scored tokens in runs of 32 tokens found in a training row (ftcore.contamination) — the same abstract under
+    another title, a near copy. Returns the rows kept and how many were dropped. Short completions (under 32
+    tokens) are never called copies: they hold no run."""
+    theirs = contamination.hashes_of([np.asarray(ids) for ids in train["input_ids"]])
+    shared = contamination.scored_shared(list(zip(test["input_ids"], test["labels"])), theirs)
+    copied = np.array([n > contamination.COPY * total for n, total in shared], dtype=bool)
+    if copied.any():
+        log.warning("domain: %d of %d held-out examples are copies of training text (most of their scored tokens in "
+                    "%d-token runs of the training rows) and were dropped", int(copied.sum()), len(test),
+                    contamination.RUN)
+    return test[~copied].reset_index(drop=True), int(copied.sum())
 
 
 def distinct_documents(cfg: StudyConfig, corpus: corpora.Corpus, tokenizer) -> corpora.Corpus:
@@ -207,7 +226,7 @@ def train(plan: ArmPlan, root: str | Path, callbacks: list | None = None,
     curve_files = (curves.LOG, curves.FRAME) if plan.curve else ()
     return Step("train", f"train-{plan.label}", Path(root) / plan.dir, compute, TrainedArm, outputs=tuple(plan.outputs()),
                 extras=("train_log.jsonl", training.SUMMARY, *curve_files), devices=plan.train.devices_per_arm, arm=plan,
-                names={"label": plan.label})
+                names={"label": plan.label}, resumable=True)
 
 
 def trained(plan: ArmPlan, summary: dict[str, Any]) -> dict[str, Any]:

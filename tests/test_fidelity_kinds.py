@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ftcore import report, study
+from ftcore import contamination, report, study
+from ftcore.inputs import StudyError
 from ftcore.config import CorpusSpec, FormatSpec, InputError
 from ftcore.corpora import document_texts, load_corpus
 from ftcore.models import load_model, load_tokenizer
@@ -99,6 +100,44 @@ def test_duplicated_documents_are_dropped_before_the_split(study_config, corpus_
         assert all((text in held) != (text in trained) for text in texts)
     assert stats["corpus"]["duplicates"] == 20 and stats["corpus"]["docs"] == 20
     assert any("20 duplicate documents" in line for line in report.data_lines(study.data_stats(p)))
+
+
+def test_a_held_out_abstract_stored_under_another_title_is_not_scored(study_config, corpus_files, tmp_path):
+    """The same abstract under two titles is no duplicate record, but scoring it after training on it is a leak:
+    held-out rows whose scored text the training rows hold are dropped and counted (a fresh user's case)."""
+    papers = pd.read_csv(corpus_files["domain"]).head(20)
+    renamed = papers.assign(titles=papers.titles + " (v2)")
+    path = tmp_path / "renamed.csv"
+    pd.concat([papers, renamed], ignore_index=True).to_csv(path, index=False)
+    cfg = study_config(domain={"path": str(path)}, test_docs=8, arms=["full"], chunk_len=256)
+    p = study.prepare(cfg)
+    root = Path(cfg.artifacts_dir)
+    train, test = pd.read_parquet(root / p.domain.train), pd.read_parquet(root / p.domain.test)
+
+    def completion(row) -> tuple:  # the scored tokens, computed here from the labels
+        return tuple(t for t in row["labels"] if t != -100)
+
+    trained = {completion(r) for _, r in train.iterrows()}
+    assert not any(completion(r) in trained for _, r in test.iterrows())  # no held-out abstract was trained on
+    copies = p.domain.stats["test"]["copies"]
+    assert copies > 0 and len(test) == 8 - copies
+    assert any(f"{copies} held-out example" in line for line in report.data_lines(study.data_stats(p)))
+
+
+def test_replay_that_holds_the_held_out_domain_text_is_refused(study_config, corpus_files, tmp_path):
+    """Replay text that contains the held-out domain documents would inflate the replay arm's domain gain."""
+    papers = pd.read_csv(corpus_files["domain"])
+    path = tmp_path / "replay-papers.jsonl"
+    papers.assign(text=papers.titles + "\n\n" + papers.summaries)[["text"]].to_json(path, orient="records", lines=True)
+    cfg = study_config(arms=["replay"], replay={"path": str(path), "text_fields": ["text"], "max_docs": None})
+    with pytest.raises(StudyError, match=r"replay.path and domain.path overlap: [\d.]+% of the held-out domain rows"):
+        study.prepare(cfg)
+
+
+def test_one_run_shared_by_chance_refuses_no_small_general_set():
+    """In a set of 2,048 scored tokens one shared run of 32 is 1.6%: over 1%, but two runs' worth is the floor."""
+    assert not contamination.too_much(32 / 2048, 2048)
+    assert contamination.too_much(0.05, 2048) and contamination.too_much(0.02, 100_000)
 
 
 # --- 2. replay that is the benchmark (lm-eval #1056) --------------------------------------------------

@@ -7,6 +7,7 @@ import multiprocessing
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from ftcore import study
 from ftcore.io import entries_digest, file_entries, verify_manifest
@@ -89,3 +90,16 @@ def test_a_result_is_named_by_the_study_that_reads_it(tmp_path):
     assert run_step(Step("train", "train-full", out, compute, Named, outputs=("w",), names={"label": "full"})).label == "full"
     again = run_step(Step("train", "train-full-s0", out, compute, Named, outputs=("w",), names={"label": "full-s0"}))
     assert again.label == "full-s0"
+
+
+def test_a_failed_step_leaves_no_directory_behind(tmp_path):
+    """A step that fails is computed again next time, from nothing: its half-written files do not stay under the
+    artifacts root looking like a result (a fresh user found empty step directories after refused inputs)."""
+    def compute(out, device):
+        (out / "half.parquet").write_text("x")
+        raise ValueError("bad input")
+
+    out = tmp_path / "root" / "tokenize-domain" / "key"
+    with pytest.raises(ValueError, match="bad input"):
+        run_step(Step("tokenize", "tokenize-domain", out, compute, Counted))
+    assert not out.exists()
