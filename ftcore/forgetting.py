@@ -215,14 +215,15 @@ def _kl_verdict(rho: dict[str, float]) -> str:
     if min(d, g) <= -0.3:
         return ("More KL went with a *lower* general perplexity here: the KL measures how far the model moved from "
                 "the base, not whether that hurt the general text.")
-    if d >= 0.7 and d >= g - 0.15:
-        return ("The domain KL, which needs only your own data, tracked the general change about as well as the "
-                "general KL: a cheap early warning of forgetting in this study.")
-    if d >= 0.7:
-        return "Both KLs tracked the general change; the general KL more closely."
-    if max(d, g) < 0.3:
-        return "Neither KL tracked the general change here."
-    return "The KLs tracked the general change only loosely here."
+
+    def how(r: float) -> str:
+        return "closely" if r >= 0.7 else ("loosely" if r >= 0.3 else "not at all")
+
+    if how(d) == how(g):
+        return f"Both KLs tracked the general change {how(d)} (ρ {d:+.2f} on the domain, {g:+.2f} on the general text)."
+    cheap = " — a cheap early warning of forgetting from your own data alone" if d >= 0.7 else ""
+    return (f"The domain KL tracked the general change {how(d)} (ρ {d:+.2f}){cheap}; the general KL {how(g)} "
+            f"(ρ {g:+.2f}).")
 
 
 def write(arms: list[dict[str, Any]], root: str | Path, out: Path, budget_pct: float | None,

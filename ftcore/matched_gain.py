@@ -11,9 +11,10 @@ domain gain g:
   is interpolated linearly between the two measured points that bracket g where the arm *first*
   reaches it (a curve need not be monotone); an arm that never reaches g has no value there ("not
   reached") — nothing is extrapolated;
-- g is by default 90% of the largest gain every compared run (arm and seed) reaches — not the
-  largest itself, where one arm's curve only just touches g and most bootstrap resamples of it would
-  not reach it — and any gains the user lists (config `report.matched_gains`, in %);
+- g is by default the largest gain every compared run (arm and seed) reaches, as measured and in at
+  least 95% of the bootstrap resamples (at the largest measured one, an arm's curve only just touches
+  g and many resamples of it would not reach it), and any gains the user lists (config
+  `report.matched_gains`, in %);
 - uncertainty: a paired bootstrap over the subsample's units (domain: held-out documents;
   general: the evaluation's windows of chunk_len tokens, since the subsample holds few whole
   articles) — every resample recomputes both changes at every point of every run and finds g
@@ -31,10 +32,9 @@ import pandas as pd
 
 from ftcore import stats
 
-# A bootstrap value is reported only when at least this share of resamples reaches g.
+# A bootstrap value is reported only when at least this share of resamples reaches g; the default g is the
+# largest gain every arm reaches in this share of them.
 MIN_REACHED = 0.95
-# The default g: this share of the largest gain every run reaches.
-DEFAULT_SHARE = 0.9
 
 
 def at_gain(gain: np.ndarray, value: np.ndarray, g: float) -> np.ndarray:
@@ -75,29 +75,16 @@ def runs_of(curves: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
     return {key: g for key, g in curves.groupby(["arm", "seed"], sort=False)}
 
 
-def largest_common_gain(curves: pd.DataFrame, arms: Sequence[str] | None = None) -> float:
-    """The largest domain gain (%) every run of `arms` (default all) reaches on its curve, floored to 0.1; 0 or
-    less when some run never gains."""
-    best = []
-    for (arm, _), run in runs_of(curves).items():
-        if arms is None or arm in arms:
-            domain = run[run.set == "domain"]
-            best.append(float((-domain["change_pct"]).max()))
-    return math.floor(min(best) * 10) / 10 if best else float("nan")
+def resampled_paths(curves: pd.DataFrame, resamples: int = stats.RESAMPLES) -> dict[tuple[str, int], dict]:
+    """Per run (arm, seed): its path under each bootstrap resample of the documents (`gain`, `general`:
+    [resamples x points], %) and as measured (`gain0`, `general0`: [points]), with `step` and `tokens`.
 
-
-def analyse(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], reference: str | None,
-            resamples: int = stats.RESAMPLES) -> pd.DataFrame:
-    """Per gain g and arm: the general change at g (mean over seeds) with its seed spread, a bootstrap interval
-    and the share of resamples that reach g; the step and training tokens where g is reached; the
-    difference from `reference` at g with its interval and the noise mark.
-
-    `curves` holds every run's points with per-unit sums (columns arm, seed, step, tokens_seen, set,
-    change_pct, unit_nll, unit_tokens). Raises ValueError when runs were not scored on the same units.
+    Every run is resampled alike (the same documents). Raises ValueError when runs were not scored on the same
+    documents.
     """
     runs = runs_of(curves)
     if not runs:
-        return pd.DataFrame()
+        return {}
     first = next(iter(runs.values()))
     sizes = {w: len(unit_matrix(first, w)[1]) for w in ("domain", "general")}
     weights = {w: stats.resample_weights(n, resamples, seed=i) for i, (w, n) in enumerate(sizes.items())}
@@ -111,6 +98,38 @@ def analyse(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], 
         paths[key] = {"gain": -changes(dn, dt, weights["domain"]), "general": changes(gn, gt, weights["general"]),
                       "gain0": -changes(dn, dt, ones["domain"])[0], "general0": changes(gn, gt, ones["general"])[0],
                       "step": steps["step"].to_numpy(float), "tokens": steps["tokens_seen"].to_numpy(float)}
+    return paths
+
+
+def common_gain(paths: dict[tuple[str, int], dict], groups: Sequence[Sequence[str]]) -> float:
+    """The largest domain gain (%) that every group reaches with one of its arms (every seed of it), as measured
+    and in at least MIN_REACHED of the resamples — so the comparison there has an interval — floored to 0.1.
+    A group is an arm alone, or the settings of a swept arm entry."""
+    def reach(arm: str, measured: bool) -> np.ndarray:
+        runs = [p for (a, _), p in paths.items() if a == arm]
+        return np.min([p["gain0"].max() if measured else p["gain"].max(axis=1) for p in runs], axis=0)
+
+    def level(measured: bool) -> np.ndarray:
+        return np.min([np.max([reach(a, measured) for a in group], axis=0) for group in groups], axis=0)
+
+    g = min(float(level(True)), float(np.quantile(level(False), 1 - MIN_REACHED)))
+    return math.floor(g * 10 + 1e-6) / 10  # (a measured 9.0 is 8.999999...)
+
+
+def analyse(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], reference: str | None,
+            resamples: int = stats.RESAMPLES, paths: dict | None = None) -> pd.DataFrame:
+    """Per gain g and arm: the general change at g (mean over seeds) with its seed spread, a bootstrap interval
+    and the share of resamples that reach g; the step and training tokens where g is reached; the
+    difference from `reference` at g with its interval and the noise mark.
+
+    `curves` holds every run's points with per-document sums (columns arm, seed, step, tokens_seen, set,
+    change_pct, unit_nll, unit_tokens); `paths` its resampled_paths, when already computed. Raises ValueError
+    when runs were not scored on the same documents.
+    """
+    runs = runs_of(curves)
+    paths = paths if paths is not None else resampled_paths(curves, resamples)
+    if not paths:
+        return pd.DataFrame()
     rows = []
     for g in gains:
         per_arm = {}
@@ -172,14 +191,6 @@ def families_of(arms: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
     for arm, family in arms:
         out.setdefault(family, []).append(arm)
     return {f: m for f, m in out.items() if len(m) > 1}
-
-
-def common_family_gain(curves: pd.DataFrame, families: dict[str, list[str]], singles: Sequence[str]) -> float:
-    """The largest gain that every family reaches with at least one member (every seed of it), and every single
-    arm reaches, floored to 0.1."""
-    reach = {arm: largest_common_gain(curves, [arm]) for arm in {*singles, *(m for ms in families.values() for m in ms)}}
-    levels = [max(reach[m] for m in members) for members in families.values()] + [reach[a] for a in singles]
-    return math.floor(DEFAULT_SHARE * min(levels) * 10) / 10 if levels else float("nan")
 
 
 def _num(x: float, sign: bool = True) -> str:
@@ -245,20 +256,21 @@ def section(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], 
     """
     if curves.empty or "unit_nll" not in curves:
         return {}
-    g = math.floor(DEFAULT_SHARE * largest_common_gain(curves) * 10) / 10
+    paths = resampled_paths(curves)
+    g = common_gain(paths, [[a] for a in order])
     first = next(iter(runs_of(curves).values()))
     units = {w: len(unit_matrix(first, w)[1]) for w in ("domain", "general")}
     if not g > 0:
-        note = ("No domain gain is reached by every arm (some arm's curve never falls below the base's domain "
-                "perplexity), so the arms cannot be compared at equal gain.")
+        note = ("No domain gain is reached by every arm in 95% of the resamples of its curve (some arm's curve barely "
+                "or never falls below the base's domain perplexity), so the arms cannot be compared at equal gain.")
         return {"headline": note, "lines": [note], "gain": g, "gains": []}
-    table = analyse(curves, sorted({g, *gains}), order, reference)
-    what = f"{100 * DEFAULT_SHARE:.0f}% of the largest every arm reaches on its curve"
+    table = analyse(curves, sorted({g, *gains}), order, reference, paths=paths)
+    what = "the largest every arm reaches on its curve, and in 95% of its resamples"
     families = families_of(arms)
     every_arm = [headline(table, g, what, "Every setting, at" if families else "At"), "", *table_lines(table, reference)]
     out: dict[str, object] = {"table": table, "gain": g, "gains": sorted({g, *gains}), "headline": every_arm[0]}
     lines = [*every_arm]
-    if families and (best := _at_their_best(curves, families, arms, order, reference)):
+    if families and (best := _at_their_best(curves, paths, families, arms, order, reference)):
         out |= best
         out["headline"] = best["best_headline"]
         out["gains"] = sorted({*out["gains"], best["best_gain"]})
@@ -277,21 +289,21 @@ def section(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], 
     return out
 
 
-def _at_their_best(curves: pd.DataFrame, families: dict[str, list[str]], arms: Sequence[tuple[str, str]],
+def _at_their_best(curves: pd.DataFrame, paths: dict, families: dict[str, list[str]], arms: Sequence[tuple[str, str]],
                    order: Sequence[str], reference: str | None) -> dict[str, object]:
     """Each swept arm entry (family) at its best setting, at the gain every family reaches with one setting."""
     singles = [a for a, f in arms if f not in families]
-    g_best = common_family_gain(curves, families, singles)
+    g_best = common_gain(paths, [*families.values(), *([a] for a in singles)])
     if not g_best > 0:
         return {}
-    at = analyse(curves, [g_best], order, reference)
+    at = analyse(curves, [g_best], order, reference, paths=paths)
     best = best_of_each(at, families, g_best)
     reaching = at[at.reached].arm.tolist()
     only = [f for f, members in families.items() if f in best and sum(m in reaching for m in members) == 1]
     chosen = [best.get(f, a) for a, f in _unique_families(arms)]
     ref = best.get(dict(arms).get(reference), reference)  # the reference entry at its best
-    table = analyse(curves, [g_best], chosen, ref)
-    what = f"each swept entry at its best setting, at {100 * DEFAULT_SHARE:.0f}% of the largest gain every one reaches"
+    table = analyse(curves, [g_best], chosen, ref, paths=paths)
+    what = "each swept entry at its best setting, at the largest gain every entry reaches with one of them"
     lines = [headline(table, g_best, what), "",
              "Per arm entry with several settings, the setting with the least general change at this gain — "
              + ", ".join(f"{f}: {best[f]}" + (" (its only setting that reaches it)" if f in only else "")

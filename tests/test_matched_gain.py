@@ -44,7 +44,8 @@ def test_the_comparison_at_equal_gain_with_its_default_gain_and_the_reference():
     rows = (_curve("full", 0, [0, 5, 10, 15], [0, 2, 4, 6], 30, 20)
             + _curve("lora", 0, [0, 3, 6, 9], [0, 0.5, 1.0, 1.5], 30, 20))
     curves = pd.DataFrame(rows)
-    assert matched_gain.largest_common_gain(curves) == 9.0  # lora's largest gain
+    paths = matched_gain.resampled_paths(curves, resamples=50)
+    assert matched_gain.common_gain(paths, [["full"], ["lora"]]) == 9.0  # lora's largest gain (no noise: in every resample)
     table = matched_gain.analyse(curves, [9.0, 12.0], ["full", "lora"], "full").set_index(["gain_pct", "arm"])
     assert table.loc[(9.0, "full"), "general_change_pct"] == pytest.approx(3.6, abs=1e-6)  # 5 -> 10 gives 2 -> 4
     assert table.loc[(9.0, "lora"), "general_change_pct"] == pytest.approx(1.5, abs=1e-6)
@@ -54,8 +55,7 @@ def test_the_comparison_at_equal_gain_with_its_default_gain_and_the_reference():
     assert table.loc[(9.0, "lora"), "ci_low"] == pytest.approx(1.5, abs=1e-6)
     assert not table.loc[(12.0, "lora"), "reached"] and np.isnan(table.loc[(12.0, "lora"), "general_change_pct"])
     section = matched_gain.section(curves, [12.0], ["full", "lora"], "full", [("full", "full"), ("lora", "lora")])
-    # The default gain: 90% of the largest every run reaches, so no curve is compared at its very edge.
-    assert section["gain"] == 8.1 and section["headline"].startswith("**At a domain gain of 8.1%**")
+    assert section["gain"] == 9.0 and section["headline"].startswith("**At a domain gain of 9.0%**")
     assert "| 12.0% | lora | — | not reached | — |" in section["lines"]
 
 
@@ -118,11 +118,11 @@ def test_each_method_at_its_best_setting():
             + _curve("lora-lr1e-4", 0, [0, 3, 6], [0, 0.3, 0.6], 20, 20) + _curve("lora-lr1e-3", 0, [0, 5, 10], [0, 2, 4], 20, 20))
     arms = [("full-lr1e-5", "full"), ("full-lr1e-4", "full"), ("lora-lr1e-4", "lora"), ("lora-lr1e-3", "lora")]
     section = matched_gain.section(pd.DataFrame(rows), [], [a for a, _ in arms], "full-lr1e-5", arms)
-    assert section["gain"] == 3.6  # 90% of 4, the largest every arm reaches
-    # Every method reaches 10 with one setting (full-lr1e-4: 12, lora-lr1e-3: 10): compared at 9.0.
-    assert section["best_gain"] == 9.0 and section["best"] == {"full": "full-lr1e-4", "lora": "lora-lr1e-3"}
+    assert section["gain"] == 4.0  # the largest every arm reaches
+    # Every method reaches 10 with one setting (full-lr1e-4: 12, lora-lr1e-3: 10): compared there.
+    assert section["best_gain"] == 10.0 and section["best"] == {"full": "full-lr1e-4", "lora": "lora-lr1e-3"}
     best = section["best_table"].set_index("arm")
-    assert best.loc["lora-lr1e-3", "general_change_pct"] == pytest.approx(3.6) and best.loc["lora-lr1e-3", "reference"] == "full-lr1e-4"
+    assert best.loc["lora-lr1e-3", "general_change_pct"] == pytest.approx(4.0) and best.loc["lora-lr1e-3", "reference"] == "full-lr1e-4"
     assert any("optimistic" in line for line in section["lines"])
 
 
