@@ -13,14 +13,16 @@ from transformers import TrainerCallback
 
 from ftcore import study
 from ftcore.config_files import load_config
+from ftcore.inputs import resolve_precisions
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("FTSTUDY_BENCH_ARTIFACTS", ROOT / "bench-artifacts"))
 
 
 def demo_config(**fields):
-    """The demo preset (SmolLM2-135M, offline corpora) with artifacts under bench-artifacts/."""
-    return load_config("demo", artifacts_dir=str(ARTIFACTS), **fields)
+    """The demo preset (SmolLM2-135M, offline corpora) with artifacts under bench-artifacts/, its precision 'auto'
+    decided for this machine as a study would (bf16 where the CPU computes it natively, else fp32)."""
+    return resolve_precisions(load_config("demo", artifacts_dir=str(ARTIFACTS), **fields))
 
 
 def prepared(cfg) -> study.Prepared:

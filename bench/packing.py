@@ -60,7 +60,7 @@ def main() -> None:
     med = {p: {k: statistics.median(r[k] for r in runs[p]) for k in ("tokens_per_s", "padding_share")} for p in runs}
     record("packing", {
         "model": "SmolLM2-135M", "steps": args.steps, "batch_size": data.cfg.train.batch_size,
-        "chunk_len": data.cfg.chunk_len, "precision": "bf16 autocast",
+        "chunk_len": data.cfg.chunk_len, "precision": data.cfg.precision,
         "padding_share_unpacked": round(med[False]["padding_share"], 4),
         "padding_share_packed": round(med[True]["padding_share"], 4),
         "tokens_per_s_unpacked": round(med[False]["tokens_per_s"], 1),

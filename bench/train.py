@@ -98,7 +98,7 @@ def main() -> None:
                         "ratio": round(statistics.median(ours) / statistics.median(base), 3),
                         "runs": {"ftcore": [round(x, 1) for x in ours], "plain": [round(x, 1) for x in base]}}
     record("train", {"model": "SmolLM2-135M", "steps": args.steps, "batch_size": cfg.train.batch_size,
-                     "precision": "bf16 autocast", "arms": results})
+                     "precision": cfg.precision, "arms": results})
 
 
 if __name__ == "__main__":

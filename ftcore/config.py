@@ -364,7 +364,10 @@ class EvalSpec(_Frozen):
         None, gt=0, description="Sliding-window stride on the general stream, in stream tokens; None = non-overlapping windows of chunk_len tokens (for a tokenizer that adds BOS: BOS then chunk_len - 1 stream tokens, and every window starts with BOS)."
     )
     max_general_tokens: int | None = Field(None, gt=1, description="Score only the first N tokens of the general stream (BOS not counted).")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="Evaluation dtype; fp32 is the reference.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="Evaluation dtype: fp32 (the reference), bf16 (autocast), or auto = bf16 where the device "
+        "computes it natively (a GPU that supports it, a CPU with AVX512-BF16 or AMX), else fp32; decided once per "
+        "study, before any work, and recorded in its config.")
     every_steps: int | None = Field(
         None, ge=0, description="Learning and forgetting curves: every N optimizer steps while an arm trains, score "
         "its domain and general perplexity on a fixed subsample (step 0 = the model before training, the last step "
@@ -476,7 +479,9 @@ class StudyConfig(_Frozen):
         False, description="With forgetting_budget_pct: an arm stops at the first curve step over the budget and "
         "its saved (and evaluated) model is its best step within the budget; the report says so.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Training precision: bf16 = bf16 autocast with fp32 weights; auto = bf16 on GPUs that support it."
+        "auto", description="Training precision: bf16 = bf16 autocast with fp32 weights; auto = bf16 where the device "
+        "computes it natively (a GPU that supports it, a CPU with AVX512-BF16 or AMX; emulated bf16 is several times "
+        "slower than fp32), else fp32; decided once per study on the machine the arms train on."
     )
     report_to: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = Field(
         ("tensorboard",), description="Trackers: tensorboard (the trainer's loss, under each arm's checkpoints/runs), "

@@ -62,7 +62,7 @@ def check_inputs(cfg: StudyConfig, arms_in_process: bool = False) -> Inputs:
     not installed, a corpus or model source that does not exist or cannot be resolved, and an arm on
     more devices than it can have.
     """
-    cfg = resolve_paths(cfg)
+    cfg = resolve_precisions(resolve_paths(cfg))
     if _handed_over and _handed_over[0].cfg == cfg and _handed_over[0].arms_in_process == arms_in_process:
         return _handed_over.pop()
     import torch
@@ -99,6 +99,21 @@ def resolve_paths(cfg: StudyConfig) -> StudyConfig:
     if cfg.model.wheel_dir is not None:
         update["model"] = cfg.model.model_copy(update={"wheel_dir": absolute(cfg.model.wheel_dir)})
     return cfg.model_copy(update=update)
+
+
+def resolve_precisions(cfg: StudyConfig) -> StudyConfig:
+    """`cfg` with precision 'auto' decided for this machine (ftcore.training.resolve_precision), so the keys, the
+    plans and the recorded config say what ran: eval.precision always (evaluation runs here), the training
+    precision when the arms train here (executor subprocess; a work pool's worker decides its own)."""
+    from ftcore import training
+
+    device = training.resolve_device(cfg.device)
+    update: dict[str, Any] = {}
+    if cfg.eval.precision == "auto":
+        update["eval"] = cfg.eval.model_copy(update={"precision": training.resolve_precision("auto", device)})
+    if cfg.precision == "auto" and cfg.executor == "subprocess":
+        update["precision"] = training.resolve_precision("auto", device)
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def check_artifacts_dir(cfg: StudyConfig) -> Path:

@@ -209,7 +209,10 @@ def _unknown_bytes_stay_unknown(per_doc: pd.DataFrame, parts: pd.DataFrame) -> p
 
 
 def autocast(precision: str, device: str):
-    """bf16 autocast on the model's device for precision bf16, else nothing (fp32)."""
+    """bf16 autocast on the model's device for precision bf16, nothing for fp32. Raises ValueError for any other
+    value ('auto' is decided once per study, by ftcore.inputs.resolve_precisions, before scoring)."""
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision {precision!r}: score in 'fp32' or 'bf16' (resolve 'auto' first)")
     if precision == "bf16":
         return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -76,29 +76,28 @@ DEMO: dict[str, Any] = {
     "train": {"batch_size": 8, "grad_accum": 1, "learning_rate": 6e-4, "max_steps": 30, "logging_steps": 5,
               "save_steps": 10, "warmup_ratio": 0.1},
     "lora": {"learning_rate": 1e-3},
-    # Evaluation in bf16 (2.5x faster than fp32 on a CPU with native bf16, +0.1% perplexity for every model
-    # alike, BENCHMARKS.md) so that the demo fits 25 minutes; curves at steps 10, 20, 30 on about 1.5k tokens
+    # Evaluation in bf16 where the CPU computes it natively (2.5x faster than fp32 there, +0.1% perplexity for
+    # every model alike, BENCHMARKS.md), else fp32 (precision auto); curves at steps 10, 20, 30 on about 1.5k tokens
     # of each set (their cost: BENCHMARKS.md §9).
     "eval": {"batch_size": 8, "max_general_tokens": 16384, "every_steps": 10, "curve_tokens": 1536,
-             "precision": "bf16"},
+             "precision": "auto"},
     # lm-eval's wikitext task (document-level rolling log-likelihood, its detokenizer and bits per byte) on
     # the general documents the study scores: a cross-check of ftstudy's own general perplexity, offline.
     # Windows of chunk_len tokens like ftstudy's (lm-eval's default, the model's 8192, took 3.6 min per
     # model here: attention over 8k tokens on a CPU), so the two differ only where their protocols do.
     "benchmarks": {"tasks": [{"task": "wikitext", "corpus": "general"}], "batch_size": 4, "max_length": 256},
-    # bf16 autocast: about 2.5x faster than fp32 on a CPU with native bf16 (AVX512-BF16, AMX), which the
-    # demo was measured on. A CPU without it emulates bf16 (a forward pass measured 6x slower than in fp32
-    # on an AVX2-only CPU): ftstudy warns, and --set precision=fp32 is the faster choice there (with
-    # slightly different numbers).
-    "precision": "bf16",
+    # Training under bf16 autocast where the CPU computes bf16 natively (AVX512-BF16, AMX: about 2.5x faster
+    # than fp32), else fp32: an AVX2-only CPU emulates bf16 about 7x slower than fp32 (bench/precision.py).
+    # The report's config says which ran; the two give slightly different numbers (docs/results.md).
+    "precision": "auto",
     "device": "cpu",
 }
 
 # The seed's experiment as far as 2 CPU cores allow: a pretrained *base* model (gemma-3-270m, from its GGUF
 # in PyPI wheels, offline), the seed's learning rate 5e-5 and warm-up 3%, LoRA at its usual 2e-4 (r 16,
 # alpha 32), on the demo's data and sizes. Departures from the seed, each for CPU time: 30 steps of 8 x 256
-# tokens (the seed: 2 epochs of 32 x 512 over 9k abstracts), 500 training abstracts, bf16 evaluation
-# (Gemma 3 was trained in bf16), no lm-eval cross-check (the demo has it). Its time: docs/results.md.
+# tokens (the seed: 2 epochs of 32 x 512 over 9k abstracts), 497 training abstracts (500 less 3 duplicates),
+# the demo's precision (bf16 where native; Gemma 3 was trained in bf16), no lm-eval cross-check (the demo has it). Its time: docs/results.md.
 DEMO_BASE: dict[str, Any] = deep_merge(DEMO, {
     "name": "demo-base",
     "model": {"source": "gguf-wheels", "name": "gemma-3-270m"},
@@ -107,7 +106,7 @@ DEMO_BASE: dict[str, Any] = deep_merge(DEMO, {
     # Curves every 5 steps on ~2k tokens of each set (about 13 held-out abstracts, and 8 general windows spread
     # over the 4 scored articles): the points the comparison at equal domain gain reads off (docs/results.md:
     # what they cost).
-    "eval": {"precision": "bf16", "every_steps": 5, "curve_tokens": 2048},
+    "eval": {"every_steps": 5, "curve_tokens": 2048},
 })
 DEMO_BASE["benchmarks"] = None
 
@@ -136,10 +135,8 @@ DEMO_FROM_HUB: dict[str, Any] = {
 
 # The demo as a sweep: six arms (replay at 10% and 25%, LoRA at rank 16 and 4, LoRA with replay) x two
 # seeds, trained exactly as the demo's arms (its full, replay and lora at seed 0 train as the demo's;
-# their curves are scored in bf16, so they are not cache hits of the demo's). Evaluation is in bf16
-# (2.5x faster than fp32 on a CPU with native bf16, +0.1% perplexity for every model alike,
-# BENCHMARKS.md; 6x slower on one without) so that 40k tokens of WikiText-2 can be scored per model
-# for the per-article view (9 articles). It took under an hour on a 2-core CPU with native bf16 when
+# their curves score other tokens, so they are not cache hits of the demo's), in the demo's precision (bf16 where
+# native), with 40k tokens of WikiText-2 scored per model for the per-article view (9 articles). It took under an hour on a 2-core CPU with native bf16 when
 # the demo still trained in bf16 (docs/results.md).
 DEMO_SWEEP: dict[str, Any] = deep_merge(DEMO, {
     "name": "demo-sweep",
@@ -147,7 +144,7 @@ DEMO_SWEEP: dict[str, Any] = deep_merge(DEMO, {
              "lora", {"name": "lora-r4", "method": "lora", "lora": {"r": 4, "alpha": 8}},
              {"name": "lora+replay", "method": "lora", "replay_ratio": 0.1}],
     "seeds": [0, 1],
-    "eval": {"precision": "bf16", "max_general_tokens": 40960},
+    "eval": {"max_general_tokens": 40960},
 })
 
 # Seconds on a CPU: a tiny random Llama and slices of the offline corpora.
@@ -178,9 +175,9 @@ PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO, "demo-base": D
 # what `ftstudy run --help` lists.
 ABOUT: dict[str, str] = {
     "demo-base": "the main job: the seed's experiment on a pretrained base (gemma-3-270m, offline), compared at equal "
-                 "domain gain (DEMO_BASE_TIME)",
+                 "domain gain (53 min on 2 CPU cores with native bf16, from a fresh clone)",
     "demo": "the fast tour of every feature (SmolLM2-135M-Instruct at a raised lr, offline; 15-21 min)",
-    "demo-frontier": "demo-base with each method at three learning rates and replay at 1% and 10% (DEMO_FRONTIER_TIME)",
+    "demo-frontier": "demo-base with each method at three learning rates and replay at 1% and 10% (8 arms: about 2.5x demo-base's time; not yet timed)",
     "demo-sweep": "six arms x two seeds on the demo's data (under an hour)",
     "smoke": "a tiny random model on slices of the offline data (about a minute)",
     "seed": "the reference recipe: gpt2-medium, Hub data, a GPU (hours)",

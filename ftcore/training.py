@@ -72,9 +72,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
+    """'auto' as 'bf16' where `device` ("cpu" or "cuda") computes bf16 natively (a GPU that supports it, a CPU with
+    AVX512-BF16 or AMX), else 'fp32'; 'fp32' and 'bf16' as they are. On a 2-core AVX2-only CPU emulated bf16 ran a
+    2048-wide linear layer at 21 GFLOP/s against 139 in fp32 (bench/precision.py): auto keeps such a CPU in fp32."""
     if precision != "auto":
         return precision
-    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 # --- the training mix --------------------------------------------------------------------------

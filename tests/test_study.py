@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from ftcore import cards, inputs, keys, study
+from ftcore import cards, inputs, keys, perplexity, study, training
 from ftcore.config import InputError
 from ftcore.config_files import load_config
 from ftcore.plan import ArmPlan
@@ -135,9 +135,9 @@ def test_curves_put_the_scoring_code_and_the_general_set_into_the_arms_key(study
     keys._package.cache_clear()
 
 
-def test_the_sweep_trains_the_demos_arms_and_scores_their_curves_in_bf16():
-    """demo-sweep's seed-0 full/replay/lora train as the demo's; only the curves' precision differs."""
-    demo, sweep = load_config("demo"), load_config("demo-sweep")
+def test_the_sweep_trains_the_demos_arms_and_scores_more_general_text():
+    """demo-sweep's seed-0 full/replay/lora train as the demo's; only the curves' general tokens differ."""
+    demo, sweep = (inputs.resolve_precisions(load_config(name)) for name in ("demo", "demo-sweep"))
     model = ModelRef(source="gguf-wheels", name="SmolLM2-135M-Instruct", path="m", digest="m")
     domain, replay = _domain("d", "t", "e"), _stream("r", "r")
 
@@ -151,10 +151,21 @@ def test_the_sweep_trains_the_demos_arms_and_scores_their_curves_in_bf16():
     for arm in ("full", "replay", "lora"):
         a, b = plan(demo, arm, 0), plan(sweep, arm, 0)
         assert a.model_dump(exclude={"curve", "key", "dir", "label"}) == b.model_dump(exclude={"curve", "key", "dir", "label"})
-        assert a.curve.model_dump(exclude={"precision", "max_general_tokens"}) == b.curve.model_dump(
-            exclude={"precision", "max_general_tokens"})
+        assert a.curve.model_dump(exclude={"max_general_tokens"}) == b.curve.model_dump(exclude={"max_general_tokens"})
     assert key(sweep, "full", 0) != key(sweep, "full", 1)
     assert len({key(sweep, a, 0) for a in sweep.arm_names}) == 6
+
+
+@pytest.mark.parametrize("native, picked", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_is_decided_once_for_this_machine(study_config, monkeypatch, native, picked):
+    """'auto' becomes what this CPU computes natively before any key or plan sees it; explicit values stay."""
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    got = inputs.check_inputs(study_config(precision="auto", eval={"precision": "auto"}, device="cpu")).cfg
+    assert (got.precision, got.eval.precision) == (picked, picked)
+    kept = inputs.check_inputs(study_config(precision="bf16", eval={"precision": "fp32"}, device="cpu")).cfg
+    assert (kept.precision, kept.eval.precision) == ("bf16", "fp32")
+    with pytest.raises(ValueError, match="auto"):
+        perplexity.autocast("auto", "cpu")  # never silently fp32 for an unresolved value
 
 
 def test_a_moved_or_copied_artifacts_root_keeps_every_cache_hit(study_config, tmp_path):
