@@ -343,6 +343,7 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
     def compute(out: Path, device: str | None) -> dict[str, Any]:
         logs = {a.label: root / a.dir / "train_log.jsonl" for a in arms}
         details = {"config": cfg.name, "seeds": ", ".join(map(str, cfg.run_seeds)),
+                   "precision": f"training {cfg.precision}, evaluation {cfg.eval.precision}",
                    "base model": cards.base_line(cfg, p.model, root), **{f"model ({a.label})": a.dir for a in arms}}
         details.update({f"FAILED arm {label}": why for label, why in failed.items()})
         titles = next((e.titles for e in evals if e.set == "general" and e.titles), None)
