@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "Domain gain vs general forgetting for full FT, FT+replay and LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the study flow and print the table",
+                         epilog="exit codes: 0 done; 1 failed (an arm or a step; the finished ones and the report are "
+                         "kept); 2 bad input (nothing ran); 3 over the forgetting budget (gate: the study finished and "
+                         "a gated arm forgot more than forgetting_budget_pct); 130 interrupted (rerun to resume)",
                          description="The config is built in this order, each source overriding the one before, "
                          "field by field: the defaults, --preset, --config, each --set, --artifacts. Without "
                          "--preset and --config the smoke preset runs.")
@@ -115,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     root = Path(cfg.artifacts_dir).expanduser().resolve()
     _prepare_env(root)
-    from ftcore import inputs, study
+    from ftcore import inputs
     from ftcore.config import InputError
 
     try:  # before Prefect starts: a missing file or an unwritable root exits 2 at once
@@ -125,14 +128,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     inputs.hand_over(checked)  # the flow below trusts these checks instead of repeating them
     from flows.study import study_flow
 
-    state = study_flow(config=checked.cfg, return_state=True)
+    return finish(study_flow(config=checked.cfg, return_state=True), checked.cfg, root)
+
+
+def finish(state, cfg, root: Path) -> int:
+    """Print what the study flow's final `state` says and return the exit code: EXIT_OK, EXIT_BAD_INPUT,
+    EXIT_FAILED (an arm or step failed; the results are kept) or gate.EXIT_OVER_BUDGET."""
+    from ftcore import gate, study
+    from ftcore.config import InputError
+
     if state.is_completed():
-        print_results(root, state.result())
+        results = state.result()
+        print_results(root, results)
+        if verdict := gate.study_verdict(cfg, study.report_files(root, results)):
+            print(f"gate: {verdict.line}")
         return EXIT_OK
     try:
         state.result()
     except InputError as exc:
         return _fail(str(exc))
+    except gate.OverBudget as exc:  # the study finished; its gated arms forgot more than the budget
+        print_results(root, json.loads((root / study.LATEST).read_text()))
+        print(f"gate: {exc.verdict.line}", file=sys.stderr)
+        return gate.EXIT_OVER_BUDGET
     except Exception as exc:  # the flow's own failure (e.g. a failed arm): say what and where
         print(f"ftstudy: study failed: {exc}", file=sys.stderr)
         latest = root / study.LATEST

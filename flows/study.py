@@ -19,7 +19,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from ftcore import inputs, study
+from ftcore import gate, inputs, study
 from ftcore.config import ConfigError, InputError, StudyConfig
 from ftcore.config_files import describe_error
 from tasks.arm_process import STOPPING, stop_arms
@@ -61,13 +61,16 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
         if stop_arms():
             print("ftstudy: stopping the running arms; their checkpoints are kept", file=sys.stderr)
         raise
-    publish(checked.root, results)
+    verdict = gate.study_verdict(checked.cfg, study.report_files(checked.root, results))
+    publish(checked.root, results, verdict)
     if results.get("failed_tasks") and not results["failed"]:
         raise RuntimeError(f"benchmark step(s) failed: {', '.join(results['failed_tasks'])}; the arms, the other "
                            f"steps and the report are kept: {checked.root / results['report']}")
     if results["failed"]:
         raise RuntimeError(f"arm(s) failed: {', '.join(results['failed'])}; finished arms and the report are kept: "
                            f"{checked.root / results['report']}")
+    if verdict and not verdict.passed:  # results kept; a CI pipeline and the UI both see the verdict
+        return Failed(message=verdict.line, name="Over budget", data=gate.OverBudget(verdict))
     return results
 
 
@@ -100,7 +103,7 @@ def check_executor(cfg: StudyConfig) -> None:
                 "ftstudy-gpu pool) and point PREFECT_API_URL at it, or use executor=subprocess") from None
 
 
-def publish(root: Path, results: dict[str, Any]) -> None:
+def publish(root: Path, results: dict[str, Any], verdict: gate.Verdict | None = None) -> None:
     """The table and the report as artifacts of the run, for the Prefect UI: the table as the report shows
     it (the raw numbers stay in table.parquet), the report with its plots embedded (the UI cannot
     fetch files from the artifacts root)."""
@@ -111,6 +114,7 @@ def publish(root: Path, results: dict[str, Any]) -> None:
     files = study.report_files(root, results)
     rows = report.table_rows(pd.read_parquet(files["table"]))
     headline = files["headline"].read_text() + "\n" if "headline" in files else ""  # the arms at equal domain gain
+    headline = (f"Gate: {verdict.line}\n\n" if verdict else "") + headline
     create_table_artifact(rows, key="ftstudy-table",
                           description=headline + "At the end of training, per arm: perplexity (domain / general), % "
                                       "change against base ± std over seeds [95% bootstrap interval over documents], ≈ "
@@ -122,6 +126,7 @@ def publish(root: Path, results: dict[str, Any]) -> None:
                                           "against base (points; % for a perplexity task) [95% paired bootstrap "
                                           "interval over examples]")
     text = report.embed_images(files["report"].read_text(), files["report"].parent)
+    text = (f"**Gate: {verdict.line}**\n\n" if verdict else "") + text
     listing = "\n".join(f"- {name}: `{path}`" for name, path in files.items())
     failures = "\n".join(f"- **{arm} failed**: {why}" for arm, why in
                           (results["failed"] | results.get("failed_tasks", {})).items())

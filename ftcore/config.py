@@ -478,6 +478,12 @@ class StudyConfig(_Frozen):
     stop_at_budget: bool = Field(
         False, description="With forgetting_budget_pct: an arm stops at the first curve step over the budget and "
         "its saved (and evaluated) model is its best step within the budget; the report says so.")
+    gate: tuple[str, ...] = Field(
+        (), description="A CI gate on forgetting_budget_pct: the arms it holds to the budget (an arm's name, a "
+        "family's name for every value it was expanded into, or all). A study where one of them raised general "
+        "perplexity more than the budget (%, end of training, mean over seeds), or lost more than the budget in "
+        "points on an accuracy-like benchmark task, ends over budget: `ftstudy run` exits 3 and the UI run ends "
+        "Failed, named Over budget, with the verdict. Empty = no gate.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Training precision: bf16 = bf16 autocast with fp32 weights; auto = bf16 where the device "
         "computes it natively (a GPU that supports it, a CPU with AVX512-BF16 or AMX; emulated bf16 is several times "
@@ -524,6 +530,12 @@ class StudyConfig(_Frozen):
         if self.forgetting_budget_pct is not None and self.eval.every_steps == 0:
             raise ValueError("forgetting_budget_pct needs the curves: eval.every_steps is 0 (off); unset it or set a "
                              "positive number of steps")
+        if self.gate and self.forgetting_budget_pct is None:
+            raise ValueError(f"gate {list(self.gate)} needs forgetting_budget_pct (the general perplexity rise in % an "
+                             "arm may cost); set it, or leave gate empty")
+        known = {"all", *names, *(a.family for a in self.arms if a.family)}
+        if unknown := [g for g in self.gate if g not in known]:
+            raise ValueError(f"gate names {unknown}, which are not arms of this study: use 'all' or one of {sorted(known - {'all'})}")
         if self.stop_at_budget and self.forgetting_budget_pct is None:
             raise ValueError("stop_at_budget needs forgetting_budget_pct (the general perplexity rise in % to stop at)")
         if self.eval.stride is not None and self.eval.stride > self.chunk_len:

@@ -315,3 +315,27 @@ def test_a_bad_form_fails_first_with_the_message_alone(study_config, corpus_file
     with get_client(sync_client=True) as client:
         names = [r.name for r in client.read_flow_runs(limit=200) if r.name.startswith("study-smoke-")]
     assert len(names) == len(set(names)) >= 2
+
+
+def test_a_study_over_its_forgetting_budget_ends_over_budget_and_exits_3(study_config, monkeypatch, capsys):
+    """The gate's wiring: the flow ends Failed, named Over budget, with the verdict; the CLI exits 3 and
+    prints the table; a study within its budget completes and exits 0. (The verdict itself: test_gate.)"""
+    from flows import cli
+    from ftcore import gate
+
+    cfg = study_config(arms=["full"], forgetting_budget_pct=50, gate=["all"])
+    root = Path(cfg.artifacts_dir)
+    state, _ = _run(cfg)
+    table = pd.read_parquet(root / json.loads((root / "latest.json").read_text())["table"]).set_index("arm")
+    assert table.loc["full", "general_change_pct"] <= 50  # a tiny model's general change is far from +50%
+    assert state.is_completed() and cli.finish(state, cfg, root) == cli.EXIT_OK
+    assert "gate: within budget: full" in capsys.readouterr().out
+
+    over = gate.Verdict(("full: general perplexity +60.0% [+55.0, +65.0]",), "over budget: full: ...")
+    monkeypatch.setattr(gate, "verdict", lambda *args: over)
+    state, states = _run(cfg)
+    assert set(states.values()) == {"Cached"}  # the gate re-reads the results; it recomputes nothing
+    assert state.is_failed() and state.name == "Over budget" and state.message == over.line
+    assert cli.finish(state, cfg, root) == gate.EXIT_OVER_BUDGET == 3
+    out = capsys.readouterr()
+    assert "| full |" in out.out and "gate: over budget: full" in out.err
