@@ -1,4 +1,4 @@
-"""`ftstudy deploy`: the three deployments, their work pools, schedule and trigger, defined in code.
+"""`ftstudy deploy`: the three deployments (and a study form per preset), their work pools, schedule and trigger, defined in code.
 
   ftstudy/study                      the whole study; its parameter is the study config (the UI form),
                                      filled from a preset (`--preset`, default demo) with the arms on the
@@ -6,6 +6,8 @@
   ftstudy-train-arm/train-arm        one arm, on the GPU pool; the study's work-pool executor runs it
   ftstudy-corpus-check/corpus-check  scheduled; emits ftstudy.corpus.changed only when a corpus changed,
                                      which triggers ftstudy/study with the same config
+  ftstudy/<preset>                   the study with another preset's values in the form (smoke, demo,
+                                     demo-base, ...): pick a preset in the UI by picking its deployment
 
 Code location: the deployments run the flows from this source tree (Prefect's local storage), so a
 worker on this machine, or one that mounts the same path, runs them. Workers elsewhere need the
@@ -70,9 +72,33 @@ def deploy(preset: str = "demo", study_pool: str = STUDY_POOL, arm_pool: str = A
     arm.deploy(name="train-arm", work_pool_name=arm_pool, build=False, push=False, print_next_steps=False,
                description="One arm of a study at one seed; started by the study's work-pool executor.",
                tags=["ftstudy"], job_variables={"env": ARM_ENV})
+    presets = []
+    for name, about in preset_forms(preset, artifacts).items():  # a form per preset: no ten fields to edit
+        study.deploy(name=name, work_pool_name=study_pool, build=False, push=False, print_next_steps=False,
+                     description=f"The study, its form filled from the {name} preset: {about}.", tags=["ftstudy"],
+                     parameters={"config": default_config(name, artifacts)}, job_variables={"env": ENV})
+        presets.append(f"ftstudy/{name}")
     check = flow.from_source(str(ROOT), "flows/corpus_check.py:corpus_check_flow")
     check.deploy(name="corpus-check", work_pool_name=study_pool, build=False, push=False, print_next_steps=False,
                  description="Emit ftstudy.corpus.changed (which starts the study) only when a corpus source changed.",
                  tags=["ftstudy"], parameters=params, job_variables={"env": ENV},
                  schedules=[Cron(check_cron, timezone="UTC")] if check_cron else None)
-    return ["ftstudy/study", "ftstudy-train-arm/train-arm", "ftstudy-corpus-check/corpus-check"]
+    return ["ftstudy/study", "ftstudy-train-arm/train-arm", "ftstudy-corpus-check/corpus-check", *presets]
+
+
+def preset_forms(preset: str, artifacts: str | Path | None = None) -> dict[str, str]:
+    """The presets that get a deployment of their own ({name: what it is for}): every preset but `preset` (the
+    study deployment's own), those whose data is here (or on the Hub) and whose config loads."""
+    from ftcore.config import ConfigError
+    from ftcore.presets import ABOUT, MissingDataError
+
+    forms = {}
+    for name, about in ABOUT.items():
+        if name == preset:
+            continue
+        try:
+            default_config(name, artifacts)
+        except (ConfigError, MissingDataError):
+            continue
+        forms[name] = about
+    return forms

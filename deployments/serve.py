@@ -93,11 +93,21 @@ class Service:
              "processes": {name: p.pid for name, p in self.procs.items()}}, indent=2))
 
     def stop(self, grace: float = 15.0) -> None:
-        """Stop every started process and its descendants (a worker's flow runs), newest first.
+        """Stop every started process and its descendants (a worker's flow runs), newest first; then end the runs
+        they left unfinished (end_orphaned_runs) while the server still answers, and stop the server.
 
         Workers go before the server, so they can still report their runs' end to it.
         """
-        for proc in reversed(list(self.procs.values())):
+        for name, proc in reversed(list(self.procs.items())):
+            if name == "server" and proc.poll() is None:
+                try:
+                    ended = end_orphaned_runs(self.api_url, "ftstudy serve was stopped while this run ran")
+                except Exception as exc:  # noqa: BLE001 - a server that no longer answers: the next start ends them
+                    print(f"ftstudy serve: could not end the unfinished runs now ({exc}); the next start will",
+                          file=sys.stderr, flush=True)
+                else:
+                    if ended:
+                        print(f"ftstudy serve: ended {len(ended)} unfinished run(s): {', '.join(ended)}", flush=True)
             try:
                 parent = psutil.Process(proc.pid)
                 tree = [parent, *parent.children(recursive=True)]
@@ -110,6 +120,44 @@ class Service:
                 _signal(p, signal.SIGKILL)
             psutil.wait_procs(alive, timeout=5)
             proc.poll()
+
+
+# The flows this service runs; a run of one of them that is still active when no worker of this service runs
+# it was left behind by a stop (Ctrl-C, SIGTERM, kill -9 of serve or of a worker).
+FLOWS = ("ftstudy", "ftstudy-train-arm", "ftstudy-corpus-check")
+
+
+def end_orphaned_runs(api_url: str, why: str) -> list[str]:
+    """End every run of this service's flows that is still Pending, Running or Cancelling on the server at
+    `api_url`, and their unfinished task runs: Cancelling becomes Cancelled, the others Crashed, with `why` and
+    how to resume in the message. Called when no worker of this service runs (before the workers start, and
+    after they stopped), so nothing it ends is still running. Returns the ended runs' names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId,
+                                                FlowRunFilterState, FlowRunFilterStateType, TaskRunFilter,
+                                                TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelled, Crashed
+
+    active = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+    message = f"{why}; run it again (Retry) to resume from its cached steps and checkpoints"
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))),
+                                     flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                                         type=FlowRunFilterStateType(any_=active))))
+        if not runs:
+            return []
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs])),
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=active))))
+        for task in tasks:
+            client.set_task_run_state(task.id, Crashed(message=message), force=True)
+        for run in runs:
+            cancelling = run.state is not None and run.state.type == StateType.CANCELLING
+            client.set_flow_run_state(run.id, Cancelled(message=message) if cancelling else Crashed(message=message),
+                                      force=True)
+    return [r.name for r in runs]
 
 
 def _interrupt(*_) -> None:
@@ -177,6 +225,11 @@ def bring_up(service: Service, say=print) -> None:
     say(f"starting prefect server on {service.ui_url} (PREFECT_HOME={service.home}, database: {database}) ...")
     service.start("server", "server", "start", "--host", service.host, "--port", str(service.port))
     wait_healthy(service)
+    # Runs a stopped service left active (a kill -9, a power cut) would show Running forever and keep the corpus
+    # check from starting a study: no worker of this service runs yet, so none of them is still running.
+    if ended := end_orphaned_runs(service.api_url, "found unfinished when ftstudy serve started (its service had "
+                                  "stopped)"):
+        say(f"ended {len(ended)} run(s) a stopped service left unfinished: {', '.join(ended)}")
     for pool in POOLS:
         service.call(f"pool-{pool}", _prefect(), "--no-prompt", "work-pool", "create", pool, "--type", "process",
                      "--overwrite")
@@ -210,7 +263,8 @@ def main(host: str = "127.0.0.1", port: int = 4200, home: str | None = None, pre
 ftstudy serve: ready
   UI:          {service.ui_url}
   API:         {service.api_url}   (export PREFECT_API_URL={service.api_url} to use the prefect CLI)
-  deployments: ftstudy/study, ftstudy-train-arm/train-arm, ftstudy-corpus-check/corpus-check
+  deployments: ftstudy/study (preset {service.preset}), ftstudy/<preset> (a form per other preset),
+               ftstudy-train-arm/train-arm, ftstudy-corpus-check/corpus-check
   work pools:  ftstudy (study, corpus check), ftstudy-gpu (arms); one process worker each on this machine
   artifacts:   {service.artifacts}   (the study form's default artifacts_dir)
   logs:        {service.logs}

@@ -253,8 +253,10 @@ class ArmSpec(_Frozen):
     names full, replay and lora alone are shorthands (replay uses the study's replay_ratio).
     """
 
-    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_.+-]{0,47}$",
-                      description="Label of the arm in tables, plots, task names and artifact directories.")
+    # Empty is allowed by the pattern so the UI's form submits an arm whose Name was left blank: it is named here.
+    name: str = Field("", pattern=r"^([a-z0-9][a-z0-9_.+-]{0,47})?$",
+                      description="Label of the arm in tables, plots, task names and artifact directories; empty = "
+                      "named after its method and settings (e.g. lora-r4, full-replay0.05, lora-lr3e-4).")
     method: Literal["full", "lora", "qlora"] = Field(
         "full", description="full: every weight trains; lora: LoRA adapters (peft); qlora: LoRA adapters on the base "
         "loaded in 4-bit NF4 (bitsandbytes; Dettmers et al. 2023) — the report adds the 4-bit base as a row, so the "
@@ -272,6 +274,13 @@ class ArmSpec(_Frozen):
     family: str | None = Field(
         None, description="The arm a list of learning rates or replay ratios was expanded from (set by the study); the "
         "report picks each family's best setting.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("name"):
+            return {**data, "name": default_arm_name(data)}
+        return data
 
     @model_validator(mode="after")
     def _lora_only_for_lora(self) -> ArmSpec:
@@ -295,6 +304,21 @@ def _short(value: float) -> str:
     return np.format_float_scientific(value, trim="-", exp_digits=1) if value < 0.1 else f"{value:g}"
 
 
+def default_arm_name(entry: dict[str, Any]) -> str:
+    """The name of an arm entry given without one: its method, then the LoRA rank, replay ratio and learning rate
+    it sets (a list of values is left to expand_sweeps' suffixes), e.g. lora-r4, full-replay0.05, lora-lr3e-4."""
+    parts = [str(entry.get("method") or "full")]
+    lora = entry.get("lora")
+    if (rank := lora.get("r") if isinstance(lora, dict) else getattr(lora, "r", None)) is not None:
+        parts.append(f"r{rank}")
+    ratio, rate = entry.get("replay_ratio"), entry.get("learning_rate")
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0:
+        parts.append(f"replay{ratio:g}")
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+        parts.append(f"lr{_short(rate)}")
+    return "-".join(parts)
+
+
 def expand_sweeps(arms: Any) -> Any:
     """Arm entries whose learning_rate or replay_ratio is a list, each expanded into one arm per value (every
     combination), named <name>-lr<rate> / <name>-<ratio> and keeping <name> as their family."""
@@ -304,6 +328,8 @@ def expand_sweeps(arms: Any) -> Any:
     for index, entry in enumerate(arms):
         if isinstance(entry, BaseModel):
             entry = entry.model_dump(exclude_none=True)
+        if isinstance(entry, dict) and not entry.get("name"):
+            entry = {**entry, "name": default_arm_name(entry)}
         lists = {k: v for k, v in entry.items() if k in ("learning_rate", "replay_ratio") and isinstance(v, (list, tuple))} \
             if isinstance(entry, dict) else {}
         if not lists:

@@ -254,3 +254,15 @@ def test_messages_suggest_the_field_and_how_to_quote():
     with pytest.raises(ValidationError) as info:
         load_config("smoke", arms=["full", "full"])
     assert describe_error(info.value) == "config: arms has duplicate names: ['full', 'full']"
+
+
+def test_an_arm_left_unnamed_is_named_after_its_method_and_settings():
+    """The UI form's Arms -> Add item with Name left blank submits; the arm gets a readable name."""
+    cfg = load_config("smoke", arms=["full", {"name": "", "method": "lora", "lora": {"r": 2}},
+                                     {"method": "full", "replay_ratio": 0.05}, {"method": "lora", "learning_rate": 3e-4},
+                                     {"method": "lora", "learning_rate": [1e-4, 1e-3]}])
+    assert cfg.arm_names == ["full", "lora-r2", "full-replay0.05", "lora-lr3e-4", "lora-lr1e-4", "lora-lr1e-3"]
+    schema = StudyConfig.model_json_schema()["$defs"]["ArmSpec"]
+    assert "name" not in schema.get("required", [])  # the form does not block Submit on it
+    with pytest.raises(ValidationError, match="duplicate names"):  # two unnamed arms alike in name: refused, named
+        load_config("smoke", arms=[{"method": "lora"}, {"method": "lora", "lora": {"alpha": 4}}])

@@ -86,3 +86,15 @@ def test_a_port_a_stopped_server_left_in_time_wait_is_free_and_a_listening_one_i
     server.close()
     client.close()
     assert port_free("127.0.0.1", port)
+
+
+def test_every_other_preset_has_a_study_form_of_its_own(deployed):
+    """The UI picks a preset by picking its deployment: ftstudy/demo-base's form holds demo-base's values."""
+    from ftcore.inputs import resolve_paths
+
+    assert {"ftstudy/demo", "ftstudy/demo-base", "ftstudy/demo-frontier"} <= set(deployed)
+    assert "ftstudy/smoke" not in deployed  # the study deployment's own preset is ftstudy/study
+    form = StudyConfig.model_validate(deployed["ftstudy/demo-base"].parameters["config"])
+    assert form == resolve_paths(load_config("demo-base", executor="work-pool", artifacts_dir=str(deployed["artifacts"])))
+    assert deployed["ftstudy/demo-base"].entrypoint == "flows/study.py:study_flow"
+    assert not deployed["ftstudy/demo-base"].schedules  # only the corpus check is scheduled

@@ -279,11 +279,14 @@ def test_sigkill_at_each_write_then_rerun_gives_the_same_table(corpus_files, tmp
     pd.testing.assert_frame_equal(table, reference)
 
 
-def test_corpus_check_emits_only_after_a_recorded_study_and_not_while_one_runs(study_config, corpus_files, tmp_path):
+def test_corpus_check_emits_only_after_a_recorded_study_and_not_while_one_runs_or_a_stale_one_is_ended(study_config, corpus_files, tmp_path):
     import shutil
 
-    from prefect.states import Cancelled, Scheduled
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelled, Cancelling, Running, Scheduled
 
+    from deployments.serve import end_orphaned_runs
     from flows.corpus_check import corpus_check_flow
     from ftcore import inputs
 
@@ -299,6 +302,19 @@ def test_corpus_check_emits_only_after_a_recorded_study_and_not_while_one_runs(s
         result = corpus_check_flow(config=cfg)  # changed, but a study of the same corpora is on its way
         assert result["in_progress"] == str(pending.id) and "event_id" not in result
         client.set_flow_run_state(pending.id, Cancelled(), force=True)
+        # A study a stopped service left Running (and one left Cancelling) blocks the check until the service's
+        # next start ends them (deployments.serve.end_orphaned_runs); finished runs are left as they are.
+        stale = client.create_flow_run(study_flow, parameters={"config": cfg.model_dump(mode="json")}, state=Running())
+        stuck = client.create_flow_run(study_flow, parameters={"config": cfg.model_dump(mode="json")}, state=Running())
+        client.set_flow_run_state(stuck.id, Cancelling(), force=True)
+        assert corpus_check_flow(config=cfg)["in_progress"] == str(stale.id)
+        ended = end_orphaned_runs(PREFECT_API_URL.value(), "stopped")
+        assert {stale.name, stuck.name} <= set(ended)
+        assert client.read_flow_run(stale.id).state.type == StateType.CRASHED
+        assert client.read_flow_run(stuck.id).state.type == StateType.CANCELLED
+        assert "Retry" in client.read_flow_run(stale.id).state.message
+        assert client.read_flow_run(pending.id).state.type == StateType.CANCELLED  # untouched
+        assert end_orphaned_runs(PREFECT_API_URL.value(), "stopped") == []
     result = corpus_check_flow(config=cfg)
     assert set(result["changed"]) == {"domain"} and result.get("event_id")
 

@@ -273,12 +273,51 @@ def test_the_team_server_keeps_its_runs_in_postgresql(service, client):
     assert rows[0]["n"] == len(studies) >= 2
 
 
-def test_ctrl_c_stops_every_process_serve_started(service):
+def _active_runs(service) -> list[tuple[str, str]]:
+    """(name, state) of every flow run still Pending, Running or Cancelling, read from the service's database."""
+    sql = "SELECT name, state_type FROM flow_run WHERE state_type IN ('PENDING', 'RUNNING', 'CANCELLING')"
+    if service["database"]:
+        return [(r["name"], r["state_type"]) for r in _postgres(sql, service["database"])]
+    import sqlite3
+
+    with sqlite3.connect(service["home"] / "prefect.db") as db:
+        return db.execute(sql).fetchall()
+
+
+def test_ctrl_c_mid_study_stops_every_process_and_ends_its_runs_and_serve_restarts_at_once(service, client, config):
+    """Ctrl-C while an arm trains: every process serve started is gone, the study and its arm run end (none stays
+    Running in the database), and serve starts again on the same port and database right away."""
+    slow = type(config).model_validate({**config.model_dump(mode="json"), "arms": ["full"],
+                                        "train": {**config.train.model_dump(), "max_steps": 2000}})
+    run = client.create_flow_run_from_deployment(_deployment(client, "ftstudy/study").id,
+                                                 parameters={"config": slow.model_dump(mode="json")})
+    deadline = time.monotonic() + 240
+    while not [r for r in _train_runs(client, "full") if r.state and r.state.is_running()]:
+        assert time.monotonic() < deadline, f"no train-full run started: study {client.read_flow_run(run.id).state}"
+        time.sleep(2)
     proc = service["proc"]
     tree = [psutil.Process(pid) for pid in service["pids"].values()]
     tree += [c for p in tree for c in p.children(recursive=True)]
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(90) == 0
+    assert proc.wait(120) == 0
     gone, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive, f"still running after Ctrl-C: {[(p.pid, p.name()) for p in alive]}"
-    assert "ftstudy serve: stopped" in service["out"].read_text()
+    out = service["out"].read_text()
+    assert "ftstudy serve: stopped" in out and "unfinished run(s)" in out
+    assert _active_runs(service) == []
+
+    again = service["root"] / "serve-again.out"
+    port = service["api"].split(":")[-1].split("/")[0]
+    db = ["--database-url", f"postgresql+asyncpg://{PG}/{service['database']}"] if service["database"] else []
+    with open(again, "wb") as f:
+        restarted = subprocess.Popen([FTSTUDY, "serve", "--port", port, "--home", str(service["home"]), *db],
+                                     stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "ftstudy serve: ready" not in again.read_text():
+            assert restarted.poll() is None, f"serve did not restart on port {port}:\n{again.read_text()}"
+            assert time.monotonic() < deadline, again.read_text()
+            time.sleep(1)
+    finally:
+        restarted.send_signal(signal.SIGINT)
+        assert restarted.wait(120) == 0
