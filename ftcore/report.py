@@ -227,9 +227,10 @@ def table_rows(table: pd.DataFrame) -> list[dict[str, str]]:
     for _, r in table.iterrows():
         base = r["arm"] == "base"
         cells = [r["arm"], "—" if base else str(int(r["seeds"]))]
-        for s in SETS:
-            cells.append(f"{r[f'{s}_ppl']:.2f}")
-            cells.append(f"[{r[f'{s}_ppl_ci_low']:.2f}, {r[f'{s}_ppl_ci_high']:.2f}]" if base else _pct(r, s))
+        for s in SETS:  # the base's interval beside its perplexity: it has no change of its own
+            cells.append(f"{r[f'{s}_ppl']:.2f} [{r[f'{s}_ppl_ci_low']:.2f}, {r[f'{s}_ppl_ci_high']:.2f}]" if base
+                         else f"{r[f'{s}_ppl']:.2f}")
+            cells.append("—" if base else _pct(r, s))
         cells += ["0 (itself)" if base else _kl(r, s) for s in SETS]
         cells += ["0 (itself)" if base else task_forgetting.forgetting_cell(r)]
         cells += [f"{r['domain_bpb']:.3f}", f"{r['general_bpb']:.3f}", "" if base else ("●" if r.get("pareto") else "")]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from ftcore import stats
-from ftcore.report import analyse, expectation_checks, markdown_table, write_report
+from ftcore.report import analyse, expectation_checks, markdown_table, table_rows, write_report
 
 DOCS = 40
 
@@ -50,6 +50,10 @@ def test_changes_against_base_with_intervals():
     assert full.domain_change_ci_low == pytest.approx(-35.0, abs=1e-6) and full.domain_change_ci_high == pytest.approx(-35.0, abs=1e-6)
     base = a.arms.set_index("arm").loc["base"]
     assert base.domain_ppl_ci_low < base.domain_ppl < base.domain_ppl_ci_high
+    # The base's interval sits beside its perplexity; it has no change of its own.
+    base_row = table_rows(a.arms)[0]
+    assert base_row["domain ppl"] == f"{base.domain_ppl:.2f} [{base.domain_ppl_ci_low:.2f}, {base.domain_ppl_ci_high:.2f}]"
+    assert base_row["Δ domain ± std [95% CI]"] == base_row["Δ general ± std [95% CI]"] == "—"
     assert "| full | 1 | 26.00 | -35.0% [-35.0, -35.0] | 36.00 | +20.0% [+20.0, +20.0] |" in markdown_table(a.arms).replace(
         f"{full.domain_ppl:.2f}", "26.00").replace(f"{full.general_ppl:.2f}", "36.00")
 
