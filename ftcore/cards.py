@@ -72,7 +72,7 @@ def model_card(cfg: StudyConfig, arm: TrainedArm, table: pd.DataFrame, runs: pd.
         f"# {cfg.name}: arm `{arm.arm}` (seed {arm.seed})", "",
         f"{WHAT[arm.method]} of `{base_model or cfg.model.name}` trained by ftstudy on the domain corpus "
         f"`{_corpus(cfg.domain)}`"
-        + (f" with {100 * summary.get('replay_share', 0):.0f}% general replay text" if summary.get("replay_share") else "")
+        + (f" with {100 * summary.get('replay_share', 0):.0f}% {_replay_text(cfg)}" if summary.get("replay_share") else "")
         + ", in a study of what fine-tuning costs: the change in perplexity on held-out domain text and on a "
         f"general text (`{_corpus(cfg.general)}`), against the base model." + _base_note(cfg), "",
         "## Measured", "",
@@ -96,6 +96,15 @@ WHAT = {"full": "A full fine-tune", "lora": "A LoRA adapter", "qlora": "A QLoRA 
 def _corpus(spec) -> str:
     """How a card names a corpus: a Hub dataset by its id, a local file by its name (not this machine's path)."""
     return spec.path if spec.source == "hub" else Path(spec.path).name
+
+
+def _replay_text(cfg: StudyConfig) -> str:
+    """What the replay text was, for a card: the base model's own samples, or a general corpus."""
+    if cfg.replay is not None and cfg.replay.source == "self":
+        g = cfg.replay.sampling
+        return (f"replay text the base model generated itself (temperature {g.temperature:g}, top-p {g.top_p:g}, "
+                f"{'from the prompts in ' + Path(cfg.replay.path).name if cfg.replay.path else 'from its start token'})")
+    return "general replay text" + (f" (`{_corpus(cfg.replay)}`)" if cfg.replay is not None else "")
 
 
 def _base_note(cfg: StudyConfig) -> str:

@@ -121,11 +121,29 @@ class ModelSpec(_Frozen):
         return self
 
 
-class CorpusSpec(_Frozen):
-    """A text corpus: a Hub dataset or a local file, and the fields that hold the text."""
+class GenerationSpec(_Frozen):
+    """How the base model writes its own replay text (replay.source self): sampling with transformers' generate."""
 
-    source: Literal["hub", "file"] = Field(..., description="hub: datasets.load_dataset; file: a local file.")
-    path: str = Field(..., description="Hub dataset id, or a local csv/jsonl/parquet/txt file (optionally .gz/.bz2/.xz/.zst), a directory of such files or a glob (e.g. data/*.jsonl.gz).")
+    tokens: int | None = Field(
+        None, gt=0, description="Tokens to generate; None = what the largest replay_ratio needs for the domain "
+        "training rows, plus 10% (the mix draws from them as from any replay stream).")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature (1 = the model's own distribution).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with this much "
+                         "probability (1 = no cut).")
+    max_new_tokens: int = Field(256, gt=0, description="Tokens per sample at most (a sample also ends at the end marker).")
+    batch_size: int = Field(8, gt=0, description="Samples generated at once (batched, with the KV cache).")
+    seed: int = Field(0, description="Sampling seed: the same seed, settings and model give the same text.")
+
+
+class CorpusSpec(_Frozen):
+    """A text corpus: a Hub dataset or a local file, and the fields that hold the text; for replay also the base
+    model's own text (source self)."""
+
+    source: Literal["hub", "file", "self"] = Field(
+        ..., description="hub: datasets.load_dataset; file: a local file; self (replay only): text the base model "
+        "generates before training (replay without the pretraining data; Marek et al. 2026, SA-SFT 2026), from its "
+        "start token or from the prompts in `path`.")
+    path: str = Field("", description="Hub dataset id, or a local csv/jsonl/parquet/txt file (optionally .gz/.bz2/.xz/.zst), a directory of such files or a glob (e.g. data/*.jsonl.gz); for source self, an optional file of prompts (read like a file corpus; each document one prompt; never the general set).")
     subset: str | None = Field(None, description="Hub dataset configuration name (e.g. wikitext-2-raw-v1).")
     split: str = Field("train", description="Hub split to read.")
     revision: str | None = Field(None, description="Hub dataset revision to pin.")
@@ -143,8 +161,20 @@ class CorpusSpec(_Frozen):
         "article, not per line. Applied before max_docs.",
     )
 
+    generation: GenerationSpec | None = Field(
+        None, description="For source self: the sampling settings (defaults when unset).")
+
+    @property
+    def sampling(self) -> GenerationSpec:
+        """The generation settings of a self source (the defaults where unset)."""
+        return self.generation or GenerationSpec()
+
     @model_validator(mode="after")
     def _pattern_compiles(self) -> CorpusSpec:
+        if self.source != "self" and not self.path:
+            raise ValueError(f"path is empty: source {self.source} needs a Hub dataset id or a local file")
+        if self.source != "self" and self.generation is not None:
+            raise ValueError("generation is set but source is not self (only the model's own text is generated)")
         if self.doc_start is not None:
             try:
                 re.compile(self.doc_start)
@@ -534,6 +564,10 @@ class StudyConfig(_Frozen):
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
         names = self.arm_names
+        for role in ("domain", "general"):
+            if getattr(self, role).source == "self":
+                raise ValueError(f"{role}.source self: only replay text can be the model's own; {role} is read from a "
+                                 "file or the Hub")
         if len(set(names)) != len(names):
             raise ValueError(f"arms has duplicate names: {names}")
         same = self._identical_arms()

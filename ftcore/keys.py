@@ -38,6 +38,7 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
     "tokenize": ("transformers", "tokenizers", "trl", "pyarrow"),
     "train": ("torch", "transformers", "trl", "peft", "accelerate", "datasets"),
     "evaluate": ("torch", "transformers", "peft"),
+    "generate": ("torch", "transformers", "tokenizers"),
     "task": ("torch", "transformers", "peft", "lm_eval", "datasets"),
     "report": ("numpy", "pandas", "matplotlib", "huggingface_hub", "scipy"),
 }

@@ -86,6 +86,14 @@ def quiet_library_deprecations():
         yield
 
 
+def bos_token_id(model_dir: str | Path) -> int | None:
+    """The model config's bos_token_id (of its text model, for a multimodal config); None when it has none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return getattr(config.get_text_config(), "bos_token_id", None)
+
+
 def max_context(model_dir: str | Path) -> int | None:
     """The longest sequence the model's position embeddings allow, if its config says."""
     config = json.loads((Path(model_dir) / "config.json").read_text())

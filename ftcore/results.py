@@ -61,6 +61,17 @@ class DomainRows(Result):
     stats: dict[str, dict[str, int]]
 
 
+class Generated(Result):
+    """Replay text the base model wrote (replay.source self): a jsonl corpus (`digest`: its checksum) and how it
+    was generated."""
+
+    path: str  # replay.jsonl, relative to the artifacts root
+    samples: int
+    tokens: int  # generated tokens, end markers not counted
+    seconds: float
+    tokens_per_s: float | None
+
+
 class Stream(Result):
     """The general or the replay corpus as one token stream in chunk_len rows, and each document's title."""
 

@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 
 from ftcore import (cards, chunking, config_files, contamination, corpora, curves, forgetting, keys, models, perplexity, report,
-                    sources, task_forgetting, tracking, training)
-from ftcore.config import SETS, ArmSpec, StudyConfig
+                    self_replay, sources, task_forgetting, tracking, training)
+from ftcore.config import SETS, ArmSpec, CorpusSpec, StudyConfig
 from ftcore.inputs import (Inputs, StudyError, check_contamination, check_inputs, check_model, check_replay_budget,
                            check_split, record_corpus_versions)
 from ftcore.io import atomic_path, hash_dir, write_json, write_parquet, write_text
 from ftcore.plan import ArmPlan, CurvePlan
-from ftcore.results import (BASE, QUANTIZED_BASE, DomainRows, Evaluation, Fingerprint, ModelRef, Report, Scored, Stream,
-                            TaskScore, TrainedArm)
+from ftcore.results import (BASE, QUANTIZED_BASE, DomainRows, Evaluation, Fingerprint, Generated, ModelRef, Report, Scored,
+                            Stream, TaskScore, TrainedArm)
 from ftcore.steps import InlineRunner, Runner, Step, result, step_dir
 
 log = logging.getLogger("ftcore.study")
@@ -55,6 +55,7 @@ class Prepared:
     general: Stream
     replay: Stream | None
     tasks: tuple[task_forgetting.TaskRef, ...] = ()  # benchmark tasks, resolved and loaded
+    generated: Generated | None = None  # the replay text the base model wrote (replay.source self)
 
     @property
     def cfg(self) -> StudyConfig:
@@ -189,11 +190,13 @@ def distinct_documents(cfg: StudyConfig, corpus: corpora.Corpus, tokenizer) -> c
     return distinct
 
 
-def tokenize_stream(cfg: StudyConfig, role: str, model: ModelRef, corpus: Fingerprint) -> Step:
+def tokenize_stream(cfg: StudyConfig, role: str, model: ModelRef, corpus: Fingerprint,
+                    spec: CorpusSpec | None = None) -> Step:
     """The general or the replay corpus as one token stream in chunk_len rows (chunks.parquet), with each
-    document's title (docs.parquet); its stats count the records dropped as empty too. Its computation
-    raises StudyError when nothing is left to score."""
-    root, spec = Path(cfg.artifacts_dir), getattr(cfg, role)
+    document's title (docs.parquet); its stats count the records dropped as empty too. `spec` is the corpus
+    read, when not the config's (the generated replay text). Its computation raises StudyError when nothing
+    is left to score."""
+    root, spec = Path(cfg.artifacts_dir), spec or getattr(cfg, role)
     reads = {"corpus": corpus.digest, "text_fields": spec.text_fields, "chunk_len": cfg.chunk_len,
              "separator": cfg.general_separator, "model": model.digest}
 
@@ -213,6 +216,39 @@ def tokenize_stream(cfg: StudyConfig, role: str, model: ModelRef, corpus: Finger
 
     where = step_dir(root, f"tokenize-{role}", "tokenize", reads, tokenize_stream)
     return Step("tokenize", f"tokenize-{role}", where, compute, Stream, outputs=("chunks.parquet", "docs.parquet"))
+
+
+def generate_replay(inputs: Inputs, model: ModelRef, domain: DomainRows, general: Stream) -> Step:
+    """The base model's own replay text (replay.source self): samples until what the largest replay_ratio needs
+    (ftcore.self_replay), written as a jsonl corpus (replay.jsonl) and generation.json (tokens, time, tokens/s).
+    Its computation raises GenerationError (an InputError) for a model with nothing to start from, prompts that
+    hold the general set's text, or samples without text."""
+    cfg, root, spec = inputs.cfg, inputs.root, inputs.cfg.replay
+    train_tokens = int(pd.read_parquet(root / domain.train, columns=["input_ids"])["input_ids"].map(len).sum())
+    tokens = self_replay.tokens_needed(cfg, train_tokens)
+    reads = {"generation": spec.sampling.model_dump(mode="json"), "tokens": tokens, "prompts": inputs.versions["replay"],
+             "text_fields": spec.text_fields, "model": model.digest, "general": general.digest}
+
+    def compute(out: Path, device: str | None) -> dict[str, Any]:
+        base_dir = model.locate(root)
+        tokenizer = models.load_tokenizer(base_dir)
+        prompts = self_replay.read_prompts(spec)
+        start = self_replay.start_token(tokenizer, models.bos_token_id(base_dir), prompts)
+        if prompts:
+            frame = pd.read_parquet(root / general.path)
+            self_replay.check_prompts(prompts, tokenizer, perplexity.read_stream(frame, cfg.eval.max_general_tokens).ids)
+        where = device or training.resolve_device(cfg.device)
+        texts, stats = self_replay.generate(models.load_model(base_dir, device=where), tokenizer, spec.sampling, prompts,
+                                            tokens, where, start)
+        self_replay.write_corpus(texts, out / "replay.jsonl")
+        write_json(stats, out / "generation.json")
+        log.info("generate-replay: %d samples, %d tokens in %.0f s (%s tokens/s)", stats["samples"], stats["tokens"],
+                 stats["seconds"], stats["tokens_per_s"])
+        return {"path": relative(root, out / "replay.jsonl"), **stats}
+
+    where = step_dir(root, "generate-replay", "generate", reads, generate_replay)
+    return Step("generate", "generate-replay", where, compute, Generated, outputs=("replay.jsonl",),
+                extras=("generation.json",), devices=1)
 
 
 def train(plan: ArmPlan, root: str | Path, callbacks: list | None = None,
@@ -330,6 +366,7 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
     reads = {"config": cfg.model_dump(mode="json", exclude=set(WHERE)), "reference": cfg.reference,
              "evals": sorted([e.label, e.set, e.digest] for e in evals), "trained": sorted(a.dir for a in arms),
              "failed": failed, "data": data, "model": p.model.digest,
+             "generated": p.generated.digest if p.generated else None,
              "bench": {"results": sorted([r.label, r.task, r.digest] for r in bench["results"]),
                        "failed": bench["failed"]} if bench else None}
     files = ["table.parquet", "runs.parquet", "general_docs.parquet", "table.md", "report.md", "perplexity.png",
@@ -370,6 +407,8 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
         sections = {"Forgetting along training": along["lines"]} if along else {}
         if along.get("kl"):
             sections["What predicts forgetting"] = along["kl"]
+        if p.generated:
+            sections["Replay: the base model's own text"] = self_replay.report_lines(cfg.replay, p.generated, root)
         if task_part:
             sections["Benchmark tasks (lm-evaluation-harness)"] = task_part["lines"]
             write_parquet(task_part["tasks"], out / "tasks.parquet")
@@ -471,7 +510,9 @@ def prepare(inputs: Inputs | StudyConfig, runner: Runner | None = None) -> Prepa
     runner = runner or InlineRunner()
     inputs = check_inputs(inputs, arms_in_process=True) if isinstance(inputs, StudyConfig) else inputs
     cfg = inputs.cfg
-    corpus = {role: runner.run(fingerprint, inputs, role, label=f"fingerprint-{role}") for role in inputs.versions}
+    generated = "replay" in inputs.versions and cfg.replay.source == "self"  # the model's own text, written below
+    corpus = {role: runner.run(fingerprint, inputs, role, label=f"fingerprint-{role}") for role in inputs.versions
+              if not (generated and role == "replay")}
     check_split(cfg, corpus["domain"])
     # Benchmark tasks that read their own data are found, loaded and checked before the model is fetched.
     workdir = inputs.root / "benchmark-tasks"
@@ -483,12 +524,17 @@ def prepare(inputs: Inputs | StudyConfig, runner: Runner | None = None) -> Prepa
     general = runner.run(tokenize_stream, cfg, "general", model, corpus["general"], label="tokenize-general")
     replay = (runner.run(tokenize_stream, cfg, "replay", model, corpus["replay"], label="tokenize-replay")
               if "replay" in corpus else None)
+    text = None
+    if generated:  # the base writes its replay text, then it is read like a replay file
+        text = runner.run(generate_replay, inputs, model, domain, general, label="generate-replay")
+        replay = runner.run(tokenize_stream, cfg, "replay", model, Fingerprint(digest=text.digest, documents=text.samples),
+                            self_replay.as_corpus(cfg.replay, inputs.root / text.path), label="tokenize-replay")
     check_contamination(cfg, domain, general, replay)  # what the arms train on is not what they are scored on
     check_replay_budget(cfg, domain, replay)  # before any model is loaded for evaluation or training
     on_general = task_forgetting.resolve(cfg, workdir, general_documents=lambda: general_documents(cfg, general),
                                          registry=registry, which="general")
     tasks = task_forgetting.in_config_order(cfg, own_tasks, on_general)
-    return Prepared(inputs, model, domain, general, replay, tuple(tasks))
+    return Prepared(inputs, model, domain, general, replay, tuple(tasks), text)
 
 
 def general_documents(cfg: StudyConfig, general: Stream) -> pd.DataFrame:

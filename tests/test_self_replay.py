@@ -1,0 +1,109 @@
+"""Replay text the base model writes itself (replay.source self): a cached, deterministic step; refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ftcore import models, self_replay, study, training
+from ftcore.config import GenerationSpec
+from ftcore.steps import recorded
+
+SELF = {"source": "self", "path": "", "generation": {"max_new_tokens": 24, "batch_size": 4, "temperature": 1.0}}
+ARMS = ["full", {"name": "self-replay", "replay_ratio": 0.1}]
+
+
+def _cfg(study_config, **generation):
+    return study_config(arms=ARMS, replay={**SELF, "generation": {**SELF["generation"], **generation}})
+
+
+def test_the_models_own_text_is_generated_once_deterministically_and_mixed_at_the_ratio(study_config):
+    cfg = _cfg(study_config)
+    p = study.prepare(cfg)
+    text = p.generated
+    assert text is not None and text.samples > 0
+    root = Path(cfg.artifacts_dir)
+    need = self_replay.tokens_needed(cfg, int(pd.read_parquet(root / p.domain.train)["input_ids"].map(len).sum()))
+    assert text.tokens >= need > 0
+    step = study.generate_replay(p.inputs, p.model, p.domain, p.general)
+    assert recorded(step) == text  # a rerun generates nothing: the step is done
+    first = (root / text.path).read_bytes()
+    again = study.prepare(cfg)
+    assert again.generated == text and (root / again.generated.path).read_bytes() == first
+    # The same seed and settings write the same text in a fresh root; the samples are the continuation only.
+    other = study.prepare(cfg.model_copy(update={"artifacts_dir": str(root.parent / "other")}))
+    assert (Path(other.cfg.artifacts_dir) / other.generated.path).read_bytes() == first
+    texts = [json.loads(line)["text"] for line in first.decode().splitlines()]
+    assert len(texts) == text.samples and all(t.strip() for t in texts)
+    # Mixed like a replay file: replay is the requested share of the training tokens.
+    mix = training.build_training_mix(pd.read_parquet(root / p.domain.train), pd.read_parquet(root / p.replay.path),
+                                      0.1, seed=0)
+    assert training.replay_share(mix) == pytest.approx(0.1, abs=0.02)
+
+
+def test_a_changed_temperature_regenerates_and_retrains_only_the_replay_arm(study_config):
+    a, b = study.prepare(_cfg(study_config)), study.prepare(_cfg(study_config, temperature=0.7))
+    assert a.generated.digest != b.generated.digest and a.replay.digest != b.replay.digest
+    plans_a, plans_b = ({plan.name: plan.key for plan in study.plan_arms(p)} for p in (a, b))
+    assert plans_a["full"] == plans_b["full"] and plans_a["self-replay"] != plans_b["self-replay"]
+
+
+def test_the_report_and_card_say_what_was_replayed(study_config):
+    cfg = _cfg(study_config)
+    results = study.run_study(cfg)
+    root = Path(cfg.artifacts_dir)
+    report = (root / results["report"]).read_text()
+    assert "## Replay: the base model's own text" in report and "replay.source: self" in report
+    assert "> " in report.split("## Replay: the base model's own text")[1]  # a sample of the text itself
+    card = ((root / results["report"]).parent / "cards" / "self-replay.md").read_text()
+    assert "replay text the base model generated itself" in card
+
+
+def test_prompts_from_the_general_set_are_refused(study_config, corpus_files):
+    cfg = study_config(arms=ARMS, replay={**SELF, "path": str(corpus_files["general"]), "file_format": "text"})
+    with pytest.raises(self_replay.GenerationError, match="replay.path: .* the general benchmark's text"):
+        study.prepare(cfg)
+    assert not list(Path(cfg.artifacts_dir).glob("generate-replay/*/replay.jsonl"))  # nothing half-written
+
+
+def test_prompts_from_other_text_start_every_sample(study_config, corpus_files, tiny_model):
+    cfg = study_config(arms=ARMS, replay={**SELF, "path": str(corpus_files["replay"]), "text_fields": ["text"]})
+    assert study.prepare(cfg).generated.samples > 0
+
+
+class _Silent(torch.nn.Module):
+    """A model whose every sample ends at once: generate returns the prompt and the end marker."""
+
+    def __init__(self, end: int):
+        super().__init__()
+        self.end = end
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        return torch.cat([input_ids, torch.full((len(input_ids), 1), self.end)], dim=1)
+
+
+def test_a_model_that_writes_nothing_or_has_nothing_to_start_from_is_refused(tiny_model):
+    tokenizer = models.load_tokenizer(tiny_model)
+    with pytest.raises(self_replay.GenerationError, match="held no text"):
+        self_replay.generate(_Silent(tokenizer.eos_token_id), tokenizer, GenerationSpec(batch_size=2), [], 100, "cpu",
+                             start=tokenizer.eos_token_id)
+    assert tokenizer.bos_token_id is None  # the fixture's tokenizer: the config's bos_token_id (its end marker) starts
+    assert self_replay.start_token(tokenizer, models.bos_token_id(tiny_model), []) == tokenizer.eos_token_id
+    with pytest.raises(self_replay.GenerationError, match="no start token .* replay.path"):
+        self_replay.start_token(tokenizer, None, [])
+    assert self_replay.start_token(tokenizer, None, ["a prompt"]) is None  # prompts are a start
+
+
+def test_self_is_a_replay_source_only(study_config):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="general.source self: only replay text"):
+        study_config(general={"source": "self", "path": ""})
+    with pytest.raises(ValidationError, match="generation is set but source is not self"):
+        study_config(replay={"generation": {"temperature": 0.5}})
+    with pytest.raises(ValidationError, match="path is empty: source file"):
+        study_config(replay={"path": ""})
