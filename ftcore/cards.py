@@ -103,7 +103,7 @@ def _replay_text(cfg: StudyConfig) -> str:
     if cfg.replay is not None and cfg.replay.source == "self":
         g = cfg.replay.sampling
         return (f"replay text the base model generated itself (temperature {g.temperature:g}, top-p {g.top_p:g}, "
-                f"{'from the prompts in ' + Path(cfg.replay.path).name if cfg.replay.path else 'from its start token'})")
+                f"{'from the prompts in ' + Path(g.prompts).name if g.prompts else 'from its start token'})")
     return "general replay text" + (f" (`{_corpus(cfg.replay)}`)" if cfg.replay is not None else "")
 
 

@@ -133,6 +133,10 @@ class GenerationSpec(_Frozen):
     max_new_tokens: int = Field(256, gt=0, description="Tokens per sample at most (a sample also ends at the end marker).")
     batch_size: int = Field(8, gt=0, description="Samples generated at once (batched, with the KV cache).")
     seed: int = Field(0, description="Sampling seed: the same seed, settings and model give the same text.")
+    prompts: str | None = Field(
+        None, description="A file of prompts (text, jsonl, csv; read like a file corpus with the replay spec's "
+        "file_format and text_fields), each document one prompt, cut to its first 128 tokens; samples continue "
+        "them in turn. None = every sample starts from the model's start token. Never the general set.")
 
 
 class CorpusSpec(_Frozen):
@@ -142,8 +146,8 @@ class CorpusSpec(_Frozen):
     source: Literal["hub", "file", "self"] = Field(
         ..., description="hub: datasets.load_dataset; file: a local file; self (replay only): text the base model "
         "generates before training (replay without the pretraining data; Marek et al. 2026, SA-SFT 2026), from its "
-        "start token or from the prompts in `path`.")
-    path: str = Field("", description="Hub dataset id, or a local csv/jsonl/parquet/txt file (optionally .gz/.bz2/.xz/.zst), a directory of such files or a glob (e.g. data/*.jsonl.gz); for source self, an optional file of prompts (read like a file corpus; each document one prompt; never the general set).")
+        "start token or from generation.prompts.")
+    path: str = Field("", description="Hub dataset id, or a local csv/jsonl/parquet/txt file (optionally .gz/.bz2/.xz/.zst), a directory of such files or a glob (e.g. data/*.jsonl.gz); empty for source self.")
     subset: str | None = Field(None, description="Hub dataset configuration name (e.g. wikitext-2-raw-v1).")
     split: str = Field("train", description="Hub split to read.")
     revision: str | None = Field(None, description="Hub dataset revision to pin.")
@@ -171,6 +175,9 @@ class CorpusSpec(_Frozen):
 
     @model_validator(mode="after")
     def _pattern_compiles(self) -> CorpusSpec:
+        if self.source == "self" and self.path:
+            raise ValueError(f"path {self.path!r} is a corpus to read, but source self generates the replay text: "
+                             "unset path (--set replay.path=) and give prompts, if any, in generation.prompts")
         if self.source != "self" and not self.path:
             raise ValueError(f"path is empty: source {self.source} needs a Hub dataset id or a local file")
         if self.source != "self" and self.generation is not None:

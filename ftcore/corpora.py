@@ -220,11 +220,12 @@ def _read_hub(spec: CorpusSpec) -> pd.DataFrame:
 
 def source_version(spec: CorpusSpec, role: str) -> str:
     """Cheap identity of the source's current content: its files' names and bytes, or the Hub dataset's commit; for
-    the model's own text (source self), its prompts file's, or 'self' without one (the model and the sampling
+    the model's own text (source self), its prompts file's (generation.prompts), or 'self' without one (the model and the sampling
     settings are in the generation step's key)."""
     if spec.source == "self":
-        return "self" if not spec.path else "self:" + source_version(spec.model_copy(update={"source": "file",
-                                                                                             "generation": None}), role)
+        prompts = spec.sampling.prompts
+        return "self" if not prompts else "self:" + source_version(
+            spec.model_copy(update={"source": "file", "path": prompts, "generation": None}), role)
     if spec.source == "file":
         files = corpus_files(spec, role)
         if len(files) == 1:

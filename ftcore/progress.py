@@ -28,7 +28,7 @@ class Progress:
     @property
     def eta(self) -> float:
         """Seconds left at the current rate (inf before any progress)."""
-        return (self.total - self.done) / self.rate if self.rate else float("inf")
+        return max(self.total - self.done, 0) / self.rate if self.rate else float("inf")
 
     def advance(self, n: int = 1) -> None:
         self.done += n

@@ -42,9 +42,13 @@ def tokens_needed(cfg: StudyConfig, domain_train_tokens: int) -> int:
     return int(np.ceil(ratio / (1 - ratio) * domain_train_tokens * MARGIN))
 
 
+PROMPT_TOKENS = 128  # a prompt is cut to its first this many tokens: a start to continue, not a document to copy
+
+
 def prompts_spec(spec: CorpusSpec) -> CorpusSpec | None:
-    """The prompts file of a self source, as a file corpus to read (None without one)."""
-    return spec.model_copy(update={"source": "file", "generation": None}) if spec.path else None
+    """The prompts file of a self source (generation.prompts), as a file corpus to read (None without one)."""
+    prompts = spec.sampling.prompts
+    return spec.model_copy(update={"source": "file", "path": prompts, "generation": None}) if prompts else None
 
 
 def read_prompts(spec: CorpusSpec) -> list[str]:
@@ -58,24 +62,25 @@ def read_prompts(spec: CorpusSpec) -> list[str]:
     corpus = corpora.load_corpus(source, "replay")
     prompts = [t for t in corpora.document_texts(corpus, spec.text_fields) if t.strip()]
     if not prompts:
-        raise GenerationError(f"replay.path {spec.path}: no prompt with text in fields {list(spec.text_fields)}")
+        raise GenerationError(f"replay.generation.prompts {source.path}: no prompt with text in fields "
+                              f"{list(spec.text_fields)}")
     return prompts
 
 
 def check_prompts(prompts: list[str], tokenizer, general_ids: np.ndarray) -> None:
     """Refuse prompts that hold the general benchmark's text: more than contamination.TOLERANCE of the general
     set's scored tokens (`general_ids`) in runs of contamination.RUN tokens the prompts share. Raises
-    GenerationError naming replay.path."""
+    GenerationError naming replay.generation.prompts."""
     from ftcore import contamination
 
     ids = [np.asarray(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     share = contamination.shared_share(general_ids, ids)
     if contamination.too_much(share, len(general_ids)):
         raise GenerationError(
-            f"replay.path: {100 * share:.1f}% of the general set's scored tokens lie in {contamination.RUN}-token runs "
+            f"replay.generation.prompts: {100 * share:.1f}% of the general set's scored tokens lie in {contamination.RUN}-token runs "
             "the prompts hold: the model would replay the general benchmark's text, so the arms would train on the "
-            "set their forgetting is measured on. Give prompts from other text, or no replay.path (generation from "
-            "the start token)")
+            "set their forgetting is measured on. Give prompts from other text, or none (generation from the start "
+            "token)")
 
 
 def start_token(tokenizer, model_bos: int | None, prompts: list[str]) -> int | None:
@@ -87,7 +92,8 @@ def start_token(tokenizer, model_bos: int | None, prompts: list[str]) -> int | N
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model_bos
     if start is None:
         raise GenerationError("replay.source self: this model has no start token (no bos_token in its tokenizer or "
-                              "config) to generate from; give prompts in replay.path (a text, jsonl or csv file)")
+                              "config) to generate from; give prompts in replay.generation.prompts (a text, jsonl or "
+                              "csv file)")
     return start
 
 
@@ -115,7 +121,7 @@ def generate(model, tokenizer, spec: GenerationSpec, prompts: list[str], tokens:
     while total < tokens:
         if prompts:
             chosen = [prompts[(batch * spec.batch_size + i) % len(prompts)] for i in range(spec.batch_size)]
-            enc = tokenizer(chosen, return_tensors="pt", padding=True)
+            enc = tokenizer(chosen, return_tensors="pt", padding=True, truncation=True, max_length=PROMPT_TOKENS)
         else:
             ids = torch.full((spec.batch_size, 1), start, dtype=torch.long)
             enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -139,8 +145,8 @@ def generate(model, tokenizer, spec: GenerationSpec, prompts: list[str], tokens:
         empty = 0 if written else empty + 1
         if empty >= EMPTY_BATCHES:
             raise GenerationError(f"replay.source self: {EMPTY_BATCHES} batches of {spec.batch_size} samples held no "
-                                  "text (each ended at once with the end marker); give prompts in replay.path or "
-                                  "raise replay.generation.temperature")
+                                  "text (each ended at once with the end marker); give prompts in "
+                                  "replay.generation.prompts or raise replay.generation.temperature")
     seconds = time.perf_counter() - began
     return texts, {"samples": len(texts), "tokens": total, "seconds": round(seconds, 2),
                    "tokens_per_s": round(total / seconds, 1) if seconds else None}
@@ -162,7 +168,7 @@ def report_lines(spec: CorpusSpec, generated: Any, root: Path, shown: int = 3, c
     """The report's account of the replayed text (`generated`: the generate-replay step's result): how it was
     written and the first `shown` samples (their first `chars` characters), so a reader sees what was replayed."""
     g = spec.sampling
-    start = f"the prompts in `{Path(spec.path).name}`" if spec.path else "its start token"
+    start = f"the prompts in `{Path(g.prompts).name}`" if g.prompts else "its start token"
     lines = [f"The replay arms mixed in text the base model wrote itself (`replay.source: self`), sampled from {start} "
              f"at temperature {g.temperature:g}, top-p {g.top_p:g}, at most {g.max_new_tokens} tokens per sample, seed "
              f"{g.seed}: {generated.samples} samples, {generated.tokens} tokens, in {generated.seconds:.0f} s "

@@ -64,15 +64,18 @@ def test_the_report_and_card_say_what_was_replayed(study_config):
 
 
 def test_prompts_from_the_general_set_are_refused(study_config, corpus_files):
-    cfg = study_config(arms=ARMS, replay={**SELF, "path": str(corpus_files["general"]), "file_format": "text"})
-    with pytest.raises(self_replay.GenerationError, match="replay.path: .* the general benchmark's text"):
+    cfg = study_config(arms=ARMS, replay={**SELF, "file_format": "text",
+                                          "generation": {**SELF["generation"], "prompts": str(corpus_files["general"])}})
+    with pytest.raises(self_replay.GenerationError, match="replay.generation.prompts: .* the general benchmark's text"):
         study.prepare(cfg)
     assert not list(Path(cfg.artifacts_dir).glob("generate-replay/*/replay.jsonl"))  # nothing half-written
 
 
 def test_prompts_from_other_text_start_every_sample(study_config, corpus_files, tiny_model):
-    cfg = study_config(arms=ARMS, replay={**SELF, "path": str(corpus_files["replay"]), "text_fields": ["text"]})
-    assert study.prepare(cfg).generated.samples > 0
+    cfg = study_config(arms=ARMS, replay={**SELF, "text_fields": ["text"],
+                                          "generation": {**SELF["generation"], "prompts": str(corpus_files["replay"])}})
+    p = study.prepare(cfg)
+    assert p.generated.samples > 0 and p.inputs.versions["replay"].startswith("self:")
 
 
 class _Silent(torch.nn.Module):
@@ -93,7 +96,7 @@ def test_a_model_that_writes_nothing_or_has_nothing_to_start_from_is_refused(tin
                              start=tokenizer.eos_token_id)
     assert tokenizer.bos_token_id is None  # the fixture's tokenizer: the config's bos_token_id (its end marker) starts
     assert self_replay.start_token(tokenizer, models.bos_token_id(tiny_model), []) == tokenizer.eos_token_id
-    with pytest.raises(self_replay.GenerationError, match="no start token .* replay.path"):
+    with pytest.raises(self_replay.GenerationError, match="no start token .* replay.generation.prompts"):
         self_replay.start_token(tokenizer, None, [])
     assert self_replay.start_token(tokenizer, None, ["a prompt"]) is None  # prompts are a start
 
@@ -107,3 +110,5 @@ def test_self_is_a_replay_source_only(study_config):
         study_config(replay={"generation": {"temperature": 0.5}})
     with pytest.raises(ValidationError, match="path is empty: source file"):
         study_config(replay={"path": ""})
+    with pytest.raises(ValidationError, match=r"source self generates the replay text: unset path \(--set replay.path=\)"):
+        study_config(replay={"source": "self"})  # a merged-in corpus path is not silently read as prompts
