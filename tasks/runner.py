@@ -75,10 +75,11 @@ class PrefectRunner:
         return self.submit(define, *args, label=label).result()
 
     def submit(self, define: Define, *args: Any, label: str) -> Any:
-        name = define.__name__.replace("_", "-")
         options = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": _network_only} \
             if define is study.fetch_model else {}
-        return step_task.with_options(name=name, **options).submit(define, args, label, self.executor, self.deployment)
+        # Named for its label: a task run waiting to start reads "eval-full-general-0" in the UI, not "evaluate-7ab"
+        # (Prefect names a run <task name>-<key> until task_run_name is rendered when it starts).
+        return step_task.with_options(name=label, **options).submit(define, args, label, self.executor, self.deployment)
 
     def outcome(self, future: Any) -> tuple[Any, str | None]:
         future.wait()
