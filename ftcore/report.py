@@ -239,6 +239,16 @@ def table_rows(table: pd.DataFrame) -> list[dict[str, str]]:
     return rows
 
 
+# The UI's table artifact is read in a browser window: short headers, the bits per byte left to table.md.
+COMPACT = {"Δ domain ± std [95% CI]": "Δ domain", "Δ general ± std [95% CI]": "Δ general",
+           KL_COLUMNS["domain"]: "KL domain", KL_COLUMNS["general"]: "KL general", TASKS_COLUMN: "Δ tasks (pts)"}
+
+
+def compact_rows(table: pd.DataFrame) -> list[dict[str, str]]:
+    """table_rows with short headers (COMPACT) and without the bits-per-byte columns: what fits a 1400 px window."""
+    return [{COMPACT.get(k, k): v for k, v in row.items() if not k.endswith("bits/byte")} for row in table_rows(table)]
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """Arms as rows: perplexity and change against base per set, with seeds, spread and intervals."""
     cols = columns(table)

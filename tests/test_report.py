@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from ftcore import stats
-from ftcore.report import analyse, expectation_checks, markdown_table, table_rows, write_report
+from ftcore.report import analyse, compact_rows, expectation_checks, markdown_table, table_rows, write_report
 
 DOCS = 40
 
@@ -54,6 +54,9 @@ def test_changes_against_base_with_intervals():
     base_row = table_rows(a.arms)[0]
     assert base_row["domain ppl"] == f"{base.domain_ppl:.2f} [{base.domain_ppl_ci_low:.2f}, {base.domain_ppl_ci_high:.2f}]"
     assert base_row["Δ domain ± std [95% CI]"] == base_row["Δ general ± std [95% CI]"] == "—"
+    compact = compact_rows(a.arms)  # the UI's table: short headers, no bits per byte
+    assert list(compact[1]) == ["arm", "seeds", "domain ppl", "Δ domain", "general ppl", "Δ general", "front"]
+    assert compact[1]["Δ domain"] == table_rows(a.arms)[1]["Δ domain ± std [95% CI]"]
     assert "| full | 1 | 26.00 | -35.0% [-35.0, -35.0] | 36.00 | +20.0% [+20.0, +20.0] |" in markdown_table(a.arms).replace(
         f"{full.domain_ppl:.2f}", "26.00").replace(f"{full.general_ppl:.2f}", "36.00")
 
