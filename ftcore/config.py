@@ -134,9 +134,9 @@ class GenerationSpec(_Frozen):
     batch_size: int = Field(8, gt=0, description="Samples generated at once (batched, with the KV cache).")
     seed: int = Field(0, description="Sampling seed: the same seed, settings and model give the same text.")
     prompts: str | None = Field(
-        None, description="A file of prompts (text, jsonl, csv; read like a file corpus with the replay spec's "
-        "file_format and text_fields), each document one prompt, cut to its first 128 tokens; samples continue "
-        "them in turn. None = every sample starts from the model's start token. Never the general set.")
+        None, description="The path of a file of prompts (text, jsonl, csv), read like a file corpus with the replay "
+        "spec's file_format, text_fields and max_docs; each document one prompt, cut to its first 128 tokens; samples "
+        "continue them in turn. None = every sample starts from the model's start token. Never the general set.")
 
 
 class CorpusSpec(_Frozen):
@@ -168,6 +168,11 @@ class CorpusSpec(_Frozen):
     generation: GenerationSpec | None = Field(
         None, description="For source self: the sampling settings (defaults when unset).")
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _no_path(cls, value: Any) -> Any:
+        return "" if value is None else value  # `path: null` in a config file means no path, as "" does
+
     @property
     def sampling(self) -> GenerationSpec:
         """The generation settings of a self source (the defaults where unset)."""
@@ -177,7 +182,8 @@ class CorpusSpec(_Frozen):
     def _pattern_compiles(self) -> CorpusSpec:
         if self.source == "self" and self.path:
             raise ValueError(f"path {self.path!r} is a corpus to read, but source self generates the replay text: "
-                             "unset path (--set replay.path=) and give prompts, if any, in generation.prompts")
+                             "leave path empty (path: \"\" in a config file, --set replay.path= on the command line) "
+                             "and give prompts, if any, in generation.prompts")
         if self.source != "self" and not self.path:
             raise ValueError(f"path is empty: source {self.source} needs a Hub dataset id or a local file")
         if self.source != "self" and self.generation is not None:
@@ -362,11 +368,20 @@ def expand_sweeps(arms: Any) -> Any:
     if not isinstance(arms, (list, tuple)):
         return arms
     out = []
+    # An unnamed arm's name is its method and settings, numbered past any other arm's (the form's second "full").
+    taken = {e if isinstance(e, str) else (e.get("name") if isinstance(e, dict) else getattr(e, "name", None))
+             for e in arms}
     for index, entry in enumerate(arms):
         if isinstance(entry, BaseModel):
             entry = entry.model_dump(exclude_none=True)
         if isinstance(entry, dict) and not entry.get("name"):
-            entry = {**entry, "name": default_arm_name(entry)}
+            name = stem = default_arm_name(entry)
+            number = 1
+            while name in taken:
+                number += 1
+                name = f"{stem}-{number}"
+            taken.add(name)
+            entry = {**entry, "name": name}
         lists = {k: v for k, v in entry.items() if k in ("learning_rate", "replay_ratio") and isinstance(v, (list, tuple))} \
             if isinstance(entry, dict) else {}
         if not lists:

@@ -224,8 +224,13 @@ def source_version(spec: CorpusSpec, role: str) -> str:
     settings are in the generation step's key)."""
     if spec.source == "self":
         prompts = spec.sampling.prompts
-        return "self" if not prompts else "self:" + source_version(
-            spec.model_copy(update={"source": "file", "path": prompts, "generation": None}), role)
+        if not prompts:
+            return "self"
+        try:
+            return "self:" + source_version(spec.model_copy(update={"source": "file", "path": prompts,
+                                                                    "generation": None}), role)
+        except CorpusError as exc:  # the prompts file is read as a corpus: name the field the user set
+            raise CorpusError(str(exc).replace(f"{role}.path", f"{role}.generation.prompts")) from None
     if spec.source == "file":
         files = corpus_files(spec, role)
         if len(files) == 1:

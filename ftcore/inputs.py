@@ -256,8 +256,9 @@ def check_contamination(cfg: StudyConfig, domain: DomainRows, general: Stream, r
     root = Path(cfg.artifacts_dir)
     scored = perplexity.read_stream(pd.read_parquet(root / general.path), cfg.eval.max_general_tokens).ids
     sources = {"domain.path": lambda: list(pd.read_parquet(root / domain.train, columns=["input_ids"])["input_ids"])}
-    if replay is not None:
-        sources["replay.path"] = lambda: [perplexity.read_stream(pd.read_parquet(root / replay.path)).ids]
+    if replay is not None:  # the model's own text (replay.source self) is named by its settings, it has no path
+        replay_field = "replay.generation (the text the model wrote)" if cfg.replay.source == "self" else "replay.path"
+        sources[replay_field] = lambda: [perplexity.read_stream(pd.read_parquet(root / replay.path)).ids]
     for field, rows in sources.items():
         theirs = contamination.hashes_of([np.asarray(r) for r in rows()])
         share = float(contamination.shared_mask(scored, theirs).mean()) if len(scored) else 0.0
@@ -265,7 +266,7 @@ def check_contamination(cfg: StudyConfig, domain: DomainRows, general: Stream, r
                  field, 100 * share, contamination.RUN)
         if contamination.too_much(share, len(scored)):
             _refuse_overlap(field, "general.path", "the general set's scored tokens", share)
-        if field == "replay.path":  # replay must not hold the held-out domain text either
+        if field.startswith("replay"):  # replay must not hold the held-out domain text either
             test = pd.read_parquet(root / domain.test, columns=["input_ids", "labels"])
             counts = contamination.scored_shared(list(zip(test["input_ids"], test["labels"])), theirs)
             tokens = sum(t for _, t in counts)

@@ -59,7 +59,10 @@ def read_prompts(spec: CorpusSpec) -> list[str]:
     source = prompts_spec(spec)
     if source is None:
         return []
-    corpus = corpora.load_corpus(source, "replay")
+    try:
+        corpus = corpora.load_corpus(source, "replay")
+    except corpora.CorpusError as exc:  # read as a corpus: name the field the user set
+        raise corpora.CorpusError(str(exc).replace("replay.path", "replay.generation.prompts")) from None
     prompts = [t for t in corpora.document_texts(corpus, spec.text_fields) if t.strip()]
     if not prompts:
         raise GenerationError(f"replay.generation.prompts {source.path}: no prompt with text in fields "
@@ -127,9 +130,11 @@ def generate(model, tokenizer, spec: GenerationSpec, prompts: list[str], tokens:
             enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         enc = {k: v.to(device) for k, v in enc.items()}
         torch.manual_seed(spec.seed * 1_000_003 + batch)
+        # The last batches write only about what is still missing (deterministic: it depends on `tokens` alone).
+        longest = min(spec.max_new_tokens, max(1, -(-(tokens - total) // spec.batch_size)))
         with torch.inference_mode():
             out = model.generate(**enc, do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
-                                 max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 max_new_tokens=longest, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=end, use_cache=True)
         written = 0
         for row in out[:, enc["input_ids"].shape[1]:].tolist():
@@ -164,6 +169,14 @@ def as_corpus(spec: CorpusSpec, path: Path) -> CorpusSpec:
     return CorpusSpec(source="file", path=str(path), file_format="jsonl", text_fields=("text",))
 
 
+def printable(text: str) -> str:
+    """`text` with control, format and unassigned characters and U+FFFD (a byte a sampled token split) as spaces:
+    what a report can quote. The replay corpus itself keeps the text as sampled."""
+    import unicodedata
+
+    return "".join(" " if unicodedata.category(c)[0] == "C" or c == "\ufffd" else c for c in text)
+
+
 def report_lines(spec: CorpusSpec, generated: Any, root: Path, shown: int = 3, chars: int = 300) -> list[str]:
     """The report's account of the replayed text (`generated`: the generate-replay step's result): how it was
     written and the first `shown` samples (their first `chars` characters), so a reader sees what was replayed."""
@@ -175,7 +188,7 @@ def report_lines(spec: CorpusSpec, generated: Any, root: Path, shown: int = 3, c
              f"({generated.tokens_per_s} tokens/s). The text: `{generated.path}`. Its first samples:", ""]
     with open(root / generated.path, encoding="utf-8") as f:
         for _, line in zip(range(shown), f):
-            text = " ".join(json.loads(line)["text"].split())
+            text = " ".join(printable(json.loads(line)["text"]).split())
             lines.append("> " + (text[:chars] + " …" if len(text) > chars else text))
             lines.append("")
     return lines[:-1]

@@ -264,5 +264,8 @@ def test_an_arm_left_unnamed_is_named_after_its_method_and_settings():
     assert cfg.arm_names == ["full", "lora-r2", "full-replay0.05", "lora-lr3e-4", "lora-lr1e-4", "lora-lr1e-3"]
     schema = StudyConfig.model_json_schema()["$defs"]["ArmSpec"]
     assert "name" not in schema.get("required", [])  # the form does not block Submit on it
-    with pytest.raises(ValidationError, match="duplicate names"):  # two unnamed arms alike in name: refused, named
-        load_config("smoke", arms=[{"method": "lora"}, {"method": "lora", "lora": {"alpha": 4}}])
+    # An unnamed arm whose name another arm has is numbered (the form's default arm beside the preset's full).
+    assert load_config("smoke", arms=["full", "lora", {"method": "lora", "lora": {"alpha": 4}}]).arm_names == [
+        "full", "lora", "lora-2"]
+    with pytest.raises(ValidationError, match="'full' and 'full-2' train the same thing"):
+        load_config("smoke", arms=["full", {"name": ""}])

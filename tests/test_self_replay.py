@@ -71,6 +71,18 @@ def test_prompts_from_the_general_set_are_refused(study_config, corpus_files):
     assert not list(Path(cfg.artifacts_dir).glob("generate-replay/*/replay.jsonl"))  # nothing half-written
 
 
+def test_a_missing_prompts_file_is_named_as_the_field_the_user_set(study_config, tmp_path):
+    from ftcore.inputs import check_inputs
+
+    cfg = study_config(arms=ARMS, replay={**SELF, "generation": {"prompts": str(tmp_path / "nope.txt")}})
+    with pytest.raises(Exception, match=r"^replay\.generation\.prompts: file .*nope.txt does not exist"):
+        check_inputs(cfg)
+
+
+def test_the_report_quotes_samples_without_control_characters():
+    assert self_replay.printable("a\x00b\ufffdc\x1bd e") == "a b c d e"
+
+
 def test_prompts_from_other_text_start_every_sample(study_config, corpus_files, tiny_model):
     cfg = study_config(arms=ARMS, replay={**SELF, "text_fields": ["text"],
                                           "generation": {**SELF["generation"], "prompts": str(corpus_files["replay"])}})
@@ -110,5 +122,6 @@ def test_self_is_a_replay_source_only(study_config):
         study_config(replay={"generation": {"temperature": 0.5}})
     with pytest.raises(ValidationError, match="path is empty: source file"):
         study_config(replay={"path": ""})
-    with pytest.raises(ValidationError, match=r"source self generates the replay text: unset path \(--set replay.path=\)"):
+    with pytest.raises(ValidationError, match=r"source self generates the replay text: leave path empty"):
         study_config(replay={"source": "self"})  # a merged-in corpus path is not silently read as prompts
+    assert study_config(replay={"source": "self", "path": None}).replay.path == ""  # `path: null` in a file
