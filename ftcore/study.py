@@ -226,8 +226,9 @@ def generate_replay(inputs: Inputs, model: ModelRef, domain: DomainRows, general
     cfg, root, spec = inputs.cfg, inputs.root, inputs.cfg.replay
     train_tokens = int(pd.read_parquet(root / domain.train, columns=["input_ids"])["input_ids"].map(len).sum())
     tokens = self_replay.tokens_needed(cfg, train_tokens)
-    reads = {"generation": spec.sampling.model_dump(mode="json"), "tokens": tokens, "prompts": inputs.versions["replay"],
-             "text_fields": spec.text_fields, "model": model.digest, "general": general.digest}
+    # The whole replay spec: its file_format, text_fields and max_docs decide which prompts are read.
+    reads = {"replay": spec.model_dump(mode="json"), "generation": spec.sampling.model_dump(mode="json"),
+             "tokens": tokens, "prompts": inputs.versions["replay"], "model": model.digest, "general": general.digest}
 
     def compute(out: Path, device: str | None) -> dict[str, Any]:
         base_dir = model.locate(root)

@@ -71,6 +71,17 @@ def test_prompts_from_the_general_set_are_refused(study_config, corpus_files):
     assert not list(Path(cfg.artifacts_dir).glob("generate-replay/*/replay.jsonl"))  # nothing half-written
 
 
+def test_every_setting_that_picks_the_prompts_is_in_the_generation_key(study_config, corpus_files):
+    """replay.max_docs caps the prompts read: changing it writes other text, never a stale cached one."""
+    def key(**replay):
+        cfg = study_config(arms=ARMS, replay={**SELF, "text_fields": ["text"], **replay,
+                                              "generation": {**SELF["generation"], "prompts": str(corpus_files["replay"])}})
+        p = study.prepare(cfg)
+        return study.generate_replay(p.inputs, p.model, p.domain, p.general).dir.name
+
+    assert key(max_docs=2) != key(max_docs=3)
+
+
 def test_a_missing_prompts_file_is_named_as_the_field_the_user_set(study_config, tmp_path):
     from ftcore.inputs import check_inputs
 
