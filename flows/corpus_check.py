@@ -33,7 +33,7 @@ def resource_id(cfg: StudyConfig) -> str:
 def _same_corpora(a: StudyConfig, b: StudyConfig) -> bool:
     a, b = inputs.resolve_paths(a), inputs.resolve_paths(b)
     roles = inputs.corpus_roles(a)
-    return roles == inputs.corpus_roles(b) and all(getattr(a, r) == getattr(b, r) for r in roles)
+    return roles == inputs.corpus_roles(b) and all(a.corpus(r) == b.corpus(r) for r in roles)
 
 
 def _study_in_progress(config: StudyConfig):

@@ -72,7 +72,7 @@ def model_card(cfg: StudyConfig, arm: TrainedArm, table: pd.DataFrame, runs: pd.
         f"# {cfg.name}: arm `{arm.arm}` (seed {arm.seed})", "",
         f"{WHAT[arm.method]} of `{base_model or cfg.model.name}` trained by ftstudy on the domain corpus "
         f"`{_corpus(cfg.domain)}`"
-        + (f" with {100 * summary.get('replay_share', 0):.0f}% {_replay_text(cfg)}" if summary.get("replay_share") else "")
+        + (f" with {100 * summary.get('replay_share', 0):.0f}% {_replay_text(cfg, arm.arm)}" if summary.get("replay_share") else "")
         + ", in a study of what fine-tuning costs: the change in perplexity on held-out domain text and on a "
         f"general text (`{_corpus(cfg.general)}`), against the base model." + _base_note(cfg), "",
         "## Measured", "",
@@ -98,10 +98,10 @@ def _corpus(spec) -> str:
     return spec.path if spec.source == "hub" else Path(spec.path).name
 
 
-def _replay_text(cfg: StudyConfig) -> str:
-    """What the replay text was, for a card: the base model's own samples, or a general corpus."""
-    if cfg.replay is not None and cfg.replay.source == "self":
-        g = cfg.replay.sampling
+def _replay_text(cfg: StudyConfig, name: str) -> str:
+    """What arm `name`'s replay text was, for a card: the base model's own samples, or a general corpus."""
+    if cfg.replays_self(next(a for a in cfg.arms if a.name == name)):
+        g = cfg.self_replay.sampling
         return (f"replay text the base model generated itself (temperature {g.temperature:g}, top-p {g.top_p:g}, "
                 f"{'from the prompts in ' + Path(g.prompts).name if g.prompts else 'from its start token'})")
     return "general replay text" + (f" (`{_corpus(cfg.replay)}`)" if cfg.replay is not None else "")

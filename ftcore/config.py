@@ -166,7 +166,8 @@ class CorpusSpec(_Frozen):
     )
 
     generation: GenerationSpec | None = Field(
-        None, description="For source self: the sampling settings (defaults when unset).")
+        None, description="Replay only, for source self or an arm with replay_source self: how the base model samples "
+        "its own replay text (defaults when unset).")
 
     @field_validator("path", mode="before")
     @classmethod
@@ -186,8 +187,6 @@ class CorpusSpec(_Frozen):
                              "and give prompts, if any, in generation.prompts")
         if self.source != "self" and not self.path:
             raise ValueError(f"path is empty: source {self.source} needs a Hub dataset id or a local file")
-        if self.source != "self" and self.generation is not None:
-            raise ValueError("generation is set but source is not self (only the model's own text is generated)")
         if self.doc_start is not None:
             try:
                 re.compile(self.doc_start)
@@ -307,6 +306,10 @@ class ArmSpec(_Frozen):
     replay_ratio: Ratio | tuple[Ratio, ...] = Field(
         0.0, description="Share of general replay tokens mixed into the training set; a list trains one arm per ratio "
         "(named <name>-<ratio>).")
+    replay_source: Literal["study", "self"] = Field(
+        "study", description="The replay text this arm mixes in: study = the study's `replay` corpus; self = text the "
+        "base model writes itself (sampled with replay.generation's settings), so one study compares replaying a "
+        "corpus with replaying the model's own text at the same ratio.")
     learning_rate: Rate | tuple[Rate, ...] | None = Field(
         None, description="The arm's peak learning rate; None = train.learning_rate (full) or lora.learning_rate (LoRA). "
         "A list trains one arm per rate (named <name>-lr<rate>): each method at its own best rate, compared at equal "
@@ -334,6 +337,9 @@ class ArmSpec(_Frozen):
                              "config into one arm per value")
         if self.learning_rate is not None and self.lora is not None and self.lora.learning_rate is not None:
             raise ValueError(f"arm {self.name!r}: learning_rate and lora.learning_rate both set; give one")
+        if self.replay_source == "self" and self.replay_ratio == 0 and self.family is None:
+            raise ValueError(f"arm {self.name!r}: replay_source self but replay_ratio is 0, so nothing is replayed; set "
+                             "replay_ratio (e.g. 0.1)")
         return self
 
     @property
@@ -355,7 +361,9 @@ def default_arm_name(entry: dict[str, Any]) -> str:
     if (rank := lora.get("r") if isinstance(lora, dict) else getattr(lora, "r", None)) is not None:
         parts.append(f"r{rank}")
     ratio, rate = entry.get("replay_ratio"), entry.get("learning_rate")
-    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0:
+    if entry.get("replay_source") == "self":
+        parts.append("self-replay" + (f"{ratio:g}" if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else ""))
+    elif isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0:
         parts.append(f"replay{ratio:g}")
     if isinstance(rate, (int, float)) and not isinstance(rate, bool):
         parts.append(f"lr{_short(rate)}")
@@ -595,9 +603,16 @@ class StudyConfig(_Frozen):
         same = self._identical_arms()
         if same:
             raise ValueError(f"arms {same[0]!r} and {same[1]!r} train the same thing; drop one or change it")
-        replaying = [a.name for a in self.arms if a.replay_ratio > 0]
+        replaying = [a.name for a in self.arms if a.replay_ratio > 0 and a.replay_source == "study"]
         if replaying and self.replay is None:
-            raise ValueError(f"arm(s) {', '.join(replaying)} mix in replay text but replay (the replay corpus) is not set")
+            raise ValueError(f"arm(s) {', '.join(replaying)} mix in replay text but replay (the replay corpus) is not set; "
+                             "set it, or replay_source: self on the arm to replay the base model's own text")
+        for role in ("domain", "general"):
+            if getattr(self, role).generation is not None:
+                raise ValueError(f"{role}.generation is set, but only replay text is generated; remove it")
+        if self.replay is not None and self.replay.generation is not None and self.self_replay is None:
+            raise ValueError("replay.generation is set but nothing is generated: set replay.source to self, or "
+                             "replay_source: self on an arm that replays")
         merged_4bit = [a.name for a in self.arms if a.method == "qlora" and self.lora_of(a).merge]
         if merged_4bit:
             raise ValueError(f"arm(s) {', '.join(merged_4bit)}: lora.merge is not supported with method qlora: the "
@@ -625,6 +640,28 @@ class StudyConfig(_Frozen):
         check_devices_per_arm(self.train, full=any(a.method == "full" for a in self.arms),
                               curves=self.eval.every_steps != 0)
         return self
+
+    def replays_self(self, arm: ArmSpec) -> bool:
+        """Whether `arm` mixes in the base model's own text (its replay_source, or the study's replay.source self)."""
+        return arm.replay_source == "self" or (self.replay is not None and self.replay.source == "self")
+
+    @property
+    def self_replay(self) -> CorpusSpec | None:
+        """How the base model's own replay text is written, when an arm replays it: the study's replay when its
+        source is self, else a self source with replay.generation's settings (its prompts read with the replay
+        spec's file_format, text_fields and max_docs); None when no arm replays the model's own text."""
+        if not any(a.replay_ratio > 0 and self.replays_self(a) for a in self.arms):
+            return None
+        if self.replay is None:
+            return CorpusSpec(source="self")
+        if self.replay.source == "self":
+            return self.replay
+        return self.replay.model_copy(update={"source": "self", "path": "", "subset": None, "revision": None,
+                                              "doc_start": None})
+
+    def corpus(self, role: str) -> CorpusSpec | None:
+        """The corpus of a role: domain, general, replay (the study's replay corpus) or self-replay (self_replay)."""
+        return self.self_replay if role == "self-replay" else getattr(self, role)
 
     @property
     def arm_names(self) -> list[str]:
@@ -669,7 +706,8 @@ class StudyConfig(_Frozen):
         seen: dict[str, str] = {}
         for arm in self.arms:
             lora = self.lora_of(arm).model_dump(mode="json") if arm.method != "full" else None
-            what = json.dumps([arm.method, arm.replay_ratio, lora, self.learning_rate_of(arm)], sort_keys=True)
+            source = self.replays_self(arm) if arm.replay_ratio > 0 else None
+            what = json.dumps([arm.method, arm.replay_ratio, source, lora, self.learning_rate_of(arm)], sort_keys=True)
             if what in seen:
                 return seen[what], arm.name
             seen[what] = arm.name

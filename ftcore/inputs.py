@@ -240,12 +240,12 @@ def check_qlora(model_dir: str | Path, arm: str, device: str) -> None:
                          f"this model has {odd}; train it on a GPU (device=cuda) or use method lora")
 
 
-def check_contamination(cfg: StudyConfig, domain: DomainRows, general: Stream, replay: Stream | None) -> None:
+def check_contamination(cfg: StudyConfig, domain: DomainRows, general: Stream, replays: dict[str, Stream]) -> None:
     """Refuse, before any training, training text that is a benchmark (ftcore.contamination): more than 1% (and
     more than two runs' worth) of the general set's scored tokens (within eval.max_general_tokens) in runs of 32
-    tokens that the domain training rows or the replay stream also hold, or of the held-out domain rows' scored
-    tokens in runs the replay stream holds. The arms would be scored on text they trained on: forgetting would
-    look smaller, and the domain gain larger, than they are.
+    tokens that the domain training rows or a replay stream (`replays`: the config field that names it -> its
+    stream) also hold, or of the held-out domain rows' scored tokens in runs a replay stream holds. The arms would
+    be scored on text they trained on: forgetting would look smaller, and the domain gain larger, than they are.
 
     Raises StudyError naming the training field, the benchmark's field and the share.
     """
@@ -256,9 +256,8 @@ def check_contamination(cfg: StudyConfig, domain: DomainRows, general: Stream, r
     root = Path(cfg.artifacts_dir)
     scored = perplexity.read_stream(pd.read_parquet(root / general.path), cfg.eval.max_general_tokens).ids
     sources = {"domain.path": lambda: list(pd.read_parquet(root / domain.train, columns=["input_ids"])["input_ids"])}
-    if replay is not None:  # the model's own text (replay.source self) is named by its settings, it has no path
-        replay_field = "replay.generation (the text the model wrote)" if cfg.replay.source == "self" else "replay.path"
-        sources[replay_field] = lambda: [perplexity.read_stream(pd.read_parquet(root / replay.path)).ids]
+    for field, stream in replays.items():
+        sources[field] = lambda stream=stream: [perplexity.read_stream(pd.read_parquet(root / stream.path)).ids]
     for field, rows in sources.items():
         theirs = contamination.hashes_of([np.asarray(r) for r in rows()])
         share = float(contamination.shared_mask(scored, theirs).mean()) if len(scored) else 0.0
@@ -287,42 +286,52 @@ def _refuse_overlap(field: str, benchmark: str, what: str, share: float) -> None
         "benchmark")
 
 
-def check_replay_budget(cfg: StudyConfig, domain: DomainRows, replay: Stream | None) -> None:
-    """Enough replay tokens for every arm's replay_ratio, checked before any training starts."""
+def check_replay_budget(cfg: StudyConfig, domain: DomainRows, replay: Stream | None,
+                        own: Stream | None = None) -> None:
+    """Enough replay tokens for every arm's replay_ratio, checked before any training starts: the arms that replay
+    the study's corpus against `replay`, those that replay the model's own text against `own`. Raises
+    ReplayBudgetError naming the arm."""
     import pandas as pd
 
     from ftcore import training
 
-    replaying = [a for a in cfg.arms if a.replay_ratio > 0]
-    if not replaying or replay is None:
-        return
-    greediest = max(replaying, key=lambda a: a.replay_ratio)  # the largest ratio needs the most replay tokens
-    root = Path(cfg.artifacts_dir)
-    try:
-        training.build_training_mix(pd.read_parquet(root / domain.train, columns=["input_ids", "completion_mask"]),
-                                    pd.read_parquet(root / replay.path, columns=["input_ids", "completion_mask"]),
-                                    greediest.replay_ratio, cfg.train.seed)
-    except training.ReplayBudgetError as exc:
-        raise training.ReplayBudgetError(f"arm {greediest.name}: {exc}") from None
+    for stream, mine in ((replay, False), (own, True)):
+        replaying = [a for a in cfg.arms if a.replay_ratio > 0 and cfg.replays_self(a) == mine]
+        if not replaying or stream is None:
+            continue
+        greediest = max(replaying, key=lambda a: a.replay_ratio)  # the largest ratio needs the most replay tokens
+        root = Path(cfg.artifacts_dir)
+        try:
+            training.build_training_mix(pd.read_parquet(root / domain.train, columns=["input_ids", "completion_mask"]),
+                                        pd.read_parquet(root / stream.path, columns=["input_ids", "completion_mask"]),
+                                        greediest.replay_ratio, cfg.train.seed)
+        except training.ReplayBudgetError as exc:
+            raise training.ReplayBudgetError(f"arm {greediest.name}: {exc}") from None
 
 
 # --- corpus change detection (what the scheduled check compares) -----------------------------------
 
 def corpus_roles(cfg: StudyConfig) -> list[str]:
-    """The corpora this study reads: domain, general, and replay when an arm mixes replay text in."""
-    return ["domain", "general"] + (["replay"] if any(a.replay_ratio > 0 for a in cfg.arms) else [])
+    """The corpora this study reads: domain, general, replay when an arm mixes in the replay corpus (read from a
+    file or the Hub, or written by the model with replay.source self), and self-replay when an arm with
+    replay_source self mixes in the model's own text beside it."""
+    study_self = cfg.replay is not None and cfg.replay.source == "self"
+    corpus = any(a.replay_ratio > 0 and (study_self or a.replay_source == "study") for a in cfg.arms)
+    own = cfg.self_replay is not None and not study_self
+    return ["domain", "general"] + (["replay"] if corpus else []) + (["self-replay"] if own else [])
 
 
 def corpus_versions(cfg: StudyConfig) -> dict[str, str]:
     """Cheap identity of every corpus source now: a file's sha256 or a Hub dataset's commit."""
     from ftcore import corpora
 
-    return {role: corpora.source_version(getattr(cfg, role), role) for role in corpus_roles(cfg)}
+    return {role: corpora.source_version(cfg.corpus(role), "replay" if role == "self-replay" else role)
+            for role in corpus_roles(cfg)}
 
 
 def _corpus_state_path(cfg: StudyConfig) -> Path:
     # One record per set of corpus sources, so studies sharing an artifacts root do not mix.
-    specs = {role: getattr(cfg, role).model_dump(mode="json") for role in corpus_roles(cfg)}
+    specs = {role: cfg.corpus(role).model_dump(mode="json") for role in corpus_roles(cfg)}
     digest = hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.artifacts_dir).expanduser() / "corpus-state" / f"{cfg.name}-{digest}.json"
 

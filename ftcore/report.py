@@ -406,7 +406,7 @@ def data_lines(data: dict[str, Any], chunk_len: int | None = None) -> list[str]:
     for name, st in data.items():
         if not st or "rows" not in st:
             continue
-        trained = name.endswith("train") or name == "replay"
+        trained = name.endswith("train") or name.endswith("replay")
         lines.append(f"| {name} | {st.get('docs', 0)} | {st.get('rows', 0)} | {st.get('tokens', 0)} | "
                      f"{st.get('loss_tokens', 0) if trained else '—'} | {st.get('scored', '—')} | "
                      f"{st.get('skipped', 0)} | {st.get('truncated', 0)} | {st.get('truncated_tokens', 0)} |")

@@ -33,12 +33,13 @@ class GenerationError(InputError):
 
 
 def tokens_needed(cfg: StudyConfig, domain_train_tokens: int) -> int:
-    """Tokens to generate: replay.generation.tokens, else what the largest replay_ratio of the arms needs for
-    `domain_train_tokens` (ratio / (1 - ratio) of them: ftcore.training.build_training_mix) times MARGIN."""
-    spec = cfg.replay.sampling
+    """Tokens to generate: replay.generation.tokens, else what the largest replay_ratio of the arms that replay the
+    model's own text needs for `domain_train_tokens` (ratio / (1 - ratio) of them:
+    ftcore.training.build_training_mix) times MARGIN."""
+    spec = cfg.self_replay.sampling
     if spec.tokens is not None:
         return spec.tokens
-    ratio = max((a.replay_ratio for a in cfg.arms), default=0.0)
+    ratio = max((a.replay_ratio for a in cfg.arms if cfg.replays_self(a)), default=0.0)
     return int(np.ceil(ratio / (1 - ratio) * domain_train_tokens * MARGIN))
 
 
@@ -177,12 +178,18 @@ def printable(text: str) -> str:
     return "".join(" " if unicodedata.category(c)[0] == "C" or c == "\ufffd" else c for c in text)
 
 
-def report_lines(spec: CorpusSpec, generated: Any, root: Path, shown: int = 3, chars: int = 300) -> list[str]:
-    """The report's account of the replayed text (`generated`: the generate-replay step's result): how it was
-    written and the first `shown` samples (their first `chars` characters), so a reader sees what was replayed."""
-    g = spec.sampling
+def report_lines(cfg: StudyConfig, generated: Any, root: Path, shown: int = 3, chars: int = 300) -> list[str]:
+    """The report's account of the replayed text (`generated`: the generate-replay step's result): which arms
+    mixed it in, how it was written and the first `shown` samples (their first `chars` characters), so a reader
+    sees what was replayed."""
+    g = cfg.self_replay.sampling
     start = f"the prompts in `{Path(g.prompts).name}`" if g.prompts else "its start token"
-    lines = [f"The replay arms mixed in text the base model wrote itself (`replay.source: self`), sampled from {start} "
+    own = [a.name for a in cfg.arms if a.replay_ratio > 0 and cfg.replays_self(a)]
+    corpus = [a.name for a in cfg.arms if a.replay_ratio > 0 and not cfg.replays_self(a)]
+    how = "`replay.source: self`" if cfg.replay is not None and cfg.replay.source == "self" else "`replay_source: self`"
+    beside = (f"; {', '.join(corpus)} mixed in the replay corpus (`{Path(cfg.replay.path).name}`) instead"
+              if corpus else "")
+    lines = [f"Arm(s) {', '.join(own)} mixed in text the base model wrote itself ({how}){beside}. It was sampled from {start} "
              f"at temperature {g.temperature:g}, top-p {g.top_p:g}, at most {g.max_new_tokens} tokens per sample, seed "
              f"{g.seed}: {generated.samples} samples, {generated.tokens} tokens, in {generated.seconds:.0f} s "
              f"({generated.tokens_per_s} tokens/s). The text: `{generated.path}`. Its first samples:", ""]

@@ -55,7 +55,8 @@ class Prepared:
     general: Stream
     replay: Stream | None
     tasks: tuple[task_forgetting.TaskRef, ...] = ()  # benchmark tasks, resolved and loaded
-    generated: Generated | None = None  # the replay text the base model wrote (replay.source self)
+    generated: Generated | None = None  # the replay text the base model wrote (replay.source self, replay_source self)
+    self_replay: Stream | None = None  # that text tokenized (the same stream as replay when replay.source is self)
 
     @property
     def cfg(self) -> StudyConfig:
@@ -64,6 +65,10 @@ class Prepared:
     @property
     def root(self) -> Path:
         return self.inputs.root
+
+    def replay_of(self, arm: ArmSpec) -> Stream | None:
+        """The replay stream `arm` mixes in: the model's own text or the study's replay corpus."""
+        return self.self_replay if self.cfg.replays_self(arm) else self.replay
 
     def data(self, which: str) -> DomainRows | Stream:
         return self.domain if which == "domain" else self.general
@@ -219,16 +224,16 @@ def tokenize_stream(cfg: StudyConfig, role: str, model: ModelRef, corpus: Finger
 
 
 def generate_replay(inputs: Inputs, model: ModelRef, domain: DomainRows, general: Stream) -> Step:
-    """The base model's own replay text (replay.source self): samples until what the largest replay_ratio needs
-    (ftcore.self_replay), written as a jsonl corpus (replay.jsonl) and generation.json (tokens, time, tokens/s).
-    Its computation raises GenerationError (an InputError) for a model with nothing to start from, prompts that
-    hold the general set's text, or samples without text."""
-    cfg, root, spec = inputs.cfg, inputs.root, inputs.cfg.replay
+    """The base model's own replay text (replay.source self, or arms with replay_source self): samples until what
+    the largest replay_ratio of those arms needs (ftcore.self_replay), written as a jsonl corpus (replay.jsonl) and
+    generation.json (tokens, time, tokens/s). Its computation raises GenerationError (an InputError) for a model
+    with nothing to start from, prompts that hold the general set's text, or samples without text."""
+    cfg, root, spec = inputs.cfg, inputs.root, inputs.cfg.self_replay
     train_tokens = int(pd.read_parquet(root / domain.train, columns=["input_ids"])["input_ids"].map(len).sum())
     tokens = self_replay.tokens_needed(cfg, train_tokens)
     # The whole replay spec: its file_format, text_fields and max_docs decide which prompts are read.
     reads = {"replay": spec.model_dump(mode="json"), "generation": spec.sampling.model_dump(mode="json"),
-             "tokens": tokens, "prompts": inputs.versions["replay"], "model": model.digest, "general": general.digest}
+             "tokens": tokens, "prompts": inputs.versions[own_role(cfg)], "model": model.digest, "general": general.digest}
 
     def compute(out: Path, device: str | None) -> dict[str, Any]:
         base_dir = model.locate(root)
@@ -409,7 +414,7 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
         if along.get("kl"):
             sections["What predicts forgetting"] = along["kl"]
         if p.generated:
-            sections["Replay: the base model's own text"] = self_replay.report_lines(cfg.replay, p.generated, root)
+            sections["Replay: the base model's own text"] = self_replay.report_lines(cfg, p.generated, root)
         if task_part:
             sections["Benchmark tasks (lm-evaluation-harness)"] = task_part["lines"]
             write_parquet(task_part["tasks"], out / "tasks.parquet")
@@ -440,7 +445,8 @@ def data_stats(p: Prepared) -> dict[str, dict[str, int]]:
     """What tokenizing read and cut, per set: the report's Data section (`domain`: what reading the domain
     corpus dropped before the split)."""
     data = {("domain" if split == "corpus" else f"domain {split}"): st for split, st in p.domain.stats.items()}
-    return data | {"general": p.general.stats} | ({"replay": p.replay.stats} if p.replay else {})
+    own = {"self replay": p.self_replay.stats} if p.self_replay and p.self_replay is not p.replay else {}
+    return data | {"general": p.general.stats} | ({"replay": p.replay.stats} if p.replay else {}) | own
 
 
 # --- the arms, resolved once ------------------------------------------------------------------------------
@@ -496,7 +502,7 @@ def plan_arm(cfg: StudyConfig, arm: ArmSpec, seed: int, model: ModelRef, domain:
 
 def plan_arms(p: Prepared) -> list[ArmPlan]:
     """Every arm at every seed, resolved once."""
-    return [plan_arm(p.cfg, arm, seed, p.model, p.domain, p.replay, p.general)
+    return [plan_arm(p.cfg, arm, seed, p.model, p.domain, p.replay_of(arm), p.general)
             for seed in p.cfg.run_seeds for arm in p.cfg.arms]
 
 
@@ -511,9 +517,9 @@ def prepare(inputs: Inputs | StudyConfig, runner: Runner | None = None) -> Prepa
     runner = runner or InlineRunner()
     inputs = check_inputs(inputs, arms_in_process=True) if isinstance(inputs, StudyConfig) else inputs
     cfg = inputs.cfg
-    generated = "replay" in inputs.versions and cfg.replay.source == "self"  # the model's own text, written below
+    own = own_role(cfg) if cfg.self_replay is not None else None  # the model's own text, written below
     corpus = {role: runner.run(fingerprint, inputs, role, label=f"fingerprint-{role}") for role in inputs.versions
-              if not (generated and role == "replay")}
+              if role != own}
     check_split(cfg, corpus["domain"])
     # Benchmark tasks that read their own data are found, loaded and checked before the model is fetched.
     workdir = inputs.root / "benchmark-tasks"
@@ -525,17 +531,27 @@ def prepare(inputs: Inputs | StudyConfig, runner: Runner | None = None) -> Prepa
     general = runner.run(tokenize_stream, cfg, "general", model, corpus["general"], label="tokenize-general")
     replay = (runner.run(tokenize_stream, cfg, "replay", model, corpus["replay"], label="tokenize-replay")
               if "replay" in corpus else None)
-    text = None
-    if generated:  # the base writes its replay text, then it is read like a replay file
+    text = mine = None
+    if own:  # the base writes its replay text, then it is read like a replay file
         text = runner.run(generate_replay, inputs, model, domain, general, label="generate-replay")
-        replay = runner.run(tokenize_stream, cfg, "replay", model, Fingerprint(digest=text.digest, documents=text.samples),
-                            self_replay.as_corpus(cfg.replay, inputs.root / text.path), label="tokenize-replay")
-    check_contamination(cfg, domain, general, replay)  # what the arms train on is not what they are scored on
-    check_replay_budget(cfg, domain, replay)  # before any model is loaded for evaluation or training
+        mine = runner.run(tokenize_stream, cfg, "replay", model, Fingerprint(digest=text.digest, documents=text.samples),
+                          self_replay.as_corpus(cfg.self_replay, inputs.root / text.path), label=f"tokenize-{own}")
+        replay = mine if own == "replay" else replay
+    # What the arms train on is not what they are scored on.
+    check_contamination(cfg, domain, general, {field: stream for field, stream in (
+        ("replay.path", replay if own != "replay" else None),
+        ("replay.generation (the text the model wrote)", mine)) if stream is not None})
+    check_replay_budget(cfg, domain, replay, mine)  # before any model is loaded for evaluation or training
     on_general = task_forgetting.resolve(cfg, workdir, general_documents=lambda: general_documents(cfg, general),
                                          registry=registry, which="general")
     tasks = task_forgetting.in_config_order(cfg, own_tasks, on_general)
-    return Prepared(inputs, model, domain, general, replay, tuple(tasks), text)
+    return Prepared(inputs, model, domain, general, replay, tuple(tasks), text, mine)
+
+
+def own_role(cfg: StudyConfig) -> str:
+    """The corpus role of the model's own replay text: replay when it is the study's replay (replay.source self),
+    else self-replay (arms with replay_source self beside a replay corpus)."""
+    return "replay" if cfg.replay is not None and cfg.replay.source == "self" else "self-replay"
 
 
 def general_documents(cfg: StudyConfig, general: Stream) -> pd.DataFrame:

@@ -43,6 +43,8 @@ def test_the_models_own_text_is_generated_once_deterministically_and_mixed_at_th
     mix = training.build_training_mix(pd.read_parquet(root / p.domain.train), pd.read_parquet(root / p.replay.path),
                                       0.1, seed=0)
     assert training.replay_share(mix) == pytest.approx(0.1, abs=0.02)
+    lines = self_replay.report_lines(cfg, text, root)  # the report's account names the study-level source
+    assert lines[0].startswith("Arm(s) self-replay mixed in text the base model wrote itself (`replay.source: self`).")
 
 
 def test_a_changed_temperature_regenerates_and_retrains_only_the_replay_arm(study_config):
@@ -52,15 +54,68 @@ def test_a_changed_temperature_regenerates_and_retrains_only_the_replay_arm(stud
     assert plans_a["full"] == plans_b["full"] and plans_a["self-replay"] != plans_b["self-replay"]
 
 
-def test_the_report_and_card_say_what_was_replayed(study_config):
-    cfg = _cfg(study_config)
+GENERATION = {"generation": SELF["generation"]}
+BESIDE = ["replay", {"name": "self-replay", "replay_ratio": 0.1, "replay_source": "self"}]
+
+
+def test_an_arm_replays_the_models_own_text_beside_the_replay_corpus(study_config):
+    cfg = study_config(arms=["full", *BESIDE], replay=GENERATION)
+    p = study.prepare(cfg)
+    assert set(p.inputs.versions) == {"domain", "general", "replay", "self-replay"}
+    assert p.generated is not None and p.self_replay is not None and p.self_replay.digest != p.replay.digest
+    plans = {plan.name: plan for plan in study.plan_arms(p)}
+    assert plans["replay"].replay_rows == p.replay.path and plans["self-replay"].replay_rows == p.self_replay.path
+    assert plans["full"].replay_rows is None
+    # The same ratio from two sources is two arms, not a duplicate.
+    assert plans["replay"].replay_ratio == plans["self-replay"].replay_ratio and plans["replay"].key != plans["self-replay"].key
+    # Only as many tokens as the self-replay arm needs are generated.
+    root = Path(cfg.artifacts_dir)
+    train_tokens = int(pd.read_parquet(root / p.domain.train)["input_ids"].map(len).sum())
+    assert self_replay.tokens_needed(cfg, train_tokens) == self_replay.tokens_needed(
+        study_config(arms=BESIDE[1:], replay=GENERATION), train_tokens)
+    # A changed sampling setting regenerates and retrains the self-replay arm only.
+    other = study.prepare(study_config(arms=["full", *BESIDE], replay={"generation": {**SELF["generation"],
+                                                                                      "temperature": 0.7}}))
+    again = {plan.name: plan.key for plan in study.plan_arms(other)}
+    assert again["full"] == plans["full"].key and again["replay"] == plans["replay"].key
+    assert again["self-replay"] != plans["self-replay"].key
+
+
+def test_an_arm_replays_the_models_own_text_in_a_study_without_a_replay_corpus(study_config):
+    cfg = study_config(arms=["full", {"replay_ratio": 0.1, "replay_source": "self"}], replay=None)
+    assert cfg.arm_names == ["full", "full-self-replay0.1"]  # named after its source
+    p = study.prepare(cfg)
+    assert p.replay is None and p.self_replay is not None
+    assert {plan.name: plan.replay_rows for plan in study.plan_arms(p)}["full-self-replay0.1"] == p.self_replay.path
+
+
+def test_an_arm_source_that_cannot_mean_anything_is_refused(study_config):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="replay_source self but replay_ratio is 0"):
+        study_config(arms=[{"name": "own", "replay_source": "self"}])
+    with pytest.raises(ValidationError, match="replay.generation is set but nothing is generated"):
+        study_config(arms=["full", "replay"], replay=GENERATION)
+    with pytest.raises(ValidationError, match="domain.generation is set, but only replay text is generated"):
+        study_config(domain=GENERATION)
+    # A sweep of ratios with the model's own text expands like any other.
+    cfg = study_config(arms=[{"name": "own", "replay_ratio": [0.05, 0.1], "replay_source": "self"}])
+    assert cfg.arm_names == ["own-0.05", "own-0.1"] and all(cfg.replays_self(a) for a in cfg.arms)
+
+
+def test_the_report_and_cards_say_what_each_arm_replayed(study_config):
+    cfg = study_config(arms=BESIDE, replay=GENERATION)
     results = study.run_study(cfg)
     root = Path(cfg.artifacts_dir)
     report = (root / results["report"]).read_text()
-    assert "## Replay: the base model's own text" in report and "replay.source: self" in report
+    assert "## Replay: the base model's own text" in report
+    assert "Arm(s) self-replay mixed in text the base model wrote itself (`replay_source: self`); replay mixed in the " \
+           "replay corpus" in report
     assert "> " in report.split("## Replay: the base model's own text")[1]  # a sample of the text itself
-    card = ((root / results["report"]).parent / "cards" / "self-replay.md").read_text()
-    assert "replay text the base model generated itself" in card
+    assert "| self replay |" in report  # its rows and tokens in the Data section
+    cards = (root / results["report"]).parent / "cards"
+    assert "replay text the base model generated itself" in (cards / "self-replay.md").read_text()
+    assert "general replay text" in (cards / "replay.md").read_text()
 
 
 def test_prompts_from_the_general_set_are_refused(study_config, corpus_files):
@@ -129,7 +184,7 @@ def test_self_is_a_replay_source_only(study_config):
 
     with pytest.raises(ValidationError, match="general.source self: only replay text"):
         study_config(general={"source": "self", "path": ""})
-    with pytest.raises(ValidationError, match="generation is set but source is not self"):
+    with pytest.raises(ValidationError, match="replay.generation is set but nothing is generated"):
         study_config(replay={"generation": {"temperature": 0.5}})
     with pytest.raises(ValidationError, match="path is empty: source file"):
         study_config(replay={"path": ""})
