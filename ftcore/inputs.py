@@ -196,6 +196,7 @@ def check_lora(lora: LoraSpec, model_dir: str | Path, arm: str) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ftcore import models
     from ftcore.training import peft_config
 
     field = f"arm {arm}: lora.target_modules {lora.target_modules!r}"
@@ -203,7 +204,8 @@ def check_lora(lora: LoraSpec, model_dir: str | Path, arm: str) -> None:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     try:
-        adapted = get_peft_model(skeleton, peft_config(lora))
+        with models.quiet_library_deprecations():
+            adapted = get_peft_model(skeleton, peft_config(lora))
     except ValueError as exc:  # peft's NoMatchingPeftModuleError is a ValueError
         raise InputError(f"{field}: {str(exc).splitlines()[0]}; name modules of this model (e.g. q_proj, c_attn) "
                          "or use 'all-linear'") from None
