@@ -32,15 +32,26 @@ class ConfigError(InputError):
     """A configuration problem found outside pydantic's field checks (preset, override, file)."""
 
 
-def _positions(schema: dict[str, Any], model: type) -> None:
-    """Each property's place in the form: the field order of the model. A database that stores the schema as
-    JSONB (PostgreSQL) re-sorts its keys; Prefect's UI orders a form by `position` where it has one."""
-    for position, prop in enumerate(schema.get("properties", {}).values()):
+def _form_schema(schema: dict[str, Any], model: type) -> None:
+    """What Prefect's run form needs beyond pydantic's schema.
+
+    Each property's place: the field order of the model. A database that stores the schema as JSONB
+    (PostgreSQL) re-sorts its keys; Prefect's UI orders a form by `position` where it has one.
+    Every plain number required: the form is filled from a preset, and a number field left empty (or given
+    text) is dropped from the submitted config, which would then run at the schema's default instead of the
+    value shown (0.001 became 5e-5). Required, the form marks the empty field before any run is created.
+    """
+    numbers = []
+    for position, (name, prop) in enumerate(schema.get("properties", {}).items()):
         prop["position"] = position
+        if prop.get("type") in ("number", "integer"):
+            numbers.append(name)
+    if numbers:
+        schema["required"] = sorted(set(schema.get("required", [])) | set(numbers))
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_positions)
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_form_schema)
 
 
 class GGUFWheels(_Frozen):

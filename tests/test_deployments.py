@@ -98,3 +98,27 @@ def test_every_other_preset_has_a_study_form_of_its_own(deployed):
     assert form == resolve_paths(load_config("demo-base", executor="work-pool", artifacts_dir=str(deployed["artifacts"])))
     assert deployed["ftstudy/demo-base"].entrypoint == "flows/study.py:study_flow"
     assert not deployed["ftstudy/demo-base"].schedules  # only the corpus check is scheduled
+
+
+def test_the_form_refuses_a_number_left_empty_instead_of_running_at_another_value():
+    """A number field cleared in the UI (or given text) is dropped from the submitted config; it must be refused by
+    the form's schema, not filled with the schema's default (the smoke form's lr 0.001 ran at 5e-5)."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    from flows.study import study_flow
+
+    schema = parameter_schema(study_flow.fn).model_dump_for_openapi()
+    params = {"config": default_config("smoke")}
+    assert validate(params, schema, raise_on_error=True) == []  # the form as filled
+    for section, field in (("train", "learning_rate"), ("eval", "batch_size"), (None, "chunk_len")):
+        cleared = {**params["config"]}
+        if section:
+            cleared[section] = {k: v for k, v in cleared[section].items() if k != field}
+        else:
+            cleared.pop(field)
+        with pytest.raises(ValidationError, match=f"'{field}' is a required property"):
+            validate({"config": cleared}, schema, raise_on_error=True)
+    # An arm added in the form needs no number it has no field for: its entries stay optional.
+    arm = schema["definitions"]["ArmSpec"] if "definitions" in schema else schema["$defs"]["ArmSpec"]
+    assert not arm.get("required")
