@@ -99,7 +99,7 @@ def main() -> None:
                 *(study.tokenize_stream(cfg, r, p.model, corpus[r]) for r in ("general", "replay") if r in corpus)]
     if p.generated:
         gen = p.generated
-        tokenize.append(study.tokenize_stream(cfg, "replay", p.model, Fingerprint(digest=gen.digest, documents=gen.samples),
+        tokenize.append(study.tokenize_stream(cfg, own, p.model, Fingerprint(digest=gen.digest, documents=gen.samples),
                                               self_replay.as_corpus(cfg.self_replay, root / gen.path)))
     rows.append(stage("tokenize", sum(seconds(s) for s in tokenize)))
     if p.generated:

@@ -534,7 +534,7 @@ def prepare(inputs: Inputs | StudyConfig, runner: Runner | None = None) -> Prepa
     text = mine = None
     if own:  # the base writes its replay text, then it is read like a replay file
         text = runner.run(generate_replay, inputs, model, domain, general, label="generate-replay")
-        mine = runner.run(tokenize_stream, cfg, "replay", model, Fingerprint(digest=text.digest, documents=text.samples),
+        mine = runner.run(tokenize_stream, cfg, own, model, Fingerprint(digest=text.digest, documents=text.samples),
                           self_replay.as_corpus(cfg.self_replay, inputs.root / text.path), label=f"tokenize-{own}")
         replay = mine if own == "replay" else replay
     # What the arms train on is not what they are scored on.

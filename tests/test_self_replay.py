@@ -63,6 +63,7 @@ def test_an_arm_replays_the_models_own_text_beside_the_replay_corpus(study_confi
     p = study.prepare(cfg)
     assert set(p.inputs.versions) == {"domain", "general", "replay", "self-replay"}
     assert p.generated is not None and p.self_replay is not None and p.self_replay.digest != p.replay.digest
+    assert p.self_replay.path.startswith("tokenize-self-replay/")  # its own step, logged as what it is
     plans = {plan.name: plan for plan in study.plan_arms(p)}
     assert plans["replay"].replay_rows == p.replay.path and plans["self-replay"].replay_rows == p.self_replay.path
     assert plans["full"].replay_rows is None
