@@ -198,7 +198,7 @@ def report_lines(cfg: StudyConfig, generated: Any, root: Path, shown: int = 3, c
               if corpus else "")
     lines = [f"Arm(s) {', '.join(own)} mixed in text the base model wrote itself ({how}){beside}. It was sampled from {start} "
              f"at temperature {g.temperature:g}, top-p {g.top_p:g}, at most {g.max_new_tokens} tokens per sample, seed "
-             f"{g.seed}: {generated.samples} samples, {generated.tokens} tokens, in {generated.seconds:.0f} s "
+             f"{g.seed}: {generated.samples} samples, {generated.tokens} tokens, in {generated.seconds:.3g} s "
              f"({generated.tokens_per_s} tokens/s). The text: `{generated.path}`. Its first samples:", ""]
     with open(root / generated.path, encoding="utf-8") as f:
         for _, line in zip(range(shown), f):
