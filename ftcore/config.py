@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -37,14 +37,18 @@ def _form_schema(schema: dict[str, Any], model: type) -> None:
 
     Each property's place: the field order of the model. A database that stores the schema as JSONB
     (PostgreSQL) re-sorts its keys; Prefect's UI orders a form by `position` where it has one.
-    Every plain number required: the form is filled from a preset, and a number field left empty (or given
+    Every number field required: the form is filled from a preset, and a number field left empty (or given
     text) is dropped from the submitted config, which would then run at the schema's default instead of the
-    value shown (0.001 became 5e-5). Required, the form marks the empty field before any run is created.
+    value shown (0.001 became 5e-5; an emptied max_steps would train whole epochs). Required, the form marks
+    the empty field before any run is created.
     """
     numbers = []
     for position, (name, prop) in enumerate(schema.get("properties", {}).items()):
         prop["position"] = position
-        if prop.get("type") in ("number", "integer"):
+        kinds = {prop.get("type"), *(option.get("type") for option in prop.get("anyOf", []))}
+        # A number that may also be null (train.max_steps) is required too: null is a value the form sends.
+        # Not in an entry the user adds to a list (an arm, a task): the form starts those empty.
+        if kinds & {"number", "integer"} and not getattr(model, "_added_in_form", False):
             numbers.append(name)
     if numbers:
         schema["required"] = sorted(set(schema.get("required", [])) | set(numbers))
@@ -285,6 +289,8 @@ class LoraSpec(_Frozen):
 class LoraOverride(_Frozen):
     """An arm's own LoRA settings: each set field replaces the study's `lora` field, None keeps it."""
 
+    _added_in_form: ClassVar[bool] = True  # an entry the form adds empty: no field required (_form_schema)
+
     r: int | None = Field(None, gt=0, description="LoRA rank.")
     alpha: int | None = Field(None, gt=0, description="LoRA alpha (scale = alpha / r).")
     dropout: float | None = Field(None, ge=0, lt=1, description="LoRA dropout.")
@@ -305,6 +311,8 @@ class ArmSpec(_Frozen):
     Arms are data: any number of them, each its own fan-out branch with its own cache key. The
     names full, replay and lora alone are shorthands (replay uses the study's replay_ratio).
     """
+
+    _added_in_form: ClassVar[bool] = True  # an entry the form adds empty: no field required (_form_schema)
 
     # Empty is allowed by the pattern so the UI's form submits an arm whose Name was left blank: it is named here.
     name: str = Field("", pattern=r"^([a-z0-9][a-z0-9_.+-]{0,47})?$",
@@ -492,6 +500,8 @@ class ReportSpec(_Frozen):
 
 class BenchmarkTask(_Frozen):
     """One benchmark task of EleutherAI's lm-evaluation-harness (lm_eval), scored on the base and on every arm."""
+
+    _added_in_form: ClassVar[bool] = True  # an entry the form adds empty: no field required (_form_schema)
 
     task: str = Field(..., min_length=1, description="A task name of lm-eval's registry (e.g. hellaswag, arc_challenge, "
                       "winogrande, wikitext) or the path of a task YAML file in lm-eval's format (local data: "

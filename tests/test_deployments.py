@@ -111,7 +111,8 @@ def test_the_form_refuses_a_number_left_empty_instead_of_running_at_another_valu
     schema = parameter_schema(study_flow.fn).model_dump_for_openapi()
     params = {"config": default_config("smoke")}
     assert validate(params, schema, raise_on_error=True) == []  # the form as filled
-    for section, field in (("train", "learning_rate"), ("eval", "batch_size"), (None, "chunk_len")):
+    for section, field in (("train", "learning_rate"), ("eval", "batch_size"), (None, "chunk_len"),
+                           ("train", "max_steps"), ("eval", "max_general_tokens")):  # numbers that may be null too
         cleared = {**params["config"]}
         if section:
             cleared[section] = {k: v for k, v in cleared[section].items() if k != field}
