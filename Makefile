@@ -37,7 +37,7 @@ demo-base: $(STAMP)
 demo-sweep: $(STAMP)
 	$(VENV)/bin/ftstudy run --preset demo-sweep
 
-# demo-base with each method at three learning rates, replay at 1% and 10% and the model's own text replayed at 10%:
+# demo-base with each method at three learning rates and replay at 1% and 10%:
 # the arms at equal gain, each at its best.
 demo-frontier: $(STAMP)
 	$(VENV)/bin/ftstudy run --preset demo-frontier
