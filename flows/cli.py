@@ -118,17 +118,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     root = Path(cfg.artifacts_dir).expanduser().resolve()
     _prepare_env(root)
-    from ftcore import inputs
-    from ftcore.config import InputError
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    try:  # before Prefect starts: a missing file or an unwritable root exits 2 at once
-        checked = inputs.check_inputs(cfg)
-    except InputError as exc:
-        return _fail(str(exc))
-    inputs.hand_over(checked)  # the flow below trusts these checks instead of repeating them
-    from flows.study import study_flow
+    # The run's own server (flows/embedded_server.py) unless the user named one: it starts while the checks
+    # and the flow's imports below run, and a Ctrl-C here stops the flow before it.
+    server = None if PREFECT_API_URL.value() else _embedded_server()
+    try:
+        from ftcore import inputs
+        from ftcore.config import InputError
 
-    return finish(study_flow(config=checked.cfg, return_state=True), checked.cfg, root)
+        try:  # before the flow starts: a missing file or an unwritable root exits 2 at once
+            checked = inputs.check_inputs(cfg)
+        except InputError as exc:
+            return _fail(str(exc))
+        inputs.hand_over(checked)  # the flow below trusts these checks instead of repeating them
+        from flows.study import study_flow
+
+        if server is None:
+            return finish(study_flow(config=checked.cfg, return_state=True), checked.cfg, root)
+        server.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            return finish(study_flow(config=checked.cfg, return_state=True), checked.cfg, root)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _embedded_server():
+    from flows.embedded_server import EmbeddedServer
+
+    server = EmbeddedServer(Path(os.environ["PREFECT_HOME"])).start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # for the processes the flow starts (arms on other devices)
+    return server
 
 
 def finish(state, cfg, root: Path) -> int:
@@ -222,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the embedded server is stopped too
     # (while the flow runs, Prefect's own SIGTERM handler does; the flow then stops the arms).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(128 + signal.SIGHUP))  # a closed terminal: the same
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "show": cmd_show, "config": cmd_config, "init": cmd_init, "serve": cmd_serve,
                 "deploy": cmd_deploy}
