@@ -23,7 +23,7 @@ import hashlib
 import importlib.metadata
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,9 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class _Module:
     defs: dict[str, ast.AST]  # module-level name -> its definition (function, class, assignment)
-    source: str
+    lines: list[str]  # the source's lines with their ends, as ast.get_source_segment splits them
     imports: dict[str, tuple[str, str | None]]  # local name -> (ftcore module, name in it or None for the module)
+    memo: dict[str, tuple[str, frozenset[tuple[str, str]]]] = field(default_factory=dict)  # _definition's
 
 
 def _module(path: Path) -> _Module:
@@ -76,7 +77,7 @@ def _module(path: Path) -> _Module:
             for alias in node.names:
                 if alias.name.startswith("ftcore.") and alias.asname:
                     imports[alias.asname] = (alias.name.split(".", 1)[1], None)
-    return _Module(defs, source, imports)
+    return _Module(defs, source.splitlines(keepends=True), imports)
 
 
 @lru_cache(maxsize=None)
@@ -158,10 +159,30 @@ def code_of(roots: Iterable[Callable[..., Any]], without: Iterable[str] = (),
         qualified = f"{module}.{name}"
         if qualified in seen:
             continue
-        node = package[module].defs[name]
-        seen[qualified] = ast.get_source_segment(package[module].source, node) or ""
-        todo.extend(_references(module, node, package))
+        seen[qualified], references = _definition(package, module, name)
+        todo.extend(references)
     return dict(sorted(seen.items()))
+
+
+def _definition(package: dict[str, _Module], module: str, name: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    """One definition's source and the ftcore definitions it names, read once per package read (a study computes
+    dozens of keys over the same definitions)."""
+    memo = package[module].memo
+    if name not in memo:
+        node = package[module].defs[name]
+        memo[name] = _segment(package[module].lines, node), frozenset(_references(module, node, package))
+    return memo[name]
+
+
+def _segment(lines: list[str], node: ast.AST) -> str:
+    """ast.get_source_segment(source, node) from the source's lines split once (it splits the whole module
+    again on every call: seconds per study)."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first].encode()[node.col_offset:node.end_col_offset].decode()
+    head = lines[first].encode()[node.col_offset:].decode()
+    tail = lines[last].encode()[:node.end_col_offset].decode()
+    return "".join([head, *lines[first + 1:last], tail])
 
 
 @lru_cache(maxsize=None)

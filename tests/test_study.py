@@ -216,6 +216,17 @@ def test_an_edit_to_a_helper_changes_exactly_the_keys_of_the_steps_that_call_it(
     assert {name for name in DEFINITIONS if before[name] != after[name]} == steps
 
 
+def test_keys_read_each_definition_as_ast_get_source_segment_does():
+    """Keys read a definition's source from lines split once per module (ast.get_source_segment splits the whole
+    module on every call: seconds per study); the text must stay the same, or every recorded result would miss."""
+    import ast
+
+    for module, info in keys._package(str(keys.FTCORE)).items():
+        source = (keys.FTCORE / f"{module}.py").read_text()
+        for name, node in info.defs.items():
+            assert keys._segment(info.lines, node) == (ast.get_source_segment(source, node) or ""), f"{module}.{name}"
+
+
 def _calls_into_ftcore(monkeypatch) -> dict[tuple, set[str]]:
     """Record, per step the in-process runner computes, the ftcore definitions its computation runs (profiled)."""
     import dataclasses
