@@ -131,6 +131,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             checked = inputs.check_inputs(cfg)
         except InputError as exc:
             return _fail(str(exc))
+        if server is not None and (results := _recorded(checked)) is not None:
+            server.stop(drain=False)  # nothing to run: no flow run either (a user's own server records every run)
+            return finish_recorded(results, checked.cfg, root)
         inputs.hand_over(checked)  # the flow below trusts these checks instead of repeating them
         from flows.study import study_flow
 
@@ -150,6 +153,31 @@ def _embedded_server():
     server = EmbeddedServer(Path(os.environ["PREFECT_HOME"])).start()
     os.environ["PREFECT_API_URL"] = server.api_url  # for the processes the flow starts (arms on other devices)
     return server
+
+
+def _recorded(checked) -> dict | None:
+    """The study's results when every one of its steps is recorded (a rerun with nothing to do), else None."""
+    from ftcore import study
+    from ftcore.steps import NotRecorded, RecordedRunner
+
+    try:
+        return study.run_study(checked, RecordedRunner(checked.arms_in_process))
+    except NotRecorded:
+        return None
+
+
+def finish_recorded(results: dict, cfg, root: Path) -> int:
+    """Print a study read back from its recorded steps and return the exit code: EXIT_OK, or gate.EXIT_OVER_BUDGET
+    when a gated arm forgot more than the budget (as `finish` does for a flow run)."""
+    from ftcore import gate, study
+
+    print("every step of this study is recorded (nothing to run):", file=sys.stderr)
+    print_results(root, results)
+    verdict = gate.study_verdict(cfg, study.report_files(root, results))
+    if verdict is None:
+        return EXIT_OK
+    print(f"gate: {verdict.line}", file=sys.stdout if verdict.passed else sys.stderr)
+    return EXIT_OK if verdict.passed else gate.EXIT_OVER_BUDGET
 
 
 def finish(state, cfg, root: Path) -> int:

@@ -52,7 +52,7 @@ class EmbeddedServer:
 
     `start()` returns at once; `wait_ready()` blocks until it answers (raises ServerError if it exits or
     does not answer within `timeout` s); `stop()` sends it what the run's log and event workers still
-    hold, then ends it (SIGTERM, then SIGKILL after 10 s).
+    hold (unless `drain` is false), then ends it (SIGTERM, then SIGKILL after 10 s).
     """
 
     def __init__(self, home: Path):
@@ -92,10 +92,11 @@ class EmbeddedServer:
         raise ServerError(f"the embedded Prefect server did not answer on {self.api_url} within {timeout:.0f} s "
                           f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); see {self.log}")
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = True) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        _drain_to_server()
+        if drain:
+            _drain_to_server()
         self.process.terminate()
         try:
             self.process.wait(timeout=10)

@@ -176,8 +176,12 @@ class NotRecorded(Exception):
 
 class RecordedRunner(InlineRunner):
     """Recorded results only: the first step that would compute raises NotRecorded instead. A study whose every
-    step is recorded is read back this way in about a second, without a Prefect server or any model loaded;
-    a caller that gets NotRecorded runs the study with another runner (`ftstudy run` does)."""
+    step is recorded is read back this way in under a second, without a Prefect server or any model loaded;
+    a caller that gets NotRecorded runs the study with another runner (`ftstudy run` does). `arms_in_process`
+    is that runner's, so the inputs checked for it are not checked again."""
+
+    def __init__(self, arms_in_process: bool = True):
+        self.arms_in_process = arms_in_process
 
     def run(self, define: Define, *args: Any, label: str) -> Any:
         if (done := recorded(define(*args))) is None:

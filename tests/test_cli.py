@@ -93,6 +93,15 @@ def test_a_study_run_from_another_directory_writes_where_it_was_told(tmp_path):
     assert (elsewhere / "rel" / latest["table"]).is_file()
     assert len(list((elsewhere / "rel").glob("train-*/*/train_summary.json"))) == 2
     assert set(REPO.iterdir()) == before  # no stray rel/ (or anything) inside the checkout
+    # The same command again: every step is recorded, so the table is read back without a flow run or a server.
+    again = subprocess.run([str(Path(sys.executable).with_name("ftstudy")), "run", "--preset", "smoke",
+                            "--artifacts", "rel", "--set", 'arms=["full","lora"]'], cwd=elsewhere,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "every step of this study is recorded (nothing to run)" in again.stderr
+    assert "Flow run" not in again.stderr + again.stdout
+    table = result.stdout[result.stdout.index("| arm |"):result.stdout.index("report:")]
+    assert table == again.stdout[again.stdout.index("| arm |"):again.stdout.index("report:")]
 
 
 @pytest.mark.slow

@@ -347,7 +347,7 @@ def test_a_study_over_its_forgetting_budget_ends_over_budget_and_exits_3(study_c
     assert state.is_completed() and cli.finish(state, cfg, root) == cli.EXIT_OK
     assert "gate: within budget: full" in capsys.readouterr().out
 
-    over = gate.Verdict(("full: general perplexity +60.0% [+55.0, +65.0]",), "over budget: full: ...")
+    over, within = gate.Verdict(("full: general perplexity +60.0% [+55.0, +65.0]",), "over budget: full: ..."), gate.verdict
     monkeypatch.setattr(gate, "verdict", lambda *args: over)
     state, states = _run(cfg)
     assert set(states.values()) == {"Cached"}  # the gate re-reads the results; it recomputes nothing
@@ -355,3 +355,13 @@ def test_a_study_over_its_forgetting_budget_ends_over_budget_and_exits_3(study_c
     assert cli.finish(state, cfg, root) == gate.EXIT_OVER_BUDGET == 3
     out = capsys.readouterr()
     assert "| full |" in out.out and "gate: over budget: full" in out.err
+    # `ftstudy run` of a study whose every step is recorded reads it back without a flow run: the same verdict
+    from ftcore import inputs
+
+    recorded = cli._recorded(inputs.check_inputs(cfg))
+    assert recorded is not None and cli.finish_recorded(recorded, cfg, root) == gate.EXIT_OVER_BUDGET
+    out = capsys.readouterr()
+    assert "| full |" in out.out and "gate: over budget: full" in out.err
+    monkeypatch.setattr(gate, "verdict", within)
+    assert cli.finish_recorded(recorded, cfg, root) == cli.EXIT_OK
+    assert "gate: within budget: full" in capsys.readouterr().out

@@ -66,8 +66,16 @@ def _recomputed(before: dict[str, float], after: dict[str, float]) -> set[str]:
 
 
 def test_run_study_end_to_end(study_config):
+    from ftcore.steps import NotRecorded, RecordedRunner
+
     cfg = study_config()
+    with pytest.raises(NotRecorded, match="fingerprint-domain"):  # nothing recorded yet: the first step says so
+        study.run_study(cfg, RecordedRunner())
     results = study.run_study(cfg)
+    # read back from the recorded steps alone (what `ftstudy run` tries first): the same results, nothing computed
+    before = _timings(Path(cfg.artifacts_dir))
+    assert study.run_study(cfg, RecordedRunner()) == results
+    assert _timings(Path(cfg.artifacts_dir)) == before
     assert results["failed"] == {}
     root = Path(cfg.artifacts_dir)
     table = pd.read_parquet(root / results["table"])
