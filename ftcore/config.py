@@ -41,10 +41,15 @@ def _form_schema(schema: dict[str, Any], model: type) -> None:
     text) is dropped from the submitted config, which would then run at the schema's default instead of the
     value shown (0.001 became 5e-5; an emptied max_steps would train whole epochs). Required, the form marks
     the empty field before any run is created.
+    A number's allowed range in its description: Prefect's form drops minimum and maximum from the schema
+    it checks (its schema mapping keeps neither), so a value out of range is refused only by the server,
+    with a notification that marks no field; the description shows the range beside the field.
     """
     numbers = []
     for position, (name, prop) in enumerate(schema.get("properties", {}).items()):
         prop["position"] = position
+        if (allowed := _allowed_range(prop)) and allowed not in prop.get("description", ""):
+            prop["description"] = f"{prop.get('description', '').rstrip()} Allowed: {allowed}.".lstrip()
         kinds = {prop.get("type"), *(option.get("type") for option in prop.get("anyOf", []))}
         # A number that may also be null (train.max_steps) is required too: null is a value the form sends.
         # Not in an entry the user adds to a list (an arm, a task): the form starts those empty.
@@ -52,6 +57,18 @@ def _form_schema(schema: dict[str, Any], model: type) -> None:
             numbers.append(name)
     if numbers:
         schema["required"] = sorted(set(schema.get("required", [])) | set(numbers))
+
+
+_BOUNDS = (("exclusiveMinimum", ">"), ("minimum", "≥"), ("exclusiveMaximum", "<"), ("maximum", "≤"))
+
+
+def _allowed_range(prop: dict[str, Any]) -> str | None:
+    """'> 0, ≤ 1' from a property's JSON-schema bounds (its own, or a number option's of a may-be-null field)."""
+    for option in (prop, *prop.get("anyOf", [])):
+        parts = [f"{sign} {option[key]:g}" for key, sign in _BOUNDS if key in option]
+        if parts:
+            return ", ".join(parts)
+    return None
 
 
 class _Frozen(BaseModel):

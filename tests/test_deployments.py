@@ -121,5 +121,9 @@ def test_the_form_refuses_a_number_left_empty_instead_of_running_at_another_valu
         with pytest.raises(ValidationError, match=f"'{field}' is a required property"):
             validate({"config": cleared}, schema, raise_on_error=True)
     # An arm added in the form needs no number it has no field for: its entries stay optional.
-    arm = schema["definitions"]["ArmSpec"] if "definitions" in schema else schema["$defs"]["ArmSpec"]
-    assert not arm.get("required")
+    defs = schema["definitions"] if "definitions" in schema else schema["$defs"]
+    assert not defs["ArmSpec"].get("required")
+    # The form checks no range (Prefect's form drops minimum/maximum): the range is shown beside the field instead.
+    train = defs["TrainSpec"]["properties"]
+    assert train["learning_rate"]["description"].endswith("Allowed: > 0, < 1.")
+    assert train["max_steps"]["description"].endswith("Allowed: > 0.")  # a number that may be null: its option's range
