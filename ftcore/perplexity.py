@@ -27,7 +27,6 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from ftcore.io import atomic_path
 from ftcore.progress import Progress
@@ -263,14 +262,12 @@ def score_rows(
                 attention[j, : len(ids)] = 1
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
             target = labels[:, 1:].to(device)
-            losses = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="none"
-            ).view(target.shape)
+            ref = reference_logits(input_ids.to(device), attention.to(device)) if reference_logits else None
+            compare = top_k or reference is not None or reference_logits is not None
+            losses = _score_batch(logits, target, [len(rows[i][0]) - 1 for i in idx],
+                                  _Compare(idx, top_k, reference, extra, ref) if compare else None)
             nll[idx] = losses.sum(dim=1).double().cpu().numpy()
             count[idx] = (target != IGNORE).sum(dim=1).cpu().numpy()
-            if top_k or reference is not None or reference_logits is not None:
-                ref = reference_logits(input_ids.to(device), attention.to(device)) if reference_logits else None
-                _compare(logits, target, idx, rows, top_k, reference, extra, ref)
             if keep_tokens:
                 token = losses.masked_fill(target == IGNORE, float("nan")).float().cpu().numpy()
                 for j, i in enumerate(idx):
@@ -324,33 +321,89 @@ def kl_exact(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1).double()
 
 
-def _compare(logits: torch.Tensor, target: torch.Tensor, idx: list[int], rows, top_k: int, reference: TopK | None,
-             extra: dict[str, list], ref_logits: torch.Tensor | None = None) -> None:
-    """Top-k of each predicted position (a reference) and/or its KL from a reference, per row of a batch."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    full_ref = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1) if ref_logits is not None else None
-    for j, i in enumerate(idx):
-        n = len(rows[i][0]) - 1
-        predicted = (target[j, :n] != IGNORE)
-        row_logp = logp[j, :n][predicted]
-        if full_ref is not None:
-            per_position = np.full(n, np.nan)
-            per_position[predicted.cpu().numpy()] = kl_exact(row_logp, full_ref[j, :n][predicted]).cpu().numpy()
-            extra["kl"][i] = per_position
-        if top_k:
-            values, ids = row_logp.topk(min(top_k, row_logp.shape[-1]), dim=-1)
-            extra["topk_ids"][i] = ids.to(torch.int32).cpu().numpy()
-            extra["topk_logp"][i] = values.cpu().numpy()
-        if reference is not None:
-            ref_ids, ref_logp = reference[i]
-            if len(ref_ids) != int(predicted.sum()):
-                raise ValueError(f"row {i}: the reference has {len(ref_ids)} predicted tokens, this model "
-                                 f"{int(predicted.sum())}: they were not scored on the same rows")
-            kl = kl_top_k(row_logp, torch.as_tensor(ref_ids, dtype=torch.long, device=logp.device),
-                          torch.as_tensor(ref_logp, device=logp.device)).cpu().numpy()
-            per_position = np.full(n, np.nan)
-            per_position[predicted.cpu().numpy()] = kl
-            extra["kl"][i] = per_position
+# Positions whose vocabulary-wide values (log-probabilities, KL) are computed at once: CHUNK_BYTES of fp32
+# (16 positions of a 262k vocabulary) stay under glibc's largest mmap threshold (32 MiB), so their buffers are
+# reused from the heap. Whole-batch tensors (8 x 256 x 262k x 4 B = 2 GiB, several per batch) were mapped and
+# page-faulted afresh each time: as much kernel time as arithmetic (BENCHMARKS.md §12).
+CHUNK_BYTES = 16 * 2**20
+
+
+@dataclass
+class _Compare:
+    """What score_rows compares each predicted position with, and where it keeps the results (per row)."""
+
+    idx: list[int]  # the batch's rows, in the order of its tensors
+    top_k: int
+    reference: TopK | None  # per row: the reference's top-k over the predicted positions
+    extra: dict[str, list]
+    ref_logits: torch.Tensor | None  # [batch x width x vocab] of a reference model: the exact KL
+
+
+def _score_batch(logits: torch.Tensor, target: torch.Tensor, lengths: list[int], compare: _Compare | None) -> torch.Tensor:
+    """Per position of a batch, the NLL (nats, fp32) of the target token: [batch x width-1], 0 where the target is
+    IGNORE; the same values as F.cross_entropy over the whole batch (which computes log_softmax, then picks),
+    computed CHUNK_BYTES at a time along each row's `lengths` predicted positions. With `compare`, the top-k and
+    KL of each predicted position go into compare.extra from the same chunks."""
+    losses = torch.zeros(target.shape, device=logits.device)
+    step = max(1, CHUNK_BYTES // (4 * logits.shape[-1]))
+    for j, n in enumerate(lengths):
+        if compare is not None and compare.reference is not None:
+            _check_reference(compare.reference[compare.idx[j]], int((target[j, :n] != IGNORE).sum()), compare.idx[j])
+        row: dict[str, list] = {"kl": [], "ids": [], "logp": []}
+        seen = 0  # predicted positions of this row before the chunk (the reference's top-k is indexed by them)
+        for start in range(0, n, step):
+            end = min(start + step, n)
+            logp = torch.log_softmax(logits[j, start:end].float(), dim=-1)
+            t = target[j, start:end]
+            predicted = t != IGNORE
+            losses[j, start:end] = -logp.gather(-1, t.clamp(min=0)[:, None])[:, 0].masked_fill(~predicted, 0.0)
+            if compare is not None:
+                seen += _compare_chunk(logp[predicted], predicted, j, start, end, seen, compare, row)
+        if compare is not None:
+            _keep_row(compare, j, n, row)
+    return losses
+
+
+def _compare_chunk(logp: torch.Tensor, predicted: torch.Tensor, j: int, start: int, end: int, seen: int,
+                   compare: _Compare, row: dict[str, list]) -> int:
+    """One chunk's top-k and KL (logp: [predicted positions x vocab]); returns its number of predicted positions."""
+    m = int(predicted.sum())
+    kl = None
+    if compare.ref_logits is not None:
+        ref = torch.log_softmax(compare.ref_logits[j, start:end].float(), dim=-1)[predicted]
+        kl = kl_exact(logp, ref)
+    if compare.top_k:
+        values, ids = logp.topk(min(compare.top_k, logp.shape[-1]), dim=-1)
+        row["ids"].append(ids.to(torch.int32).cpu().numpy())
+        row["logp"].append(values.cpu().numpy())
+    if compare.reference is not None:
+        ref_ids, ref_logp = compare.reference[compare.idx[j]]
+        kl = kl_top_k(logp, torch.as_tensor(ref_ids[seen:seen + m], dtype=torch.long, device=logp.device),
+                      torch.as_tensor(ref_logp[seen:seen + m], device=logp.device))
+    if kl is not None:
+        per_position = np.full(end - start, np.nan)
+        per_position[predicted.cpu().numpy()] = kl.cpu().numpy()
+        row["kl"].append(per_position)
+    return m
+
+
+def _check_reference(reference: tuple[np.ndarray, np.ndarray], predicted: int, i: int) -> None:
+    """ValueError when a reference's top-k covers another number of predicted positions than row i has."""
+    if len(reference[0]) != predicted:
+        raise ValueError(f"row {i}: the reference has {len(reference[0])} predicted tokens, this model "
+                         f"{predicted}: they were not scored on the same rows")
+
+
+def _keep_row(compare: _Compare, j: int, n: int, row: dict[str, list]) -> None:
+    """A row's chunks joined into compare.extra."""
+    i = compare.idx[j]
+    if row["kl"]:
+        compare.extra["kl"][i] = np.concatenate(row["kl"])
+    elif compare.ref_logits is not None or compare.reference is not None:
+        compare.extra["kl"][i] = np.full(n, np.nan)
+    if compare.top_k:
+        compare.extra["topk_ids"][i] = np.concatenate(row["ids"]) if row["ids"] else np.zeros((0, compare.top_k), np.int32)
+        compare.extra["topk_logp"][i] = np.concatenate(row["logp"]) if row["logp"] else np.zeros((0, compare.top_k), np.float32)
 
 
 def write_reference(reference: TopK, path: Path) -> Path:

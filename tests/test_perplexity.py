@@ -43,6 +43,47 @@ def test_batched_scores_equal_hand_computation(tiny_model):
     assert s["bpb"] == pytest.approx(total_nll / math.log(2) / sum(r[2] for r in rows), rel=1e-5)
 
 
+def test_scores_in_chunks_of_positions_equal_whole_rows(tiny_model, monkeypatch):
+    """score_rows computes log-probabilities CHUNK_BYTES at a time (whole-batch vocabulary tensors were mapped and
+    page-faulted afresh each batch): chunks of 3 positions give exactly the numbers of whole rows — NLL, top-k,
+    exact KL against a reference's logits, and top-k KL against a stored reference."""
+    from ftcore import perplexity
+
+    model, other = load_model(tiny_model), load_model(tiny_model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for w in other.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    rng = np.random.default_rng(1)
+    rows = []
+    for n in (23, 8, 17, 2):
+        ids = rng.integers(1, 500, n).tolist()
+        rows.append((ids, [-100 if rng.random() < 0.3 else t for t in ids], 2 * n))
+
+    def score():
+        beside = lambda input_ids, attention_mask: other(input_ids=input_ids, attention_mask=attention_mask).logits
+        exact = score_rows(model, rows, 3, 0, keep_tokens=True, top_k=4, reference_logits=beside)
+        top_k = score_rows(other, rows, 3, 0, keep_tokens=True, reference=perplexity.top_k_reference(exact))
+        return exact, top_k
+
+    whole = score()
+    monkeypatch.setattr(perplexity, "CHUNK_BYTES", 4 * model.config.vocab_size * 3)
+    chunked = score()
+    for a, b in zip(whole, chunked):
+        assert a.nll_sum.tolist() == b.nll_sum.tolist() and a.kl_sum.tolist() == b.kl_sum.tolist()
+        for column in ("token_nll", "token_kl"):
+            for x, y in zip(a[column], b[column]):
+                np.testing.assert_array_equal(x, y)
+    for column in ("topk_ids", "topk_logp"):
+        for x, y in zip(whole[0][column], chunked[0][column]):
+            np.testing.assert_array_equal(x, y)
+    assert whole[0].kl_sum.min() > 0 and whole[1].kl_sum.min() >= 0  # a KL was measured (the model differs)
+    short = perplexity.top_k_reference(whole[0])
+    short[0] = (short[0][0][:-1], short[0][1][:-1])
+    with pytest.raises(ValueError, match="row 0: the reference has .* they were not scored on the same rows"):
+        score_rows(other, rows, 3, 0, reference=short)
+
+
 def _stream(n, chunk):
     ids = np.arange(n) % 400 + 1
     chunks = [ids[i:i + chunk] for i in range(0, n, chunk)]
