@@ -34,7 +34,7 @@ from ftcore.config_files import load_config
 from ftcore.inputs import check_inputs
 from ftcore.results import Fingerprint
 from ftcore.steps import TIMING, recorded
-from ftcore.training import cpu_has_native_bf16
+from ftcore.hardware import cpu_has_native_bf16
 
 
 def seconds(step) -> float:

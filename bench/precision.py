@@ -6,7 +6,7 @@ A linear layer of `--size` inputs and outputs applied to `--size` rows (2Â·sizeÂ
 fp32 and under bf16 autocast (what ftstudy's training and evaluation use), median of `--repeats`
 calls after one warm-up, in GFLOP/s. The bf16 figure is the peak the per-stage shares in
 BENCHMARKS.md are taken against on a CPU with native bf16 (AVX512-BF16 or AMX); without it bf16 is
-emulated, and ftcore.training.resolve_precision('auto', 'cpu') keeps such a CPU in fp32.
+emulated, and ftcore.hardware.resolve_precision('auto', 'cpu') keeps such a CPU in fp32.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import torch
 
 from bench.common import record
-from ftcore.training import cpu_has_native_bf16, resolve_precision
+from ftcore.hardware import cpu_has_native_bf16, resolve_precision
 
 
 def gflops(fn, flops: float, repeats: int) -> float:

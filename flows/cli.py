@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the study flow and print the table",
                          epilog="exit codes: 0 done; 1 failed (an arm or a step; the finished ones and the report are "
-                         "kept); 2 bad input (nothing ran); 3 over the forgetting budget (gate: the study finished and "
+                         "kept); 2 bad input (refused before any model was trained or scored); 3 over the forgetting budget (gate: the study finished and "
                          "a gated arm forgot more than forgetting_budget_pct); 130 interrupted (rerun to resume)",
                          description="The config is built in this order, each source overriding the one before, "
                          "field by field: the defaults, --preset, --config, each --set, --artifacts. Without "
@@ -61,12 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare_env(artifacts: Path) -> None:
+    """Prefect's settings, before Prefect is imported (it reads them then); nothing is written yet."""
     os.environ.setdefault("PREFECT_HOME", str(artifacts.resolve() / ".prefect"))
-    try:
-        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SystemExit(_fail(f"artifacts_dir: cannot create {os.environ['PREFECT_HOME']} ({exc.strerror}); "
-                               "choose a writable --artifacts directory"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ftcore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; avoids telemetry errors
@@ -118,19 +114,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     root = Path(cfg.artifacts_dir).expanduser().resolve()
     _prepare_env(root)
+    from ftcore import inputs
+    from ftcore.config import InputError
+
+    try:  # before anything is started or written: a missing file or an unwritable root exits 2 at once
+        checked = inputs.check_inputs(cfg)
+    except InputError as exc:
+        return _fail(str(exc))
+    _make_prefect_home()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    # The run's own server (flows/embedded_server.py) unless the user named one: it starts while the checks
-    # and the flow's imports below run, and a Ctrl-C here stops the flow before it.
+    # The run's own server (flows/embedded_server.py) unless the user named one: it starts while the flow's
+    # imports below run, and a Ctrl-C here stops the flow before it.
     server = None if PREFECT_API_URL.value() else _embedded_server()
     try:
-        from ftcore import inputs
-        from ftcore.config import InputError
-
-        try:  # before the flow starts: a missing file or an unwritable root exits 2 at once
-            checked = inputs.check_inputs(cfg)
-        except InputError as exc:
-            return _fail(str(exc))
         if server is not None and (results := _recorded(checked)) is not None:
             server.stop(drain=False)  # nothing to run: no flow run either (a user's own server records every run)
             return finish_recorded(results, checked.cfg, root)
@@ -145,6 +142,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
+
+
+def _make_prefect_home() -> None:
+    try:
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(_fail(f"PREFECT_HOME: cannot create {os.environ['PREFECT_HOME']} ({exc.strerror}); set "
+                               "PREFECT_HOME (default <artifacts>/.prefect) to a writable directory"))
 
 
 def _embedded_server():

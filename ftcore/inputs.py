@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ftcore import hardware
 from ftcore.config import InputError, LoraSpec, StudyConfig, check_devices_per_arm
 from ftcore.io import write_json
 from ftcore.results import DomainRows, Fingerprint, Stream
@@ -65,21 +66,25 @@ def check_inputs(cfg: StudyConfig, arms_in_process: bool = False) -> Inputs:
     cfg = resolve_precisions(resolve_paths(cfg))
     if _handed_over and _handed_over[0].cfg == cfg and _handed_over[0].arms_in_process == arms_in_process:
         return _handed_over.pop()
-    import torch
-
-    from ftcore import sources, training
+    from ftcore import sources
 
     check_trackers(cfg)
     warn_slow_bf16(cfg)
     here = cfg.executor == "subprocess"  # the arms train on this machine: its devices decide
-    device = training.resolve_device(cfg.device) if here else None
+    device = hardware.resolve_device(cfg.device) if here else None
     check_devices_per_arm(cfg.train, full=any(a.method == "full" for a in cfg.arms), curves=cfg.eval.every_steps != 0,
                           device=device, processes=1 if arms_in_process else None,
-                          gpus=torch.cuda.device_count() if device == "cuda" else None)
+                          gpus=_cuda_devices() if device == "cuda" else None)
     check_artifacts_dir(cfg)  # the first check that writes: after every one that can refuse without writing
     versions = corpus_versions(cfg)  # every corpus source exists (or its Hub revision resolves)
     model_version = sources.source_version(cfg.model)
     return Inputs(cfg, versions, model_version, arms_in_process)
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def resolve_paths(cfg: StudyConfig) -> StudyConfig:
@@ -102,17 +107,15 @@ def resolve_paths(cfg: StudyConfig) -> StudyConfig:
 
 
 def resolve_precisions(cfg: StudyConfig) -> StudyConfig:
-    """`cfg` with precision 'auto' decided for this machine (ftcore.training.resolve_precision), so the keys, the
+    """`cfg` with precision 'auto' decided for this machine (ftcore.hardware.resolve_precision), so the keys, the
     plans and the recorded config say what ran: eval.precision always (evaluation runs here), the training
     precision when the arms train here (executor subprocess; a work pool's worker decides its own)."""
-    from ftcore import training
-
-    device = training.resolve_device(cfg.device)
+    device = hardware.resolve_device(cfg.device)
     update: dict[str, Any] = {}
     if cfg.eval.precision == "auto":
-        update["eval"] = cfg.eval.model_copy(update={"precision": training.resolve_precision("auto", device)})
+        update["eval"] = cfg.eval.model_copy(update={"precision": hardware.resolve_precision("auto", device)})
     if cfg.precision == "auto" and cfg.executor == "subprocess":
-        update["precision"] = training.resolve_precision("auto", device)
+        update["precision"] = hardware.resolve_precision("auto", device)
     return cfg.model_copy(update=update) if update else cfg
 
 
@@ -145,9 +148,7 @@ def check_trackers(cfg: StudyConfig) -> None:
 
 def warn_slow_bf16(cfg: StudyConfig) -> None:
     """A warning (not an error: the numbers are right, only slow) for bf16 on a CPU that emulates it."""
-    from ftcore import training
-
-    if training.resolve_device(cfg.device) != "cpu" or training.cpu_has_native_bf16():
+    if hardware.resolve_device(cfg.device) != "cpu" or hardware.cpu_has_native_bf16():
         return
     slow = [name for name, value in (("precision", cfg.precision), ("eval.precision", cfg.eval.precision))
             if value == "bf16"]
@@ -226,7 +227,7 @@ def check_qlora(model_dir: str | Path, arm: str, device: str) -> None:
 
     Raises InputError naming the arm and the method.
     """
-    from ftcore.training import resolve_device
+    from ftcore.hardware import resolve_device
 
     field = f"arm {arm}: method qlora"
     if importlib.util.find_spec("bitsandbytes") is None:

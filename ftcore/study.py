@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ftcore import (cards, chunking, config_files, contamination, corpora, curves, forgetting, keys, models, perplexity, report,
+from ftcore import (cards, chunking, config_files, contamination, corpora, curves, forgetting, hardware, keys, models, perplexity, report,
                     self_replay, sources, task_forgetting, tracking, training)
 from ftcore.config import SETS, ArmSpec, CorpusSpec, StudyConfig
 from ftcore.inputs import (Inputs, StudyError, check_contamination, check_inputs, check_model, check_replay_budget,
@@ -243,7 +243,7 @@ def generate_replay(inputs: Inputs, model: ModelRef, domain: DomainRows, general
         if prompts:
             frame = pd.read_parquet(root / general.path)
             self_replay.check_prompts(prompts, tokenizer, perplexity.read_stream(frame, cfg.eval.max_general_tokens).ids)
-        where = device or training.resolve_device(cfg.device)
+        where = device or hardware.resolve_device(cfg.device)
         texts, stats = self_replay.generate(models.load_model(base_dir, device=where), tokenizer, spec.sampling, prompts,
                                             tokens, where, start)
         self_replay.write_corpus(texts, out / "replay.jsonl")
@@ -299,7 +299,7 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
         scored_set = (perplexity.domain_set(frame) if which == "domain" else
                       perplexity.general_set(frame, cfg.chunk_len, cfg.eval.stride, cfg.eval.max_general_tokens))
         rows = scored_set.rows
-        where = device or training.resolve_device(cfg.device)
+        where = device or hardware.resolve_device(cfg.device)
         base_dir = p.model.locate(root)
         net = models.load_scored(scored, base_dir, root, where)
         tokenizer = models.load_tokenizer(base_dir)
@@ -343,7 +343,7 @@ def task(p: Prepared, ref: task_forgetting.TaskRef, scored: Scored) -> Step:
     label = f"task-{scored.label}-{ref.name}"
 
     def compute(out: Path, device: str | None) -> dict[str, Any]:
-        where = device or training.resolve_device(cfg.device)
+        where = device or hardware.resolve_device(cfg.device)
         base_dir = p.model.locate(root)
         net = models.load_scored(scored, base_dir, root, where).eval()
         summary, table = task_forgetting.run_task(net, models.load_tokenizer(base_dir), ref, spec.batch_size, spec.seed,

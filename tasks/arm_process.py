@@ -112,6 +112,9 @@ def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | No
         code = proc.wait()
     finally:
         LIVE.discard(proc)
+    if code in (-signal.SIGINT, -signal.SIGTERM):  # Ctrl-C or a stop: the reason is known, its log is noise here
+        raise RuntimeError(f"arm {plan.label} stopped ({signal.Signals(-code).name}); its checkpoints are kept: "
+                           "the same study resumes from them")
     if code != 0:
         reason = "killed (out of memory?)" if code in (-signal.SIGKILL, 137) else f"exit code {code}"
         error = events.error or events.last_error_line()

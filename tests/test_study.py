@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from ftcore import cards, inputs, keys, perplexity, study, training
+from ftcore import cards, hardware, inputs, keys, perplexity, study
 from ftcore.config import InputError
 from ftcore.config_files import load_config
 from ftcore.plan import ArmPlan
@@ -167,7 +167,7 @@ def test_the_sweep_trains_the_demos_arms_and_scores_more_general_text():
 @pytest.mark.parametrize("native, picked", [(True, "bf16"), (False, "fp32")])
 def test_precision_auto_is_decided_once_for_this_machine(study_config, monkeypatch, native, picked):
     """'auto' becomes what this CPU computes natively before any key or plan sees it; explicit values stay."""
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
     got = inputs.check_inputs(study_config(precision="auto", eval={"precision": "auto"}, device="cpu")).cfg
     assert (got.precision, got.eval.precision) == (picked, picked)
     kept = inputs.check_inputs(study_config(precision="bf16", eval={"precision": "fp32"}, device="cpu")).cfg
