@@ -76,7 +76,8 @@ def device_slot(slots: int | None = None, label: str = "", log: Callable[[str], 
 def device_slots(count: int, slots: int | None = None, label: str = "", log: Callable[[str], None] | None = None,
                  poll: float = 0.5, report_every: float = 30.0, stop: threading.Event | None = None) -> Iterator[list[int]]:
     """Block until `count` of the machine's `slots` device slots are free together; yield their indices. Raises
-    StoppedError when `stop` is set while waiting (the study was stopped: a waiting step starts nothing).
+    StoppedError when `stop` is set before the slots are taken (the study was stopped: a waiting step starts
+    nothing, also one whose slot comes free as the study stops).
 
     All or nothing: a holder of some slots that cannot get the rest lets them go and tries again, so
     two arms that each need two GPUs never hold one each and wait forever. Raises ValueError when the
@@ -91,6 +92,8 @@ def device_slots(count: int, slots: int | None = None, label: str = "", log: Cal
     started = time.monotonic()
     next_report = started
     while True:
+        if stop is not None and stop.is_set():  # also when the slot just came free: a stopped study starts nothing
+            raise StoppedError(f"{label}: not started: the study is stopping")
         held = _lock_free(lock_dir, slots, count)
         if len(held) == count:
             try:
@@ -104,8 +107,6 @@ def device_slots(count: int, slots: int | None = None, label: str = "", log: Cal
                 _release(held)
             return
         _release(held)
-        if stop is not None and stop.is_set():
-            raise StoppedError(f"{label}: not started: the study is stopping")
         if log and time.monotonic() >= next_report:
             taken = "; ".join(holders(slots)) or "holders unknown"
             wanted = "a device slot" if count == 1 else f"{count} device slots together"

@@ -198,6 +198,11 @@ def test_a_step_waiting_for_a_device_gives_up_when_the_study_stops(monkeypatch, 
         stop.set()
         waiter.join(5)
     assert errors == ["eval-base-domain: not started: the study is stopping"]
+    # The slot comes free as the study stops (seen: a waiting evaluation took it after SIGTERM and scored for
+    # minutes): it starts nothing either.
+    errors.clear()
+    wait()
+    assert errors == ["eval-base-domain: not started: the study is stopping"]
 
 
 def test_an_arm_on_more_gpus_than_the_machine_has_is_refused_before_any_work(study_config, monkeypatch):
