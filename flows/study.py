@@ -112,14 +112,15 @@ def publish(root: Path, results: dict[str, Any], verdict: gate.Verdict | None = 
     from ftcore import report
 
     files = study.report_files(root, results)
-    rows = report.compact_rows(pd.read_parquet(files["table"]))
+    table = pd.read_parquet(files["table"])
     headline = files["headline"].read_text() + "\n" if "headline" in files else ""  # the arms at equal domain gain
     headline = (f"Gate: {verdict.line}\n\n" if verdict else "") + headline
-    create_table_artifact(rows, key="ftstudy-table",
-                          description=headline + "At the end of training, per arm: perplexity (domain / general; the "
-                                      "base's with its 95% interval), % change against base ± std over seeds [95% "
-                                      "bootstrap interval over documents], ≈ within noise, KL(base‖arm) in nats per "
-                                      "token, ● on the Pareto front; bits per byte in the report's table.md")
+    create_table_artifact(report.compact_rows(table), key="ftstudy-table",
+                          description=headline + "At the end of training, per arm: % change of perplexity against "
+                                      "base ± std over seeds [95% bootstrap interval over documents], ≈ within noise, "
+                                      "KL(base‖arm) in nats per token, ● on the Pareto front. "
+                                      f"{report.base_perplexity_line(table)}. Perplexities, bits per byte and the KL's "
+                                      "intervals: the report's table.md")
     if "tasks" in files:  # benchmark tasks: score and change per task and model
         tasks = pd.read_parquet(files["tasks"])
         create_table_artifact(json.loads(tasks.to_json(orient="records")), key="ftstudy-tasks",

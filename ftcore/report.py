@@ -245,8 +245,29 @@ COMPACT = {"Δ domain ± std [95% CI]": "Δ domain", "Δ general ± std [95% CI]
 
 
 def compact_rows(table: pd.DataFrame) -> list[dict[str, str]]:
-    """table_rows with short headers (COMPACT) and without the bits-per-byte columns: what fits a 1400 px window."""
-    return [{COMPACT.get(k, k): v for k, v in row.items() if not k.endswith("bits/byte")} for row in table_rows(table)]
+    """The arms' rows of table_rows as the UI's table artifact shows them: what each arm changed, with short
+    headers (COMPACT). What fits its page at 1400 px (about 830 px beside the page's sidebar): no base row (its
+    perplexities are in the artifact's description, base_perplexity_line), no perplexity, bits-per-byte or KL
+    interval cells (table.md and the report have them), seeds only when an arm ran several."""
+    several = bool((table.loc[table.arm != "base", "seeds"] > 1).any())
+    kept = []
+    for (_, r), row in zip(table.iterrows(), table_rows(table)):
+        if r["arm"] == "base":
+            continue
+        cells = {}
+        for name, value in row.items():
+            if name.endswith(("bits/byte", " ppl")) or (name == "seeds" and not several):
+                continue
+            cells[COMPACT.get(name, name)] = value.split(" [")[0] if name in KL_COLUMNS.values() else value
+        kept.append(cells)
+    return kept
+
+
+def base_perplexity_line(table: pd.DataFrame) -> str:
+    """'Base perplexity: domain 19.90 [18.76, 21.07], general 30.34 [25.60, 38.39]' (95% intervals over documents)."""
+    r = table[table.arm == "base"].iloc[0]
+    return "Base perplexity: " + ", ".join(
+        f"{s} {r[f'{s}_ppl']:.2f} [{r[f'{s}_ppl_ci_low']:.2f}, {r[f'{s}_ppl_ci_high']:.2f}]" for s in SETS)
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ftcore import stats
+from ftcore import report, stats
 from ftcore.report import analyse, compact_rows, expectation_checks, markdown_table, table_rows, write_report
 
 DOCS = 40
@@ -54,9 +54,13 @@ def test_changes_against_base_with_intervals():
     base_row = table_rows(a.arms)[0]
     assert base_row["domain ppl"] == f"{base.domain_ppl:.2f} [{base.domain_ppl_ci_low:.2f}, {base.domain_ppl_ci_high:.2f}]"
     assert base_row["Δ domain ± std [95% CI]"] == base_row["Δ general ± std [95% CI]"] == "—"
-    compact = compact_rows(a.arms)  # the UI's table: short headers, no bits per byte
-    assert list(compact[1]) == ["arm", "seeds", "domain ppl", "Δ domain", "general ppl", "Δ general", "front"]
-    assert compact[1]["Δ domain"] == table_rows(a.arms)[1]["Δ domain ± std [95% CI]"]
+    compact = compact_rows(a.arms)  # the UI's table: what each arm changed, short headers, seeds where several
+    assert list(compact[0]) == ["arm", "Δ domain", "Δ general", "front"]  # one seed each: no seeds column
+    assert report.base_perplexity_line(a.arms) == (f"Base perplexity: domain {base.domain_ppl:.2f} [{base.domain_ppl_ci_low:.2f}, "
+                                                   f"{base.domain_ppl_ci_high:.2f}], general {base.general_ppl:.2f} "
+                                                   f"[{base.general_ppl_ci_low:.2f}, {base.general_ppl_ci_high:.2f}]")
+    assert [row["arm"] for row in compact] == [row["arm"] for row in table_rows(a.arms)][1:]  # no base row
+    assert compact[0]["Δ domain"] == table_rows(a.arms)[1]["Δ domain ± std [95% CI]"]
     assert "| full | 1 | 26.00 | -35.0% [-35.0, -35.0] | 36.00 | +20.0% [+20.0, +20.0] |" in markdown_table(a.arms).replace(
         f"{full.domain_ppl:.2f}", "26.00").replace(f"{full.general_ppl:.2f}", "36.00")
 
