@@ -60,6 +60,10 @@ LIVE: set[subprocess.Popen] = set()
 STOPPING = threading.Event()
 
 
+class ArmStopped(RuntimeError):
+    """An arm's process ended by SIGINT or SIGTERM (a terminal's Ctrl-C reaches it too, or the study stopped it)."""
+
+
 def stop_arms() -> int:
     """Terminate every arm process this process started and that still runs, and start no new one in this
     process; return how many were stopped. Their checkpoints stay: a rerun resumes them. (Called on Ctrl-C /
@@ -113,8 +117,8 @@ def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | No
     finally:
         LIVE.discard(proc)
     if code in (-signal.SIGINT, -signal.SIGTERM):  # Ctrl-C or a stop: the reason is known, its log is noise here
-        raise RuntimeError(f"arm {plan.label} stopped ({signal.Signals(-code).name}); its checkpoints are kept: "
-                           "the same study resumes from them")
+        raise ArmStopped(f"arm {plan.label} stopped before it finished; its checkpoints are kept: the same study "
+                         "resumes from them")
     if code != 0:
         reason = "killed (out of memory?)" if code in (-signal.SIGKILL, 137) else f"exit code {code}"
         error = events.error or events.last_error_line()

@@ -22,13 +22,13 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, Failed
+from prefect.states import Cancelled, Completed, Failed
 
 from ftcore import sources, study
 from ftcore.config import InputError, StudyConfig
 from ftcore.results import TrainedArm
 from ftcore.steps import Define, Step, recorded, run_step
-from tasks.arm_process import STOPPING, train_in_subprocess
+from tasks.arm_process import STOPPING, ArmStopped, train_in_subprocess
 from tasks.devices import StoppedError, device_count, device_slots, visible_gpu
 
 
@@ -61,6 +61,9 @@ def step_task(define: Define, args: tuple, label: str, executor: str = "subproce
     except InputError as exc:  # the message alone: no traceback, no retry; the caller gets the error
         get_run_logger().error(str(exc))
         return Failed(message=str(exc), data=exc)
+    except (ArmStopped, StoppedError) as exc:  # stopped with the study: one line, not a traceback per task
+        get_run_logger().info(str(exc))
+        return Cancelled(message=str(exc))
 
 
 class PrefectRunner:

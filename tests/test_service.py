@@ -260,7 +260,9 @@ def test_arms_and_seeds_fan_out_on_the_work_pool(client, config):
     artifacts = [a for a in client.read_artifacts() if a.key == "ftstudy-table" and a.flow_run_id == run.id]
     (artifact,) = artifacts
     rows = artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
-    assert [r["arm"] for r in rows] == ["base", "full", "lora-r2"] and [r["seeds"] for r in rows] == ["—", "2", "2"]
+    # The UI's table: the arms' changes (the base's perplexities are in its description), seeds shown as there are two
+    assert [r["arm"] for r in rows] == ["full", "lora-r2"] and [r["seeds"] for r in rows] == ["2", "2"]
+    assert "Base perplexity: domain " in artifact.description
 
 
 def test_the_team_server_keeps_its_runs_in_postgresql(service, client):
