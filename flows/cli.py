@@ -281,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": cmd_run, "show": cmd_show, "config": cmd_config, "init": cmd_init, "serve": cmd_serve,
                 "deploy": cmd_deploy}
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        # The answer is printed: a Ctrl-C during the interpreter's teardown (a second or two) must not turn a
+        # finished study's exit code into 130.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except KeyboardInterrupt:
         # Every finished step and checkpoint is kept: the same command resumes from them.
         print("ftstudy: interrupted; run the same command again to resume from the cached steps and checkpoints",

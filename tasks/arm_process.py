@@ -117,8 +117,8 @@ def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | No
     finally:
         LIVE.discard(proc)
     if code in (-signal.SIGINT, -signal.SIGTERM):  # Ctrl-C or a stop: the reason is known, its log is noise here
-        raise ArmStopped(f"arm {plan.label} stopped before it finished; its checkpoints are kept: the same study "
-                         "resumes from them")
+        raise ArmStopped(f"arm {plan.label} stopped before it finished; the same study resumes it from its last "
+                         "checkpoint, if it wrote one")
     if code != 0:
         reason = "killed (out of memory?)" if code in (-signal.SIGKILL, 137) else f"exit code {code}"
         error = events.error or events.last_error_line()
