@@ -60,6 +60,7 @@ class EmbeddedServer:
         self.log = home / "embedded-server.log"
         self.port = 0
         self.process: subprocess.Popen | None = None
+        self.ready = False  # it answered: the run may have sent it logs and events
 
     @property
     def api_url(self) -> str:
@@ -86,6 +87,7 @@ class EmbeddedServer:
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
                     if r.status == 200:
+                        self.ready = True
                         return
             except OSError:
                 time.sleep(0.05)
@@ -95,7 +97,7 @@ class EmbeddedServer:
     def stop(self, drain: bool = True) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        if drain:
+        if drain and self.ready:  # a Ctrl-C while it started: nothing was sent to it, nothing to wait for
             _drain_to_server()
         self.process.terminate()
         try:
