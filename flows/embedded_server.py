@@ -97,7 +97,11 @@ class EmbeddedServer:
     def stop(self, drain: bool = True) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        if drain and self.ready:  # a Ctrl-C while it started: nothing was sent to it, nothing to wait for
+        if not self.ready:  # stopped while it started: nothing was sent to it; uvicorn defers SIGTERM till started
+            self.process.kill()
+            self.process.wait()
+            return
+        if drain:
             _drain_to_server()
         self.process.terminate()
         try:
