@@ -114,6 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     root = Path(cfg.artifacts_dir).expanduser().resolve()
     _prepare_env(root)
+    from flows.embedded_server import ServerError
     from ftcore import inputs
     from ftcore.config import InputError
 
@@ -128,6 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # imports below run, and a Ctrl-C here stops the flow before it.
     server = None if PREFECT_API_URL.value() else _embedded_server()
     try:
+        # The checks that need recorded steps (chunk_len against the fetched model's context, ...) run in the
+        # read-back too: a refusal there is bad input, as it is in the flow.
         if server is not None and (results := _recorded(checked)) is not None:
             server.stop(drain=False)  # nothing to run: no flow run either (a user's own server records every run)
             return finish_recorded(results, checked.cfg, root)
@@ -139,6 +142,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         server.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             return finish(study_flow(config=checked.cfg, return_state=True), checked.cfg, root)
+    except InputError as exc:
+        return _fail(str(exc))
+    except ServerError as exc:
+        print(f"ftstudy: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if server is not None:
             server.stop()

@@ -48,6 +48,11 @@ def test_a_bad_value_found_after_the_model_fails_once_without_retry_or_traceback
     assert "ftstudy: chunk_len: 4096 tokens exceed the model's context of 1024; lower chunk_len" in result.stderr
     assert "Traceback" not in out and "Retrying" not in out and "AwaitingRetry" not in out
     assert not list((tmp_path / "a").glob("tokenize-*"))
+    # Again on the same root, the model now recorded: refused the same way (it was a traceback and exit 1 when the
+    # check ran while the recorded steps were read back)
+    again = _cli("run", "--preset", "smoke", "--artifacts", str(tmp_path / "a"), "--set", "chunk_len=4096")
+    assert again.returncode == 2 and "Traceback" not in again.stdout + again.stderr, again.stderr[-2000:]
+    assert "ftstudy: chunk_len: 4096 tokens exceed the model's context of 1024; lower chunk_len" in again.stderr
 
 
 def test_is_transient_retries_the_network_only():
