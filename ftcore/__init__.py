@@ -1,5 +1,6 @@
 """ftcore: the fine-tuning cost study as a plain library (no Prefect import anywhere in it)."""
 
+import importlib
 import logging
 
 # bitsandbytes (the QLoRA extra) warns at import, on CPUs with AVX512-BF16, that it could not download an
@@ -10,3 +11,36 @@ from ftcore.config import StudyConfig
 from ftcore.config_files import load_config  # noqa: E402
 
 __all__ = ["StudyConfig", "load_config"]
+
+# The modules that import torch, transformers, TRL, peft or matplotlib at their top. `from ftcore import models`
+# gives a stand-in until one of the module's names is used, so a study whose steps are all recorded is read back,
+# and bad input refused, without the seconds those imports take. Code that computes imports them at first use.
+HEAVY = frozenset({"chunking", "curves", "models", "perplexity", "plots", "training"})
+
+
+class _Deferred:
+    """An ftcore module not imported yet: imports it when one of its attributes is read or set, then forwards.
+    (Kept out of sys.modules: tools that scan it, e.g. torch's source lookup, must not trigger the import.)"""
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "_name", name)
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __setattr__(self, attr: str, value) -> None:
+        setattr(importlib.import_module(self._name), attr, value)
+
+    def __delattr__(self, attr: str) -> None:
+        delattr(importlib.import_module(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<module {self._name!r}, imported at first use>"
+
+
+def __getattr__(name: str):
+    """PEP 562: `from ftcore import <heavy module>` before that module is imported (once it is, the package
+    attribute is the module itself)."""
+    if name in HEAVY:
+        return _Deferred(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

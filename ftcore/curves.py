@@ -44,11 +44,10 @@ from transformers import TrainerCallback
 
 from ftcore import models, perplexity
 from ftcore.io import atomic_path, write_parquet
-from ftcore.plan import ArmPlan, CurvePlan
+from ftcore.plan import CURVE_FRAME, CURVE_LOG, ArmPlan, CurvePlan
 
 log = logging.getLogger("ftcore.curves")
-LOG = "curves.jsonl"
-FRAME = "curves.parquet"
+LOG, FRAME = CURVE_LOG, CURVE_FRAME
 WITHIN_BUDGET = "within-budget"
 POINTS = 10  # about this many points per arm when eval.every_steps is None
 SETS = ("domain", "general")

@@ -11,10 +11,12 @@ The corpus versions of the last successful study are recorded here for the sched
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import numpy as np
 from ftcore import hardware
 from ftcore.config import InputError, LoraSpec, StudyConfig, check_devices_per_arm
 from ftcore.io import write_json
-from ftcore.results import DomainRows, Fingerprint, Stream
+from ftcore.results import DomainRows, Fingerprint, ModelRef, Stream
 
 log = logging.getLogger("ftcore.inputs")
 
@@ -168,18 +170,49 @@ def check_split(cfg: StudyConfig, domain: Fingerprint) -> None:
                                   "documents of domain; lower test_docs or raise domain.max_docs")
 
 
-def check_model(cfg: StudyConfig, model_dir: Path) -> None:
-    """What the fetched model must allow: chunk_len within its context, and every LoRA arm's targets."""
-    from ftcore import models
+def max_context(model_dir: str | Path) -> int | None:
+    """The longest sequence the model's position embeddings allow, if its config says."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if key in config:
+            return int(config[key])
+    return None
 
-    limit = models.max_context(model_dir)
+
+def check_model(cfg: StudyConfig, model: ModelRef, root: Path) -> None:
+    """What the fetched model must allow: chunk_len within its context, and every LoRA arm's targets."""
+    model_dir = model.locate(root)
+    limit = max_context(model_dir)
     if limit is not None and cfg.chunk_len > limit:
         raise StudyError(f"chunk_len: {cfg.chunk_len} tokens exceed the model's context of {limit}; lower chunk_len")
     for arm in cfg.arms:  # LoRA targets the study cannot train or evaluate faithfully, before any work
         if arm.method == "qlora":
             check_qlora(model_dir, arm.name, cfg.device)
         if arm.method != "full":
-            check_lora(cfg.lora_of(arm), model_dir, arm.name)
+            check_lora_once(cfg.lora_of(arm), model, root, arm.name)
+
+
+def check_lora_once(lora: LoraSpec, model: ModelRef, root: Path, arm: str) -> None:
+    """check_lora, unless these LoRA settings passed it on this model before (`passed_once`). Raises InputError
+    as check_lora does."""
+    passed_once(root, "lora", {"lora": lora.model_dump(mode="json"), "model": model.digest}, ("inputs", "training"),
+                ("peft", "transformers"), lambda: check_lora(lora, model.locate(root), arm))
+
+
+def passed_once(root: Path, check: str, facts: dict[str, Any], modules: tuple[str, ...], libraries: tuple[str, ...],
+                run: Callable[[], None]) -> None:
+    """Run a check at the door (`run`, which raises when it fails) unless it passed before on the same facts
+    (content digests and the settings it reads), the same code (the sources of the ftcore `modules` it runs) and
+    the same `libraries`. Each pass is recorded as root/checked/<check>-<digest>.json; a failure records nothing.
+    These checks import torch, peft or TRL, or read every training token: most of a recorded rerun's time."""
+    code = hashlib.sha256(b"".join((Path(__file__).parent / f"{m}.py").read_bytes() for m in modules)).hexdigest()
+    passed = {"check": check, "facts": facts, "code": code,
+              **{lib: importlib.metadata.version(lib) for lib in libraries}}
+    record = root / "checked" / f"{check}-{hashlib.sha256(json.dumps(passed, sort_keys=True).encode()).hexdigest()[:20]}.json"
+    if record.is_file():
+        return
+    run()
+    write_json(passed, record)
 
 
 def check_lora(lora: LoraSpec, model_dir: str | Path, arm: str) -> None:
@@ -244,6 +277,14 @@ def check_qlora(model_dir: str | Path, arm: str, device: str) -> None:
 
 
 def check_contamination(cfg: StudyConfig, domain: DomainRows, general: Stream, replays: dict[str, Stream]) -> None:
+    """_check_contamination, unless it passed before on the same corpora and general set (`passed_once`)."""
+    facts = {"domain": domain.digest, "general": general.digest, "max_general_tokens": cfg.eval.max_general_tokens,
+             "replays": {field: stream.digest for field, stream in replays.items()}}
+    passed_once(Path(cfg.artifacts_dir), "contamination", facts, ("inputs", "contamination", "perplexity"),
+                ("numpy", "pandas", "pyarrow"), lambda: _check_contamination(cfg, domain, general, replays))
+
+
+def _check_contamination(cfg: StudyConfig, domain: DomainRows, general: Stream, replays: dict[str, Stream]) -> None:
     """Refuse, before any training, training text that is a benchmark (ftcore.contamination): more than 1% (and
     more than two runs' worth) of the general set's scored tokens (within eval.max_general_tokens) in runs of 32
     tokens that the domain training rows or a replay stream (`replays`: the config field that names it -> its
@@ -291,6 +332,15 @@ def _refuse_overlap(field: str, benchmark: str, what: str, share: float) -> None
 
 def check_replay_budget(cfg: StudyConfig, domain: DomainRows, replay: Stream | None,
                         own: Stream | None = None) -> None:
+    """_check_replay_budget, unless it passed before on the same rows and ratios (`passed_once`)."""
+    facts = {"domain": domain.digest, "replay": replay.digest if replay else None, "own": own.digest if own else None,
+             "seed": cfg.train.seed, "ratios": sorted({(a.replay_ratio, cfg.replays_self(a)) for a in cfg.arms})}
+    passed_once(Path(cfg.artifacts_dir), "replay-budget", facts, ("inputs", "training"), ("numpy", "pandas"),
+                lambda: _check_replay_budget(cfg, domain, replay, own))
+
+
+def _check_replay_budget(cfg: StudyConfig, domain: DomainRows, replay: Stream | None,
+                         own: Stream | None = None) -> None:
     """Enough replay tokens for every arm's replay_ratio, checked before any training starts: the arms that replay
     the study's corpus against `replay`, those that replay the model's own text against `own`. Raises
     ReplayBudgetError naming the arm."""

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from ftcore.plan import TRAIN_SUMMARY
 from ftcore.results import Scored
 
 # transformers draws a "Loading weights" bar per model load: dozens per study in the run logs, each for a load of
@@ -22,7 +23,6 @@ from ftcore.results import Scored
 hf_logging.disable_progress_bar()
 
 # Written last into an arm's directory: an arm without it did not finish training.
-TRAIN_SUMMARY = "train_summary.json"
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
@@ -92,15 +92,6 @@ def bos_token_id(model_dir: str | Path) -> int | None:
 
     config = AutoConfig.from_pretrained(model_dir)
     return getattr(config.get_text_config(), "bos_token_id", None)
-
-
-def max_context(model_dir: str | Path) -> int | None:
-    """The longest sequence the model's position embeddings allow, if its config says."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if key in config:
-            return int(config[key])
-    return None
 
 
 def load_scored(scored: Scored, base_dir: str | Path, root: str | Path, device: str = "cpu") -> torch.nn.Module:

@@ -20,6 +20,14 @@ from ftcore.config import LoraSpec, TrainSpec
 from ftcore.results import ModelRef
 
 
+# An arm's files beside its weights: the trainer's log and summary (ftcore.training), its curve points
+# (ftcore.curves). Here, where the steps that list them can read them without importing the trainer.
+TRAIN_LOG = "train_log.jsonl"
+TRAIN_SUMMARY = "train_summary.json"
+CURVE_LOG = "curves.jsonl"
+CURVE_FRAME = "curves.parquet"
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -30,7 +30,7 @@ from ftcore.config import SETS, ArmSpec, CorpusSpec, StudyConfig
 from ftcore.inputs import (Inputs, StudyError, check_contamination, check_inputs, check_model, check_replay_budget,
                            check_split, record_corpus_versions)
 from ftcore.io import atomic_path, hash_dir, write_json, write_parquet, write_text
-from ftcore.plan import ArmPlan, CurvePlan
+from ftcore.plan import CURVE_FRAME, CURVE_LOG, TRAIN_LOG, TRAIN_SUMMARY, ArmPlan, CurvePlan
 from ftcore.results import (BASE, QUANTIZED_BASE, DomainRows, Evaluation, Fingerprint, Generated, ModelRef, Report, Scored,
                             Stream, TaskScore, TrainedArm)
 from ftcore.steps import InlineRunner, Runner, Step, result, step_dir
@@ -265,16 +265,16 @@ def train(plan: ArmPlan, root: str | Path, callbacks: list | None = None,
     def compute(out: Path, device: str | None) -> dict[str, Any]:
         return trained(plan, training.train_arm(plan, root, callbacks=callbacks, on_progress=on_progress))
 
-    curve_files = (curves.LOG, curves.FRAME) if plan.curve else ()
+    curve_files = (CURVE_LOG, CURVE_FRAME) if plan.curve else ()
     return Step("train", f"train-{plan.label}", Path(root) / plan.dir, compute, TrainedArm, outputs=tuple(plan.outputs()),
-                extras=("train_log.jsonl", training.SUMMARY, *curve_files), devices=plan.train.devices_per_arm, arm=plan,
+                extras=(TRAIN_LOG, TRAIN_SUMMARY, *curve_files), devices=plan.train.devices_per_arm, arm=plan,
                 names={"label": plan.label}, resumable=True)
 
 
 def trained(plan: ArmPlan, summary: dict[str, Any]) -> dict[str, Any]:
     """The train step's result fields for a finished arm and its trainer's summary (train_summary.json)."""
     return {"key": plan.key, "arm": plan.name, "label": plan.label, "seed": plan.seed, "method": plan.method,
-            "dir": plan.dir, "summary": summary, "curves": f"{plan.dir}/{curves.FRAME}" if plan.curve else None}
+            "dir": plan.dir, "summary": summary, "curves": f"{plan.dir}/{CURVE_FRAME}" if plan.curve else None}
 
 
 def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = None) -> Step:
@@ -526,7 +526,7 @@ def prepare(inputs: Inputs | StudyConfig, runner: Runner | None = None) -> Prepa
     registry = task_forgetting.registry_once() if cfg.benchmarks else None
     own_tasks = task_forgetting.resolve(cfg, workdir, registry=registry, which="own")
     model = runner.run(fetch_model, inputs, label="fetch-model")
-    check_model(cfg, model.locate(inputs.root))
+    check_model(cfg, model, inputs.root)
     domain = runner.run(tokenize_domain, cfg, model, corpus["domain"], label="tokenize-domain")
     general = runner.run(tokenize_stream, cfg, "general", model, corpus["general"], label="tokenize-general")
     replay = (runner.run(tokenize_stream, cfg, "replay", model, corpus["replay"], label="tokenize-replay")

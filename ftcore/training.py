@@ -36,8 +36,8 @@ from ftcore import curves
 from ftcore.config import InputError, LoraSpec, TrainSpec, check_devices_per_arm
 from ftcore.hardware import resolve_device, resolve_precision
 from ftcore.io import atomic_path, crash_point, write_json
-from ftcore.models import TRAIN_SUMMARY, load_model, load_quantized, load_tokenizer, quiet_library_deprecations
-from ftcore.plan import ArmPlan
+from ftcore.models import load_model, load_quantized, load_tokenizer, quiet_library_deprecations
+from ftcore.plan import TRAIN_LOG, TRAIN_SUMMARY, ArmPlan
 from ftcore.progress import Progress
 
 log = logging.getLogger("ftcore.training")
@@ -298,7 +298,7 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     tokenizer = load_tokenizer(model_dir)
     curve = (curves.CurveLog(plan.curve, root, out_dir, _checkpoint_step(checkpoint), tokenizer.pad_token_id,
                              f"train-{plan.label}", model_dir, plan.method) if plan.curve and main else None)
-    writers = [LossLog(out_dir / "train_log.jsonl", _checkpoint_step(checkpoint)),
+    writers = [LossLog(out_dir / TRAIN_LOG, _checkpoint_step(checkpoint)),
                ProgressLog(f"train-{plan.label}", on_progress)] if main else []
     trainer_class = PlainLossSFTTrainer if args.use_cpu else SFTTrainer
     trainer = trainer_class(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcore.plan import ArmPlan
-from ftcore.training import SUMMARY
+from ftcore.plan import TRAIN_SUMMARY as SUMMARY
 
 PR_SET_PDEATHSIG = 1
 # The directory that holds the `tasks` package: the child imports it from there, wherever it runs.

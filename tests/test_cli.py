@@ -98,13 +98,17 @@ def test_a_study_run_from_another_directory_writes_where_it_was_told(tmp_path):
     assert (elsewhere / "rel" / latest["table"]).is_file()
     assert len(list((elsewhere / "rel").glob("train-*/*/train_summary.json"))) == 2
     assert set(REPO.iterdir()) == before  # no stray rel/ (or anything) inside the checkout
-    # The same command again: every step is recorded, so the table is read back without a flow run or a server.
+    # The same command again: every step is recorded, so the table is read back without a flow run or a server,
+    # and without importing torch or a training library (the door's model checks passed before: root/checked/).
     again = subprocess.run([str(Path(sys.executable).with_name("ftstudy")), "run", "--preset", "smoke",
                             "--artifacts", "rel", "--set", 'arms=["full","lora"]'], cwd=elsewhere,
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "every step of this study is recorded (nothing to run)" in again.stderr
     assert "Flow run" not in again.stderr + again.stdout
+    imported = {line.rsplit("|", 1)[1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")}
+    assert "pandas" in imported and not imported & {"torch", "transformers", "trl", "peft", "matplotlib"}
     table = result.stdout[result.stdout.index("| arm |"):result.stdout.index("report:")]
     assert table == again.stdout[again.stdout.index("| arm |"):again.stdout.index("report:")]
 

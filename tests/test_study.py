@@ -56,6 +56,41 @@ def test_ftcore_imports_without_prefect():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_heavy_ftcore_modules_are_imported_at_their_first_use_only():
+    """`from ftcore import models` (and the other modules that import torch, transformers, TRL, peft or matplotlib)
+    imports nothing heavy until a name of the module is used; then it is the real module, also for monkeypatching."""
+    code = ("import sys, ftcore.study; from ftcore import models, training; "
+            "heavy = {'torch', 'transformers', 'trl', 'peft', 'matplotlib'}; "
+            "assert not heavy & set(sys.modules), sorted(heavy & set(sys.modules)); "
+            "assert 'imported at first use' in repr(models); "
+            "assert callable(models.load_model) and 'torch' in sys.modules and 'trl' not in sys.modules; "
+            "training.SUMMARY_COPY = training.SUMMARY; import ftcore.training as real; "
+            "assert real.SUMMARY_COPY == 'train_summary.json'; del training.SUMMARY_COPY; "
+            "assert not hasattr(real, 'SUMMARY_COPY')")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_door_check_that_passed_is_not_run_again_on_the_same_facts_and_code(tmp_path):
+    from ftcore.inputs import passed_once
+
+    runs = []
+    check = lambda: runs.append(1)  # noqa: E731
+    passed_once(tmp_path, "lora", {"model": "a"}, ("inputs",), ("peft",), check)
+    passed_once(tmp_path, "lora", {"model": "a"}, ("inputs",), ("peft",), check)
+    assert len(runs) == 1 and len(list((tmp_path / "checked").glob("lora-*.json"))) == 1
+    passed_once(tmp_path, "lora", {"model": "b"}, ("inputs",), ("peft",), check)  # other facts: checked again
+    passed_once(tmp_path, "lora", {"model": "a"}, ("inputs", "training"), ("peft",), check)  # other code
+    assert len(runs) == 3
+
+    def refuse() -> None:
+        raise InputError("lora.target_modules: no module matches")
+
+    for _ in range(2):  # a failure records nothing: it is refused again
+        with pytest.raises(InputError, match="no module matches"):
+            passed_once(tmp_path, "lora", {"model": "c"}, ("inputs",), ("peft",), refuse)
+    assert len(list((tmp_path / "checked").glob("*.json"))) == 3
+
+
 def _timings(root: Path) -> dict[str, float]:
     """Every computed step, by directory: the mtime of its timing.json (changes only when it recomputes)."""
     return {str(p.parent.relative_to(root)): p.stat().st_mtime_ns for p in root.glob("*/*/timing.json")}
