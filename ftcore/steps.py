@@ -94,7 +94,9 @@ def run_step(step: Step, compute: Compute | None = None, device: str | None = No
     with step_lock(out):
         if (done := recorded(step)) is not None:
             return done
-        if out.exists():
+        if out.exists() and step.resumable:  # an unfinished arm: its trainer says whether a checkpoint resumes it
+            log.info("%s: not finished in %s: continuing it", step.label, out)
+        elif out.exists():
             log.info("%s: no valid manifest in %s (unfinished, or changed on disk): computing it again", step.label, out)
         out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
