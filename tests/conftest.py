@@ -20,6 +20,9 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "ftcore")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's own device slots (tasks/devices.py): its studies do not wait for a study running beside it on
+# this machine; the processes a test starts inherit them.
+os.environ.setdefault("FTSTUDY_SLOTS_DIR", tempfile.mkdtemp(prefix="ftstudy-slots-"))
 
 from ftcore.config_files import load_config  # noqa: E402
 from ftcore.sources import build_tiny_model  # noqa: E402
