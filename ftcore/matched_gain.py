@@ -260,13 +260,18 @@ def section(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], 
     g = common_gain(paths, [[a] for a in order])
     first = next(iter(runs_of(curves).values()))
     units = {w: len(unit_matrix(first, w)[1]) for w in ("domain", "general")}
+    families = families_of(arms)
     if not g > 0:
         note = ("No domain gain is reached by every arm in 95% of the resamples of its curve (some arm's curve barely "
-                "or never falls below the base's domain perplexity), so the arms cannot be compared at equal gain.")
-        return {"headline": note, "lines": [note], "gain": g, "gains": []}
+                "or never falls below the base's domain perplexity), so the arms cannot all be compared at equal gain.")
+        # A sweep's failed setting (e.g. a learning rate that diverged) still leaves each method at its best.
+        best = _at_their_best(curves, paths, families, arms, order, reference) if families else {}
+        if not best:
+            return {"headline": note, "lines": [note], "gain": g, "gains": []}
+        return {**best, "table": best["best_table"], "headline": best["best_headline"], "gain": best["best_gain"],
+                "gains": [best["best_gain"]], "lines": [*best["best_lines"], "", note]}
     table = analyse(curves, sorted({g, *gains}), order, reference, paths=paths)
     what = "the largest every arm reaches on its curve, and in 95% of its resamples"
-    families = families_of(arms)
     every_arm = [headline(table, g, what, "Every setting, at" if families else "At"), "", *table_lines(table, reference)]
     out: dict[str, object] = {"table": table, "gain": g, "gains": sorted({g, *gains}), "headline": every_arm[0]}
     lines = [*every_arm]

@@ -408,7 +408,7 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
         matched = along.get("matched") or {}
         if along:  # the arms' general change at equal domain gain (empty when none can be compared)
             write_parquet(matched.get("table", pd.DataFrame({"gain_pct": []})), out / "matched_gain.parquet")
-            write_text("\n\n".join(h for h in (matched.get("headline"), matched.get("best_headline")) if h) + "\n",
+            write_text("\n\n".join(dict.fromkeys(h for h in (matched.get("headline"), matched.get("best_headline")) if h)) + "\n",
                        out / "headline.md")
         sections = {"Forgetting along training": along["lines"]} if along else {}
         if along.get("kl"):

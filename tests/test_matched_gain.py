@@ -126,6 +126,21 @@ def test_each_method_at_its_best_setting():
     assert any("optimistic" in line for line in section["lines"])
 
 
+def test_a_setting_that_never_gains_leaves_each_method_at_its_best():
+    """A swept learning rate that diverged (domain perplexity up all along): no gain is common to every arm, yet
+    each method is still compared at its best (seen: demo-frontier's full at 1.5e-4 removed the whole comparison)."""
+    rows = (_curve("full-lr1e-5", 0, [0, 4, 8], [0, 1, 2], 20, 20) + _curve("full-lr1e-4", 0, [0, -5, -15], [0, 20, 50], 20, 20)
+            + _curve("lora-lr1e-4", 0, [0, 3, 6], [0, 0.3, 0.6], 20, 20))
+    arms = [("full-lr1e-5", "full"), ("full-lr1e-4", "full"), ("lora-lr1e-4", "lora")]
+    section = matched_gain.section(pd.DataFrame(rows), [], [a for a, _ in arms], "full-lr1e-5", arms)
+    assert section["best"] == {"full": "full-lr1e-5"} and section["best_gain"] == 6.0 and section["gain"] == 6.0
+    best = section["best_table"].set_index("arm")
+    assert best.loc["full-lr1e-5", "general_change_pct"] == pytest.approx(1.5) and "full-lr1e-4" not in best.index
+    assert best.loc["lora-lr1e-4", "diff_pp"] == pytest.approx(-0.9)
+    assert section["headline"].startswith("**At a domain gain of 6.0%**")
+    assert any("cannot all be compared" in line for line in section["lines"])
+
+
 def test_each_method_at_its_best_within_a_forgetting_budget():
     from ftcore import forgetting
 
