@@ -7,7 +7,6 @@ or a trained arm (its full weights, or the base with its LoRA adapter).
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from ftcore.results import Scored
 # transformers draws a "Loading weights" bar per model load: dozens per study in the run logs, each for a load of
 # seconds. ftcore's own progress lines (ftcore.progress) say what runs.
 hf_logging.disable_progress_bar()
-
-# Written last into an arm's directory: an arm without it did not finish training.
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:

@@ -23,7 +23,7 @@ from ftcore.results import ModelRef
 # An arm's files beside its weights: the trainer's log and summary (ftcore.training), its curve points
 # (ftcore.curves). Here, where the steps that list them can read them without importing the trainer.
 TRAIN_LOG = "train_log.jsonl"
-TRAIN_SUMMARY = "train_summary.json"
+TRAIN_SUMMARY = "train_summary.json"  # written last: an arm without it did not finish training
 CURVE_LOG = "curves.jsonl"
 CURVE_FRAME = "curves.parquet"
 

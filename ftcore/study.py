@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ftcore import (cards, chunking, config_files, contamination, corpora, curves, forgetting, hardware, keys, models, perplexity, report,
+from ftcore import (cards, chunking, config_files, contamination, corpora, forgetting, hardware, keys, models, perplexity, report,
                     self_replay, sources, task_forgetting, tracking, training)
 from ftcore.config import SETS, ArmSpec, CorpusSpec, StudyConfig
 from ftcore.inputs import (Inputs, StudyError, check_contamination, check_inputs, check_model, check_replay_budget,
