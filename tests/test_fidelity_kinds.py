@@ -13,6 +13,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -312,3 +313,21 @@ def test_an_instruction_record_needs_its_completion_not_its_prompt(tmp_path):
                          FormatSpec(prompt_field="t", completion_field="c"))
     assert corpus.records["c"].tolist() == ["an abstract", "another abstract"]  # an empty completion cannot train
     assert corpus.empty == 2
+
+
+def test_shared_runs_are_found_by_binary_search_as_by_a_set_lookup():
+    """shared_mask looks each run up in the sorted hashes (a binary search): the same tokens as np.isin marks,
+    at both ends of the sorted hashes and with none at all."""
+    rng = np.random.default_rng(0)
+    theirs_ids = rng.integers(0, 50, 5000)
+    ids = np.concatenate([rng.integers(0, 50, 300), theirs_ids[100:180], rng.integers(0, 50, 300), theirs_ids[:40]])
+    theirs = contamination.hashes_of([theirs_ids], 8)
+    expected_hits = np.flatnonzero(np.isin(contamination.run_hashes(ids, 8), theirs))
+    mask = contamination.shared_mask(ids, theirs, 8)
+    edges = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.add.at(edges, expected_hits, 1)
+    np.add.at(edges, expected_hits + 8, -1)
+    assert (mask == (np.cumsum(edges)[:-1] > 0)).all() and mask[300:380].all() and mask[-40:].all()
+    assert not contamination.shared_mask(ids, np.zeros(0, np.uint64), 8).any()
+    edge = contamination.run_hashes(ids, 8)[[0, -1]]
+    assert contamination.shared_mask(ids, np.sort(np.concatenate([theirs, edge])), 8)[[0, -1]].all()
