@@ -15,7 +15,7 @@ __all__ = ["StudyConfig", "load_config"]
 # The modules that import torch, transformers, TRL, peft or matplotlib at their top. `from ftcore import models`
 # gives a stand-in until one of the module's names is used, so a study whose steps are all recorded is read back,
 # and bad input refused, without the seconds those imports take. Code that computes imports them at first use.
-HEAVY = frozenset({"chunking", "curves", "models", "perplexity", "plots", "training"})
+HEAVY = frozenset({"chunked_loss", "chunking", "curves", "models", "perplexity", "plots", "training"})
 
 
 class _Deferred:

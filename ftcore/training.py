@@ -32,7 +32,7 @@ from peft import LoraConfig, PeftModel
 from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from ftcore import curves
+from ftcore import chunked_loss, curves
 from ftcore.config import InputError, LoraSpec, TrainSpec, check_devices_per_arm
 from ftcore.hardware import resolve_device, resolve_precision
 from ftcore.io import atomic_path, crash_point, write_json
@@ -258,18 +258,28 @@ class CrashPoint(TrainerCallback):
 
 
 class PlainLossSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss is the model's own cross-entropy over the completion labels.
+    """SFTTrainer whose loss is the cross-entropy over the completion labels, through the output layer a chunk
+    of positions at a time (ftcore.chunked_loss) where the model allows, else the model's own.
 
     TRL 1.x computes the loss through a fused, chunked LM head that also yields entropy and top-1
     accuracy for its logs. Without Triton (on a CPU) it scores every position, recomputes the head
     in the backward pass and computes a softmax entropy over the vocabulary: a training step took
-    1.8x as long as a plain Trainer's on the same rows (bench/train.py). The loss is the same mean
-    over completion tokens; only TRL's entropy/accuracy log fields are lost. On GPUs TRL's fused
-    head is kept: there it skips prompt positions and never holds the full logits.
+    1.8x as long as a plain Trainer's on the same rows (bench/train.py). The model's own loss holds
+    every position's logits at once, several GB per batch for a 262k vocabulary (BENCHMARKS.md §12).
+    The loss is the same mean over completion tokens; only TRL's entropy/accuracy log fields are lost.
+    On GPUs TRL's fused head is kept: there it skips prompt positions and never holds the full logits.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # Several processes scale the loss for their token average (Trainer.compute_loss): left to the Trainer.
+        if (return_outputs or "labels" not in inputs or self.accelerator.num_processes > 1
+                or not chunked_loss.supports(model)):
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        # The model's forward carries accelerate's autocast; the decoder called directly needs it here.
+        with self.accelerator.autocast():
+            return chunked_loss.causal_lm_loss(
+                model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
 
 def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] | None = None,
               on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

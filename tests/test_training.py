@@ -256,3 +256,65 @@ def test_loading_a_model_draws_no_progress_bar(tiny_model, capfd):
 
     models.load_model(tiny_model)
     assert "Loading weights" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunked_loss_has_the_models_own_loss_and_gradients(tiny_models, family, precision):
+    """ftcore.chunked_loss (the CPU trainer's loss, 3 positions at a time here) against the model's own
+    ForCausalLMLoss on one batch: the loss and every parameter's gradient, fully trained and under LoRA (frozen
+    output layer), in fp32 and under bf16 autocast (the head's logits in bf16, as the model computes them)."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftcore import chunked_loss
+    from ftcore.models import load_model
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 60, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # the prompt: no loss
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    for lora in (False, True):
+        grads = []
+        for chunked in (False, True):
+            model = load_model(tiny_models[family]).train()
+            for module in model.modules():  # dropout off: both sides compute the same function
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+            if lora:
+                torch.manual_seed(1)  # the same adapter initialisation on both sides
+                model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+            assert chunked_loss.supports(model)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                if chunked:
+                    loss = chunked_loss.causal_lm_loss(model, batch, num_items=torch.tensor(17), chunk=3)
+                else:
+                    loss = model(**batch, num_items_in_batch=torch.tensor(17)).loss
+            loss.backward()
+            grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        (plain, plain_grads), (chunk, chunk_grads) = grads
+        tol = 1e-5 if precision == "fp32" else 2e-2
+        assert chunk == pytest.approx(plain, rel=tol)
+        assert plain_grads.keys() == chunk_grads.keys()
+        for name, g in plain_grads.items():
+            scale = float(g.abs().max()) or 1.0
+            assert float((chunk_grads[name] - g).abs().max()) <= tol * scale, (family, lora, name)
+
+
+def test_chunked_loss_mean_and_refusal(tiny_model):
+    """Without a token count the loss is the mean over labelled positions; a model whose logits are soft-capped
+    (Gemma 2) is not computed this way."""
+    from ftcore import chunked_loss
+    from ftcore.models import load_model
+
+    model = load_model(tiny_model)
+    ids = torch.randint(3, 60, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        assert float(chunked_loss.causal_lm_loss(model, batch)) == pytest.approx(float(model(**batch).loss), rel=1e-5)
+        model.config.final_logit_softcapping = 30.0
+        assert not chunked_loss.supports(model)
+        with pytest.raises(ValueError, match="soft-capping"):
+            chunked_loss.causal_lm_loss(model, batch)

@@ -1,0 +1,128 @@
+"""Speed options for training and evaluation on this CPU, each against today's code in the same script.
+
+    .venv/bin/python -m bench.options [--preset demo-base] [--steps 3] [--repeats 2] [--only NAME ...]
+
+Each variant runs in its own process (so no allocator or thread state carries over), interleaved over the
+repeats, on the preset's own model and rows (curves off): training variants train the preset's arm for
+`--steps` steps into a temporary directory; evaluation variants score the general set's first 4096 tokens
+with the base model. Reported per variant: tokens/s, the training loss or perplexity (an option that changes
+them beyond the report's noise is not kept), user/system CPU seconds and peak RSS. The variants:
+
+- full-own-loss / lora-own-loss: the model's own loss (every position's logits at once): the code before
+  ftcore.chunked_loss;
+- full / lora: today's trainer (the loss through the output layer 256 positions at a time, ftcore.chunked_loss);
+- full-foreach: AdamW's multi-tensor (foreach) implementation instead of the fused one (transformers' default
+  on torch >= 2.8);
+- lora-bf16-base: the frozen base model's weights held in bf16 instead of fp32 under autocast;
+- eval-b4 / eval (batch 8, today) / eval-b16: evaluation batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from bench.common import ROOT, record
+
+TRAIN = ("full-own-loss", "full", "full-foreach", "lora-own-loss", "lora", "lora-bf16-base")
+EVAL = ("eval-b4", "eval", "eval-b16")
+
+
+def child(preset: str, variant: str, steps: int) -> None:
+    import tempfile
+
+    import pandas as pd
+    import torch
+
+    from bench.common import Clock
+    from ftcore import chunked_loss, models, perplexity, study, training
+    from ftcore.config_files import load_config
+    from ftcore.inputs import check_inputs
+
+    base = load_config(preset)
+    cfg = load_config(preset, artifacts_dir=str(ROOT / "bench-artifacts" / preset),
+                      train={**base.train.model_dump(), "max_steps": steps, "logging_steps": 1},
+                      eval={**base.eval.model_dump(), "every_steps": 0})
+    p = study.prepare(check_inputs(cfg, arms_in_process=True))
+    result: dict = {"variant": variant}
+    if variant.startswith("eval"):
+        batch = int(variant.split("-b")[1]) if "-b" in variant else cfg.eval.batch_size
+        model = models.load_model(p.model_dir)
+        rows = perplexity.general_set(pd.read_parquet(p.root / p.general.path), cfg.chunk_len, cfg.eval.stride,
+                                      4096).rows
+        start = time.perf_counter()
+        scores = perplexity.score_rows(model, rows, batch, models.load_tokenizer(p.model_dir).pad_token_id,
+                                       p.cfg.eval.precision)
+        seconds = time.perf_counter() - start
+        summary = perplexity.summarize(scores)
+        result.update(tokens_per_s=summary["tokens"] / seconds, ppl=summary["ppl"])
+    else:
+        arm = variant.split("-")[0]
+        if variant.endswith("own-loss"):
+            chunked_loss.supports = lambda model: False
+        if variant == "full-foreach":
+            original = training.sft_config
+
+            def foreach(*a, **k):
+                args = original(*a, **k)
+                args.optim = "adamw_torch"  # torch.optim.AdamW, foreach on by default
+                return args
+
+            training.sft_config = foreach
+        if variant == "lora-bf16-base":
+            load = training.load_model
+            training.load_model = lambda path: load(path).to(torch.bfloat16)
+        plan = next(x for x in study.plan_arms(p) if x.name == arm)
+        clock = Clock()
+        with tempfile.TemporaryDirectory() as out:
+            summary = training.train_arm(plan.model_copy(update={"dir": out}), p.root, callbacks=[clock])
+        trained = summary["tokens_per_epoch"] / summary["rows"] * cfg.train.batch_size * cfg.train.grad_accum * steps
+        result.update(tokens_per_s=trained / clock.seconds, loss=summary["train_loss"])
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result.update(user_s=usage.ru_utime, system_s=usage.ru_stime, peak_rss_gb=usage.ru_maxrss / 2**20)
+    print(json.dumps(result))
+
+
+def run(preset: str, variant: str, steps: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.options", "--child", variant, "--preset", preset,
+                          "--steps", str(steps)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="demo-base")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=TRAIN + EVAL)
+    parser.add_argument("--child")
+    args = parser.parse_args()
+    if args.child:
+        return child(args.preset, args.child, args.steps)
+    variants = args.only or list(TRAIN + EVAL)
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(args.repeats):  # interleaved, so drift of the machine hits every variant alike
+        for variant in variants:
+            runs[variant].append(run(args.preset, variant, args.steps))
+            print(json.dumps(runs[variant][-1]), flush=True)
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "variant"} for v, rs in runs.items()}
+    ratios = {}
+    for variant, today in (("full-own-loss", "full"), ("full-foreach", "full"), ("lora-own-loss", "lora"),
+                           ("lora-bf16-base", "lora"), ("eval-b4", "eval"), ("eval-b16", "eval")):
+        if variant in med and today in med:
+            ratios[f"{today} / {variant}" if "own-loss" in variant else f"{variant} / {today}"] = round(
+                (med[today]["tokens_per_s"] / med[variant]["tokens_per_s"]) if "own-loss" in variant
+                else (med[variant]["tokens_per_s"] / med[today]["tokens_per_s"]), 3)
+    record(f"options-{args.preset}", {"preset": args.preset, "steps": args.steps, "repeats": args.repeats,
+                                      "median": med, "ratios": ratios, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
