@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Two workers (pytest-xdist) on the 2-core machines this is developed on, each test file on one worker (its module
+# fixtures, e.g. a server, are set up once). `pytest -q` alone runs the same suite in one process.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 smoke: $(STAMP)
 	$(VENV)/bin/ftstudy run --preset smoke

@@ -23,6 +23,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite's own device slots (tasks/devices.py): its studies do not wait for a study running beside it on
 # this machine; the processes a test starts inherit them.
 os.environ.setdefault("FTSTUDY_SLOTS_DIR", tempfile.mkdtemp(prefix="ftstudy-slots-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (`make test` runs two workers) each worker inherits what the controller set above: give
+    # it a Prefect home and device slots of its own, so the two workers' studies neither share a database nor
+    # wait for each other's arms. One compute thread per worker and per process it starts (set before torch is
+    # imported): two workers with torch's default of one thread per core oversubscribe the cores, and the tiny
+    # models gain nothing from a second thread.
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ftstudy-prefect-home-")
+    os.environ["FTSTUDY_SLOTS_DIR"] = tempfile.mkdtemp(prefix="ftstudy-slots-")
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from ftcore.config_files import load_config  # noqa: E402
 from ftcore.sources import build_tiny_model  # noqa: E402

@@ -163,7 +163,11 @@ def test_an_interrupted_run_stops_its_arm_and_server_and_exits_at_once(tmp_path,
             time.sleep(1)
         assert arm is not None, (tmp_path / "out").read_text()[-2000:]
         (server,) = [c for c in parent.children() if "flows.embedded_server:app" in c.cmdline()]  # in a session of its own
-        time.sleep(5)  # training
+        # Signal once the arm trains (its first loss is logged), not while it still imports its libraries: a busy
+        # machine (two test workers) can take longer than any fixed wait.
+        while not list((tmp_path / "a").glob("train-full/*/train_log.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # training
         started = time.monotonic()
         if whole_group:
             os.killpg(proc.pid, getattr(signal, sig))
