@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Two workers (pytest-xdist) on the 2-core machines this is developed on, each test file on one worker (its module
-# fixtures, e.g. a server, are set up once). `pytest -q` alone runs the same suite in one process.
+# fixtures, e.g. a server, are set up once), the slow files first (tests/conftest.py orders them). `pytest -q`
+# alone runs the same suite in one process.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 smoke: $(STAMP)
 	$(VENV)/bin/ftstudy run --preset smoke

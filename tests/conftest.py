@@ -42,6 +42,13 @@ PROSE = ("the city council met on tuesday to discuss the new bridge and the rive
          "where the market has stood for a hundred years").split()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end test files (marked slow) first, in their order, then the rest: `make test`'s two workers take
+    one file at a time in this order (`--dist loadfile --no-loadscope-reorder`), so the longest files start first
+    and the short ones fill in at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _sentence(rng: random.Random, words: list[str], n: int) -> str:
     return " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs `ftstudy` in a new process, most of them a study
+
 REPO = Path(__file__).resolve().parent.parent
 
 
