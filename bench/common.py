@@ -6,6 +6,8 @@ import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,16 @@ def timed(fn, repeats: int = 3):
         result = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def run_child(module: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run `python -m module *args` in a fresh process (so no allocator or thread state carries over) and return
+    the JSON object its last output line holds. Exits naming the command, with its output, when it fails."""
+    out = subprocess.run([sys.executable, "-m", module, *args], env={**os.environ, **(env or {})},
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{module} {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_mb() -> float:

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench.common import record
+from bench.common import record, run_child
 
 KEEP = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
@@ -64,9 +61,7 @@ def child(preset: str, steps: int) -> None:
 
 
 def run(preset: str, steps: int, env: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.malloc", "--child", "--preset", preset, "--steps", str(steps)],
-                         env={**os.environ, **env}, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("bench.malloc", ["--child", "--preset", preset, "--steps", str(steps)], env)
 
 
 def main() -> None:

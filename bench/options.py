@@ -23,11 +23,9 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
-from bench.common import ROOT, record
+from bench.common import ROOT, record, run_child
 
 TRAIN = ("full-own-loss", "full", "full-foreach", "lora-own-loss", "lora", "lora-bf16-base")
 EVAL = ("eval-b4", "eval", "eval-b16")
@@ -89,11 +87,7 @@ def child(preset: str, variant: str, steps: int) -> None:
 
 
 def run(preset: str, variant: str, steps: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.options", "--child", variant, "--preset", preset,
-                          "--steps", str(steps)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child("bench.options", ["--child", variant, "--preset", preset, "--steps", str(steps)])
 
 
 def main() -> None:

@@ -102,7 +102,8 @@ def causal_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor], num_items:
                          "output layer without logit soft-capping")
     inner = _unwrap(model)
     labels = inputs["labels"]
-    forward = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    # Everything the model's own forward would hand its decoder (packed rows' position ids included), bar the labels.
+    forward = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
     hidden = inner.get_decoder()(**forward, use_cache=False).last_hidden_state
     targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[:, 1:]  # position t predicts token t + 1
     keep = targets != IGNORE
