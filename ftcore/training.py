@@ -355,6 +355,11 @@ def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] 
     }
     if main:
         write_json(summary, out_dir / SUMMARY)
+    if args.world_size > 1:
+        # Leave together, the process group closed: a process that exits while gloo's threads still talk to
+        # the others can abort (SIGABRT) and fail an arm that had finished.
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.state.destroy_process_group()
     return summary
 
 

@@ -136,7 +136,7 @@ class EventReader:
 
     def __init__(self, log: Log, on_progress: Callable[[dict[str, Any]], None] | None):
         self.log, self.on_progress = log, on_progress
-        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.tail: collections.deque[str] = collections.deque(maxlen=120)  # torchrun's own traceback alone is ~40 lines; the rank's cause precedes it
         self.seen: set[tuple[str, str]] = set()
         self.error: str | None = None
 
