@@ -66,10 +66,16 @@ def record(name: str, data: dict) -> None:
 
 
 class Clock(TrainerCallback):
-    """Wall time of the training loop and the non-padding tokens it saw."""
+    """Wall time of the training loop, of each optimizer step (`step_seconds`), and the non-padding tokens it saw."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
+        self.step_seconds: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.step_seconds.append(now - self.last)
+        self.last = now
 
     def on_train_end(self, args, state, control, **kwargs):
         self.seconds = time.perf_counter() - self.start

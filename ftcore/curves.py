@@ -35,7 +35,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -276,12 +276,11 @@ class CurveLog(TrainerCallback):
 
     def reference(self, model):
         """The base's logits beside the model being trained, for the points' KL (ftcore.models.reference_logits):
-        a LoRA model with its adapter off; for a full arm the base, loaded once on the model's device."""
-        if self.method == "lora":
-            return models.reference_logits("lora", model, self.base_dir)
+        a LoRA model with its adapter off; for a full arm the base, loaded once on the model's device. Either way
+        computed once per batch and kept (ReferenceCache)."""
         if self._reference is None:
-            self._reference = models.reference_logits(self.method, model, self.base_dir,
-                                                      str(next(model.parameters()).device))
+            self._reference = ReferenceCache(models.reference_logits(self.method, model, self.base_dir,
+                                                                     str(next(model.parameters()).device)))
         return self._reference
 
     def _budget(self, model, state, control) -> None:
@@ -294,6 +293,41 @@ class CurveLog(TrainerCallback):
                      self.curve.budget_pct)
             if self.curve.stop_at_budget:
                 control.should_training_stop = True
+
+
+# What the base's curve-point logits may hold in memory: demo-base's (21 batches of up to 8 x 256 positions of a
+# 262k vocabulary in bf16) take about 2.8 GB.
+REFERENCE_CACHE_BYTES = 4 * 2**30
+
+
+class ReferenceCache:
+    """`logits(input_ids, attention_mask)` of the base, each batch computed once and then reused.
+
+    The base does not change while an arm trains (a full arm's is a second, frozen model; a LoRA arm's is its
+    own frozen weights with the adapter off) and every point scores the same batches, so a later point's KL is
+    the one recomputing would give, bit for bit, for half of the point's model passes. Batches are known by
+    their token ids and mask; kept on the CPU (a GPU keeps its memory for training), at most `max_bytes`
+    of them, the rest computed each time.
+    """
+
+    def __init__(self, logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], max_bytes: int | None = None):
+        self.logits = logits
+        self.max_bytes = REFERENCE_CACHE_BYTES if max_bytes is None else max_bytes
+        self.kept: dict[tuple, torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = 0
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes())
+        if key in self.kept:
+            self.hits += 1
+            return self.kept[key].to(input_ids.device)
+        out = self.logits(input_ids, attention_mask)
+        size = out.numel() * out.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self.kept[key] = out.to("cpu")
+            self.bytes += size
+        return out
 
 
 def stop_at_budget(model: torch.nn.Module, plan: ArmPlan, out_dir: str | Path) -> dict[str, Any] | None:

@@ -154,8 +154,10 @@ def test_an_interrupted_run_stops_its_arm_and_server_and_exits_at_once(tmp_path,
     args = [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--artifacts", str(tmp_path / "a"),
             "--set", 'arms=["full"]', "--set", "train.max_steps=5000", "--set", "eval.every_steps=0"]
     with open(tmp_path / "out", "w") as out:
+        # SIGINT at its default, as in a terminal's foreground job: a suite started in the background by a
+        # non-interactive shell ignores it, and an ignored SIGINT stays ignored in every child (POSIX).
         proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 240

@@ -1,5 +1,6 @@
 """Learning and forgetting curves: measured while each arm trains, resumable, with a forgetting budget."""
 
+import importlib
 import shutil
 from pathlib import Path
 
@@ -193,6 +194,55 @@ def test_each_curve_point_keeps_its_units_and_kl(study_config):
         assert sum(p["unit_nll"]) / sum(p["unit_tokens"]) == pytest.approx(p["nll"], rel=1e-6)  # per-token NLL is float32
         assert sum(p["unit_tokens"]) == p["tokens"]
     assert curve[curve.step == 0]["kl"].abs().max() < 1e-9 and (curve[curve.step > 0]["kl"] > 0).all()
+
+
+def test_the_base_is_scored_once_per_batch_and_the_cache_changes_no_number(tiny_model):
+    """ReferenceCache: the second pass over the same rows computes no base logits and gives the same KL, bit for
+    bit; over its byte budget it keeps nothing and computes every time."""
+    from transformers import AutoModelForCausalLM
+
+    from ftcore import models, perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base = models.reference_logits("full", model, tiny_model)
+    calls = []
+    counted = lambda ids, mask: calls.append(ids.shape) or base(ids, mask)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    rows = [(ids, ids, len(ids)) for ids in (torch.randint(3, 60, (n,), generator=g).tolist() for n in (9, 7, 12, 5, 8))]
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5, generator=g)  # the model is not the base: KL > 0
+
+    def kl(reference):
+        return perplexity.score_rows(model, rows, 2, 0, reference_logits=reference)["kl_sum"].to_numpy()
+
+    plain = kl(base)
+    cache = curves.ReferenceCache(counted)
+    first, second = kl(cache), kl(cache)
+    assert len(calls) == 3 and cache.hits == 3  # 5 rows in batches of 2: three base passes, then none
+    assert (plain > 0).all() and (first == plain).all() and (second == plain).all()
+    calls.clear()
+    none_kept = curves.ReferenceCache(counted, max_bytes=0)
+    assert (kl(none_kept) == plain).all() and (kl(none_kept) == plain).all() and len(calls) == 6
+
+
+@pytest.mark.parametrize("arm", ["full", "lora"])
+def test_curve_points_are_the_same_with_the_base_kept_or_scored_again(study_config, monkeypatch, arm):
+    """Every point's perplexity, KL and per-document units equal bit for bit whether the base's logits are kept
+    from the first point or computed again at each (a LoRA arm's base is its own model with the adapter off,
+    which training must not reach)."""
+    prepared = _prepared(study_config, arms=[arm], eval={"every_steps": 2, "curve_tokens": 300})
+
+    root = Path(prepared.cfg.artifacts_dir)
+
+    def points(max_bytes):
+        monkeypatch.setattr(importlib.import_module("ftcore.curves"), "REFERENCE_CACHE_BYTES", max_bytes)
+        step = study.train(_plan(prepared, arm), root)
+        shutil.rmtree(step.dir, ignore_errors=True)  # trained afresh, not the recorded result
+        return _curve(root, run_step(step))
+
+    kept, again = points(2**30), points(0)
+    assert len(kept) == 6 and (kept[kept.step > 0]["kl"] > 0).all()
+    for column in ["step", "set", "nll", "kl", "unit_nll", "unit_kl"]:
+        assert [np.asarray(v).tolist() for v in kept[column]] == [np.asarray(v).tolist() for v in again[column]], column
 
 
 def test_top_k_kl_is_a_lower_bound_of_the_full_kl():
