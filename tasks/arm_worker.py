@@ -64,6 +64,15 @@ def setup_logging() -> logging.Logger:
 PLAN_ENV = "FTSTUDY_ARM_PLAN"
 
 
+def hide_unused_libraries(method: str) -> None:
+    """Before the training libraries are imported: bitsandbytes absent unless the arm is QLoRA. peft and
+    transformers import it whenever it is installed, and it imports torch's compiler: 3-4 s of every arm
+    process's start (BENCHMARKS.md §14). None in sys.modules makes a module absent (importlib.util.find_spec
+    returns None, an import raises ImportError)."""
+    if method != "qlora":
+        sys.modules.setdefault("bitsandbytes", None)
+
+
 def main(root: str) -> int:
     log = setup_logging()
     first = int(os.environ.get("RANK", "0")) == 0
@@ -72,6 +81,7 @@ def main(root: str) -> int:
         logging.getLogger().setLevel(logging.ERROR)
     try:
         plan = ArmPlan.model_validate_json(os.environ.get(PLAN_ENV) or sys.stdin.read())
+        hide_unused_libraries(plan.method)
         from ftcore import training
 
         # Training only: the parent holds the step's lock and records the result (ftcore.steps.run_step).

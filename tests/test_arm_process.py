@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,8 @@ from ftcore import inputs, study
 from tasks.arm_process import EventReader, train_in_subprocess
 from tasks.devices import device_slot
 from tasks.runner import train_in_own_process
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_childs_warnings_and_errors_are_forwarded_once():
@@ -43,6 +47,24 @@ def test_a_real_arm_process_reports_a_library_warning_and_its_progress(study_con
     assert result.summary["steps"] == 2 and [p["step"] for p in progress] == [1, 2]
     fan_in = [m for level, m in logs if level == logging.WARNING and "fan_in_fan_out" in m]
     assert len(fan_in) == 1, logs
+
+
+@pytest.mark.parametrize("method, imported", [("full", "False False"), ("lora", "False False"), ("qlora", "True True")])
+def test_only_a_qlora_arm_process_imports_bitsandbytes(method, imported):
+    """What an arm's process sees after hide_unused_libraries: peft's own check and the module itself."""
+    code = ("import sys; from tasks.arm_worker import hide_unused_libraries; hide_unused_libraries(sys.argv[1]); "
+            "from peft.import_utils import is_bnb_available; "
+            "print(is_bnb_available(), sys.modules.get('bitsandbytes') is not None)")
+    out = subprocess.run([sys.executable, "-c", code, method], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split("\n")[-2] == imported, out.stderr[-2000:]
+
+
+def test_a_qlora_arm_trains_in_its_own_process(study_config, tiny_model_wide):
+    pytest.importorskip("bitsandbytes")
+    prepared = study.prepare(study_config(model={"source": "local", "name": str(tiny_model_wide)},
+                                          arms=[{"name": "qlora", "method": "qlora"}], train={"max_steps": 2}))
+    result = train_in_own_process(study.train(study.plan_arms(prepared)[0], prepared.root), lambda level, msg: None)
+    assert result.summary["steps"] == 2 and (prepared.root / result.dir / "adapter").is_dir()
 
 
 def test_a_failing_arm_process_raises_with_its_own_error(study_config):
