@@ -295,17 +295,18 @@ class CurveLog(TrainerCallback):
                 control.should_training_stop = True
 
 
-# What the base's curve-point logits may hold in memory: demo-base's (21 batches of up to 8 x 256 positions of a
-# 262k vocabulary in bf16) take about 2.8 GB.
+# What the base's curve-point logits may hold in memory: demo-base's (4 batches of up to 8 x 256 positions of a
+# 262k vocabulary in bf16) take 2.4 GB (BENCHMARKS.md §12).
 REFERENCE_CACHE_BYTES = 4 * 2**30
 
 
 class ReferenceCache:
     """`logits(input_ids, attention_mask)` of the base, each batch computed once and then reused.
 
-    The base does not change while an arm trains (a full arm's is a second, frozen model; a LoRA arm's is its
-    own frozen weights with the adapter off) and every point scores the same batches, so a later point's KL is
-    the one recomputing would give, bit for bit, for half of the point's model passes. Batches are known by
+    The base does not change while an arm trains (a full or QLoRA arm's is a second, frozen model loaded beside it;
+    a LoRA arm's is its own frozen weights with the adapter off) and every point scores the same batches, so a
+    later point's KL is the one recomputing would give, bit for bit, for half of the point's model passes.
+    Batches are known by
     their token ids and mask; kept on the CPU (a GPU keeps its memory for training), at most `max_bytes`
     of them, the rest computed each time.
     """
