@@ -1,7 +1,8 @@
 """Train one arm in its own process on a free device slot, and tell the user what happened there.
 
-The child (`python -m tasks.arm_worker ROOT`, the plan as JSON on stdin) writes one JSON event per
-line to stdout: log records (ftcore's progress, and every library's warnings and errors, Python
+The child (`python -m tasks.arm_worker ROOT`, the plan as JSON on stdin; or, for one arm process on
+the CPU, the same forked from a server that imported the libraries once: `start_arm`) writes one JSON
+event per line to stdout: log records (ftcore's progress, and every library's warnings and errors, Python
 warnings included), training progress, and on failure the error with its traceback. This side
 forwards them to `log` (ftcore INFO lines, every WARNING and ERROR, each distinct warning once),
 progress to `on_progress`, and raises with the child's own error line when it fails. The trainer's
@@ -18,6 +19,8 @@ import collections
 import ctypes
 import json
 import logging
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import subprocess
@@ -87,6 +90,110 @@ def arm_command(plan: ArmPlan, root: Path) -> list[str]:
             "--module", "tasks.arm_worker", str(root)]
 
 
+def start_arm(plan: ArmPlan, root: Path, gpu: str | None) -> subprocess.Popen | ForkedArm:
+    """The arm's process, started: forked from the arm fork server when it can be (`forkable`), else afresh
+    (`arm_command`), the plan on its stdin (every process of a torchrun arm reads it from the environment)."""
+    env = child_env(gpu)
+    if forkable(plan, gpu):
+        return ForkedArm(plan, root, env)
+    if plan.train.devices_per_arm > 1:  # every process reads the plan; stdin reaches only one
+        env["FTSTUDY_ARM_PLAN"] = plan.model_dump_json()
+    proc = subprocess.Popen(arm_command(plan, root), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=_die_with_parent)
+    assert proc.stdin is not None
+    proc.stdin.write(plan.model_dump_json())
+    proc.stdin.close()
+    return proc
+
+
+# The arm fork server (multiprocessing's forkserver, its libraries imported once: tasks.arm_libraries) and the
+# environment it was started in, which its imports read (huggingface_hub's and datasets' settings, say).
+_FORK_LOCK = threading.Lock()
+_fork_environ: dict[str, str] | None = None
+# Variables no library reads at import: ftstudy's own and Prefect's are read when used (the forked arm gets this
+# process's environment as it is), and pytest sets PYTEST_CURRENT_TEST anew for every test.
+READ_WHEN_USED = ("FTSTUDY_", "PREFECT_", "PYTEST_")
+
+
+def _import_environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(READ_WHEN_USED)}
+
+
+def forkable(plan: ArmPlan, gpu: str | None) -> bool:
+    """Whether the arm's process can be forked from the arm fork server: one process on the CPU (CUDA cannot be
+    used in a forked process once its parent used it; an arm on GPUs runs long enough for a fresh start not to
+    matter), not QLoRA (the server hides bitsandbytes), and the server's environment, but for READ_WHEN_USED,
+    this process's (the libraries' import-time settings are a fresh process's): where it changed, the server is
+    stopped for the next fork to start one anew, or, while a forked arm still runs, this arm starts afresh.
+    FTSTUDY_FORK_ARMS=0 starts every arm afresh."""
+    global _fork_environ
+    if gpu is not None or plan.train.devices_per_arm > 1 or plan.method == "qlora":
+        return False
+    if os.environ.get("FTSTUDY_FORK_ARMS", "1") == "0":
+        return False
+    with _FORK_LOCK:
+        now = _import_environ()
+        before = now if _fork_environ is None else _fork_environ
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed:  # names only: a value may be a secret
+            logging.getLogger(__name__).info("%s changed since the arm fork server started", ", ".join(changed))
+        if _fork_environ is None or (changed and _stop_fork_server()):
+            multiprocessing.get_context("forkserver").set_forkserver_preload(["tasks.arm_libraries"])
+            _fork_environ = now
+        return _fork_environ == now
+
+
+def _live_forked_arms() -> bool:
+    return any(isinstance(p, ForkedArm) and p.poll() is None for p in LIVE)
+
+
+def _stop_fork_server() -> bool:
+    """Stop the fork server (the next fork starts a new one), unless a forked arm still runs (its process holds
+    the server open) or this Python lacks multiprocessing's ForkServer._stop (private; Python 3.8 to 3.14)."""
+    if _live_forked_arms():
+        return False
+    stop = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_stop", None)
+    if stop is None:
+        return False
+    stop()
+    return True
+
+
+class ForkedArm:
+    """An arm's process forked from the arm fork server (tasks.arm_worker.forked_main), with the part of
+    subprocess.Popen's interface this module uses: stdout (its stdout and stderr, text), poll, wait, terminate."""
+
+    def __init__(self, plan: ArmPlan, root: Path, env: dict[str, str]):
+        from tasks.arm_worker import forked_main
+
+        ctx = multiprocessing.get_context("forkserver")
+        read, write = ctx.Pipe(duplex=False)  # the child's stdout and stderr
+        watch, self._lifeline = ctx.Pipe(duplex=False)  # only this process writes: EOF in the child when it ends
+        self._process = ctx.Process(target=forked_main, name=f"arm {plan.label}", daemon=False,
+                                    args=(plan.model_dump_json(), str(root), env, os.getcwd(), write, watch))
+        try:
+            self._process.start()
+        finally:
+            write.close()
+            watch.close()
+        self.stdout = open(os.dup(read.fileno()), encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by wait
+        read.close()
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self) -> int:
+        self._process.join()
+        self.stdout.close()
+        self._lifeline.close()
+        code = self._process.exitcode
+        assert code is not None
+        return code
+
+    def terminate(self) -> None:
+        self._process.terminate()
+
+
 def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | None = None,
                         on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `plan` under the absolute artifacts `root` in a child process (or, with train.devices_per_arm
@@ -99,17 +206,10 @@ def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | No
         raise ValueError(f"the artifacts root must be absolute in the arm's process, got {root}")
     if STOPPING.is_set():
         raise RuntimeError(f"arm {plan.label} not started: the study is stopping")
-    env = child_env(gpu)
-    if plan.train.devices_per_arm > 1:  # every process reads the plan; stdin reaches only one
-        env["FTSTUDY_ARM_PLAN"] = plan.model_dump_json()
-    proc = subprocess.Popen(arm_command(plan, root), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            preexec_fn=_die_with_parent)
-    assert proc.stdin is not None and proc.stdout is not None
+    proc = start_arm(plan, root, gpu)
+    assert proc.stdout is not None
     LIVE.add(proc)
     try:
-        proc.stdin.write(plan.model_dump_json())
-        proc.stdin.close()
         events = EventReader(log, on_progress)
         for line in proc.stdout:
             events.read(line.rstrip("\n"))

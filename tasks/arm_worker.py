@@ -1,5 +1,6 @@
 """Entry point of an arm's own process: `python -m tasks.arm_worker ROOT`, the ArmPlan as JSON on stdin
-(or, for an arm on several devices started by torchrun, in the environment variable FTSTUDY_ARM_PLAN).
+(or, for an arm on several devices started by torchrun, in the environment variable FTSTUDY_ARM_PLAN), or
+`forked_main` in a process forked from the arm fork server (tasks.arm_process), the same in every other way.
 
 Training runs in a child process so that a crash or an out-of-memory kill takes down that arm
 alone, and so the arm sees only its own device (CUDA_VISIBLE_DEVICES set by the parent). Every
@@ -10,10 +11,13 @@ parent records.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from typing import Any
@@ -62,6 +66,7 @@ def setup_logging() -> logging.Logger:
 
 
 PLAN_ENV = "FTSTUDY_ARM_PLAN"
+PR_SET_NAME = 15
 
 
 def hide_unused_libraries(method: str) -> None:
@@ -73,14 +78,14 @@ def hide_unused_libraries(method: str) -> None:
         sys.modules.setdefault("bitsandbytes", None)
 
 
-def main(root: str) -> int:
+def main(root: str, plan_json: str | None = None) -> int:
     log = setup_logging()
     first = int(os.environ.get("RANK", "0")) == 0
     if not first:  # the arm's other processes: their errors only, the first reports the rest
         logging.getLogger("ftcore").setLevel(logging.ERROR)
         logging.getLogger().setLevel(logging.ERROR)
     try:
-        plan = ArmPlan.model_validate_json(os.environ.get(PLAN_ENV) or sys.stdin.read())
+        plan = ArmPlan.model_validate_json(plan_json or os.environ.get(PLAN_ENV) or sys.stdin.read())
         hide_unused_libraries(plan.method)
         from ftcore import training
 
@@ -90,6 +95,51 @@ def main(root: str) -> int:
         log.error("arm failed: %s: %s", type(exc).__name__, exc, exc_info=True)
         return 1
     return 0
+
+
+def die_with(lifeline: Any) -> None:
+    """SIGKILL this process when `lifeline`'s other end closes: the study's process ended, even by SIGKILL, and
+    a killed run leaves no orphan training. (PR_SET_PDEATHSIG would watch the fork server, our parent.)"""
+
+    def watch() -> None:
+        try:
+            lifeline.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="arm-lifeline", daemon=True).start()
+
+
+def name_process(name: bytes) -> None:
+    """The name ps, top and psutil show for this process (a forked arm's command line is the fork server's)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_NAME, name)
+    except OSError:
+        pass
+
+
+def forked_main(plan_json: str, root: str, env: dict[str, str], cwd: str, out: Any, lifeline: Any) -> None:
+    """In a process forked from the arm fork server, whose libraries are imported (tasks.arm_libraries): become
+    the process `python -m tasks.arm_worker ROOT` would be (the arm's environment and working directory, stdout
+    and stderr into `out`, the write end of the study's pipe) and train; killed when the study's process ends
+    (`lifeline`: a pipe only it writes to). Exits with main's code, or by the signal that stopped it."""
+    die_with(lifeline)
+    name_process(b"ftstudy-arm")
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(out.fileno(), 1)
+    os.dup2(out.fileno(), 2)
+    out.close()
+    setup_logging()
+    from tasks import arm_libraries
+
+    for caught in arm_libraries.IMPORT_WARNINGS:  # as an arm started afresh reports them
+        warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+    sys.exit(main(root, plan_json))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -239,3 +240,132 @@ def test_an_arm_on_more_gpus_than_the_machine_has_is_refused_before_any_work(stu
     with pytest.raises(InputError, match=r"train.devices_per_arm 2: this machine has 1 GPU\(s\)"):
         inputs.check_inputs(cfg)
     assert not Path(cfg.artifacts_dir).exists()
+
+
+def _trained_bytes(arm_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(arm_dir)): p.read_bytes() for p in sorted(arm_dir.rglob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_forked_arm_trains_as_an_arm_started_afresh(study_config, tmp_path, monkeypatch, method):
+    """The arm fork server changes when an arm's process starts, not what it computes: the same arm, forked
+    and started afresh, logs the same losses and writes the same weights, bit for bit."""
+    from tasks import arm_process
+
+    kinds, logs, weights = [], {}, {}
+    start = arm_process.start_arm
+    monkeypatch.setattr(arm_process, "start_arm", lambda *a: kinds.append(type(p := start(*a)).__name__) or p)
+    for fork in ("1", "0"):
+        monkeypatch.setenv("FTSTUDY_FORK_ARMS", fork)
+        prepared = study.prepare(study_config(arms=[method], train={"max_steps": 2},
+                                              artifacts_dir=str(tmp_path / f"fork-{fork}")))
+        plan = study.plan_arms(prepared)[0]
+        train_in_subprocess(plan, prepared.cfg.artifacts_dir, lambda level, msg: None)
+        arm_dir = prepared.root / plan.dir
+        logs[fork] = [{k: v for k, v in json.loads(line).items() if k != "time" and "runtime" not in k and "per_second" not in k}
+                      for line in (arm_dir / "train_log.jsonl").read_text().splitlines()]
+        weights[fork] = _trained_bytes(arm_dir)
+    assert kinds == ["ForkedArm", "Popen"]
+    assert logs["1"] == logs["0"] and len(logs["1"]) >= 2
+    assert weights["1"] and weights["1"] == weights["0"]
+
+
+def test_an_arm_is_started_afresh_where_forking_could_change_it(study_config, monkeypatch):
+    """On GPUs, for QLoRA (the fork server hides bitsandbytes), on several processes, or while a forked arm runs
+    in a server whose environment the libraries read at import differs from this process's, an arm's process
+    starts afresh; where no forked arm runs, the server is restarted in the new environment instead."""
+    from tasks import arm_process
+
+    plan = study.plan_arms(study.prepare(study_config(arms=["full"])))[0]
+    stopped = []
+    monkeypatch.setattr(arm_process, "_stop_fork_server", lambda: stopped.append(1) or True)
+    monkeypatch.setattr(arm_process, "_fork_environ", None)
+    assert arm_process.forkable(plan, None)
+    monkeypatch.setenv("FTSTUDY_SLOTS_DIR", "/elsewhere")  # read when used: no matter
+    assert arm_process.forkable(plan, None) and not stopped
+    assert not arm_process.forkable(plan, "0")
+    assert not arm_process.forkable(plan.model_copy(update={"method": "qlora"}), None)
+    assert not arm_process.forkable(plan.model_copy(update={"train": plan.train.model_copy(update={"devices_per_arm": 2})}), None)
+    monkeypatch.setenv("HF_HOME", "/elsewhere/hf")  # huggingface_hub reads it at import: a new server
+    assert arm_process.forkable(plan, None) and stopped == [1]
+    assert arm_process._fork_environ["HF_HOME"] == "/elsewhere/hf"
+    monkeypatch.setattr(arm_process, "_stop_fork_server", lambda: False)  # a forked arm still runs
+    monkeypatch.setenv("HF_HOME", "/elsewhere/hf2")
+    assert not arm_process.forkable(plan, None)
+    monkeypatch.setenv("FTSTUDY_FORK_ARMS", "0")
+    monkeypatch.setattr(arm_process, "_fork_environ", None)
+    assert not arm_process.forkable(plan, None)
+
+
+def _fork_server_hf_home() -> str:
+    """huggingface_hub's HF_HOME as the fork server imported it (a setting read at import), seen by a forked child."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    read, write = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=exec, args=("import huggingface_hub.constants as c; conn.send(c.HF_HOME)", {"conn": write}))
+    child.start()
+    write.close()
+    home = read.recv()
+    child.join()
+    return home
+
+
+def test_the_fork_server_restarts_in_a_changed_environment(study_config, monkeypatch):
+    """After the environment changed (HF_HOME), the next forked arm forks from a new server whose libraries read
+    the new environment at import, as a fresh process's would."""
+    from tasks import arm_process
+
+    plan = study.plan_arms(study.prepare(study_config(arms=["full"])))[0]
+    for home in ("/elsewhere/hf-a", "/elsewhere/hf-b"):
+        monkeypatch.setenv("HF_HOME", home)
+        assert arm_process.forkable(plan, None)
+        assert _fork_server_hf_home() == home
+
+
+KILLED_STUDY = """
+import sys, time
+from pathlib import Path
+from ftcore.plan import ArmPlan
+from tasks.arm_process import start_arm
+plan = ArmPlan.model_validate_json(Path(sys.argv[1]).read_text())
+proc = start_arm(plan, Path(sys.argv[2]), None)
+print(type(proc).__name__, proc._process.pid, flush=True)
+for line in proc.stdout:
+    if '"progress"' in line:
+        print("training", flush=True)
+        time.sleep(600)
+"""
+
+
+def test_a_forked_arm_dies_with_the_study_process_even_by_sigkill(study_config, tmp_path):
+    """A forked arm's parent is the fork server, not the study: the lifeline pipe takes it down when the study's
+    process is killed, so a killed run leaves no orphan training (as PR_SET_PDEATHSIG does for a fresh one)."""
+    import os
+    import signal
+
+    prepared = study.prepare(study_config(arms=["full"], train={"max_steps": 500}))
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(study.plan_arms(prepared)[0].model_dump_json())
+    script = subprocess.Popen([sys.executable, "-c", KILLED_STUDY, str(plan_file), str(prepared.root)],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        kind, pid = script.stdout.readline().split()
+        assert kind == "ForkedArm"
+        assert script.stdout.readline().strip() == "training"
+        os.kill(script.pid, signal.SIGKILL)
+        script.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _alive(int(pid)):
+            time.sleep(0.1)
+        assert not _alive(int(pid)), "the forked arm outlived its study's process"
+    finally:
+        script.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed and not yet reaped by the fork server, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

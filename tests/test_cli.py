@@ -139,6 +139,15 @@ def test_two_cli_runs_on_one_artifacts_root_at_once_print_the_same_table(tmp_pat
     assert steps == sorted(set(steps))  # trained once, not twice
 
 
+def _is_arm(process) -> bool:
+    """An arm's process: started afresh (`python -m tasks.arm_worker`) or forked from the arm fork server (named
+    ftstudy-arm)."""
+    try:
+        return "tasks.arm_worker" in " ".join(process.cmdline()) or process.name() == "ftstudy-arm"
+    except Exception:  # noqa: BLE001 - a process that ended meanwhile (psutil.NoSuchProcess) is no arm
+        return False
+
+
 @pytest.mark.parametrize("sig, whole_group", [("SIGTERM", False), ("SIGINT", True)], ids=["sigterm", "ctrl-c"])
 def test_an_interrupted_run_stops_its_arm_and_server_and_exits_at_once(tmp_path, sig, whole_group):
     """SIGTERM to ftstudy alone (a scheduler's stop; Prefect's handler raises it inside the flow, as it does a
@@ -163,7 +172,7 @@ def test_an_interrupted_run_stops_its_arm_and_server_and_exits_at_once(tmp_path,
         deadline = time.monotonic() + 240
         arm = None
         while arm is None and time.monotonic() < deadline:
-            arm = next((c for c in parent.children(recursive=True) if "tasks.arm_worker" in " ".join(c.cmdline())), None)
+            arm = next((c for c in parent.children(recursive=True) if _is_arm(c)), None)
             time.sleep(1)
         assert arm is not None, (tmp_path / "out").read_text()[-2000:]
         (server,) = [c for c in parent.children() if "flows.embedded_server:app" in c.cmdline()]  # in a session of its own
