@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -126,6 +127,9 @@ def forked_main(plan_json: str, root: str, env: dict[str, str], cwd: str, out: A
     (`lifeline`: a pipe only it writes to). Exits with main's code, or by the signal that stopped it."""
     die_with(lifeline)
     name_process(b"ftstudy-arm")
+    # multiprocessing's default start method, as in a fresh process: forkserver (inherited) would make every lock a
+    # library creates (tqdm's, say) a named semaphore, left to the study's resource tracker when the arm is stopped.
+    multiprocessing.set_start_method(None, force=True)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
