@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.arm_start [--repeats 3]
 
 The demo's full arm (SmolLM2-135M, its data under bench-artifacts/), started as a study starts it
-(`tasks.arm_process.start_arm`) and stopped after its first optimizer step; timed from the start to its first log line from ftcore (the
-libraries imported) and to that step's progress event, alternating: afresh (`python -m tasks.arm_worker`, FTSTUDY_FORK_ARMS=0) and forked. The
+(`tasks.arm_process.start_arm`) and stopped after its first optimizer step; timed from the start to its first log line from ftcore and to that
+step's progress event (the same moment where, as in the demo, the arm's first line from ftcore is its first step), alternating: afresh (`python -m tasks.arm_worker`, FTSTUDY_FORK_ARMS=0) and forked. The
 first forked start, which starts the fork server (its imports), is reported apart. Medians.
 """
 

@@ -119,6 +119,18 @@ def _import_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(READ_WHEN_USED)}
 
 
+FORK_ARMS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def fork_arms_enabled() -> bool:
+    """FTSTUDY_FORK_ARMS (default on). Raises ValueError naming the variable for a value it does not know."""
+    value = os.environ.get("FTSTUDY_FORK_ARMS", "1").strip().lower()
+    if value not in FORK_ARMS:
+        raise ValueError(f"FTSTUDY_FORK_ARMS={os.environ['FTSTUDY_FORK_ARMS']!r}: set it to 0 (every arm's process "
+                         "starts afresh) or 1 (forked from the arm fork server where it can be, the default)")
+    return FORK_ARMS[value]
+
+
 def forkable(plan: ArmPlan, gpu: str | None) -> bool:
     """Whether the arm's process can be forked from the arm fork server: one process on the CPU (CUDA cannot be
     used in a forked process once its parent used it; an arm on GPUs runs long enough for a fresh start not to
@@ -129,7 +141,7 @@ def forkable(plan: ArmPlan, gpu: str | None) -> bool:
     global _fork_environ
     if gpu is not None or plan.train.devices_per_arm > 1 or plan.method == "qlora":
         return False
-    if os.environ.get("FTSTUDY_FORK_ARMS", "1") == "0":
+    if not fork_arms_enabled():
         return False
     with _FORK_LOCK:
         now = _import_environ()
@@ -178,6 +190,10 @@ class ForkedArm:
             watch.close()
         self.stdout = open(os.dup(read.fileno()), encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by wait
         read.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
 
     def poll(self) -> int | None:
         return self._process.exitcode

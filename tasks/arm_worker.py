@@ -139,9 +139,10 @@ def forked_main(plan_json: str, root: str, env: dict[str, str], cwd: str, out: A
     os.dup2(out.fileno(), 2)
     out.close()
     setup_logging()
-    from tasks import arm_libraries
-
-    for caught in arm_libraries.IMPORT_WARNINGS:  # as an arm started afresh reports them
+    # As an arm started afresh reports them. Absent where the server's import failed (it ignores that): main then
+    # imports the libraries itself and reports the error as an arm started afresh does.
+    preloaded = sys.modules.get("tasks.arm_libraries")
+    for caught in getattr(preloaded, "IMPORT_WARNINGS", []):
         warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     sys.exit(main(root, plan_json))
 

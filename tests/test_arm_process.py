@@ -292,9 +292,13 @@ def test_an_arm_is_started_afresh_where_forking_could_change_it(study_config, mo
     monkeypatch.setattr(arm_process, "_stop_fork_server", lambda: False)  # a forked arm still runs
     monkeypatch.setenv("HF_HOME", "/elsewhere/hf2")
     assert not arm_process.forkable(plan, None)
-    monkeypatch.setenv("FTSTUDY_FORK_ARMS", "0")
     monkeypatch.setattr(arm_process, "_fork_environ", None)
-    assert not arm_process.forkable(plan, None)
+    for off in ("0", "false", "No"):
+        monkeypatch.setenv("FTSTUDY_FORK_ARMS", off)
+        assert not arm_process.forkable(plan, None)
+    monkeypatch.setenv("FTSTUDY_FORK_ARMS", "maybe")
+    with pytest.raises(ValueError, match=r"FTSTUDY_FORK_ARMS='maybe': set it to 0 .* or 1"):
+        arm_process.forkable(plan, None)
 
 
 def _fork_server_hf_home() -> str:
@@ -330,7 +334,7 @@ from ftcore.plan import ArmPlan
 from tasks.arm_process import start_arm
 plan = ArmPlan.model_validate_json(Path(sys.argv[1]).read_text())
 proc = start_arm(plan, Path(sys.argv[2]), None)
-print(type(proc).__name__, proc._process.pid, flush=True)
+print(type(proc).__name__, proc.pid, flush=True)
 for line in proc.stdout:
     if '"progress"' in line:
         print("training", flush=True)
