@@ -28,7 +28,7 @@ from ftcore import sources, study
 from ftcore.config import InputError, StudyConfig
 from ftcore.results import TrainedArm
 from ftcore.steps import Define, Step, recorded, run_step
-from tasks.arm_process import STOPPING, ArmStopped, train_in_subprocess
+from tasks.arm_process import STOPPING, ArmStopped, prestart_fork_server, train_in_subprocess
 from tasks.devices import StoppedError, device_count, device_slots, visible_gpu
 
 
@@ -104,9 +104,12 @@ def train_here(step: Step) -> TrainedArm:
             update_progress_artifact(progress, 100.0 * p["step"] / p["max_steps"])
 
     # An arm on N GPUs holds N slots; on a CPU its processes share the one.
-    count = plan.train.devices_per_arm if _has_cuda() else 1
+    cuda = _has_cuda()
+    count = plan.train.devices_per_arm if cuda else 1
+    if not cuda:
+        prestart_fork_server(plan, None)  # its imports overlap the wait for a slot
     with device_slots(count, label=step.label, log=logger.info, stop=STOPPING) as slots:
-        gpu = ",".join(visible_gpu(slot) for slot in slots) if _has_cuda() else None
+        gpu = ",".join(visible_gpu(slot) for slot in slots) if cuda else None
         logger.info("%s on device slot%s %s%s", step.label, "s" * (count > 1), ", ".join(map(str, slots)),
                     f" (CUDA_VISIBLE_DEVICES={gpu})" if gpu is not None else "")
         arm = train_in_own_process(step, logger.log, gpu, on_progress)
@@ -154,7 +157,9 @@ def train_on_work_pool(step: Step, deployment: str) -> TrainedArm:
     from prefect.deployments import run_deployment
 
     root = str(step.root)
-    run = run_deployment(deployment, parameters={"plan": step.arm.model_dump(mode="json"), "root": root}, timeout=None)
+    # Polled every second, not Prefect's 5: the study's next steps wait on it (one light API read a second per arm).
+    run = run_deployment(deployment, parameters={"plan": step.arm.model_dump(mode="json"), "root": root}, timeout=None,
+                         poll_interval=1)
     if not run.state or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise RuntimeError(f"{step.label}: deployment run {run.name} ({deployment}) ended {state}: "

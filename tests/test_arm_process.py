@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ftcore import inputs, study
@@ -325,6 +326,25 @@ def test_the_fork_server_restarts_in_a_changed_environment(study_config, monkeyp
         monkeypatch.setenv("HF_HOME", home)
         assert arm_process.forkable(plan, None)
         assert _fork_server_hf_home() == home
+
+
+def _fork_servers() -> list[int]:
+    return [c.pid for c in psutil.Process().children() if "multiprocessing.forkserver" in " ".join(c.cmdline())]
+
+
+def test_the_fork_server_starts_before_the_first_fork_where_arms_fork(study_config, monkeypatch):
+    """prestart_fork_server starts the server (in this process's environment) before any arm is forked, so its
+    imports overlap the wait for a device slot; the next fork uses that server. Not for an arm that starts afresh."""
+    from tasks import arm_process
+
+    plan = study.plan_arms(study.prepare(study_config(arms=["full"])))[0]
+    assert not arm_process.prestart_fork_server(plan, "0")  # on a GPU
+    assert not arm_process.prestart_fork_server(plan.model_copy(update={"method": "qlora"}), None)
+    monkeypatch.setenv("HF_HOME", "/elsewhere/hf-prestarted")  # a new server, started now
+    assert arm_process.prestart_fork_server(plan, None)
+    (server,) = _fork_servers()
+    assert _fork_server_hf_home() == "/elsewhere/hf-prestarted"
+    assert _fork_servers() == [server]
 
 
 KILLED_STUDY = """
