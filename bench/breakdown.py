@@ -125,9 +125,9 @@ def main() -> None:
                           fwd * (3 if plan.method == "full" else 2)))
         if curve_s:
             points = [json.loads(line) for line in (root / arm.dir / "curves.jsonl").read_text().splitlines()]
-            trained_points = len({pt["step"] for pt in points if pt["step"] > 0})
-            rows.append(stage(f"curves {plan.label} ({trained_points} points)", curve_s,
-                              sum(pt["tokens"] for pt in points if pt["step"] > 0), 2 * fwd))
+            # curve_seconds times every point, step 0 (the model before training) included: so do the tokens.
+            rows.append(stage(f"curves {plan.label} ({len({pt['step'] for pt in points})} points)", curve_s,
+                              sum(pt["tokens"] for pt in points), 2 * fwd))
         for which in ("domain", "general"):
             e = study.evaluate(p, which, arm)
             value = recorded(e)
