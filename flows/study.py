@@ -22,7 +22,7 @@ from prefect.states import Failed
 from ftcore import gate, inputs, study
 from ftcore.config import ConfigError, InputError, StudyConfig
 from ftcore.config_files import describe_error
-from tasks.arm_process import STOPPING, stop_arms
+from tasks.arm_process import STOPPING, fork_arms_enabled, stop_arms
 from tasks.runner import PrefectRunner
 
 # ftcore reports progress (tokens scored, steps trained, ETA) at INFO; Prefect forwards the
@@ -51,6 +51,7 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     try:
         checked = inputs.check_inputs(validated(config))
         check_executor(checked.cfg)
+        fork_arms_enabled()  # this process's environment: its arms start here unless on a work pool
         results = study.run_study(checked, PrefectRunner(checked.cfg))
     except InputError as exc:  # the run's state carries the message; no traceback, no second copy in the log
         return Failed(message=str(exc), data=exc)

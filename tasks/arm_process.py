@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ftcore.config import InputError
 from ftcore.plan import ArmPlan
 from ftcore.plan import TRAIN_SUMMARY as SUMMARY
 
@@ -123,10 +124,11 @@ FORK_ARMS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fals
 
 
 def fork_arms_enabled() -> bool:
-    """FTSTUDY_FORK_ARMS (default on). Raises ValueError naming the variable for a value it does not know."""
+    """FTSTUDY_FORK_ARMS (default on). Raises InputError (a ValueError) naming the variable for a value it does not
+    know: a study checks it at its door (flows.cli, flows.study), before any step."""
     value = os.environ.get("FTSTUDY_FORK_ARMS", "1").strip().lower()
     if value not in FORK_ARMS:
-        raise ValueError(f"FTSTUDY_FORK_ARMS={os.environ['FTSTUDY_FORK_ARMS']!r}: set it to 0 (every arm's process "
+        raise InputError(f"FTSTUDY_FORK_ARMS={os.environ['FTSTUDY_FORK_ARMS']!r}: set it to 0 (every arm's process "
                          "starts afresh) or 1 (forked from the arm fork server where it can be, the default)")
     return FORK_ARMS[value]
 

@@ -42,6 +42,14 @@ def test_missing_corpus_file_exits_2_before_any_model(tmp_path):
     assert not (tmp_path / "a").exists() or not list((tmp_path / "a").iterdir())  # no server's database either
 
 
+def test_an_unknown_fork_arms_setting_exits_2_before_any_step(tmp_path):
+    result = _cli("run", "--preset", "smoke", "--artifacts", str(tmp_path / "a"), env={"FTSTUDY_FORK_ARMS": "maybe"})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "ftstudy: FTSTUDY_FORK_ARMS='maybe': set it to 0" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "a").exists() or not list((tmp_path / "a").iterdir())
+
+
 def test_a_bad_value_found_after_the_model_fails_once_without_retry_or_traceback(tmp_path):
     """chunk_len above the model's context: no retries of fetch-model, no tracebacks, the message, exit 2."""
     result = _cli("run", "--preset", "smoke", "--artifacts", str(tmp_path / "a"), "--set", "chunk_len=4096")
