@@ -126,7 +126,7 @@ FORK_ARMS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fals
 def fork_arms_enabled() -> bool:
     """FTSTUDY_FORK_ARMS (default on). Raises InputError (a ValueError) naming the variable for a value it does not
     know: a study checks it at its door (flows.cli, flows.study), before any step."""
-    value = os.environ.get("FTSTUDY_FORK_ARMS", "1").strip().lower()
+    value = os.environ.get("FTSTUDY_FORK_ARMS", "").strip().lower() or "1"  # set but empty: the default, as unset
     if value not in FORK_ARMS:
         raise InputError(f"FTSTUDY_FORK_ARMS={os.environ['FTSTUDY_FORK_ARMS']!r}: set it to 0 (every arm's process "
                          "starts afresh) or 1 (forked from the arm fork server where it can be, the default)")

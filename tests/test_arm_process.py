@@ -297,6 +297,8 @@ def test_an_arm_is_started_afresh_where_forking_could_change_it(study_config, mo
     for off in ("0", "false", "No"):
         monkeypatch.setenv("FTSTUDY_FORK_ARMS", off)
         assert not arm_process.forkable(plan, None)
+    monkeypatch.setenv("FTSTUDY_FORK_ARMS", " ")  # empty: the default
+    assert arm_process.forkable(plan, None)
     monkeypatch.setenv("FTSTUDY_FORK_ARMS", "maybe")
     with pytest.raises(ValueError, match=r"FTSTUDY_FORK_ARMS='maybe': set it to 0 .* or 1"):
         arm_process.forkable(plan, None)
