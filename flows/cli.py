@@ -121,8 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.arm_process import fork_arms_enabled
 
     try:  # before anything is started or written: a missing file or an unwritable root exits 2 at once
-        checked = inputs.check_inputs(cfg)
         fork_arms_enabled()  # the environment's setting too
+        checked = inputs.check_inputs(cfg)
     except InputError as exc:
         return _fail(str(exc))
     _make_prefect_home()

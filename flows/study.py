@@ -49,9 +49,9 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     """Measure what fine-tuning costs: domain gain vs general forgetting for each arm."""
     STOPPING.clear()  # an earlier study stopped in this process does not stop this one
     try:
+        fork_arms_enabled()  # this process's environment (a work-pool arm's worker checks its own when the arm starts)
         checked = inputs.check_inputs(validated(config))
         check_executor(checked.cfg)
-        fork_arms_enabled()  # this process's environment: its arms start here unless on a work pool
         results = study.run_study(checked, PrefectRunner(checked.cfg))
     except InputError as exc:  # the run's state carries the message; no traceback, no second copy in the log
         return Failed(message=str(exc), data=exc)

@@ -129,7 +129,8 @@ def fork_arms_enabled() -> bool:
     value = os.environ.get("FTSTUDY_FORK_ARMS", "").strip().lower() or "1"  # set but empty: the default, as unset
     if value not in FORK_ARMS:
         raise InputError(f"FTSTUDY_FORK_ARMS={os.environ['FTSTUDY_FORK_ARMS']!r}: set it to 0 (every arm's process "
-                         "starts afresh) or 1 (forked from the arm fork server where it can be, the default)")
+                         "starts afresh; or false, no, off) or 1 (forked from the arm fork server where it can be; "
+                         "or true, yes, on), or unset it (1, the default)")
     return FORK_ARMS[value]
 
 
