@@ -117,7 +117,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.embedded_server import ServerError
     from ftcore import inputs
     from ftcore.config import InputError
-
     from tasks.arm_process import fork_arms_enabled
 
     try:  # before anything is started or written: a missing file or an unwritable root exits 2 at once

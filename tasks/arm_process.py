@@ -161,7 +161,7 @@ def forkable(plan: ArmPlan, gpu: str | None) -> bool:
 def prestart_fork_server(plan: ArmPlan, gpu: str | None) -> bool:
     """Start the arm fork server now where the arm's process will be forked from it (`forkable`), so that its
     imports (about 5 s of one core) overlap what comes before the fork: the wait for a device slot, a work-pool
-    run's bookkeeping. Returns whether it runs. Raises ValueError for an unknown FTSTUDY_FORK_ARMS."""
+    run's bookkeeping. Returns whether it runs. Raises InputError for an unknown FTSTUDY_FORK_ARMS."""
     if not forkable(plan, gpu):
         return False
     multiprocessing.forkserver.ensure_running()  # spawns it and returns; a fork waits for its imports
