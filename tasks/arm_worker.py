@@ -92,10 +92,22 @@ def main(root: str, plan_json: str | None = None) -> int:
 
         # Training only: the parent holds the step's lock and records the result (ftcore.steps.run_step).
         training.train_arm(plan, root, on_progress=(lambda p: emit({"progress": p})) if first else None)
+    except KeyboardInterrupt:
+        end_by_sigint()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the arm with it
         log.error("arm failed: %s: %s", type(exc).__name__, exc, exc_info=True)
         return 1
     return 0
+
+
+def end_by_sigint() -> None:
+    """End this process by SIGINT itself, its default action. A terminal's Ctrl-C signals the whole process
+    group, the arm included: Python turns it into KeyboardInterrupt, which, caught as an error, would end the arm
+    with exit code 1 (reported as a failure, with a traceback) whenever it arrives before the study's own stop
+    (SIGTERM). Ended by the signal, the study reports a stopped arm either way (tasks.arm_process)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    signal.pause()  # not reached: the signal ends the process once the call returns
 
 
 def die_with(lifeline: Any) -> None:

@@ -395,3 +395,30 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+CTRL_C_IN_PYTHON = """
+import os, signal, sys, time
+from ftcore import training
+def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the arm runs Python code: KeyboardInterrupt at once
+    time.sleep(30)
+training.train_arm = interrupted
+from tasks.arm_worker import main
+sys.exit(main(sys.argv[1]))
+"""
+
+
+def test_ctrl_c_in_an_arm_ends_it_by_sigint_not_as_a_failure(study_config):
+    """A terminal's Ctrl-C reaches the arm too. Raised as KeyboardInterrupt in Python code (a progress line being
+    written, say) it must end the arm by SIGINT, which the study reports as a stopped arm, not with exit code 1 and a
+    traceback (seen: the study's own stop arrived after it, and the run said the arm failed)."""
+    import signal
+
+    prepared = study.prepare(study_config(arms=["full"]))
+    plan = study.plan_arms(prepared)[0]
+    out = subprocess.run([sys.executable, "-c", CTRL_C_IN_PYTHON, str(prepared.root)], input=plan.model_dump_json(),
+                         capture_output=True, text=True, cwd=REPO, timeout=60,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    assert out.returncode == -signal.SIGINT, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "arm failed" not in out.stdout and "Traceback" not in out.stdout + out.stderr
