@@ -118,7 +118,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ftcore import inputs
     from ftcore.config import InputError
     from tasks.arm_process import fork_arms_enabled
+    from tasks.arm_worker import hide_unused_libraries
 
+    hide_unused_libraries(arm.method for arm in cfg.arms)  # this process runs this study alone
     try:  # before anything is started or written: a missing file or an unwritable root exits 2 at once
         fork_arms_enabled()  # the environment's setting too
         checked = inputs.check_inputs(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from ftcore import gate, inputs, study
 from ftcore.config import ConfigError, InputError, StudyConfig
 from ftcore.config_files import describe_error
 from tasks.arm_process import STOPPING, fork_arms_enabled, stop_arms
+from tasks.arm_worker import hide_unused_libraries
 from tasks.runner import PrefectRunner
 
 # ftcore reports progress (tokens scored, steps trained, ETA) at INFO; Prefect forwards the
@@ -50,7 +52,10 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     STOPPING.clear()  # an earlier study stopped in this process does not stop this one
     try:
         fork_arms_enabled()  # this process's environment (a work-pool arm's worker checks its own when the arm starts)
-        checked = inputs.check_inputs(validated(config))
+        cfg = validated(config)
+        if os.environ.get("PREFECT__FLOW_RUN_ID"):  # a process a worker started for this run alone (Prefect sets it)
+            hide_unused_libraries(arm.method for arm in cfg.arms)
+        checked = inputs.check_inputs(cfg)
         check_executor(checked.cfg)
         results = study.run_study(checked, PrefectRunner(checked.cfg))
     except InputError as exc:  # the run's state carries the message; no traceback, no second copy in the log

@@ -21,6 +21,7 @@ import sys
 import threading
 import traceback
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 from ftcore.plan import ArmPlan
@@ -70,12 +71,14 @@ PLAN_ENV = "FTSTUDY_ARM_PLAN"
 PR_SET_NAME = 15
 
 
-def hide_unused_libraries(method: str) -> None:
-    """Before the training libraries are imported: bitsandbytes absent unless the arm is QLoRA. peft and
-    transformers import it whenever it is installed, and it imports torch's compiler: 3-4 s of every arm
-    process's start (BENCHMARKS.md §14). None in sys.modules makes a module absent (importlib.util.find_spec
-    returns None, an import raises ImportError)."""
-    if method != "qlora":
+def hide_unused_libraries(methods: Iterable[str]) -> None:
+    """In a process that trains or studies only these arms' `methods`, before the training libraries are imported:
+    bitsandbytes absent unless one is QLoRA. peft and transformers import it whenever it is installed, and it imports
+    torch's compiler and a kernel hub (which warns, offline, that it cannot check a publisher): 1.5-4 s of every such
+    process's start (BENCHMARKS.md §14). None in sys.modules makes a module absent (importlib.util.find_spec returns
+    None, an import raises ImportError) for the rest of the process: a process that may run a QLoRA arm later must
+    not call this."""
+    if "qlora" not in set(methods):
         sys.modules.setdefault("bitsandbytes", None)
 
 
@@ -87,7 +90,7 @@ def main(root: str, plan_json: str | None = None) -> int:
         logging.getLogger().setLevel(logging.ERROR)
     try:
         plan = ArmPlan.model_validate_json(plan_json or os.environ.get(PLAN_ENV) or sys.stdin.read())
-        hide_unused_libraries(plan.method)
+        hide_unused_libraries([plan.method])
         from ftcore import training
 
         # Training only: the parent holds the step's lock and records the result (ftcore.steps.run_step).

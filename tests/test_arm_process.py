@@ -54,7 +54,7 @@ def test_a_real_arm_process_reports_a_library_warning_and_its_progress(study_con
 @pytest.mark.parametrize("method, imported", [("full", "False False"), ("lora", "False False"), ("qlora", "True True")])
 def test_only_a_qlora_arm_process_imports_bitsandbytes(method, imported):
     """What an arm's process sees after hide_unused_libraries: peft's own check and the module itself."""
-    code = ("import sys; from tasks.arm_worker import hide_unused_libraries; hide_unused_libraries(sys.argv[1]); "
+    code = ("import sys; from tasks.arm_worker import hide_unused_libraries; hide_unused_libraries([sys.argv[1]]); "
             "from peft.import_utils import is_bnb_available; "
             "print(is_bnb_available(), sys.modules.get('bitsandbytes') is not None)")
     out = subprocess.run([sys.executable, "-c", code, method], capture_output=True, text=True, check=True, cwd=REPO)
