@@ -53,8 +53,7 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     try:
         fork_arms_enabled()  # this process's environment (a work-pool arm's worker checks its own when the arm starts)
         cfg = validated(config)
-        if os.environ.get("PREFECT__FLOW_RUN_ID"):  # a process a worker started for this run alone (Prefect sets it)
-            hide_unused_libraries(arm.method for arm in cfg.arms)
+        hide_unused_libraries_in_own_process(cfg)
         checked = inputs.check_inputs(cfg)
         check_executor(checked.cfg)
         results = study.run_study(checked, PrefectRunner(checked.cfg))
@@ -78,6 +77,14 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
     if verdict and not verdict.passed:  # results kept; a CI pipeline and the UI both see the verdict
         return Failed(message=verdict.line, name="Over budget", data=gate.OverBudget(verdict))
     return results
+
+
+def hide_unused_libraries_in_own_process(cfg: StudyConfig) -> None:
+    """In a process a worker started for this flow run alone (Prefect's workers set PREFECT__FLOW_RUN_ID in it): the
+    libraries none of its arms needs hidden before they are imported (tasks.arm_worker.hide_unused_libraries). A
+    process that runs flows in-process (a test's, a script's) may run a QLoRA study later and keeps them."""
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):
+        hide_unused_libraries(arm.method for arm in cfg.arms)
 
 
 def validated(config: StudyConfig | dict[str, Any]) -> StudyConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -59,6 +60,20 @@ def test_only_a_qlora_arm_process_imports_bitsandbytes(method, imported):
             "print(is_bnb_available(), sys.modules.get('bitsandbytes') is not None)")
     out = subprocess.run([sys.executable, "-c", code, method], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.split("\n")[-2] == imported, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("run_id, method, imported", [("", "lora", "True"), ("x", "lora", "False"), ("x", "qlora", "True")],
+                         ids=["in-process", "flow-run-process", "flow-run-process-qlora"])
+def test_a_flow_run_process_hides_bitsandbytes_unless_an_arm_is_qlora(run_id, method, imported):
+    """A served study's flow-run process (PREFECT__FLOW_RUN_ID set) imports what its arms need; a process that runs
+    flows in-process keeps every library for a QLoRA study that may follow."""
+    code = ("import json, os, sys; from ftcore.config_files import load_config; "
+            "from flows.study import hide_unused_libraries_in_own_process as hide; "
+            "hide(load_config('smoke', ['arms=[\"full\", {\"name\": \"a\", \"method\": ' + json.dumps(sys.argv[1]) + '}]'])); "
+            "from peft.import_utils import is_bnb_available; print(is_bnb_available())")
+    out = subprocess.run([sys.executable, "-c", code, method], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PREFECT__FLOW_RUN_ID": run_id})
+    assert out.returncode == 0 and out.stdout.split("\n")[-2] == imported, out.stderr[-2000:]
 
 
 def test_a_qlora_arm_trains_in_its_own_process(study_config, tiny_model_wide):
