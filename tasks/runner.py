@@ -29,7 +29,7 @@ from ftcore.config import InputError, StudyConfig
 from ftcore.results import TrainedArm
 from ftcore.steps import Define, Step, recorded, run_step
 from tasks.arm_process import STOPPING, ArmStopped, prestart_fork_server, train_in_subprocess
-from tasks.devices import StoppedError, device_count, device_slots, visible_gpu
+from tasks.devices import TRAINING, StoppedError, device_count, device_slots, visible_gpu
 
 
 def _network_only(task_, task_run, state) -> bool:
@@ -108,7 +108,7 @@ def train_here(step: Step) -> TrainedArm:
     count = plan.train.devices_per_arm if cuda else 1
     if not cuda:
         prestart_fork_server(plan, None)  # its imports overlap the wait for a slot
-    with device_slots(count, label=step.label, log=logger.info, stop=STOPPING) as slots:
+    with device_slots(count, label=step.label, log=logger.info, stop=STOPPING, priority=TRAINING) as slots:
         gpu = ",".join(visible_gpu(slot) for slot in slots) if cuda else None
         logger.info("%s on device slot%s %s%s", step.label, "s" * (count > 1), ", ".join(map(str, slots)),
                     f" (CUDA_VISIBLE_DEVICES={gpu})" if gpu is not None else "")

@@ -107,6 +107,32 @@ def test_a_waiting_step_says_who_holds_the_device(monkeypatch, tmp_path):
     assert "eval-base-domain: got device slot 0" in messages[-1]
 
 
+def test_evaluations_get_the_slot_before_trainings_then_in_the_order_they_waited(monkeypatch, tmp_path):
+    """One slot: a study's base is scored before its arms train and an arm's evaluations follow its training (seen:
+    the base's general evaluation waited 36 minutes behind three arms); steps of one kind go in the order they began
+    waiting."""
+    from tasks.devices import EVALUATION, TRAINING
+
+    monkeypatch.setenv("FTSTUDY_SLOTS_DIR", str(tmp_path))
+    order = []
+
+    def step(label, priority):
+        with device_slot(slots=1, label=label, poll=0.02, priority=priority):
+            order.append(label)
+            time.sleep(0.05)
+
+    waiters = [threading.Thread(target=step, args=args) for args in [
+        ("train-replay", TRAINING), ("train-lora", TRAINING), ("eval-base-general", EVALUATION),
+        ("eval-full-domain", EVALUATION)]]
+    with device_slot(slots=1, label="train-full", priority=TRAINING):
+        for waiter in waiters:
+            waiter.start()
+            time.sleep(0.1)  # each begins waiting after the one before
+    for waiter in waiters:
+        waiter.join(10)
+    assert order == ["eval-base-general", "eval-full-domain", "train-replay", "train-lora"]
+
+
 def _train_log(root, result) -> list[tuple[int, float]]:
     import json
 
