@@ -7,10 +7,21 @@ QLoRA arms are started afresh instead. The warnings raised while importing are k
 to report through its own log as an arm started afresh does.
 """
 
+import signal
 import sys
+import threading
 import warnings
 
 sys.modules.setdefault("bitsandbytes", None)
-with warnings.catch_warnings(record=True) as IMPORT_WARNINGS:
-    warnings.simplefilter("always")
-    import ftcore.training  # noqa: F401
+# The server is in the terminal's process group, and Python's forkserver ignores SIGINT only after this import: a
+# Ctrl-C during these seconds killed it with a traceback and failed the arm waiting for it (EOFError) instead of
+# stopping it. The handler before is restored, and forkserver gives it back to every arm it forks.
+_main = threading.current_thread() is threading.main_thread()  # signal.signal works only there
+_interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main else None
+try:
+    with warnings.catch_warnings(record=True) as IMPORT_WARNINGS:
+        warnings.simplefilter("always")
+        import ftcore.training  # noqa: F401
+finally:
+    if _main:
+        signal.signal(signal.SIGINT, _interrupt)

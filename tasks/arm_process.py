@@ -238,6 +238,8 @@ def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | No
     proc = start_arm(plan, root, gpu)
     assert proc.stdout is not None
     LIVE.add(proc)
+    if STOPPING.is_set():  # stopped while the arm started (a fork waits for the fork server's imports): stop_arms
+        proc.terminate()   # saw no process to stop (seen: a SIGTERMed study waited for its arm to train to the end)
     try:
         events = EventReader(log, on_progress)
         for line in proc.stdout:

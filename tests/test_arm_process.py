@@ -463,3 +463,39 @@ def test_ctrl_c_in_an_arm_ends_it_by_sigint_not_as_a_failure(study_config):
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     assert out.returncode == -signal.SIGINT, out.stdout[-2000:] + out.stderr[-2000:]
     assert "arm failed" not in out.stdout and "Traceback" not in out.stdout + out.stderr
+
+
+def test_an_arm_started_while_the_study_stops_is_stopped(study_config, monkeypatch):
+    """The stop came while the arm's process was being started (a fork waits for the fork server's imports), so
+    stop_arms saw no process: the arm is stopped as soon as it exists (seen: a SIGTERMed study waited 2 min 40 s for
+    its arm to train to the end)."""
+    from tasks import arm_process
+
+    prepared = study.prepare(study_config(arms=["full"]))
+    plan = study.plan_arms(prepared)[0]
+
+    def starting(*args):
+        arm_process.stop_arms()  # the stop arrives while the process starts
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+
+    monkeypatch.setattr(arm_process, "start_arm", starting)
+    started = time.monotonic()
+    try:
+        with pytest.raises(arm_process.ArmStopped, match="arm full stopped before it finished"):
+            train_in_subprocess(plan, prepared.cfg.artifacts_dir, lambda level, msg: None)
+    finally:
+        arm_process.STOPPING.clear()
+    assert time.monotonic() - started < 30
+
+
+def test_ctrl_c_while_the_fork_server_imports_does_not_kill_it():
+    """The fork server is in the terminal's process group and imports for seconds before Python's forkserver ignores
+    SIGINT: a Ctrl-C then must not kill it (seen: a traceback, and the arm waiting for it failed with EOFError); the
+    handler is given back for the arms it forks."""
+    import signal
+
+    code = ("import os, signal, threading; threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start(); "
+            "import tasks.arm_libraries; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
