@@ -300,11 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         # Every finished step and checkpoint is kept: the same command resumes from them.
-        try:
-            print("ftstudy: interrupted; run the same command again to resume from the cached steps and checkpoints",
-                  file=sys.stderr)
-        except OSError:  # `ftstudy run ... | tee log`: the Ctrl-C ended tee too; still exit as interrupted, not 1
-            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stderr at exit: not into the closed pipe
+        print("ftstudy: interrupted; run the same command again to resume from the cached steps and checkpoints",
+              file=sys.stderr)
         return 128 + signal.SIGINT
 
 
