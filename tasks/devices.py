@@ -107,8 +107,9 @@ def device_slots(count: int, slots: int | None = None, label: str = "", log: Cal
                  priority: int = EVALUATION) -> Iterator[list[int]]:
     """Block until `count` of the machine's `slots` device slots are free together; yield their indices. Raises
     StoppedError when `stop` is set before the slots are taken (the study was stopped: a waiting step starts
-    nothing, also one whose slot comes free as the study stops). Among this process's waiting steps, those of a
-    lower `priority` (EVALUATION before TRAINING), then the earlier, try first.
+    nothing, also one whose slot comes free as the study stops). Of this process's waiting steps, only the first
+    `slots` in line try the locks: lower `priority` first (EVALUATION before TRAINING), then the one that began waiting
+    earlier. On one slot that is a strict order; on N slots the first N race as before.
 
     All or nothing: a holder of some slots that cannot get the rest lets them go and tries again, so
     two arms that each need two GPUs never hold one each and wait forever. Raises ValueError when the
