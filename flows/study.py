@@ -23,7 +23,7 @@ from prefect.states import Failed
 from ftcore import gate, inputs, study
 from ftcore.config import ConfigError, InputError, StudyConfig
 from ftcore.config_files import describe_error
-from tasks.arm_process import STOPPING, fork_arms_enabled, stop_arms
+from tasks.arm_process import STOPPING, fork_arms_enabled, prestart_for_study, stop_arms
 from tasks.arm_worker import hide_unused_libraries
 from tasks.runner import PrefectRunner
 
@@ -56,6 +56,7 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
         hide_unused_libraries_in_own_process(cfg)
         checked = inputs.check_inputs(cfg)
         check_executor(checked.cfg)
+        prestart_for_study(checked.cfg)
         results = study.run_study(checked, PrefectRunner(checked.cfg))
     except InputError as exc:  # the run's state carries the message; no traceback, no second copy in the log
         return Failed(message=str(exc), data=exc)

@@ -390,6 +390,24 @@ def test_the_fork_server_starts_before_the_first_fork_where_arms_fork(study_conf
     assert _fork_servers() == [server]
 
 
+def test_a_study_starts_the_fork_server_at_its_start_where_its_arms_fork(study_config, monkeypatch):
+    """prestart_for_study starts the server when the study begins (its imports overlap the fetch, tokenizing and
+    the base's evaluations), not for arms on a work pool or QLoRA arms alone; torch writing its default inductor
+    cache directory into the environment meanwhile (it does on first use) keeps that server for the first arm."""
+    from tasks import arm_process
+
+    assert not arm_process.prestart_for_study(study_config(arms=["full"], executor="work-pool"))
+    qlora = {"name": "qlora", "method": "qlora"}
+    assert not arm_process.prestart_for_study(study_config(arms=[qlora]))
+    monkeypatch.setenv("HF_HOME", "/elsewhere/hf-study")  # a new server, started now
+    assert arm_process.prestart_for_study(study_config(arms=[qlora, "lora"]))
+    (server,) = _fork_servers()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_elsewhere")
+    plan = study.plan_arms(study.prepare(study_config(arms=["lora"])))[0]
+    assert arm_process.forkable(plan, None)
+    assert _fork_servers() == [server] and _fork_server_hf_home() == "/elsewhere/hf-study"
+
+
 KILLED_STUDY = """
 import sys, time
 from pathlib import Path
