@@ -49,6 +49,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """Prefect's test server (prefect_test_harness: a SQLite database of its own), once per pytest process: each start
+    creates and migrates a new database, about 10 s here, and four test files need one. Its settings stay active
+    for this process's later tests, which run flows against it or use no Prefect API at all; the processes
+    tests start never see it (it sets no environment variable)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 def _sentence(rng: random.Random, words: list[str], n: int) -> str:
     return " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.testing.utilities import prefect_test_harness
 
 from deployments.deploy import ARM_POOL, STUDY_POOL, default_config, deploy
 from flows import corpus_check
@@ -15,14 +14,13 @@ from tasks.devices import visible_gpu
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
+def deployed(tmp_path_factory, prefect_server):
     artifacts = tmp_path_factory.mktemp("deployed") / "artifacts"
-    with prefect_test_harness(server_startup_timeout=120):
-        with get_client(sync_client=True) as client:
-            for pool in (STUDY_POOL, ARM_POOL):
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            names = deploy("smoke", artifacts=artifacts)
-            yield {"artifacts": artifacts, **{name: client.read_deployment_by_name(name) for name in names}}
+    with get_client(sync_client=True) as client:
+        for pool in (STUDY_POOL, ARM_POOL):
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        names = deploy("smoke", artifacts=artifacts)
+        yield {"artifacts": artifacts, **{name: client.read_deployment_by_name(name) for name in names}}
 
 
 def test_the_form_is_filled_from_the_preset_not_a_copy_of_it(deployed):

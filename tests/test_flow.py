@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.study import study_flow
 
@@ -21,9 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def harness(prefect_server):
+    """Every test here runs flows against Prefect's test server (tests/conftest.py)."""
+    yield
 
 
 def _run(cfg):

@@ -25,12 +25,9 @@ def _render(values):
     return config.job_manifest
 
 
-def test_the_job_template_renders_to_a_gpu_job_with_the_shared_volumes():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        manifest = _render({"image": "registry.example/ftstudy:1", "gpus_per_arm": 2})
-        default = _render({})
+def test_the_job_template_renders_to_a_gpu_job_with_the_shared_volumes(prefect_server):
+    manifest = _render({"image": "registry.example/ftstudy:1", "gpus_per_arm": 2})
+    default = _render({})
     assert manifest["kind"] == "Job" and manifest["apiVersion"] == "batch/v1"
     pod = manifest["spec"]["template"]["spec"]
     (container,) = pod["containers"]

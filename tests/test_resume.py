@@ -17,7 +17,7 @@ import pytest
 
 from ftcore import study
 
-from test_flow import REPO, _recomputed, _run, harness  # noqa: F401 - harness: the module's Prefect test server
+from test_flow import REPO, _recomputed, _run, harness  # noqa: F401 - harness: Prefect's test server for every test here
 
 pytestmark = pytest.mark.slow
 
