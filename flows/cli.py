@@ -284,11 +284,24 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_interrupted = False
+
+
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C: remembered, then Python's own KeyboardInterrupt."""
+    global _interrupted
+    _interrupted = True
+    signal.default_int_handler(signum, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _interrupted
+    _interrupted = False
     # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the embedded server is stopped too
     # (while the flow runs, Prefect's own SIGTERM handler does; the flow then stops the arms).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(128 + signal.SIGHUP))  # a closed terminal: the same
+    signal.signal(signal.SIGINT, _on_sigint)
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "show": cmd_show, "config": cmd_config, "init": cmd_init, "serve": cmd_serve,
                 "deploy": cmd_deploy}
@@ -298,11 +311,30 @@ def main(argv: list[str] | None = None) -> int:
         # finished study's exit code into 130.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # `ftstudy run ... | tee log` and Ctrl-C: tee dies of it too, and the next log line to the closed pipe ends the
+        # run with rich's SystemExit(1) (its console's answer to a broken pipe) instead of the interrupt.
+        if isinstance(exc, SystemExit) and not _interrupted:
+            raise
         # Every finished step and checkpoint is kept: the same command resumes from them.
-        print("ftstudy: interrupted; run the same command again to resume from the cached steps and checkpoints",
-              file=sys.stderr)
+        _say("ftstudy: interrupted; run the same command again to resume from the cached steps and checkpoints")
         return 128 + signal.SIGINT
+
+
+def _say(line: str) -> None:
+    """One line to stderr, where a reader may be gone (a pipe's, after the same Ctrl-C): then nothing, and stdout
+    and stderr go to /dev/null so that the interpreter's last flush cannot fail either (Python's docs, "Note on
+    SIGPIPE")."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):
+                pass
 
 
 if __name__ == "__main__":

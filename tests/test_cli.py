@@ -208,3 +208,44 @@ def test_an_interrupted_run_stops_its_arm_and_server_and_exits_at_once(tmp_path,
     finally:  # a failed assertion leaves no run training on
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# `ftstudy run ... | tee log` and Ctrl-C, reduced to what decides the exit code: the output's reader is gone (tee
+# died of the same Ctrl-C), the interrupt arrives, and the next line to the closed pipe raises what rich's console
+# raises then, SystemExit(1) (Prefect's log handler prints through rich). argv[1]: whether the Ctrl-C comes.
+CTRL_C_INTO_A_CLOSED_PIPE = """
+import os, signal, sys, time
+from flows import cli
+
+def log(line):  # a log line as Prefect's handler writes it: through rich, which exits 1 on a broken pipe
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        raise SystemExit(1)  # rich.console.Console.on_broken_pipe
+
+def interrupted_run(args):
+    try:
+        if sys.argv[1] == "ctrl-c":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)
+        log("a log line")
+    except KeyboardInterrupt:
+        log("ftstudy: stopping the running arms")
+    return 0
+
+read, write = os.pipe()
+os.close(read)
+os.dup2(write, 1)
+os.dup2(write, 2)
+cli.cmd_show = interrupted_run
+sys.exit(cli.main(["show"]))
+"""
+
+
+@pytest.mark.parametrize("when, code", [("ctrl-c", 130), ("no-ctrl-c", 1)])
+def test_ctrl_c_with_the_output_piped_to_a_reader_that_died_exits_130(when, code):
+    """Ctrl-C exits 130 also when stdout and stderr go to a pipe whose reader died of it (`| tee`): measured before,
+    exit 1 (rich's SystemExit on the broken pipe replaced the interrupt). Without a Ctrl-C that SystemExit keeps its
+    code, and the interpreter's last flush into the closed pipe adds no error of its own."""
+    result = subprocess.run([sys.executable, "-c", CTRL_C_INTO_A_CLOSED_PIPE, when], cwd=REPO, timeout=60)
+    assert result.returncode == code
