@@ -468,7 +468,7 @@ def _expand_shorthand(value: Any, info: ValidationInfo) -> Any:
         return value
     if value not in ARMS:
         raise ValueError(f"{value!r} is not an arm: use full, replay, lora, or a spec "
-                         "{name, method: full|lora, replay_ratio, lora: {...}}")
+                         "{name, method: full|lora|qlora, replay_ratio, lora: {...}}")
     if value == "replay":
         return {"name": "replay", "method": "full", "replay_ratio": info.data.get("replay_ratio", 0.1)}
     return {"name": value, "method": value}

@@ -23,7 +23,7 @@ def _cli(*args, env=None, timeout=300):
 @pytest.mark.parametrize("args, message", [
     (["run", "--preset", "nope"], "unknown preset 'nope'"),
     (["run", "--set", "train.learning_rate=-1"], "train.learning_rate: Input should be greater than 0"),
-    (["run", "--set", 'arms=["full","dpo"]'], "arms.1: 'dpo' is not an arm: use full, replay, lora"),
+    (["run", "--set", 'arms=["full","qlora"]'], "arms.1: 'qlora' is not an arm: use full, replay, lora, or a spec {name, method: full|lora|qlora"),
     (["run", "--set", "replay_ratio=1.5"], "replay_ratio: Input should be less than 1"),
     (["run", "--set", "train.max_steps"], "not of the form field=value"),
 ])
