@@ -77,10 +77,39 @@ def check_inputs(cfg: StudyConfig, arms_in_process: bool = False) -> Inputs:
     check_devices_per_arm(cfg.train, full=any(a.method == "full" for a in cfg.arms), curves=cfg.eval.every_steps != 0,
                           device=device, processes=1 if arms_in_process else None,
                           gpus=_cuda_devices() if device == "cuda" else None)
+    root = Path(cfg.artifacts_dir)
+    made = _first_missing(root)
     check_artifacts_dir(cfg)  # the first check that writes: after every one that can refuse without writing
-    versions = corpus_versions(cfg)  # every corpus source exists (or its Hub revision resolves)
-    model_version = sources.source_version(cfg.model)
+    try:
+        versions = corpus_versions(cfg)  # every corpus source exists (or its Hub revision resolves)
+        model_version = sources.source_version(cfg.model)
+    except BaseException:
+        _remove_empty(root, made)  # a refused study leaves no empty root behind
+        raise
     return Inputs(cfg, versions, model_version, arms_in_process)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (what mkdir(parents=True) would create), or None."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_empty(path: Path, made: Path | None) -> None:
+    """Remove `path` and its parents up to `made` (the directories check_artifacts_dir created) while empty."""
+    if made is None:
+        return
+    for p in (path, *path.parents):
+        try:
+            p.rmdir()
+        except OSError:  # not empty (something else wrote there meanwhile) or gone: leave it
+            return
+        if p == made:
+            return
 
 
 def _cuda_devices() -> int:

@@ -348,7 +348,9 @@ def test_a_code_edit_recomputes_exactly_the_steps_whose_code_changed(study_confi
 
 def test_bad_model_and_artifacts_dir_fail_early(study_config, tmp_path):
     with pytest.raises(ModelError, match="model.name: model directory .* does not exist"):
-        inputs.check_inputs(study_config(model={"source": "local", "name": str(tmp_path / "nope")}))
+        inputs.check_inputs(study_config(model={"source": "local", "name": str(tmp_path / "nope")},
+                                         artifacts_dir=str(tmp_path / "new" / "root")))
+    assert not (tmp_path / "new").exists()  # the refused study left no empty root behind
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(inputs.StudyError, match="artifacts_dir: .* not writable"):
