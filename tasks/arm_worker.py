@@ -54,6 +54,9 @@ def setup_logging() -> logging.Logger:
     warnings.simplefilter("default")  # each distinct warning once per place, not silenced
     # Raised by torch itself when transformers imports (torch.jit.script_method): nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method.* is deprecated", category=DeprecationWarning)
+    # Raised inside transformers when TRL wraps a LoRA arm's model with peft (the trainer's construction, outside
+    # ftcore.models.quiet_library_deprecations, which covers training): nothing a user can act on either.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # One line per warning: where and what, without the echoed source line.
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: (
         f"{category.__name__}: {message} ({filename}:{lineno})")
