@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from flows.terminal import say
+
 ROOT = Path(__file__).resolve().parent.parent
 POOLS = ("ftstudy", "ftstudy-gpu")  # process pools: the study and its check; the arms (GPU machines)
 
@@ -103,11 +105,10 @@ class Service:
                 try:
                     ended = end_orphaned_runs(self.api_url, "ftstudy serve was stopped while this run ran")
                 except Exception as exc:  # noqa: BLE001 - a server that no longer answers: the next start ends them
-                    print(f"ftstudy serve: could not end the unfinished runs now ({exc}); the next start will",
-                          file=sys.stderr, flush=True)
+                    say(f"ftstudy serve: could not end the unfinished runs now ({exc}); the next start will")
                 else:
                     if ended:
-                        print(f"ftstudy serve: ended {len(ended)} unfinished run(s): {', '.join(ended)}", flush=True)
+                        say(f"ftstudy serve: ended {len(ended)} unfinished run(s): {', '.join(ended)}", sys.stdout)
             try:
                 parent = psutil.Process(proc.pid)
                 tree = [parent, *parent.children(recursive=True)]
@@ -293,11 +294,11 @@ Ctrl-C stops the server, the workers and their runs.""", flush=True)
                                      f"{_tail(service.logs / f'{name}.log')}")
             time.sleep(1)
     except KeyboardInterrupt:
-        print("ftstudy serve: stopping ...", flush=True)
+        say("ftstudy serve: stopping ...", sys.stdout)
         return 0
     except ServeError as exc:
-        print(f"ftstudy serve: {exc}", file=sys.stderr, flush=True)
+        say(f"ftstudy serve: {exc}")
         return 1
     finally:
         service.stop()
-        print("ftstudy serve: stopped", flush=True)
+        say("ftstudy serve: stopped", sys.stdout)

@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from flows.terminal import say
 from ftcore.presets import ABOUT
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -317,24 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, SystemExit) and not _interrupted:
             raise
         # Every finished step and checkpoint is kept: the same command resumes from them.
-        _say("ftstudy: interrupted; run the same command again to resume from the cached steps and checkpoints")
+        say("ftstudy: interrupted; run the same command again to resume from the cached steps and checkpoints")
         return 128 + signal.SIGINT
-
-
-def _say(line: str) -> None:
-    """One line to stderr, where a reader may be gone (a pipe's, after the same Ctrl-C): then nothing, and stdout
-    and stderr go to /dev/null so that the interpreter's last flush cannot fail either (Python's docs, "Note on
-    SIGPIPE")."""
-    try:
-        print(line, file=sys.stderr, flush=True)
-        sys.stdout.flush()
-    except OSError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                os.dup2(devnull, stream.fileno())
-            except (OSError, ValueError):
-                pass
 
 
 if __name__ == "__main__":

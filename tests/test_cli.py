@@ -249,3 +249,37 @@ def test_ctrl_c_with_the_output_piped_to_a_reader_that_died_exits_130(when, code
     code, and the interpreter's last flush into the closed pipe adds no error of its own."""
     result = subprocess.run([sys.executable, "-c", CTRL_C_INTO_A_CLOSED_PIPE, when], cwd=REPO, timeout=60)
     assert result.returncode == code
+
+
+def test_a_line_said_to_a_closed_pipe_neither_raises_nor_fails_the_exit():
+    """flows.terminal.say, which `ftstudy run` and `ftstudy serve` use for what they say while they stop: into a pipe
+    whose reader is gone it prints nothing and raises nothing, and the interpreter's last flush does not fail (exit
+    code 120) either."""
+    code = ("import os, sys\nfrom flows.terminal import say\nread, write = os.pipe()\nos.close(read)\n"
+            "os.dup2(write, 1)\nos.dup2(write, 2)\nsay('stopping', sys.stdout)\nsay('stopped')\nprint('more')\n")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+
+
+# `ftstudy serve | tee` and Ctrl-C while a study runs, reduced to the stop: the output's reader is gone, the server
+# still has unfinished runs to end (and says so), and it must be stopped anyway. Measured before: serve exited 1 and
+# left `prefect server` running (the "ended N runs" line raised BrokenPipeError before the server was stopped).
+SERVE_STOPS_INTO_A_CLOSED_PIPE = """
+import os, subprocess, sys
+from pathlib import Path
+from deployments import serve
+
+server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+service = serve.Service("127.0.0.1", 1, Path(sys.argv[1]), procs={"server": server})
+serve.end_orphaned_runs = lambda api_url, why: ["a-study-run"]
+read, write = os.pipe()
+os.close(read)
+os.dup2(write, 1)
+os.dup2(write, 2)
+service.stop(grace=5)
+sys.exit(0 if server.poll() is not None else 3)
+"""
+
+
+def test_serve_stops_its_server_when_its_output_pipe_is_closed(tmp_path):
+    result = subprocess.run([sys.executable, "-c", SERVE_STOPS_INTO_A_CLOSED_PIPE, str(tmp_path)], cwd=REPO, timeout=60)
+    assert result.returncode == 0
