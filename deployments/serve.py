@@ -233,25 +233,26 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def bring_up(service: Service, say=print) -> None:
+def bring_up(service: Service) -> None:
     """Server, pools, deployments, workers; raises ServeError naming the step that failed."""
     if not port_free(service.host, service.port):
         raise ServeError(f"port {service.port} on {service.host} is in use; choose another with --port")
     service.home.mkdir(parents=True, exist_ok=True)
     database = _redact(service.database_url) if service.database_url else f"SQLite in {service.home}"
-    say(f"starting prefect server on {service.ui_url} (PREFECT_HOME={service.home}, database: {database}) ...")
+    say(f"starting prefect server on {service.ui_url} (PREFECT_HOME={service.home}, database: {database}) ...",
+        sys.stdout)
     service.start("server", "server", "start", "--host", service.host, "--port", str(service.port))
     wait_healthy(service)
     # Runs a stopped service left active (a kill -9, a power cut) would show Running forever and keep the corpus
     # check from starting a study: no worker of this service runs yet, so none of them is still running.
     if ended := end_orphaned_runs(service.api_url, "found unfinished when ftstudy serve started (its service had "
                                   "stopped)"):
-        say(f"ended {len(ended)} run(s) a stopped service left unfinished: {', '.join(ended)}")
+        say(f"ended {len(ended)} run(s) a stopped service left unfinished: {', '.join(ended)}", sys.stdout)
     try:
         create_pools(service.api_url)
     except Exception as exc:  # noqa: BLE001 - any refusal by the server: name the step, as the other steps do
         raise ServeError(f"creating the work pools {', '.join(POOLS)} failed: {type(exc).__name__}: {exc}") from exc
-    say(f"deploying (preset {service.preset}) ...")
+    say(f"deploying (preset {service.preset}) ...", sys.stdout)
     service.call("deploy", sys.executable, "-m", "flows.cli", "deploy", "--preset", service.preset,
                  "--artifacts", str(service.artifacts))
     for pool in POOLS:
