@@ -33,6 +33,7 @@ from typing import Any
 from ftcore.config import InputError, StudyConfig
 from ftcore.plan import ArmPlan
 from ftcore.plan import TRAIN_SUMMARY as SUMMARY
+from tasks.devices import has_cuda
 
 PR_SET_PDEATHSIG = 1
 # The directory that holds the `tasks` package: the child imports it from there, wherever it runs.
@@ -182,9 +183,7 @@ def prestart_for_study(cfg: StudyConfig) -> bool:
     starts it for nothing (a process that exits with the study)."""
     if cfg.executor != "subprocess" or not any(_forkable(a.method, cfg.train.devices_per_arm, None) for a in cfg.arms):
         return False
-    import torch
-
-    if torch.cuda.is_available():  # the arms get GPUs, and a process on a GPU is never forked
+    if has_cuda():  # the arms get GPUs, and a process on a GPU is never forked
         return False
     multiprocessing.forkserver.ensure_running()
     return True

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import itertools
 import json
 import os
+import runpy
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -22,8 +25,34 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA (or ROCm) GPU: torch.cuda.is_available(), asked only of a torch built for one.
+    A CPU build (torch/version.py, read without importing torch) never sees one, so its caller skips torch's
+    import (about 1.6 s of one core): a work-pool arm's run starts its arm fork server that much sooner."""
+    if "torch" not in sys.modules and not _torch_built_for_gpus():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _torch_built_for_gpus() -> bool:
+    """torch.version.cuda or .hip, read from the installed torch's version.py without importing torch; True when
+    that file cannot be read (then torch itself is asked)."""
+    spec = importlib.util.find_spec("torch")
+    try:
+        version = Path(next(iter(spec.submodule_search_locations or ()))) / "version.py"
+        built = runpy.run_path(str(version))
+    except (AttributeError, StopIteration, OSError, SyntaxError):
+        return True
+    return bool(built.get("cuda") or built.get("hip"))
+
+
 def device_count() -> int:
-    """GPUs visible to this process, or 1 (the CPU) when there are none."""
+    """GPUs visible to this process, or 1 (the CPU) when there are none (known without torch's import for a CPU
+    build of torch: has_cuda)."""
+    if not has_cuda():
+        return 1
     import torch
 
     return torch.cuda.device_count() or 1

@@ -29,7 +29,7 @@ from ftcore.config import InputError, StudyConfig
 from ftcore.results import TrainedArm
 from ftcore.steps import Define, Step, recorded, run_step
 from tasks.arm_process import STOPPING, ArmStopped, prestart_fork_server, train_in_subprocess
-from tasks.devices import TRAINING, StoppedError, device_count, device_slots, visible_gpu
+from tasks.devices import TRAINING, StoppedError, device_count, device_slots, has_cuda, visible_gpu
 
 
 def _network_only(task_, task_run, state) -> bool:
@@ -96,6 +96,9 @@ class PrefectRunner:
 def train_here(step: Step) -> TrainedArm:
     """Train one arm in a child process on free device slots of this machine, its progress in the UI."""
     plan, root = step.arm, str(step.root)
+    cuda = has_cuda()
+    if not cuda:
+        prestart_fork_server(plan, None)  # first: its imports overlap what follows, the wait for a slot included
     logger = get_run_logger()
     progress = create_progress_artifact(0.0, description=f"{step.label}: optimizer steps done (%)")
 
@@ -104,10 +107,7 @@ def train_here(step: Step) -> TrainedArm:
             update_progress_artifact(progress, 100.0 * p["step"] / p["max_steps"])
 
     # An arm on N GPUs holds N slots; on a CPU its processes share the one.
-    cuda = _has_cuda()
     count = plan.train.devices_per_arm if cuda else 1
-    if not cuda:
-        prestart_fork_server(plan, None)  # its imports overlap the wait for a slot
     with device_slots(count, label=step.label, log=logger.info, stop=STOPPING, priority=TRAINING) as slots:
         gpu = ",".join(visible_gpu(slot) for slot in slots) if cuda else None
         logger.info("%s on device slot%s %s%s", step.label, "s" * (count > 1), ", ".join(map(str, slots)),
@@ -169,12 +169,6 @@ def train_on_work_pool(step: Step, deployment: str) -> TrainedArm:
         raise RuntimeError(f"{step.label}: run {run.name} completed but {step.dir} holds no finished arm; is "
                            "artifacts_dir a path every worker mounts (FTSTUDY_ARTIFACTS_DIR)?")
     return done
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def artifacts_root(root: str) -> str:

@@ -410,6 +410,39 @@ def test_a_study_starts_the_fork_server_at_its_start_where_its_arms_fork(study_c
     assert _fork_servers() == [server] and _fork_server_hf_home() == "/elsewhere/hf-study"
 
 
+HAS_CUDA = ("import sys; from tasks.devices import device_count, has_cuda; "
+            "print(has_cuda(), device_count(), 'torch' in sys.modules)")
+
+
+@pytest.mark.parametrize("build, answer", [
+    ('cuda = None\nhip = None', "False 1 False"),  # a CPU build: torch is not imported (its __init__ would fail)
+    ('cuda = "12.4"\nhip = None', "True 2 True"),  # built for CUDA: torch is asked
+    ('cuda = None\nhip = "6.2"', "True 2 True"),  # built for ROCm (torch.cuda too)
+], ids=["cpu-build", "cuda-build", "rocm-build"])
+def test_whether_arms_get_gpus_is_known_without_importing_a_cpu_build_of_torch(tmp_path, build, answer):
+    """has_cuda and device_count: a work-pool arm's run starts its fork server before anything else where the arm
+    forks and takes its device slot, which a CPU build of torch (torch/version.py) tells without torch's import
+    (about 1.6 s of one core); any other build asks torch."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "version.py").write_text(build + "\n")
+    (fake / "__init__.py").write_text("import types\nif __import__('torch.version').version.cuda is None and "
+                                      "__import__('torch.version').version.hip is None:\n"
+                                      "    raise ImportError('a CPU build was imported')\n"
+                                      "cuda = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    out = subprocess.run([sys.executable, "-c", HAS_CUDA], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == answer.split(), out.stderr
+
+
+def test_this_machines_torch_agrees_with_has_cuda():
+    import torch
+
+    out = subprocess.run([sys.executable, "-c", HAS_CUDA], capture_output=True, text=True, timeout=120, check=True)
+    gpu_build = bool(torch.version.cuda or torch.version.hip)
+    assert out.stdout.split() == [str(torch.cuda.is_available()), str(torch.cuda.device_count() or 1), str(gpu_build)]
+
+
 KILLED_STUDY = """
 import sys, time
 from pathlib import Path
