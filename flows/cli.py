@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from flows.terminal import say
+from flows.terminal import reader_gone, say, silence
 from ftcore.presets import ABOUT
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -312,6 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         # finished study's exit code into 130.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return code
+    except BrokenPipeError:
+        # `ftstudy show | head -1`: the reader took what it wanted and closed the pipe. As a Unix tool killed by
+        # SIGPIPE (which Python ignores): no traceback, exit 141. A broken pipe of anything else is an error.
+        if not (reader_gone(sys.stdout) or reader_gone(sys.stderr)):
+            raise
+        silence()
+        return 128 + signal.SIGPIPE
     except (KeyboardInterrupt, SystemExit) as exc:
         # `ftstudy run ... | tee log` and Ctrl-C: tee dies of it too, and the next log line to the closed pipe ends the
         # run with rich's SystemExit(1) (its console's answer to a broken pipe) instead of the interrupt.

@@ -260,6 +260,35 @@ def test_a_line_said_to_a_closed_pipe_neither_raises_nor_fails_the_exit():
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
 
 
+def test_output_piped_to_a_reader_that_closed_it_ends_the_command_without_a_traceback():
+    """`ftstudy show | head -1`: the reader closes the pipe before the command printed everything. Measured before:
+    a BrokenPipeError traceback and exit 1. Now the command stops there, as a Unix tool killed by SIGPIPE: exit 141,
+    nothing on stderr (here the pipe is closed before the first line, so it happens every time)."""
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "config"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == ""
+
+
+BROKEN_PIPE_ELSEWHERE = """
+import sys
+from flows import cli
+
+def show(args):
+    raise BrokenPipeError(32, "Broken pipe (a subprocess's stdin, say)")
+
+cli.cmd_show = show
+sys.exit(cli.main(["show"]))
+"""
+
+
+def test_a_broken_pipe_that_is_not_the_output_is_an_error_with_its_traceback():
+    result = subprocess.run([sys.executable, "-c", BROKEN_PIPE_ELSEWHERE], cwd=REPO, timeout=60, capture_output=True,
+                            text=True)
+    assert result.returncode == 1 and "BrokenPipeError: [Errno 32] Broken pipe (a subprocess's stdin" in result.stderr
+
+
 # `ftstudy serve | tee` and Ctrl-C while a study runs, reduced to the stop: the output's reader is gone, the server
 # still has unfinished runs to end (and says so), and it must be stopped anyway. Measured before: serve exited 1 and
 # left `prefect server` running (the "ended N runs" line raised BrokenPipeError before the server was stopped).
