@@ -7,6 +7,7 @@ QLoRA arms are started afresh instead. The warnings raised while importing are k
 to report through its own log as an arm started afresh does.
 """
 
+import gc
 import signal
 import sys
 import threading
@@ -25,3 +26,7 @@ try:
 finally:
     if _main:
         signal.signal(signal.SIGINT, _interrupt)
+# The libraries' objects (about 580k) live as long as the process: frozen, the garbage collections of every arm forked
+# from here skip them, and leave their memory pages shared with this server (Python's docs, gc.freeze). transformers'
+# Trainer calls gc.collect() when training ends: 0.31 s a time with them, about 0 without.
+gc.freeze()

@@ -12,6 +12,7 @@ parent records.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import multiprocessing
@@ -96,6 +97,7 @@ def main(root: str, plan_json: str | None = None) -> int:
         hide_unused_libraries([plan.method])
         from ftcore import training
 
+        gc.freeze()  # the libraries' objects, as in the fork server (tasks.arm_libraries): skipped by every collection
         # Training only: the parent holds the step's lock and records the result (ftcore.steps.run_step).
         training.train_arm(plan, root, on_progress=(lambda p: emit({"progress": p})) if first else None)
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -47,6 +48,18 @@ def pytest_collection_modifyitems(config, items):
     one file at a time in this order (`--dist loadfile --no-loadscope-reorder`), so the longest files start first
     and the short ones fill in at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def frozen_heap():
+    """At each test file's start, the process's surviving objects (the libraries, earlier files' fixtures) frozen out
+    of garbage collection (gc.freeze), as the arm fork server does: transformers' Trainer calls gc.collect() when
+    an arm's training ends, which otherwise scans them all for every arm a test trains in this process. Unfrozen at
+    the file's end, so what it left behind is collected before the next file's freeze."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")
