@@ -410,6 +410,30 @@ def test_a_study_starts_the_fork_server_at_its_start_where_its_arms_fork(study_c
     assert _fork_servers() == [server] and _fork_server_hf_home() == "/elsewhere/hf-study"
 
 
+FROZEN_WHEN_TRAINING = """
+import gc, sys
+if sys.argv[1] == "fork-server":  # the server's preload, which every arm forked from it inherits
+    import tasks.arm_libraries
+    print(gc.get_freeze_count())
+    sys.exit()
+from ftcore import training
+import tasks.arm_worker as worker
+training.train_arm = lambda plan, root, on_progress=None: print(gc.get_freeze_count())
+worker.ArmPlan.model_validate_json = lambda data: type("Plan", (), {"method": "full"})()
+worker.main("/nonexistent", "{}")
+"""
+
+
+@pytest.mark.parametrize("where", ["afresh", "fork-server"])
+def test_an_arm_trains_with_the_libraries_objects_frozen_out_of_garbage_collection(where):
+    """An arm's process freezes the libraries' objects (gc.freeze) before it trains, started afresh or forked from the
+    fork server: the Trainer's gc.collect() at the end of training then skips them (0.31 s a time with them)."""
+    out = subprocess.run([sys.executable, "-c", FROZEN_WHEN_TRAINING, where], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=120)
+    frozen = [int(line) for line in out.stdout.split() if line.isdigit()]
+    assert frozen and frozen[-1] > 100_000, out.stdout + out.stderr
+
+
 HAS_CUDA = ("import sys; from tasks.devices import device_count, has_cuda; "
             "print(has_cuda(), device_count(), 'torch' in sys.modules)")
 
