@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flows.terminal import reader_gone, say, silence
 from ftcore.presets import ABOUT
+from tasks.heap import frozen_imports
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -128,7 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except InputError as exc:
         return _fail(str(exc))
     _make_prefect_home()
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    with frozen_imports():  # Prefect (tasks.heap)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
     # The run's own server (flows/embedded_server.py) unless the user named one: it starts while the flow's
     # imports below run, and a Ctrl-C here stops the flow before it.
@@ -140,7 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             server.stop(drain=False)  # nothing to run: no flow run either (a user's own server records every run)
             return finish_recorded(results, checked.cfg, root)
         inputs.hand_over(checked)  # the flow below trusts these checks instead of repeating them
-        from flows.study import study_flow
+        with frozen_imports():
+            from flows.study import study_flow
 
         if server is None:
             return finish(study_flow(config=checked.cfg, return_state=True), checked.cfg, root)

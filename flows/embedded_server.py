@@ -29,7 +29,10 @@ class ServerError(RuntimeError):
 def app():
     """uvicorn's factory: Prefect's API application as its ephemeral server builds it. The server ends itself
     when the `ftstudy run` that started it is gone, even killed (SIGKILL, a closed terminal)."""
-    from prefect.server.api.server import create_app
+    from tasks.heap import frozen_imports
+
+    with frozen_imports():  # Prefect's server application: about 3.7 s of imports
+        from prefect.server.api.server import create_app
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     return create_app(ephemeral=True, final=True)

@@ -7,11 +7,12 @@ QLoRA arms are started afresh instead. The warnings raised while importing are k
 to report through its own log as an arm started afresh does.
 """
 
-import gc
 import signal
 import sys
 import threading
 import warnings
+
+from tasks.heap import frozen_imports
 
 sys.modules.setdefault("bitsandbytes", None)
 # The server is in the terminal's process group, and Python's forkserver ignores SIGINT only after this import: a
@@ -20,13 +21,11 @@ sys.modules.setdefault("bitsandbytes", None)
 _main = threading.current_thread() is threading.main_thread()  # signal.signal works only there
 _interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main else None
 try:
-    with warnings.catch_warnings(record=True) as IMPORT_WARNINGS:
+    # The collector paused while importing, the objects then frozen (tasks.heap): every arm forked from here inherits
+    # them frozen, so its collections skip them and leave the pages it shares with this server untouched.
+    with warnings.catch_warnings(record=True) as IMPORT_WARNINGS, frozen_imports():
         warnings.simplefilter("always")
         import ftcore.training  # noqa: F401
 finally:
     if _main:
         signal.signal(signal.SIGINT, _interrupt)
-# The libraries' objects (about 580k) live as long as the process: frozen, the garbage collections of every arm forked
-# from here skip them, and leave their memory pages shared with this server (Python's docs, gc.freeze). transformers'
-# Trainer calls gc.collect() when training ends: 0.31 s a time with them, about 0 without.
-gc.freeze()

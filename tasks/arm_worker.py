@@ -12,7 +12,6 @@ parent records.
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 import logging
 import multiprocessing
@@ -26,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ftcore.plan import ArmPlan
+from tasks.heap import frozen_imports
 
 
 class JsonLines(logging.Handler):
@@ -95,9 +95,9 @@ def main(root: str, plan_json: str | None = None) -> int:
     try:
         plan = ArmPlan.model_validate_json(plan_json or os.environ.get(PLAN_ENV) or sys.stdin.read())
         hide_unused_libraries([plan.method])
-        from ftcore import training
+        with frozen_imports():  # as in the fork server (tasks.arm_libraries); a forked arm has them already
+            from ftcore import training
 
-        gc.freeze()  # the libraries' objects, as in the fork server (tasks.arm_libraries): skipped by every collection
         # Training only: the parent holds the step's lock and records the result (ftcore.steps.run_step).
         training.train_arm(plan, root, on_progress=(lambda p: emit({"progress": p})) if first else None)
     except KeyboardInterrupt:

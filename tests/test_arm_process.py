@@ -410,6 +410,31 @@ def test_a_study_starts_the_fork_server_at_its_start_where_its_arms_fork(study_c
     assert _fork_servers() == [server] and _fork_server_hf_home() == "/elsewhere/hf-study"
 
 
+FROZEN_IMPORTS = """
+import gc
+from tasks.heap import frozen_imports
+full = []
+gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2 and full.append(1))
+before = gc.get_freeze_count()
+with frozen_imports():
+    import torch, transformers  # about 300k objects: without the pause, a full collection at every quarter grown
+print(len(full), gc.get_freeze_count() - before > 100_000, gc.isenabled())
+try:
+    with frozen_imports():
+        raise ImportError("no such library")
+except ImportError:
+    print(gc.isenabled())
+"""
+
+
+def test_heavy_imports_run_without_full_collections_and_stay_frozen():
+    """tasks.heap.frozen_imports: no full garbage collection while the block imports (each would scan every object
+    imported so far), the imported objects frozen afterwards, the collector enabled again, also after an error."""
+    out = subprocess.run([sys.executable, "-c", FROZEN_IMPORTS], cwd=Path(__file__).parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split() == ["0", "True", "True", "True"], out.stdout + out.stderr
+
+
 FROZEN_WHEN_TRAINING = """
 import gc, sys
 if sys.argv[1] == "fork-server":  # the server's preload, which every arm forked from it inherits
