@@ -301,5 +301,13 @@ Ctrl-C stops the server, the workers and their runs.""", flush=True)
         say(f"ftstudy serve: {exc}")
         return 1
     finally:
-        service.stop()
-        say("ftstudy serve: stopped", sys.stdout)
+        shut_down(service)
+
+
+def shut_down(service: Service) -> None:
+    """Stop the service (Service.stop), deaf to further signals while it stops: a second Ctrl-C, or a closed terminal
+    after the first, cut the stop short and left the Prefect server and a worker running, orphaned."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    service.stop()
+    say("ftstudy serve: stopped", sys.stdout)

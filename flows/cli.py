@@ -326,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         # `ftstudy run ... | tee log` and Ctrl-C: tee dies of it too, and the next log line to the closed pipe ends the
         # run with rich's SystemExit(1) (its console's answer to a broken pipe) instead of the interrupt.
         if isinstance(exc, SystemExit) and not _interrupted:
+            # Without a Ctrl-C: rich's answer to a broken pipe is the same SystemExit(1) (`ftstudy run ... 2>&1 | head
+            # -1`): the reader went away, as above, and the study stopped there; a rerun resumes it.
+            if exc.code == 1 and (reader_gone(sys.stdout) or reader_gone(sys.stderr)):
+                silence()
+                return 128 + signal.SIGPIPE
             raise
         # Every finished step and checkpoint is kept: the same command resumes from them.
         say("ftstudy: interrupted; run the same command again to resume from the cached steps and checkpoints")

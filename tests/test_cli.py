@@ -224,6 +224,8 @@ def log(line):  # a log line as Prefect's handler writes it: through rich, which
         raise SystemExit(1)  # rich.console.Console.on_broken_pipe
 
 def interrupted_run(args):
+    if sys.argv[1] == "exit-1":  # a SystemExit(1) of something else, the output's reader still there
+        raise SystemExit(1)
     try:
         if sys.argv[1] == "ctrl-c":
             os.kill(os.getpid(), signal.SIGINT)
@@ -233,20 +235,23 @@ def interrupted_run(args):
         log("ftstudy: stopping the running arms")
     return 0
 
-read, write = os.pipe()
-os.close(read)
-os.dup2(write, 1)
-os.dup2(write, 2)
+if sys.argv[1] != "exit-1":
+    read, write = os.pipe()
+    os.close(read)
+    os.dup2(write, 1)
+    os.dup2(write, 2)
 cli.cmd_show = interrupted_run
 sys.exit(cli.main(["show"]))
 """
 
 
-@pytest.mark.parametrize("when, code", [("ctrl-c", 130), ("no-ctrl-c", 1)])
+@pytest.mark.parametrize("when, code", [("ctrl-c", 130), ("no-ctrl-c", 141), ("exit-1", 1)])
 def test_ctrl_c_with_the_output_piped_to_a_reader_that_died_exits_130(when, code):
     """Ctrl-C exits 130 also when stdout and stderr go to a pipe whose reader died of it (`| tee`): measured before,
-    exit 1 (rich's SystemExit on the broken pipe replaced the interrupt). Without a Ctrl-C that SystemExit keeps its
-    code, and the interpreter's last flush into the closed pipe adds no error of its own."""
+    exit 1 (rich's SystemExit on the broken pipe replaced the interrupt). Without a Ctrl-C the reader went away by
+    itself (`ftstudy run ... 2>&1 | head -1`): rich's SystemExit(1) ends the command as a broken pipe does, exit 141
+    (it exited 1, which reads as a failed study); the interpreter's last flush into the closed pipe adds no error of
+    its own. A SystemExit(1) with the output's reader still there keeps its code."""
     result = subprocess.run([sys.executable, "-c", CTRL_C_INTO_A_CLOSED_PIPE, when], cwd=REPO, timeout=60)
     assert result.returncode == code
 
@@ -307,6 +312,40 @@ os.dup2(write, 2)
 service.stop(grace=5)
 sys.exit(0 if server.poll() is not None else 3)
 """
+
+
+# A second Ctrl-C (or a closed terminal after the first) while serve stops. Measured before: the stop was cut short,
+# serve exited 130, and the Prefect server and a worker were left running, orphaned.
+SECOND_CTRL_C_WHILE_SERVE_STOPS = """
+import os, signal, subprocess, sys
+from pathlib import Path
+from deployments import serve
+
+server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+service = serve.Service("127.0.0.1", 1, Path(sys.argv[1]), procs={"server": server, "worker": worker})
+
+def second_ctrl_c(api_url, why):
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGHUP)
+    return []
+
+serve.end_orphaned_runs = second_ctrl_c
+signal.signal(signal.SIGINT, serve._interrupt)
+try:
+    serve.shut_down(service)
+finally:
+    left = [p for p in (server, worker) if p.poll() is None]
+    for p in left:
+        p.kill()
+sys.exit(3 if left else 0)
+"""
+
+
+def test_a_second_ctrl_c_while_serve_stops_does_not_cut_the_stop_short(tmp_path):
+    result = subprocess.run([sys.executable, "-c", SECOND_CTRL_C_WHILE_SERVE_STOPS, str(tmp_path)], cwd=REPO,
+                            timeout=60, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_serve_stops_its_server_when_its_output_pipe_is_closed(tmp_path):
