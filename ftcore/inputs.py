@@ -153,6 +153,11 @@ def resolve_precisions(cfg: StudyConfig) -> StudyConfig:
 def check_artifacts_dir(cfg: StudyConfig) -> Path:
     """The artifacts root, created; StudyError naming artifacts_dir when it cannot be written."""
     root = Path(cfg.artifacts_dir).expanduser()
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = f"{root}" if existing == root else f"{root}: {existing}"
+        raise StudyError(f"artifacts_dir: {where} is a file, not a directory; choose a directory (a missing one is "
+                         "created)")
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{os.getpid()}"

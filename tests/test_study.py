@@ -6,6 +6,7 @@ code edits recompute exactly the steps whose code changed, and the Hub is never 
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -353,8 +354,10 @@ def test_bad_model_and_artifacts_dir_fail_early(study_config, tmp_path):
     assert not (tmp_path / "new").exists()  # the refused study left no empty root behind
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(inputs.StudyError, match="artifacts_dir: .* not writable"):
-        inputs.check_inputs(study_config(artifacts_dir=str(blocker / "sub")))
+    # A file where a directory of the path must be, or the root itself a file (it said "not writable (File exists)").
+    for under, said in ((blocker / "sub", f"{blocker / 'sub'}: {blocker}"), (blocker, f"{blocker}")):
+        with pytest.raises(inputs.StudyError, match=re.escape(f"artifacts_dir: {said} is a file, not a directory")):
+            inputs.check_inputs(study_config(artifacts_dir=str(under)))
     cfg = study_config(chunk_len=4096)
     with pytest.raises(inputs.StudyError, match="chunk_len: 4096 tokens exceed the model's context of 1024"):
         study.prepare(cfg)
