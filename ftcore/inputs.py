@@ -90,11 +90,15 @@ def check_inputs(cfg: StudyConfig, arms_in_process: bool = False) -> Inputs:
 
 
 def _first_missing(path: Path) -> Path | None:
-    """The outermost directory of `path` that does not exist yet (what mkdir(parents=True) would create), or None."""
+    """The outermost directory of `path` that does not exist yet (what mkdir(parents=True) would create), or None
+    (also where a directory on the path may not be searched: check_artifacts_dir then refuses, creating nothing)."""
     missing = None
     for p in (path, *path.parents):
-        if p.exists():
-            break
+        try:
+            if p.exists():
+                break
+        except OSError:
+            return None
         missing = p
     return missing
 
@@ -153,7 +157,10 @@ def resolve_precisions(cfg: StudyConfig) -> StudyConfig:
 def check_artifacts_dir(cfg: StudyConfig) -> Path:
     """The artifacts root, created; StudyError naming artifacts_dir when it cannot be written."""
     root = Path(cfg.artifacts_dir).expanduser()
-    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    try:
+        existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    except OSError:  # a directory on the path that may not be searched: the write below names the error
+        existing = None
     if existing is not None and not existing.is_dir():
         where = f"{root}" if existing == root else f"{root}: {existing}"
         raise StudyError(f"artifacts_dir: {where} is a file, not a directory; choose a directory (a missing one is "

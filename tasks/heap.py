@@ -2,7 +2,7 @@
 
 Importing torch, transformers, TRL and peft creates about 580k objects that live as long as the process. While the
 heap grows, the collector runs a full collection each time it has grown by a quarter, scanning everything imported so
-far: about 1.1 s of one core of an arm process's 5.2 s of imports (2-core Zen 4 EPYC). Frozen afterwards (gc.freeze),
+far: about 1 s of one core of an arm process's 5.2 s of imports (2-core Zen 4 EPYC). Frozen afterwards (gc.freeze),
 they are skipped by every later collection, which then scans only the process's own objects: transformers' Trainer
 calls gc.collect() when an arm's training ends (0.31 s with them, about 0 without), and an arm forked from the fork
 server leaves the pages it shares with the server untouched (Python's docs, gc.freeze). Cyclic garbage made during

@@ -347,7 +347,7 @@ def test_a_code_edit_recomputes_exactly_the_steps_whose_code_changed(study_confi
     keys._package.cache_clear()
 
 
-def test_bad_model_and_artifacts_dir_fail_early(study_config, tmp_path):
+def test_bad_model_and_artifacts_dir_fail_early(study_config, tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="model.name: model directory .* does not exist"):
         inputs.check_inputs(study_config(model={"source": "local", "name": str(tmp_path / "nope")},
                                          artifacts_dir=str(tmp_path / "new" / "root")))
@@ -358,6 +358,12 @@ def test_bad_model_and_artifacts_dir_fail_early(study_config, tmp_path):
     for under, said in ((blocker / "sub", f"{blocker / 'sub'}: {blocker}"), (blocker, f"{blocker}")):
         with pytest.raises(inputs.StudyError, match=re.escape(f"artifacts_dir: {said} is a file, not a directory")):
             inputs.check_inputs(study_config(artifacts_dir=str(under)))
+    denied = PermissionError(13, "Permission denied")
+    with monkeypatch.context() as m:  # a directory on the path that may not be searched (this runs as root)
+        m.setattr(Path, "exists", lambda self: (_ for _ in ()).throw(denied))
+        m.setattr(Path, "mkdir", lambda self, *a, **k: (_ for _ in ()).throw(denied))
+        with pytest.raises(inputs.StudyError, match=r"artifacts_dir: .* is not writable \(Permission denied\)"):
+            inputs.check_inputs(study_config(artifacts_dir=str(tmp_path / "locked" / "root")))
     cfg = study_config(chunk_len=4096)
     with pytest.raises(inputs.StudyError, match="chunk_len: 4096 tokens exceed the model's context of 1024"):
         study.prepare(cfg)
