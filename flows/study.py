@@ -25,6 +25,7 @@ from ftcore.config import ConfigError, InputError, StudyConfig
 from ftcore.config_files import describe_error
 from tasks.arm_process import STOPPING, fork_arms_enabled, prestart_for_study, stop_arms
 from tasks.arm_worker import hide_unused_libraries
+from tasks.heap import keep_freed_memory
 from tasks.runner import PrefectRunner
 
 # ftcore reports progress (tokens scored, steps trained, ETA) at INFO; Prefect forwards the
@@ -54,6 +55,7 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
         fork_arms_enabled()  # this process's environment (a work-pool arm's worker checks its own when the arm starts)
         cfg = validated(config)
         hide_unused_libraries_in_own_process(cfg)
+        keep_freed_memory()  # the evaluations' batches reuse the last one's pages (tasks.heap)
         checked = inputs.check_inputs(cfg)
         check_executor(checked.cfg)
         prestart_for_study(checked.cfg)

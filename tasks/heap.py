@@ -1,19 +1,33 @@
-"""Heavy imports with Python's cyclic garbage collector paused, their objects then frozen out of it.
+"""The process's heap: heavy imports with Python's garbage collector paused and their objects frozen; glibc's malloc
+told to keep and reuse what a step frees.
 
-Importing torch, transformers, TRL and peft creates about 580k objects that live as long as the process. While the
-heap grows, the collector runs a full collection each time it has grown by a quarter, scanning everything imported so
-far: about 1 s of one core of an arm process's 5.2 s of imports (2-core Zen 4 EPYC). Frozen afterwards (gc.freeze),
-they are skipped by every later collection, which then scans only the process's own objects: transformers' Trainer
-calls gc.collect() when an arm's training ends (0.31 s with them, about 0 without), and an arm forked from the fork
-server leaves the pages it shares with the server untouched (Python's docs, gc.freeze). Cyclic garbage made during
-the imports is frozen with them (kept, not collected): a few module-level objects, once per process.
+Imports. Importing torch, transformers, TRL and peft creates about 580k objects that live as long as the process.
+While the heap grows, the collector runs a full collection each time it has grown by a quarter, scanning everything
+imported so far: about 1 s of one core of an arm process's 5.2 s of imports (2-core Zen 4 EPYC). Frozen afterwards
+(gc.freeze), they are skipped by every later collection, which then scans only the process's own objects:
+transformers' Trainer calls gc.collect() when an arm's training ends (0.31 s with them, about 0 without), and an arm
+forked from the fork server leaves the pages it shares with the server untouched (Python's docs, gc.freeze). Cyclic
+garbage made during the imports is frozen with them (kept, not collected): a few module-level objects, once per
+process.
+
+Freed memory. glibc serves every allocation above its mmap threshold (at most 32 MiB) with fresh pages from the
+kernel and hands them back on free: a gemma-3-270m batch's logits (1 GiB in bf16), its activations and the training
+loss's buffers were page-faulted in afresh at every batch and step, a fault per 4 KiB. With mmap off and the heap's
+top kept, a freed tensor's pages are reused by the next: demo-base's training 1.14x and its evaluation 1.20x as
+fast on a 2-core Xeon (the same loss and perplexity; peak RSS 9.75 vs 9.20 GB; `python -m bench.malloc`, BENCHMARKS.md
+§12). Transparent huge pages for torch's allocations (THP_MEM_ALLOC_ENABLE) were slower there: 0.70x and 0.80x.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 from collections.abc import Iterator
+
+# mallopt(3)'s parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
 
 
 @contextlib.contextmanager
@@ -28,3 +42,17 @@ def frozen_imports() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to serve every allocation from its heap (mallopt M_MMAP_MAX 0: no mmap) and to keep freed
+    memory at the heap's top (M_TRIM_THRESHOLD at its largest, 2 GiB less a byte), for the rest of this process and
+    the processes it forks: what a step frees is reused instead of returned to the kernel and faulted in again.
+    Returns whether glibc accepted both; False, with nothing changed, where the C library is not glibc (mallopt
+    missing: musl, macOS). Raises nothing."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

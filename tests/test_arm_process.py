@@ -459,6 +459,62 @@ def test_an_arm_trains_with_the_libraries_objects_frozen_out_of_garbage_collecti
     assert frozen and frozen[-1] > 100_000, out.stdout + out.stderr
 
 
+MALLOC_PROBE = """
+import ctypes, resource
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype = MallInfo2, ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+
+def mapped():  # whether glibc serves 64 MiB with a mapping of its own (returned to the kernel when freed)
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(64 << 20)
+    after = libc.mallinfo2().hblks
+    libc.free(block)
+    return after > before
+
+def faults():  # page faults of three more rounds of 64 MiB written and freed, after a first
+    ctypes.memset(block := libc.malloc(64 << 20), 1, 64 << 20)
+    libc.free(block)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        ctypes.memset(block := libc.malloc(64 << 20), 1, 64 << 20)
+        libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+"""
+
+
+def test_keep_freed_memory_makes_glibc_reuse_freed_pages_instead_of_faulting_them_in_again():
+    """tasks.heap.keep_freed_memory: a 64-MiB block is no longer a mapping of its own, and writing one again after
+    freeing it faults no page in (16,384 faults a round before: a fault per 4 KiB)."""
+    probe = MALLOC_PROBE + """
+from tasks.heap import keep_freed_memory
+print(mapped(), faults() > 3 * 16_000)
+print(keep_freed_memory())
+print(mapped(), faults() < 1_000)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["True", "True", "True", "False", "True"], out.stdout + out.stderr
+
+
+def test_an_arm_trains_with_freed_memory_kept():
+    """An arm's process (tasks.arm_worker.main, afresh or forked from the fork server) keeps freed memory before it
+    trains: each step's tensors reuse the last one's pages (demo-base's training 1.18x as fast)."""
+    probe = MALLOC_PROBE + """
+from ftcore import training
+import tasks.arm_worker as worker
+training.train_arm = lambda plan, root, on_progress=None: print("mapped", mapped())
+worker.ArmPlan.model_validate_json = lambda data: type("Plan", (), {"method": "full"})()
+worker.main("/nonexistent", "{}")
+"""
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                         timeout=120)
+    assert "mapped False" in out.stdout, out.stdout + out.stderr
+
+
 HAS_CUDA = ("import sys; from tasks.devices import device_count, has_cuda; "
             "print(has_cuda(), device_count(), 'torch' in sys.modules)")
 
