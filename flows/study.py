@@ -20,7 +20,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from ftcore import gate, inputs, study
+from ftcore import gate, hardware, inputs, study
 from ftcore.config import ConfigError, InputError, StudyConfig
 from ftcore.config_files import describe_error
 from tasks.arm_process import STOPPING, fork_arms_enabled, prestart_for_study, stop_arms
@@ -55,8 +55,9 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
         fork_arms_enabled()  # this process's environment (a work-pool arm's worker checks its own when the arm starts)
         cfg = validated(config)
         hide_unused_libraries_in_own_process(cfg)
-        keep_freed_memory()  # the evaluations' batches reuse the last one's pages (tasks.heap)
         checked = inputs.check_inputs(cfg)
+        # On a CPU the evaluations' batches reuse the last one's pages (tasks.heap).
+        keep_freed_memory(hardware.resolve_device(checked.cfg.device))
         check_executor(checked.cfg)
         prestart_for_study(checked.cfg)
         results = study.run_study(checked, PrefectRunner(checked.cfg))

@@ -81,7 +81,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def supports(model: nn.Module) -> bool:
     """Whether `model` (a transformers causal LM, or a peft model around one) has the shape this loss needs: a
     decoder whose last hidden state feeds one linear output layer, with no logit soft-capping (Gemma 2)."""
-    inner = _unwrap(model)
+    inner = inner_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     config = getattr(inner, "config", None)
     return (isinstance(head, nn.Linear) and hasattr(inner, "get_decoder") and inner.get_decoder() is not inner
@@ -98,9 +98,9 @@ def causal_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor], num_items:
 
     Raises ValueError if the model is not one `supports` accepts."""
     if not supports(model):
-        raise ValueError(f"{type(_unwrap(model)).__name__}: the chunked loss needs a decoder and one linear "
+        raise ValueError(f"{type(inner_model(model)).__name__}: the chunked loss needs a decoder and one linear "
                          "output layer without logit soft-capping")
-    inner = _unwrap(model)
+    inner = inner_model(model)
     labels = inputs["labels"]
     # Everything the model's own forward would hand its decoder (packed rows' position ids included), bar the labels.
     forward = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
@@ -113,6 +113,6 @@ def causal_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor], num_items:
     return _LinearCrossEntropy.apply(hidden[keep], head.weight, head.bias, targets[keep], dtype, chunk, 1.0 / count)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft model (its LoRA layers are in place inside it)."""
+def inner_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft model (its LoRA layers are in place inside it), or `model` itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -326,7 +326,7 @@ class ReferenceCache:
         out = self.logits(input_ids, attention_mask)
         size = out.numel() * out.element_size()
         if self.bytes + size <= self.max_bytes:
-            self.kept[key] = out.to("cpu")
+            self.kept[key] = out.to("cpu", copy=True)  # `out` may be a reused buffer (ftcore.models.ReusedLogits)
             self.bytes += size
         return out
 

@@ -101,15 +101,58 @@ def load_scored(scored: Scored, base_dir: str | Path, root: str | Path, device: 
     return load_trained(Path(root) / scored.dir, base_dir, device, quantized=scored.method == "qlora")
 
 
+class ReusedLogits:
+    """A causal LM's logits on a batch, `(input_ids, attention_mask) -> [batch x width x vocab]`, written into one
+    buffer that the next call overwrites: valid until then. Equal to `model(...).logits` bit for bit (the decoder's
+    last hidden state times the output layer, in the autocast dtype where autocast is on; tests check GPT-2, GPT-NeoX
+    and Llama). Why: a 262k-vocabulary model's logits for 8 x 256 positions are 1 GiB in bf16, which the model's own
+    forward allocates afresh every batch, and which glibc maps and the kernel faults in afresh whenever the scoring
+    runs in a thread (a Prefect task's), where `tasks.heap.keep_freed_memory` cannot help (a thread's malloc arena
+    maps every block over 64 MiB). In a thread, gemma-3-270m's forward on 8 x 256 tokens: 1.1-1.2 s instead of
+    1.6-1.7 (BENCHMARKS.md §12). The output layer's weight is cast to that dtype once, at the first call: create one
+    per pass over a model whose weights do not change during it. A model whose output layer the chunked loss cannot
+    split off (`ftcore.chunked_loss.supports`: logit soft-capping, an adapter on the output layer) gets
+    `model(...).logits`."""
+
+    def __init__(self, model: torch.nn.Module):
+        from ftcore import chunked_loss
+
+        self.model = model
+        inner = chunked_loss.inner_model(model) if chunked_loss.supports(model) else None
+        self.decoder = inner.get_decoder() if inner is not None else None
+        self.head = inner.get_output_embeddings() if inner is not None else None
+        self.weight: torch.Tensor | None = None
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        kind = hidden.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        if self.weight is None or self.weight.dtype != dtype:
+            self.weight = self.head.weight.to(dtype)
+        shape = (*hidden.shape[:-1], self.weight.shape[0])
+        size = shape[0] * shape[1] * shape[2]
+        if self.buffer is None or self.buffer.numel() < size or self.buffer.dtype != dtype or self.buffer.device != hidden.device:
+            self.buffer = torch.empty(size, dtype=dtype, device=hidden.device)
+        out = self.buffer[:size].view(shape)
+        bias = self.head.bias
+        torch.matmul(hidden.to(dtype), self.weight.T, out=out)
+        return out if bias is None else out.add_(bias.to(dtype))
+
+
 def reference_logits(method: str, model: torch.nn.Module, base_dir: str | Path, device: str = "cpu"):
     """The base model's logits on a batch, `(input_ids, attention_mask) -> logits`, for the exact KL beside
     `model` (a model of `method`): a LoRA arm's own model with its adapter switched off (the base's weights, no
     second model in memory); for a full arm, a QLoRA arm (whose adapter-free model is the 4-bit base) and
-    the 4-bit base, the base loaded beside it."""
+    the 4-bit base, the base loaded beside it. The logits are written into one reused buffer (`ReusedLogits`): each
+    call's are valid until the next; a caller that keeps them copies them."""
     if method == "lora":
+        adapter_off = ReusedLogits(model)
+
         def logits(input_ids, attention_mask):
             with model.disable_adapter():
-                return model(input_ids=input_ids, attention_mask=attention_mask).logits
+                return adapter_off(input_ids, attention_mask)
         return logits
-    base = load_model(base_dir, device=device).eval()
-    return lambda input_ids, attention_mask: base(input_ids=input_ids, attention_mask=attention_mask).logits
+    return ReusedLogits(load_model(base_dir, device=device).eval())

@@ -238,8 +238,10 @@ def score_rows(
     `kl_sum`, the summed KL(reference ‖ model) in nats over the row's predicted tokens (`kl_top_k`),
     and with keep_tokens `token_kl` per position. `reference_logits(input_ids, attention_mask)`, the
     logits of a reference model on the same batch, adds the same columns with the exact KL over the
-    whole vocabulary.
+    whole vocabulary; they are read before its next call (`ftcore.models.ReusedLogits` reuses one buffer).
     """
+    from ftcore.models import ReusedLogits  # transformers: not imported by the light input checks that import this
+
     device = str(next(model.parameters()).device)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     nll = np.zeros(len(rows))
@@ -249,6 +251,7 @@ def score_rows(
     model.eval()
     progress = Progress(label, total=sum(len(r[0]) for r in rows), unit="tokens")
     with torch.inference_mode(), autocast(precision, device):
+        own = ReusedLogits(model)  # one buffer for every batch's logits (ftcore.models)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             width = len(rows[idx[0]][0])
@@ -260,7 +263,7 @@ def score_rows(
                 input_ids[j, : len(ids)] = torch.tensor(ids)
                 labels[j, : len(labs)] = torch.tensor(labs)
                 attention[j, : len(ids)] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            logits = own(input_ids.to(device), attention.to(device))
             target = labels[:, 1:].to(device)
             ref = reference_logits(input_ids.to(device), attention.to(device)) if reference_logits else None
             compare = top_k or reference is not None or reference_logits is not None

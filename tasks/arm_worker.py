@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
+from ftcore.hardware import resolve_device
 from ftcore.plan import ArmPlan
 from tasks.heap import frozen_imports, keep_freed_memory
 
@@ -97,7 +98,7 @@ def main(root: str, plan_json: str | None = None) -> int:
         hide_unused_libraries([plan.method])
         with frozen_imports():  # as in the fork server (tasks.arm_libraries); a forked arm has them already
             from ftcore import training
-        keep_freed_memory()  # each step's tensors reuse the last one's pages (tasks.heap)
+        keep_freed_memory(resolve_device(plan.device))  # on a CPU, each step reuses the last one's pages (tasks.heap)
 
         # Training only: the parent holds the step's lock and records the result (ftcore.steps.run_step).
         training.train_arm(plan, root, on_progress=(lambda p: emit({"progress": p})) if first else None)

@@ -44,12 +44,16 @@ def frozen_imports() -> Iterator[None]:
             gc.enable()
 
 
-def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to serve every allocation from its heap (mallopt M_MMAP_MAX 0: no mmap) and to keep freed
-    memory at the heap's top (M_TRIM_THRESHOLD at its largest, 2 GiB less a byte), for the rest of this process and
-    the processes it forks: what a step frees is reused instead of returned to the kernel and faulted in again.
-    Returns whether glibc accepted both; False, with nothing changed, where the C library is not glibc (mallopt
-    missing: musl, macOS). Raises nothing."""
+def keep_freed_memory(device: str) -> bool:
+    """Where the process computes on the CPU (`device`, resolved: "cpu" or "cuda"), tell glibc's malloc to serve
+    every allocation from its heap (mallopt M_MMAP_MAX 0: no mmap) and to keep freed memory at the heap's top
+    (M_TRIM_THRESHOLD at its largest, 2 GiB less a byte), for the rest of this process and the processes it forks:
+    what a step frees is reused instead of returned to the kernel and faulted in again. Returns whether glibc
+    accepted both; False, with nothing changed, for another device (its tensors are not in this heap, and the host
+    memory a large model's weights held before they moved to the GPU is better given back) or where the C library
+    is not glibc (no mallopt: musl, macOS). Raises nothing."""
+    if device != "cpu":
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

@@ -318,3 +318,40 @@ def test_chunked_loss_mean_and_refusal(tiny_model):
         assert not chunked_loss.supports(model)
         with pytest.raises(ValueError, match="soft-capping"):
             chunked_loss.causal_lm_loss(model, batch)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_reused_logits_equal_the_models_own_and_reuse_one_buffer(tiny_models, family, precision):
+    """ftcore.models.ReusedLogits (what scoring and the KL's reference use): the model's own logits bit for bit, in fp32
+    and under bf16 autocast, for the model, under LoRA and with the adapter off (a LoRA arm's reference), on batches
+    of two shapes; every call writes into the same buffer (a 262k vocabulary's logits are 1 GiB a batch)."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftcore.models import ReusedLogits, load_model, reference_logits
+
+    torch.manual_seed(0)
+    model = load_model(tiny_models[family]).eval()
+    torch.manual_seed(1)
+    lora = get_peft_model(load_model(tiny_models[family]).eval(),
+                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False))
+    batches = []
+    for shape in ((3, 11), (2, 7)):
+        ids = torch.randint(3, 60, shape)
+        mask = torch.ones_like(ids)
+        mask[-1, shape[1] - 3 :] = 0
+        batches.append((ids, mask))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for net in (model, lora):
+            reused, pointers = ReusedLogits(net), set()
+            for ids, mask in batches:
+                out = reused(ids, mask)
+                pointers.add(out.data_ptr())
+                assert torch.equal(out, net(input_ids=ids, attention_mask=mask).logits)
+            assert reused.decoder is not None and len(pointers) == 1
+        adapter_off = reference_logits("lora", lora, tiny_models[family])
+        for ids, mask in batches:
+            with lora.disable_adapter():
+                base = lora(input_ids=ids, attention_mask=mask).logits
+            assert torch.equal(adapter_off(ids, mask), base)
+            assert not torch.equal(base, lora(input_ids=ids, attention_mask=mask).logits)  # the adapter was off
