@@ -20,12 +20,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from ftcore import gate, hardware, inputs, study
+from ftcore import gate, inputs, study
 from ftcore.config import ConfigError, InputError, StudyConfig
 from ftcore.config_files import describe_error
 from tasks.arm_process import STOPPING, fork_arms_enabled, prestart_for_study, stop_arms
 from tasks.arm_worker import hide_unused_libraries
-from tasks.heap import keep_freed_memory
 from tasks.runner import PrefectRunner
 
 # ftcore reports progress (tokens scored, steps trained, ETA) at INFO; Prefect forwards the
@@ -56,8 +55,6 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
         cfg = validated(config)
         hide_unused_libraries_in_own_process(cfg)
         checked = inputs.check_inputs(cfg)
-        # On a CPU the evaluations' batches reuse the last one's pages (tasks.heap).
-        keep_freed_memory(hardware.resolve_device(checked.cfg.device))
         check_executor(checked.cfg)
         prestart_for_study(checked.cfg)
         results = study.run_study(checked, PrefectRunner(checked.cfg))

@@ -11,11 +11,13 @@ garbage made during the imports is frozen with them (kept, not collected): a few
 process.
 
 Freed memory. glibc serves every allocation above its mmap threshold (at most 32 MiB) with fresh pages from the
-kernel and hands them back on free: a gemma-3-270m batch's logits (1 GiB in bf16), its activations and the training
-loss's buffers were page-faulted in afresh at every batch and step, a fault per 4 KiB. With mmap off and the heap's
-top kept, a freed tensor's pages are reused by the next: demo-base's training 1.14x and its evaluation 1.20x as
-fast on a 2-core Xeon (the same loss and perplexity; peak RSS 9.75 vs 9.20 GB; `python -m bench.malloc`, BENCHMARKS.md
-§12). Transparent huge pages for torch's allocations (THP_MEM_ALLOC_ENABLE) were slower there: 0.70x and 0.80x.
+kernel and hands them back on free: an arm's activations, gradients and the training loss's buffers were page-faulted
+in afresh at every step, a fault per 4 KiB. With mmap off and the heap's top kept, a freed tensor's pages are reused by
+the next: in demo-base on a 2-core Xeon, an arm's steps ran 1.24x as fast and the whole study took 0.93 of the time,
+with the same numbers (BENCHMARKS.md §12). Only in the main thread: a thread's malloc arena maps every block over its
+64-MiB heap whatever mallopt says, which is why the study's evaluations (Prefect tasks, in threads) reuse a buffer
+of their own for the logits instead (ftcore.models.ReusedLogits). Transparent huge pages for torch's allocations
+(THP_MEM_ALLOC_ENABLE) were slower there: 0.70x training, 0.80x evaluation.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def keep_freed_memory(device: str) -> bool:
     """Where the process computes on the CPU (`device`, resolved: "cpu" or "cuda"), tell glibc's malloc to serve
     every allocation from its heap (mallopt M_MMAP_MAX 0: no mmap) and to keep freed memory at the heap's top
     (M_TRIM_THRESHOLD at its largest, 2 GiB less a byte), for the rest of this process and the processes it forks:
-    what a step frees is reused instead of returned to the kernel and faulted in again. Returns whether glibc
+    what a step frees in the main thread is reused instead of returned to the kernel and faulted in again (a thread's
+    arena still maps every block over 64 MiB). Returns whether glibc
     accepted both; False, with nothing changed, for another device (its tensors are not in this heap, and the host
     memory a large model's weights held before they moved to the GPU is better given back) or where the C library
     is not glibc (no mallopt: musl, macOS). Raises nothing."""

@@ -175,17 +175,6 @@ def test_work_pool_executor_without_its_deployment_fails_before_any_work(study_c
     assert not (Path(cfg.artifacts_dir) / "fetch-model").exists()
 
 
-def test_the_study_process_keeps_freed_memory_for_its_evaluations(study_config, monkeypatch):
-    """The study's process tells glibc to keep freed memory (tasks.heap.keep_freed_memory) on its resolved device before
-    its first step: on a CPU its evaluations' batches reuse the last one's pages."""
-    import flows.study
-
-    called = []
-    monkeypatch.setattr(flows.study, "keep_freed_memory", lambda device: called.append(device) or True)
-    state, _ = _run(study_config(executor="work-pool"))  # fails at the door, after the call
-    assert state.is_failed() and called == ["cpu"]
-
-
 def test_corpus_check_emits_only_after_a_recorded_study_and_not_while_one_runs_or_a_stale_one_is_ended(study_config, corpus_files, tmp_path):
     import shutil
 
