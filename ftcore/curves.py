@@ -330,6 +330,11 @@ class ReferenceCache:
             self.bytes += size
         return out
 
+    def release(self) -> None:
+        """The base's buffer dropped when a point's pass ends (what it kept stays): not held while the arm trains."""
+        if hasattr(self.logits, "release"):
+            self.logits.release()
+
 
 def stop_at_budget(model: torch.nn.Module, plan: ArmPlan, out_dir: str | Path) -> dict[str, Any] | None:
     """The forgetting budget's outcome for a trained arm (None without a budget); when the arm stopped at

@@ -238,7 +238,8 @@ def score_rows(
     `kl_sum`, the summed KL(reference ‖ model) in nats over the row's predicted tokens (`kl_top_k`),
     and with keep_tokens `token_kl` per position. `reference_logits(input_ids, attention_mask)`, the
     logits of a reference model on the same batch, adds the same columns with the exact KL over the
-    whole vocabulary; they are read before its next call (`ftcore.models.ReusedLogits` reuses one buffer).
+    whole vocabulary; they are read before its next call (`ftcore.models.ReusedLogits` reuses one buffer), and its
+    `release()`, where it has one, is called when the pass ends.
     """
     from ftcore.models import ReusedLogits  # transformers: not imported by the light input checks that import this
 
@@ -276,6 +277,8 @@ def score_rows(
                 for j, i in enumerate(idx):
                     per_token[i] = token[j, : len(rows[i][0]) - 1]
             progress.advance(int(attention.sum()))
+    if hasattr(reference_logits, "release"):  # its buffer is not held past the pass (ftcore.models.ReusedLogits)
+        reference_logits.release()
     out = pd.DataFrame({"row": np.arange(len(rows)), "n_tokens": count, "nll_sum": nll, "n_bytes": [r[2] for r in rows]})
     if keep_tokens:
         out["token_nll"] = per_token

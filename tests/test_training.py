@@ -349,6 +349,8 @@ def test_reused_logits_equal_the_models_own_and_reuse_one_buffer(tiny_models, fa
                 pointers.add(out.data_ptr())
                 assert torch.equal(out, net(input_ids=ids, attention_mask=mask).logits)
             assert reused.decoder is not None and len(pointers) == 1
+            reused.release()
+            assert reused.buffer is None and reused.weight is None
         adapter_off = reference_logits("lora", lora, tiny_models[family])
         for ids, mask in batches:
             with lora.disable_adapter():
