@@ -89,6 +89,36 @@ def supports(model: nn.Module) -> bool:
             and not getattr(config, "is_encoder_decoder", False))
 
 
+def splits_exactly(model: nn.Module) -> bool:
+    """Whether `model`'s logits are its output layer applied to its decoder's last hidden state and nothing more:
+    `supports`, then one probe of 4 tokens computed both ways in fp32 (dropout off), once per model (kept on it). A
+    model that scales its logits after the output layer (Cohere's logit_scale, Granite's logits_scaling other than
+    1, ...) fails it: the chunked loss and ftcore.models.ReusedLogits would silently compute other numbers, so their
+    callers take the model's own forward instead."""
+    if not supports(model):
+        return False
+    known = getattr(model, "_ftstudy_splits_exactly", None)
+    if known is not None:
+        return known
+    inner = inner_model(model)
+    head = inner.get_output_embeddings()
+    ids = torch.arange(1, 5, device=head.weight.device)[None] % head.weight.shape[0]
+    mask = torch.ones_like(ids)
+    modes = {module: module.training for module in model.modules()}  # restored as they were, module by module
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(head.weight.device.type, enabled=False):
+            own = model(input_ids=ids, attention_mask=mask).logits.float()
+            hidden = inner.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            split = torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    known = bool(own.shape == split.shape and torch.allclose(own, split, rtol=1e-4, atol=1e-4))
+    model._ftstudy_splits_exactly = known
+    return known
+
+
 def causal_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor], num_items: torch.Tensor | int | None = None,
                    chunk: int = CHUNK) -> torch.Tensor:
     """The causal LM loss of `model` on `inputs` (input_ids [batch, seq], attention_mask, labels with -100 where

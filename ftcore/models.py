@@ -110,15 +110,15 @@ class ReusedLogits:
     runs in a thread (a Prefect task's), where `tasks.heap.keep_freed_memory` cannot help (a thread's malloc arena
     maps every block over 64 MiB). In a thread, gemma-3-270m's forward on 8 x 256 tokens: 1.1-1.2 s instead of
     1.6-1.7 (BENCHMARKS.md §12). The output layer's weight is cast to that dtype once, at the first call: create one
-    per pass over a model whose weights do not change during it. A model whose output layer the chunked loss cannot
-    split off (`ftcore.chunked_loss.supports`: logit soft-capping, an adapter on the output layer) gets
-    `model(...).logits`."""
+    per pass over a model whose weights do not change during it. A model whose logits are not exactly its output
+    layer on the decoder's last hidden state (`ftcore.chunked_loss.splits_exactly`: logit soft-capping or scaling,
+    an adapter on the output layer) gets `model(...).logits`."""
 
     def __init__(self, model: torch.nn.Module):
         from ftcore import chunked_loss
 
         self.model = model
-        inner = chunked_loss.inner_model(model) if chunked_loss.supports(model) else None
+        inner = chunked_loss.inner_model(model) if chunked_loss.splits_exactly(model) else None
         self.decoder = inner.get_decoder() if inner is not None else None
         self.head = inner.get_output_embeddings() if inner is not None else None
         self.weight: torch.Tensor | None = None

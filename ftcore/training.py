@@ -273,7 +273,7 @@ class PlainLossSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Several processes scale the loss for their token average (Trainer.compute_loss): left to the Trainer.
         if (return_outputs or "labels" not in inputs or self.accelerator.num_processes > 1
-                or not chunked_loss.supports(model)):
+                or not chunked_loss.splits_exactly(model)):
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         # The model's forward carries accelerate's autocast; the decoder called directly needs it here.

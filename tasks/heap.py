@@ -13,8 +13,8 @@ process.
 Freed memory. glibc serves every allocation above its mmap threshold (at most 32 MiB) with fresh pages from the
 kernel and hands them back on free: an arm's activations, gradients and the training loss's buffers were page-faulted
 in afresh at every step, a fault per 4 KiB. With mmap off and the heap's top kept, a freed tensor's pages are reused by
-the next: in demo-base on a 2-core Xeon, an arm's steps ran 1.24x as fast and the whole study took 0.93 of the time,
-with the same numbers (BENCHMARKS.md §12). Only in the main thread: a thread's malloc arena maps every block over its
+the next: in demo-base on a 2-core Xeon, an arm's steps ran 1.24x as fast (the whole study 22:40 against 24:22, where
+runs drift by about 5%), with the same numbers (BENCHMARKS.md §12). Only in the main thread: a thread's malloc arena maps every block over its
 64-MiB heap whatever mallopt says, which is why the study's evaluations (Prefect tasks, in threads) reuse a buffer
 of their own for the logits instead (ftcore.models.ReusedLogits). Transparent huge pages for torch's allocations
 (THP_MEM_ALLOC_ENABLE) were slower there: 0.70x training, 0.80x evaluation.

@@ -357,3 +357,27 @@ def test_reused_logits_equal_the_models_own_and_reuse_one_buffer(tiny_models, fa
                 base = lora(input_ids=ids, attention_mask=mask).logits
             assert torch.equal(adapter_off(ids, mask), base)
             assert not torch.equal(base, lora(input_ids=ids, attention_mask=mask).logits)  # the adapter was off
+
+
+def test_a_model_that_scales_its_logits_after_the_output_layer_keeps_its_own_forward():
+    """Cohere multiplies its logits by logit_scale after the output layer: the chunked loss and the reused logits
+    buffer, which apply the output layer themselves, would compute other numbers silently. The probe
+    (ftcore.chunked_loss.splits_exactly) sees it and both take the model's own forward; a Llama passes the probe."""
+    from transformers import CohereConfig, CohereForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from ftcore import chunked_loss
+    from ftcore.models import ReusedLogits
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2)
+    torch.manual_seed(0)
+    cohere = CohereForCausalLM(CohereConfig(**small, logit_scale=0.25)).eval()
+    llama = LlamaForCausalLM(LlamaConfig(**small)).eval()
+    assert chunked_loss.supports(cohere)  # the structure alone does not show the scale
+    assert not chunked_loss.splits_exactly(cohere) and chunked_loss.splits_exactly(llama)
+    ids = torch.randint(3, 60, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        reused = ReusedLogits(cohere)
+        assert reused.decoder is None
+        assert torch.equal(reused(ids, mask), cohere(input_ids=ids, attention_mask=mask).logits)
