@@ -266,6 +266,11 @@ def train_in_subprocess(plan: ArmPlan, root: str | Path, log: Log, gpu: str | No
         for line in proc.stdout:
             events.read(line.rstrip("\n"))
         code = proc.wait()
+    except BaseException:
+        # Interrupted here, in the thread that waits (a train-arm run's SIGTERM on cancellation, raised by Prefect's
+        # handler): the arm must not train on, and this process would wait for it at exit. Checkpoints stay.
+        proc.terminate()
+        raise
     finally:
         LIVE.discard(proc)
     if code in (-signal.SIGINT, -signal.SIGTERM):  # Ctrl-C or a stop: the reason is known, its log is noise here

@@ -647,6 +647,50 @@ def test_an_arm_started_while_the_study_stops_is_stopped(study_config, monkeypat
     assert time.monotonic() - started < 30
 
 
+class _Terminated(BaseException):
+    """What Prefect's SIGTERM handler raises in a flow run's main thread (its TerminationSignal) on cancellation."""
+
+
+def test_an_arm_waited_for_in_an_interrupted_thread_is_stopped(study_config, monkeypatch):
+    """A train-arm run waits for its arm in its main thread, where a cancellation's SIGTERM raises. The arm must
+    stop then: the worker signals that process alone when its pool sets the flow-run command (ftstudy serve's do),
+    and the process would otherwise wait at exit for its arm to train to the end (seen: 30 s, until the worker's
+    SIGKILL)."""
+    import signal
+
+    from tasks import arm_process
+
+    prepared = study.prepare(study_config(arms=["full"]))
+    plan = study.plan_arms(prepared)[0]
+    started = []
+
+    def starting(*args):
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.PIPE,
+                                        text=True))
+        return started[-1]
+
+    def terminated(*args):
+        raise _Terminated
+
+    monkeypatch.setattr(arm_process, "start_arm", starting)
+    previous = signal.signal(signal.SIGALRM, terminated)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(_Terminated):
+            train_in_subprocess(plan, prepared.cfg.artifacts_dir, lambda level, msg: None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        for proc in started:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:  # not stopped: still sleeping
+                proc.kill()
+                proc.wait()
+    assert started[0].returncode == -signal.SIGTERM
+    assert not arm_process.LIVE
+
+
 def test_ctrl_c_while_the_fork_server_imports_does_not_kill_it():
     """The fork server is in the terminal's process group and imports for seconds before Python's forkserver ignores
     SIGINT: a Ctrl-C then must not kill it (seen: a traceback, and the arm waiting for it failed with EOFError); the

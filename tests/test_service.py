@@ -173,6 +173,12 @@ def test_deployments_are_registered_with_the_config_form(client):
         assert sorted(props, key=lambda k: props[k]["position"]) == list(model.model_fields), name
     arm = _deployment(client, "ftstudy-train-arm/train-arm")
     assert arm.work_pool_name == "ftstudy-gpu"
+    # serve's pools start a run's engine with this interpreter directly, not through Prefect's workspace supervisor.
+    from prefect.utilities.processutils import command_to_string
+
+    for pool in ("ftstudy", "ftstudy-gpu"):
+        command = client.read_work_pool(pool).base_job_template["variables"]["properties"]["command"]["default"]
+        assert command == command_to_string([sys.executable, "-m", "prefect.engine"]), pool
     assert "PREFECT_LOGGING_EXTRA_LOGGERS" in arm.job_variables["env"]
     check = _deployment(client, "ftstudy-corpus-check/corpus-check")
     assert [s.schedule.cron for s in check.schedules] == ["0 * * * *"]
