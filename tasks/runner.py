@@ -97,6 +97,8 @@ def train_here(step: Step) -> TrainedArm:
     """Train one arm in a child process on free device slots of this machine, its progress in the UI."""
     plan, root = step.arm, str(step.root)
     cuda = has_cuda()
+    # A root the arm cannot write to fails now, not after its libraries' imports (seconds of a core) have started.
+    step.dir.parent.mkdir(parents=True, exist_ok=True)
     if not cuda:
         prestart_fork_server(plan, None)  # first: its imports overlap what follows, the wait for a slot included
     logger = get_run_logger()

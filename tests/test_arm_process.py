@@ -392,6 +392,22 @@ def test_the_fork_server_starts_before_the_first_fork_where_arms_fork(study_conf
     assert _fork_servers() == [server]
 
 
+def test_an_arm_whose_directory_cannot_be_made_fails_before_its_fork_server_starts(study_config, monkeypatch):
+    """A file where the arm's directory goes: the run fails at once, before the fork server's imports (seconds of
+    a core) start, which would outlive the failure (the process waits for them at exit)."""
+    from tasks import runner
+
+    prepared = study.prepare(study_config(arms=["full"]))
+    step = study.train(study.plan_arms(prepared)[0], prepared.root)
+    step.dir.parent.parent.mkdir(parents=True, exist_ok=True)
+    step.dir.parent.write_text("in the way")
+    started = []
+    monkeypatch.setattr(runner, "prestart_fork_server", lambda *args: started.append(args))
+    with pytest.raises(FileExistsError):
+        runner.train_here(step)
+    assert started == []
+
+
 def test_a_study_starts_the_fork_server_at_its_start_where_its_arms_fork(study_config, monkeypatch):
     """prestart_for_study starts the server when the study begins (its imports overlap the fetch, tokenizing and
     the base's evaluations), not for arms on a work pool or QLoRA arms alone; torch writing its default inductor
