@@ -25,7 +25,7 @@ from ftcore.config import ConfigError, InputError, StudyConfig
 from ftcore.config_files import describe_error
 from tasks.arm_process import STOPPING, fork_arms_enabled, prestart_for_study, stop_arms
 from tasks.arm_worker import hide_unused_libraries
-from tasks.runner import PrefectRunner
+from tasks.runner import PrefectRunner, cancel_pool_arms
 
 # ftcore reports progress (tokens scored, steps trained, ETA) at INFO; Prefect forwards the
 # "ftcore" logger to the run's logs when PREFECT_LOGGING_EXTRA_LOGGERS names it.
@@ -64,7 +64,7 @@ def study_flow(config: StudyConfig) -> dict[str, Any]:
         # Ctrl-C, or SIGTERM (Prefect's own handler raises it here: a scheduler's stop, a cancellation):
         # stop the arms' processes now. Prefect waits for its task threads before the run ends, and
         # those wait for their arm, which would otherwise train on. Checkpoints stay for the rerun.
-        if stop_arms():
+        if stop_arms() + cancel_pool_arms():
             print("ftstudy: stopping the running arms; their checkpoints are kept", file=sys.stderr)
         raise
     verdict = gate.study_verdict(checked.cfg, study.report_files(checked.root, results))

@@ -159,9 +159,13 @@ def train_on_work_pool(step: Step, deployment: str) -> TrainedArm:
     from prefect.deployments import run_deployment
 
     root = str(step.root)
-    # Polled every second, not Prefect's 5: the study's next steps wait on it (one light API read a second per arm).
-    run = run_deployment(deployment, parameters={"plan": step.arm.model_dump(mode="json"), "root": root}, timeout=None,
-                         poll_interval=1)
+    # Created without waiting (timeout 0), so a stopped study can cancel it (cancel_pool_arms) while it runs.
+    run = run_deployment(deployment, parameters={"plan": step.arm.model_dump(mode="json"), "root": root}, timeout=0)
+    POOL_RUNS.add(run.id)
+    try:
+        run = wait_for_run(run.id)
+    finally:
+        POOL_RUNS.discard(run.id)
     if not run.state or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise RuntimeError(f"{step.label}: deployment run {run.name} ({deployment}) ended {state}: "
@@ -171,6 +175,57 @@ def train_on_work_pool(step: Step, deployment: str) -> TrainedArm:
         raise RuntimeError(f"{step.label}: run {run.name} completed but {step.dir} holds no finished arm; is "
                            "artifacts_dir a path every worker mounts (FTSTUDY_ARTIFACTS_DIR)?")
     return done
+
+
+# The train-arm runs this process started on a work pool and waits for: a stopped study cancels them.
+POOL_RUNS: set[Any] = set()
+CANCELLED_WITH_STUDY = "cancelled with its study (the study was cancelled or stopped)"
+STOP_WAIT_S = 120.0  # after a stop, how long a task waits for its cancelled arm run to end before it gives up
+
+
+def wait_for_run(run_id: Any) -> Any:
+    """The flow run `run_id` once it is final, read every second (Prefect polls every 5: the study's next steps
+    wait on it; one light API read a second per arm). After a stop, at most STOP_WAIT_S: a cancelled run whose
+    worker is gone would never end, and the study's process waits for this thread before it exits."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    stopped_at = None
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state and run.state.is_final():
+                return run
+            if STOPPING.is_set():
+                stopped_at = stopped_at or time.monotonic()
+                if time.monotonic() - stopped_at > STOP_WAIT_S:
+                    return run
+            time.sleep(1)
+
+
+def cancel_pool_arms() -> int:
+    """Ask the server to cancel every train-arm run this process waits for (Prefect's Cancelling state, as the UI's
+    Cancel sets it, with the message CANCELLED_WITH_STUDY: the arm's worker stops its process, its checkpoints stay
+    for the retry); return how many. Called when a study is cancelled or stopped. Prefect's server cancels a
+    cancelled run's subflows only in its next cancellation sweep (every 20 s by default): until then the arms
+    trained on, and the study's process, waiting for them, was killed by its worker after 30 s (seen: an arm
+    trained 37 s past the study's end)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import State
+
+    if not POOL_RUNS:
+        return 0
+    asked = 0
+    with get_client(sync_client=True) as client:
+        for run_id in list(POOL_RUNS):
+            try:
+                client.set_flow_run_state(run_id, State(type=StateType.CANCELLING, message=CANCELLED_WITH_STUDY))
+                asked += 1
+            except Exception as exc:  # noqa: BLE001 - one refusal must not keep the others running
+                logging.getLogger(__name__).warning("could not cancel arm run %s: %s", run_id, exc)
+    return asked
 
 
 def artifacts_root(root: str) -> str:

@@ -272,6 +272,31 @@ def test_arms_and_seeds_fan_out_on_the_work_pool(client, config):
     assert "Base perplexity: domain " in artifact.description
 
 
+def test_a_cancelled_study_cancels_its_arm_runs(client, config):
+    """Cancel on a study (the UI's button) while its arm trains on the work pool: the study cancels the arm's run
+    itself, so its process stops at once. Prefect's server would cancel it only in its next cancellation sweep
+    (every 20 s), the arm training on meanwhile and the study waiting for it until its worker killed it (30 s)."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import State
+
+    from tasks.runner import CANCELLED_WITH_STUDY
+
+    slow = type(config).model_validate({**config.model_dump(mode="json"), "arms": ["full"],
+                                        "train": {**config.train.model_dump(), "max_steps": 1500}})
+    run = client.create_flow_run_from_deployment(_deployment(client, "ftstudy/study").id,
+                                                 parameters={"config": slow.model_dump(mode="json")})
+    deadline = time.monotonic() + 240
+    while not (arms := [r for r in _train_runs(client, "full") if r.state and r.state.is_running()]):
+        assert time.monotonic() < deadline, f"no train-full run started: study {client.read_flow_run(run.id).state}"
+        time.sleep(1)
+    client.set_flow_run_state(run.id, State(type=StateType.CANCELLING))
+    run, arm = _wait(client, run.id, timeout=120), _wait(client, arms[0].id, timeout=120)
+    assert run.state.type == StateType.CANCELLED, run.state
+    assert arm.state.type == StateType.CANCELLED, arm.state
+    asked = [s.message for s in client.read_flow_run_states(arm.id) if s.type == StateType.CANCELLING]
+    assert asked == [CANCELLED_WITH_STUDY]
+
+
 def test_the_team_server_keeps_its_runs_in_postgresql(service, client):
     """Every study above ran through a server whose database is PostgreSQL (when one answers here)."""
     if service["database"] is None:
