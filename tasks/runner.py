@@ -162,6 +162,8 @@ def train_on_work_pool(step: Step, deployment: str) -> TrainedArm:
     # Created without waiting (timeout 0), so a stopped study can cancel it (cancel_pool_arms) while it runs.
     run = run_deployment(deployment, parameters={"plan": step.arm.model_dump(mode="json"), "root": root}, timeout=0)
     POOL_RUNS.add(run.id)
+    if STOPPING.is_set():  # the study stopped while this run was being created: cancel_pool_arms may have missed it
+        cancel_pool_arms()
     try:
         run = wait_for_run(run.id)
     finally:

@@ -408,6 +408,68 @@ def test_an_arm_whose_directory_cannot_be_made_fails_before_its_fork_server_star
     assert started == []
 
 
+def test_an_arm_run_created_while_the_study_stops_is_cancelled(study_config, monkeypatch):
+    """The stop came while a task created its arm's run on the work pool, so cancel_pool_arms did not see that run:
+    the task cancels it as soon as it has it, and forgets it when it ends."""
+    import prefect.deployments
+
+    from tasks import arm_process, runner
+
+    prepared = study.prepare(study_config(arms=["full"]))
+    step = study.train(study.plan_arms(prepared)[0], prepared.root)
+
+    class Run:
+        id, name, state = "run-1", "train-full-x", None
+
+    def creating(*args, **kwargs):
+        arm_process.STOPPING.set()  # the study stops while the run is being created
+        return Run()
+
+    cancelled = []
+    monkeypatch.setattr(prefect.deployments, "run_deployment", creating)
+    monkeypatch.setattr(runner, "cancel_pool_arms", lambda: cancelled.append(set(runner.POOL_RUNS)))
+    monkeypatch.setattr(runner, "wait_for_run", lambda run_id: Run())
+    try:
+        with pytest.raises(RuntimeError, match="ended unknown"):
+            runner.train_on_work_pool(step, "ftstudy-train-arm/train-arm")
+    finally:
+        arm_process.STOPPING.clear()
+    assert cancelled == [{"run-1"}]
+    assert not runner.POOL_RUNS
+
+
+def test_waiting_for_an_arm_run_gives_up_a_while_after_the_study_stops(monkeypatch):
+    """A cancelled arm run whose worker is gone never ends: the stopped study's task stops waiting STOP_WAIT_S after
+    the stop (its process waits for the task before it exits); before a stop it waits as long as the run runs."""
+    import prefect.client.orchestration as orchestration
+
+    from tasks import arm_process, runner
+
+    reads = []
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read_flow_run(self, run_id):
+            reads.append(run_id)
+            if len(reads) == 2:
+                arm_process.STOPPING.set()  # the study stops while its arm's run is still running
+            return type("Run", (), {"state": type("Running", (), {"is_final": lambda self: False})()})()
+
+    monkeypatch.setattr(orchestration, "get_client", lambda **kwargs: Client())
+    monkeypatch.setattr(runner, "STOP_WAIT_S", 0.5)
+    try:
+        run = runner.wait_for_run("run-1")
+    finally:
+        arm_process.STOPPING.clear()
+    assert not run.state.is_final()
+    assert 3 <= len(reads) <= 4  # read each second: twice before the stop, then until 0.5 s after it
+
+
 def test_a_study_starts_the_fork_server_at_its_start_where_its_arms_fork(study_config, monkeypatch):
     """prestart_for_study starts the server when the study begins (its imports overlap the fetch, tokenizing and
     the base's evaluations), not for arms on a work pool or QLoRA arms alone; torch writing its default inductor
