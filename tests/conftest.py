@@ -6,6 +6,12 @@ import gc
 import json
 import os
 import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +39,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ftstudy-prefect-home-")
     os.environ["FTSTUDY_SLOTS_DIR"] = tempfile.mkdtemp(prefix="ftstudy-slots-")
     os.environ["OMP_NUM_THREADS"] = "1"
+# One migrated Prefect database for the whole session (below): its path, set here so the workers inherit it.
+os.environ.setdefault("FTSTUDY_TEST_PREFECT_DB", str(Path(tempfile.mkdtemp(prefix="ftstudy-prefect-db-")) / "prefect.db"))
 
 from ftcore.config_files import load_config  # noqa: E402
 from ftcore.sources import build_tiny_model  # noqa: E402
@@ -43,11 +51,91 @@ PROSE = ("the city council met on tuesday to discuss the new bridge and the rive
          "where the market has stood for a hundred years").split()
 
 
+# The longest test files first, in this order (one worker's seconds on a 2-core AVX2 EPYC, BENCHMARKS.md §14:
+# 261, 199, 170, 167, 111 and 76), then the rest in their order. The service's file is mostly waiting for its
+# processes, so it starts first, beside the CPU-bound arm-process file.
+LONGEST_FIRST = ("test_service.py", "test_arm_process.py", "test_cli.py", "test_flow.py", "test_resume.py",
+                 "test_study.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The end-to-end test files (marked slow) first, in their order, then the rest: `make test`'s two workers take
-    one file at a time in this order (`--dist loadfile --no-loadscope-reorder`), so the longest files start first
-    and the short ones fill in at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest test files first, longest first, then the rest: `make test`'s two workers take one file at a time
+    in this order (`--dist loadfile --no-loadscope-reorder`), each the next file when it is almost done with its
+    own, so the longest files start first and the short ones fill in at the end."""
+    def place(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=place)
+
+
+# A new Prefect database costs 116 migrations, 13-14 s of a core on the 2-core machines here, and the suite needs
+# several: each pytest process's test server and the Prefect home of each process's `ftstudy run`s. The pytest
+# process that starts the session (xdist's controller, or `pytest` alone) migrates one in the background at once,
+# while the workers start; each test server and each Prefect home then begins from a copy (SQLite's backup API: a
+# consistent copy, whatever is still in the write-ahead log). Where the copy is not there yet, Prefect migrates its
+# own database as it would without it.
+MIGRATE = """
+import asyncio, os, sqlite3, sys
+from contextlib import closing
+from prefect.server.database import provide_database_interface
+asyncio.run(provide_database_interface().create_db())
+building, template = sys.argv[1:]
+with closing(sqlite3.connect(building)) as a, closing(sqlite3.connect(template + ".part")) as b:
+    a.backup(b)
+os.replace(template + ".part", template)  # a reader sees the whole database or none
+"""
+_migration: subprocess.Popen | None = None
+
+
+def pytest_configure(config):
+    global _migration
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    template = Path(os.environ["FTSTUDY_TEST_PREFECT_DB"])
+    building = template.with_name("building.db")
+    env = {**os.environ, "PREFECT_HOME": str(template.parent),
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{building}"}
+    _migration = subprocess.Popen([sys.executable, "-c", MIGRATE, str(building), str(template)], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+
+
+def _migrated_db(wait_s: float = 0) -> Path | None:
+    """The session's migrated database once it is there (waiting up to `wait_s` seconds for it), else None."""
+    template = Path(os.environ["FTSTUDY_TEST_PREFECT_DB"])
+    deadline = time.monotonic() + wait_s
+    while True:
+        ended = _migration is not None and _migration.poll() is not None  # in the process that started it
+        if template.exists():
+            return template
+        if ended or time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+
+
+def _copy_db(source: Path, dest: Path) -> None:
+    part = dest.with_name(dest.name + ".part")
+    with closing(sqlite3.connect(source)) as a, closing(sqlite3.connect(part)) as b:
+        a.backup(b)
+    os.replace(part, dest)
+
+
+def pytest_unconfigure(config):
+    if _migration is not None and _migration.poll() is None:
+        _migration.kill()
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(Path(os.environ["FTSTUDY_TEST_PREFECT_DB"]).parent, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def migrated_prefect_home():
+    """This process's Prefect home (its `ftstudy run`s' database) begins from the migrated copy, if it has none yet."""
+    home_db = Path(os.environ["PREFECT_HOME"]) / "prefect.db"
+    if not home_db.exists() and (template := _migrated_db()) is not None:
+        home_db.parent.mkdir(parents=True, exist_ok=True)
+        _copy_db(template, home_db)
+    yield
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,14 +152,24 @@ def frozen_heap():
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """Prefect's test server (prefect_test_harness: a SQLite database of its own), once per pytest process: each start
-    creates and migrates a new database, about 10 s here, and four test files need one. Its settings stay active
+    """Prefect's test server (prefect_test_harness: a SQLite database of its own, a copy of the session's migrated
+    one), once per pytest process: each start costs seconds, and four test files need one. Its settings stay active
     for this process's later tests, which run flows against it or use no Prefect API at all; the processes
     tests start never see it (it sets no environment variable)."""
-    from prefect.testing.utilities import prefect_test_harness
+    import prefect.testing.utilities as harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    with pytest.MonkeyPatch.context() as patch:
+        if (template := _migrated_db(wait_s=60)) is not None:
+            # The directory prefect_test_harness makes for its database (prefect-test.db) holds the migrated copy.
+            patch.setattr(harness, "mkdtemp", lambda: _dir_holding(template, "prefect-test.db"))
+        with harness.prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def _dir_holding(db: Path, name: str) -> str:
+    directory = tempfile.mkdtemp(prefix="ftstudy-prefect-test-")
+    _copy_db(db, Path(directory) / name)
+    return directory
 
 
 def _sentence(rng: random.Random, words: list[str], n: int) -> str:
