@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Two workers (pytest-xdist) on the 2-core machines this is developed on, each test file on one worker (its module
-# fixtures, e.g. a server, are set up once), the slow files first (tests/conftest.py orders them). `pytest -q`
+# fixtures, e.g. a server, are set up once), the longest files first (tests/conftest.py orders them). `pytest -q`
 # alone runs the same suite in one process.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
