@@ -39,8 +39,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ftstudy-prefect-home-")
     os.environ["FTSTUDY_SLOTS_DIR"] = tempfile.mkdtemp(prefix="ftstudy-slots-")
     os.environ["OMP_NUM_THREADS"] = "1"
-# One migrated Prefect database for the whole session (below): its path, set here so the workers inherit it.
-os.environ.setdefault("FTSTUDY_TEST_PREFECT_DB", str(Path(tempfile.mkdtemp(prefix="ftstudy-prefect-db-")) / "prefect.db"))
+else:
+    # One migrated Prefect database for the whole session (below), made by this process: its path, which the workers
+    # inherit. Always a new directory, which this process removes at the end.
+    os.environ["FTSTUDY_TEST_PREFECT_DB"] = str(Path(tempfile.mkdtemp(prefix="ftstudy-prefect-db-")) / "prefect.db")
 
 from ftcore.config_files import load_config  # noqa: E402
 from ftcore.sources import build_tiny_model  # noqa: E402
