@@ -71,11 +71,11 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=place)
 
 
-# A new Prefect database costs 116 migrations, 13-14 s of a core on the 2-core machines here, and the suite needs
-# several: each pytest process's test server and the Prefect home of each process's `ftstudy run`s. The pytest
-# process that starts the session (xdist's controller, or `pytest` alone) migrates one in the background at once,
-# while the workers start; each test server and each Prefect home then begins from a copy (SQLite's backup API: a
-# consistent copy, whatever is still in the write-ahead log). Where the copy is not there yet, Prefect migrates its
+# A new Prefect database costs 116 migrations, 12.7 s of a core on a 2-core AVX2 EPYC (BENCHMARKS.md §14), and the
+# suite needs several: each pytest process's test server and the Prefect home of each process's `ftstudy run`s. The
+# pytest process that starts the session (xdist's controller, or `pytest` alone) migrates one in the background at
+# once, while the workers start; each test server and each Prefect home then begins from a copy (SQLite's backup API:
+# a consistent copy, whatever is still in the write-ahead log). Where the copy is not there yet, Prefect migrates its
 # own database as it would without it.
 MIGRATE = """
 import asyncio, os, sqlite3, sys
