@@ -71,7 +71,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=place)
 
 
-# A new Prefect database costs 116 migrations, 12.7 s of a core on a 2-core AVX2 EPYC (BENCHMARKS.md §14), and the
+# A new Prefect database costs 115 migrations, 12.7 s of a core on a 2-core AVX2 EPYC (BENCHMARKS.md §14), and the
 # suite needs several: each pytest process's test server and the Prefect home of each process's `ftstudy run`s. The
 # pytest process that starts the session (xdist's controller, or `pytest` alone) migrates one in the background at
 # once, while the workers start; each test server and each Prefect home then begins from a copy (SQLite's backup API:
