@@ -20,7 +20,11 @@ HEAVY = frozenset({"chunked_loss", "chunking", "curves", "models", "perplexity",
 
 class _Deferred:
     """An ftcore module not imported yet: imports it when one of its attributes is read or set, then forwards.
-    (Kept out of sys.modules: tools that scan it, e.g. torch's source lookup, must not trigger the import.)"""
+    (Kept out of sys.modules: tools that scan it, e.g. torch's source lookup, must not trigger the import.) No
+    `__dict__` of its own (slots): reading it gives the module's, so pytest's monkeypatch, which restores what it
+    finds there, puts a patched name back instead of deleting it."""
+
+    __slots__ = ("_name",)
 
     def __init__(self, name: str) -> None:
         object.__setattr__(self, "_name", name)

@@ -94,7 +94,9 @@ def splits_exactly(model: nn.Module) -> bool:
     `supports`, then one probe of 4 tokens computed both ways in fp32 (dropout off), once per model (kept on it). A
     model that scales its logits after the output layer (Cohere's logit_scale, Granite's logits_scaling other than
     1, ...) fails it: the chunked loss and ftcore.models.ReusedLogits would silently compute other numbers, so their
-    callers take the model's own forward instead."""
+    callers take the model's own forward instead. The probe calls the model's class's forward: a forward replaced on
+    the instance is a wrapper, not the model (accelerate's mixed precision runs it under bf16 autocast whatever the
+    caller says, which made a bf16 trainer's probe compare bf16 logits with fp32 ones and take the slower loss)."""
     if not supports(model):
         return False
     known = getattr(model, "_ftstudy_splits_exactly", None)
@@ -108,7 +110,7 @@ def splits_exactly(model: nn.Module) -> bool:
     model.eval()
     try:
         with torch.no_grad(), torch.autocast(head.weight.device.type, enabled=False):
-            own = model(input_ids=ids, attention_mask=mask).logits.float()
+            own = type(model).forward(model, input_ids=ids, attention_mask=mask).logits.float()
             hidden = inner.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             split = torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
     finally:

@@ -257,6 +257,17 @@ class CrashPoint(TrainerCallback):
             crash_point(f"after-checkpoint-{state.global_step}")
 
 
+def _chunked_loss_applies(model) -> bool:
+    """Whether the chunked loss applies to `model` (chunked_loss.splits_exactly, probed once per model); the probe's
+    answer is logged when it is made, so a run that falls back to the slower loss says so."""
+    probed = getattr(model, "_ftstudy_splits_exactly", None) is not None
+    chunked = chunked_loss.splits_exactly(model)
+    if not probed:
+        log.info("training loss: %s", "through the output layer in chunks of positions" if chunked else
+                 "the model's own forward (its logits are not its output layer on the decoder's last state)")
+    return chunked
+
+
 class PlainLossSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is the cross-entropy over the completion labels, through the output layer a chunk
     of positions at a time (ftcore.chunked_loss) where the model allows, else the model's own.
@@ -273,13 +284,14 @@ class PlainLossSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Several processes scale the loss for their token average (Trainer.compute_loss): left to the Trainer.
         if (return_outputs or "labels" not in inputs or self.accelerator.num_processes > 1
-                or not chunked_loss.splits_exactly(model)):
+                or not _chunked_loss_applies(model)):
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         # The model's forward carries accelerate's autocast; the decoder called directly needs it here.
         with self.accelerator.autocast():
             return chunked_loss.causal_lm_loss(
                 model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+
 
 def train_arm(plan: ArmPlan, root: str | Path, callbacks: list[TrainerCallback] | None = None,
               on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

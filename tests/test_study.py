@@ -67,7 +67,9 @@ def test_heavy_ftcore_modules_are_imported_at_their_first_use_only():
             "assert callable(models.load_model) and 'torch' in sys.modules and 'trl' not in sys.modules; "
             "training.SUMMARY_COPY = training.SUMMARY; import ftcore.training as real; "
             "assert real.SUMMARY_COPY == 'train_summary.json'; del training.SUMMARY_COPY; "
-            "assert not hasattr(real, 'SUMMARY_COPY')")
+            "assert not hasattr(real, 'SUMMARY_COPY'); "
+            "import pytest; patch = pytest.MonkeyPatch(); patch.setattr(training, 'SUMMARY', 'x'); "
+            "assert real.SUMMARY == 'x'; patch.undo(); assert real.SUMMARY == 'train_summary.json'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -171,6 +171,23 @@ def test_plain_loss_equals_trls_fused_loss(prepared, arm, tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+@pytest.mark.parametrize("arm", ["full", "lora"])
+def test_a_bf16_trainer_takes_the_chunked_loss(prepared, arm, monkeypatch, caplog):
+    """Under bf16, accelerate replaces the model's forward with one run under autocast; the probe that decides
+    whether the output layer can be applied apart (chunked_loss.splits_exactly) must see the model, not that
+    wrapper, or every step silently takes the slower loss (as at 781df4d on every bf16 CPU)."""
+    from ftcore import chunked_loss
+
+    calls = []
+    own = chunked_loss.causal_lm_loss
+    monkeypatch.setattr(chunked_loss, "causal_lm_loss", lambda *a, **k: calls.append(1) or own(*a, **k))
+    plan = _plan(prepared, arm).model_copy(update={"precision": "bf16"})
+    with caplog.at_level("INFO", logger="ftcore.training"):
+        result = run_step(study.train(plan, prepared.cfg.artifacts_dir))
+    assert result.summary["steps"] == 4 and len(calls) == 4
+    assert "training loss: through the output layer in chunks of positions" in caplog.text
+
+
 def test_a_lora_arm_trained_twice_is_the_same_bytes(prepared, tmp_path):
     """peft writes target_modules in arbitrary order; ftstudy sorts them, so identical trainings have one
     digest and their evaluations stay cached. The adapter names its base model, not this machine's path."""
