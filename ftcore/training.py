@@ -258,11 +258,11 @@ class CrashPoint(TrainerCallback):
 
 
 def _chunked_loss_applies(model) -> bool:
-    """Whether the chunked loss applies to `model` (chunked_loss.splits_exactly, probed once per model); the probe's
-    answer is logged when it is made, so a run that falls back to the slower loss says so."""
-    probed = getattr(model, "_ftstudy_splits_exactly", None) is not None
+    """Whether the chunked loss applies to `model` (chunked_loss.splits_exactly, probed once per model); logged at the
+    first step (the curve points may have probed the model before), so a run that takes the slower loss says so."""
     chunked = chunked_loss.splits_exactly(model)
-    if not probed:
+    if not getattr(model, "_ftstudy_loss_logged", False):
+        model._ftstudy_loss_logged = True
         log.info("training loss: %s", "through the output layer in chunks of positions" if chunked else
                  "the model's own forward (its logits are not its output layer on the decoder's last state)")
     return chunked

@@ -172,7 +172,7 @@ def test_plain_loss_equals_trls_fused_loss(prepared, arm, tmp_path):
 
 
 @pytest.mark.parametrize("arm", ["full", "lora"])
-def test_a_bf16_trainer_takes_the_chunked_loss(prepared, arm, monkeypatch, caplog):
+def test_a_bf16_trainer_takes_the_chunked_loss(study_config, arm, monkeypatch, caplog):
     """Under bf16, accelerate replaces the model's forward with one run under autocast; the probe that decides
     whether the output layer can be applied apart (chunked_loss.splits_exactly) must see the model, not that
     wrapper, or every step silently takes the slower loss (as at 781df4d on every bf16 CPU)."""
@@ -181,7 +181,11 @@ def test_a_bf16_trainer_takes_the_chunked_loss(prepared, arm, monkeypatch, caplo
     calls = []
     own = chunked_loss.causal_lm_loss
     monkeypatch.setattr(chunked_loss, "causal_lm_loss", lambda *a, **k: calls.append(1) or own(*a, **k))
-    plan = _plan(prepared, arm).model_copy(update={"precision": "bf16"})
+    # Curve points from step 0 (their scoring probes the model too, before the first step's loss).
+    prepared = study.prepare(study_config(train={"max_steps": 4, "save_steps": 2, "logging_steps": 1},
+                                          eval={"every_steps": 2}))
+    plan = next(p for p in study.plan_arms(prepared) if p.name == arm).model_copy(update={"precision": "bf16"})
+    assert plan.curve is not None
     with caplog.at_level("INFO", logger="ftcore.training"):
         result = run_step(study.train(plan, prepared.cfg.artifacts_dir))
     assert result.summary["steps"] == 4 and len(calls) == 4
