@@ -321,10 +321,14 @@ def kl_top_k(logq: torch.Tensor, ref_ids: torch.Tensor, ref_logp: torch.Tensor) 
     return kl + torch.where(p_tail > 0, tail, torch.zeros_like(tail))
 
 
-def kl_exact(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+def kl_exact(logq: torch.Tensor, logp: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """Per position, KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)) in nats over the whole vocabulary, from
-    log-probabilities [positions x vocab] of the reference (p) and the model (q)."""
-    return (logp.exp() * (logp - logq)).sum(-1).double()
+    log-probabilities [positions x vocab] of the reference (p) and the model (q); float64 [positions]. With
+    `overwrite`, logp (the caller's temporary) is overwritten by the differences: one vocabulary-wide tensor
+    fewer, the same numbers bit for bit (the same products, summed alike)."""
+    p = logp.exp()
+    diff = logp.sub_(logq) if overwrite else logp - logq
+    return p.mul_(diff).sum(-1).double()
 
 
 # Positions whose vocabulary-wide values (log-probabilities, KL) are computed at once: CHUNK_BYTES of fp32
@@ -360,25 +364,31 @@ def _score_batch(logits: torch.Tensor, target: torch.Tensor, lengths: list[int],
         seen = 0  # predicted positions of this row before the chunk (the reference's top-k is indexed by them)
         for start in range(0, n, step):
             end = min(start + step, n)
-            logp = torch.log_softmax(logits[j, start:end].float(), dim=-1)
             t = target[j, start:end]
             predicted = t != IGNORE
+            count = int(predicted.sum())
+            if count == 0:  # a prompt's positions: nothing to score (their loss stays 0, their KL NaN)
+                if compare is not None and (compare.ref_logits is not None or compare.reference is not None):
+                    row["kl"].append(np.full(end - start, np.nan))
+                continue
+            logp = torch.log_softmax(logits[j, start:end].float(), dim=-1)
             losses[j, start:end] = -logp.gather(-1, t.clamp(min=0)[:, None])[:, 0].masked_fill(~predicted, 0.0)
             if compare is not None:
-                seen += _compare_chunk(logp[predicted], predicted, j, start, end, seen, compare, row)
+                every = count == end - start  # then no copy of the predicted positions is needed
+                _compare_chunk(logp if every else logp[predicted], predicted, count, j, start, end, seen, compare, row)
+                seen += count
         if compare is not None:
             _keep_row(compare, j, n, row)
     return losses
 
 
-def _compare_chunk(logp: torch.Tensor, predicted: torch.Tensor, j: int, start: int, end: int, seen: int,
-                   compare: _Compare, row: dict[str, list]) -> int:
-    """One chunk's top-k and KL (logp: [predicted positions x vocab]); returns its number of predicted positions."""
-    m = int(predicted.sum())
+def _compare_chunk(logp: torch.Tensor, predicted: torch.Tensor, m: int, j: int, start: int, end: int,  # noqa: PLR0913
+                   seen: int, compare: _Compare, row: dict[str, list]) -> None:
+    """One chunk's top-k and KL (logp: [the m predicted positions x vocab]) into `row`."""
     kl = None
     if compare.ref_logits is not None:
-        ref = torch.log_softmax(compare.ref_logits[j, start:end].float(), dim=-1)[predicted]
-        kl = kl_exact(logp, ref)
+        ref = torch.log_softmax(compare.ref_logits[j, start:end].float(), dim=-1)
+        kl = kl_exact(logp, ref if m == end - start else ref[predicted], overwrite=True)
     if compare.top_k:
         values, ids = logp.topk(min(compare.top_k, logp.shape[-1]), dim=-1)
         row["ids"].append(ids.to(torch.int32).cpu().numpy())
@@ -391,7 +401,6 @@ def _compare_chunk(logp: torch.Tensor, predicted: torch.Tensor, j: int, start: i
         per_position = np.full(end - start, np.nan)
         per_position[predicted.cpu().numpy()] = kl.cpu().numpy()
         row["kl"].append(per_position)
-    return m
 
 
 def _check_reference(reference: tuple[np.ndarray, np.ndarray], predicted: int, i: int) -> None:

@@ -43,6 +43,19 @@ def test_batched_scores_equal_hand_computation(tiny_model):
     assert s["bpb"] == pytest.approx(total_nll / math.log(2) / sum(r[2] for r in rows), rel=1e-5)
 
 
+def test_exact_kl_overwriting_its_reference_gives_the_same_numbers():
+    """kl_exact(overwrite=True), what score_rows uses, reuses the reference's log-probabilities for the differences:
+    the same KL bit for bit, and the hand formula Σ p (log p − log q)."""
+    from ftcore.perplexity import kl_exact
+
+    torch.manual_seed(0)
+    logq, logp = torch.log_softmax(torch.randn(5, 300), -1), torch.log_softmax(torch.randn(5, 300), -1)
+    kept = kl_exact(logq, logp)
+    assert torch.equal(kl_exact(logq, logp.clone(), overwrite=True), kept)
+    hand = (logp.double().exp() * (logp.double() - logq.double())).sum(-1)
+    torch.testing.assert_close(kept, hand, rtol=1e-5, atol=1e-7)
+
+
 def test_scores_in_chunks_of_positions_equal_whole_rows(tiny_model, monkeypatch):
     """score_rows computes log-probabilities CHUNK_BYTES at a time (whole-batch vocabulary tensors were mapped and
     page-faulted afresh each batch): chunks of 3 positions give exactly the numbers of whole rows — NLL, top-k,
@@ -59,6 +72,8 @@ def test_scores_in_chunks_of_positions_equal_whole_rows(tiny_model, monkeypatch)
     for n in (23, 8, 17, 2):
         ids = rng.integers(1, 500, n).tolist()
         rows.append((ids, [-100 if rng.random() < 0.3 else t for t in ids], 2 * n))
+    ids = rng.integers(1, 500, 14).tolist()
+    rows.append((ids, [-100] * 8 + ids[8:], 28))  # a prompt: whole chunks without a predicted position
 
     def score():
         beside = lambda input_ids, attention_mask: other(input_ids=input_ids, attention_mask=attention_mask).logits
