@@ -500,9 +500,10 @@ class EvalSpec(_Frozen):
         "(then the last point equals the final evaluation).")
     kl_top_k: int | None = Field(
         None, ge=0, description="KL(base ‖ arm) per token, in nats, on both sets (the domain KL is on the new task's "
-        "own text). None = exact, over the whole vocabulary: the base scores each batch beside the arm (a LoRA arm "
-        "with its adapter switched off, so no second model; a full or QLoRA arm loads the base beside it), and every "
-        "curve point measures it too. k > 0 = for when two models do not fit: the base's k most likely tokens per "
+        "own text). None = exact, over the whole vocabulary: the base's logits on each batch beside the arm's, from "
+        "its decoder's output that the base's own evaluation keeps (hidden.safetensors) and its output layer (a LoRA "
+        "arm's with its adapter switched off, so no second model; a full or QLoRA arm loads the base beside it), and "
+        "every curve point measures it too (the base run whole). k > 0 = for when two models do not fit: the base's k most likely tokens per "
         "position are stored once and an arm's KL sums over them plus the rest as one bucket, a lower bound (on the "
         "demo's models 20% low at k=64, 4% at k=1024: BENCHMARKS.md); curve points then measure none. 0 = off.")
 

@@ -128,6 +128,7 @@ class Evaluation(Result):
     rows: int
     kl: float | None = None  # mean KL(base ‖ model) per token, nats
     reference: str | None = None  # the base's top-k log-probabilities (eval.kl_top_k)
+    hidden: str | None = None  # the base's last hidden states per batch, for the exact KL (models.StoredHidden)
 
     def record(self, root: str | Path) -> dict[str, Any]:
         """As a record of the report's tables: every field, `docs` as a path on this machine."""

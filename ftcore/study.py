@@ -282,17 +282,21 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
     general), with per-row (scores.parquet) and per-document (docs.parquet) NLL.
 
     An arm's evaluation adds `kl`: the mean KL(base ‖ arm) per token in nats (per document in
-    docs.parquet), exact against the base scored beside the arm (eval.kl_top_k None); with
+    docs.parquet), exact against the base's logits on the same batches (eval.kl_top_k None); with
     eval.kl_top_k > 0 the base's evaluation stores its top-k log-probabilities per token
-    (reference.npz) and an arm's, given that evaluation as `base`, sums over them.
+    (reference.npz) and an arm's, given that evaluation as `base`, sums over them. For the exact KL the
+    base's evaluation stores its decoder's output per batch (hidden.safetensors, `models.StoredHidden`), and an
+    arm's, given it as `base`, computes the base's logits from it with the base's output layer alone (the same
+    logits bit for bit); without `base`, the base runs whole beside the arm.
     """
     cfg, root, data = p.cfg, p.root, p.data(which)
     keeps_reference = scored.is_base and bool(cfg.eval.kl_top_k)
+    keeps_hidden = scored.is_base and cfg.eval.kl_top_k is None
     # The evaluation settings it uses (not the curves': they change no final evaluation).
     reads = {"eval": cfg.eval.model_dump(mode="json", include={"batch_size", "stride", "max_general_tokens", "precision",
                                                                 "kl_top_k"}), "chunk_len": cfg.chunk_len, "set": which,
-             "model": p.model.digest, "arm": scored.digest, "data": data.digest,
-             "base": base.digest if base and base.reference else None}
+             "model": p.model.digest, "arm": scored.digest, "data": data.digest, "keeps_hidden": keeps_hidden,
+             "base": base.digest if base and (base.reference or base.hidden) else None}
 
     def compute(out: Path, device: str | None) -> dict[str, Any]:
         frame = pd.read_parquet(root / (data.test if which == "domain" else data.path))
@@ -306,12 +310,17 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
         reference = (perplexity.read_reference(root / base.reference)
                      if base and base.reference and not scored.is_base else None)
         exact = not scored.is_base and cfg.eval.kl_top_k is None
+        stored = models.StoredHidden.load(root / base.hidden) if exact and base and base.hidden else None
+        hidden = models.StoredHidden() if keeps_hidden else None
         scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
                                        label=f"eval-{scored.label}-{which}", keep_tokens=scored_set.token_docs is not None,
                                        top_k=cfg.eval.kl_top_k if keeps_reference else 0, reference=reference,
-                                       reference_logits=models.reference_logits(scored.method, net, base_dir, where)
-                                       if exact else None)
+                                       reference_logits=models.reference_logits(scored.method, net, base_dir, where,
+                                                                                stored) if exact else None,
+                                       keep_hidden=hidden)
         del net
+        if hidden is not None:  # empty where the model's logits are not its output layer's product alone
+            hidden.save(out / "hidden.safetensors")
         if keeps_reference:
             perplexity.write_reference(perplexity.top_k_reference(scores), out / "reference.npz")
             scores = scores.drop(columns=["topk_ids", "topk_logp"])
@@ -325,9 +334,11 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
         return {"arm": scored.arm, "label": scored.label, "seed": scored.seed, "set": which,
                 "scores": relative(root, out / "scores.parquet"), "docs": relative(root, out / "docs.parquet"),
                 "titles": data.docs if which == "general" else None, **summary,
-                "reference": relative(root, out / "reference.npz") if keeps_reference else None}
+                "reference": relative(root, out / "reference.npz") if keeps_reference else None,
+                "hidden": relative(root, out / "hidden.safetensors") if hidden and hidden.batches else None}
 
-    outputs = ("scores.parquet", "docs.parquet", "summary.json", *(("reference.npz",) if keeps_reference else ()))
+    outputs = ("scores.parquet", "docs.parquet", "summary.json", *(("reference.npz",) if keeps_reference else ()),
+               *(("hidden.safetensors",) if keeps_hidden else ()))
     where = step_dir(root, f"eval-{scored.arm}-{which}", "evaluate", reads, evaluate)
     return Step("evaluate", f"eval-{scored.label}-{which}", where, compute, Evaluation, outputs=outputs, devices=1,
                 names={"label": scored.label})
@@ -582,14 +593,13 @@ def run_study(cfg: StudyConfig | Inputs, runner: Runner | None = None) -> dict[s
     p = prepare(inputs, runner)
     cfg, root = p.cfg, str(p.root)
     quantized = any(a.method == "qlora" for a in cfg.arms)
+    # An arm's evaluation reads the base's: its stored top-k (eval.kl_top_k), or for the exact KL its decoder's output.
     baseline = {w: runner.submit(evaluate, p, w, BASE, label=f"eval-base-{w}") for w in SETS}
-    # With eval.kl_top_k, an arm's evaluation reads the base's stored top-k (exact KL needs none).
-    against = {w: baseline[w] if cfg.eval.kl_top_k else None for w in SETS}
     base = list(baseline.values())
     if quantized:  # the 4-bit base: what quantization alone costs
-        base += [runner.submit(evaluate, p, w, QUANTIZED_BASE, against[w], label=f"eval-base-nf4-{w}") for w in SETS]
+        base += [runner.submit(evaluate, p, w, QUANTIZED_BASE, baseline[w], label=f"eval-base-nf4-{w}") for w in SETS]
     trained = {plan.label: runner.submit(train, plan, root, label=f"train-{plan.label}") for plan in plan_arms(p)}
-    arm_evals = {label: [runner.submit(evaluate, p, w, fut, against[w], label=f"eval-{label}-{w}") for w in SETS]
+    arm_evals = {label: [runner.submit(evaluate, p, w, fut, baseline[w], label=f"eval-{label}-{w}") for w in SETS]
                  for label, fut in trained.items()}
     scored = {"base": BASE, **({"base-nf4": QUANTIZED_BASE} if quantized else {}), **trained}
     tasks = {(label, t.name): runner.submit(task, p, t, model, label=f"task-{label}-{t.name}")

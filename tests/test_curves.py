@@ -159,8 +159,36 @@ def test_kl_to_the_base_matches_a_hand_computation(study_config, tmp_path, arm_n
     if top_k:  # the base against its own stored top-k: exactly 0
         itself = perplexity.score_rows(base_model, rows, 8, 0, reference=perplexity.read_reference(root / base.reference))
         assert itself["kl_sum"].sum() == 0.0
+        assert base.hidden is None
     else:
-        assert base.reference is None  # the exact KL stores nothing
+        assert base.reference is None and base.hidden  # the exact KL stores the base's decoder output, no top-k
+
+
+@pytest.mark.parametrize("which", ["domain", "general"])
+@pytest.mark.parametrize("arm_name, precision", [("full", "fp32"), ("lora", "fp32"), ("full", "bf16")])
+def test_the_exact_kl_from_the_bases_stored_hidden_states_equals_the_base_run_beside_the_arm(
+        study_config, monkeypatch, which, arm_name, precision):
+    """An arm's evaluation given the base's (as the study runs it) applies only the base's output layer to the decoder
+    output the base's evaluation stored: every row's KL and NLL equal, bit for bit, those of the same evaluation
+    with the whole base run beside the arm (no base given), on the domain (prompts, rows of many lengths) and the
+    general set, in fp32 and under bf16 autocast; and the stored batches were used, not the base's decoder."""
+    from ftcore import models
+
+    prepared = _prepared(study_config, arms=[arm_name], eval={"every_steps": 0, "precision": precision, "batch_size": 3})
+    root = Path(prepared.cfg.artifacts_dir)
+    trained = run_step(study.train(_plan(prepared, arm_name), root))
+    base = run_step(study.evaluate(prepared, which, BASE))
+    lookups = []
+    real_call = models.StoredHidden.__call__
+    monkeypatch.setattr(models.StoredHidden, "__call__", lambda self, ids: lookups.append(ids.shape) or real_call(self, ids))
+    stored = run_step(study.evaluate(prepared, which, trained, base))
+    batches = len(lookups)
+    whole = run_step(study.evaluate(prepared, which, trained))
+    assert batches > 1 and len(lookups) == batches  # every batch from the stored states; none without them
+    a, b = pd.read_parquet(root / stored.scores), pd.read_parquet(root / whole.scores)
+    assert (a["kl_sum"] > 0).any() and a["kl_sum"].tolist() == b["kl_sum"].tolist()
+    assert a["nll_sum"].tolist() == b["nll_sum"].tolist() and stored.kl == whole.kl
+    assert stored.digest != whole.digest or stored.kl == whole.kl  # two steps (the base is in one's key), one answer
 
 
 @pytest.mark.parametrize("arm_name", ["full", "lora"])

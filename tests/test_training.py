@@ -380,6 +380,45 @@ def test_reused_logits_equal_the_models_own_and_reuse_one_buffer(tiny_models, fa
             assert not torch.equal(base, lora(input_ids=ids, attention_mask=mask).logits)  # the adapter was off
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stored_hidden_states_give_the_models_own_logits(tiny_models, tmp_path, family, precision):
+    """ftcore.models.StoredHidden (the base's decoder output, kept by its evaluation for the arms' exact KL): through
+    a file and back, the output layer on it gives the base's own logits bit for bit, for the base loaded beside a
+    full arm and for a LoRA arm's adapter-off reference; a batch it does not hold, a file that is not one and a
+    precision other than the stored one are refused with what to do."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftcore.models import ReusedLogits, StoredHidden, load_model, reference_logits
+
+    torch.manual_seed(0)
+    model = load_model(tiny_models[family]).eval()
+    lora = get_peft_model(load_model(tiny_models[family]).eval(),
+                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False))
+    batches = [(torch.randint(3, 60, shape), torch.ones(shape, dtype=torch.long)) for shape in ((3, 11), (2, 7))]
+    batches[0][1][-1, 8:] = 0
+    bf16 = precision == "bf16"
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        own, kept = ReusedLogits(model), StoredHidden()
+        expected = []
+        for ids, mask in batches:
+            expected.append(own(ids, mask).clone())
+            kept.add(ids, own.hidden)
+        stored = StoredHidden.load(kept.save(tmp_path / "hidden.safetensors"))
+        for reference in (reference_logits("full", lora, tiny_models[family], hidden=stored),
+                          reference_logits("lora", lora, tiny_models[family], hidden=stored)):
+            for (ids, mask), want in zip(batches, expected):
+                assert torch.equal(reference(ids, mask), want)
+        with pytest.raises(ValueError, match="no stored hidden states for this batch"):
+            ReusedLogits(model, stored)(torch.randint(3, 60, (3, 11)), torch.ones(3, 11, dtype=torch.long))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not bf16):
+        with pytest.raises(ValueError, match="another precision"):
+            ReusedLogits(model, stored)(*batches[0])
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bad.safetensors: not a readable file of stored hidden states"):
+        StoredHidden.load(tmp_path / "bad.safetensors")
+
+
 def test_a_model_that_scales_its_logits_after_the_output_layer_keeps_its_own_forward():
     """Cohere multiplies its logits by logit_scale after the output layer: the chunked loss and the reused logits
     buffer, which apply the output layer themselves, would compute other numbers silently. The probe
