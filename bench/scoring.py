@@ -23,6 +23,7 @@ run beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -60,12 +61,16 @@ def child(preset: str, tokens: int, artifacts: str, out: str, thread: bool, refe
         else:
             fn()
     if reference != "beside (no base pass)":  # the base's own evaluation first, as a study runs it
-        kept = models.StoredHidden() if reference == "stored" else None
+        kept = models.StoredHidden(p.cfg.eval.precision) if reference == "stored" else None
+
+        def base_pass():
+            with models.keep_hidden(model, kept) if kept is not None else contextlib.nullcontext():
+                perplexity.score_rows(model, rows, p.cfg.eval.batch_size, pad, p.cfg.eval.precision, keep_tokens=True)
         start = time.perf_counter()
-        in_thread(lambda: perplexity.score_rows(model, rows, p.cfg.eval.batch_size, pad, p.cfg.eval.precision,
-                                                keep_tokens=True, keep_hidden=kept))
+        in_thread(base_pass)
         base_seconds = time.perf_counter() - start
-    beside = models.reference_logits("full", model, p.model_dir, hidden=kept)
+    beside = (models.stored_reference_logits("full", model, p.model_dir, "cpu", kept) if kept is not None
+              else models.reference_logits("full", model, p.model_dir))
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     in_thread(lambda: done.append(perplexity.score_rows(model, rows, p.cfg.eval.batch_size, pad, p.cfg.eval.precision,
                                                         keep_tokens=True, reference_logits=beside)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -114,31 +115,22 @@ class ReusedLogits:
     layer on the decoder's last hidden state (`ftcore.chunked_loss.splits_exactly`: logit soft-capping or scaling,
     an adapter on the output layer) gets `model(...).logits`."""
 
-    def __init__(self, model: torch.nn.Module, hidden: StoredHidden | None = None):
+    def __init__(self, model: torch.nn.Module):
         from ftcore import chunked_loss
 
         self.model = model
         inner = chunked_loss.inner_model(model) if chunked_loss.splits_exactly(model) else None
         self.decoder = inner.get_decoder() if inner is not None else None
         self.head = inner.get_output_embeddings() if inner is not None else None
-        self.stored = hidden  # the decoder's output for these batches, computed before (StoredHidden)
-        self.hidden: torch.Tensor | None = None  # the last call's output-layer input [batch x width x hidden]
         self.weight: torch.Tensor | None = None
         self.buffer: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.decoder is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        if self.stored is not None:
-            hidden = self.stored(input_ids)
-        else:
-            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         kind = hidden.device.type
-        own = self.head.weight.dtype if self.stored is not None else hidden.dtype  # what the decoder gives
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else own
-        if self.stored is not None and hidden.dtype != dtype:
-            raise ValueError(f"the stored hidden states are {hidden.dtype}, this pass computes in {dtype}: they were "
-                             "computed at another precision; score the base again")
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
         if self.weight is None or self.weight.dtype != dtype:
             self.weight = self.head.weight.to(dtype)
         shape = (*hidden.shape[:-1], self.weight.shape[0])
@@ -147,25 +139,43 @@ class ReusedLogits:
             self.buffer = torch.empty(size, dtype=dtype, device=hidden.device)
         out = self.buffer[:size].view(shape)
         bias = self.head.bias
-        self.hidden = hidden.to(dtype)
-        torch.matmul(self.hidden, self.weight.T, out=out)
+        torch.matmul(hidden.to(dtype), self.weight.T, out=out)
         return out if bias is None else out.add_(bias.to(dtype))
 
     def release(self) -> None:
         """Drop the buffer and the cast weight (score_rows calls it when its pass ends): a reference kept beside an
         arm for its curve points would otherwise hold them (1.3 GB for gemma-3-270m in bf16) while the arm trains."""
-        self.buffer = self.weight = self.hidden = None
+        self.buffer = self.weight = None
+
+
+def reference_logits(method: str, model: torch.nn.Module, base_dir: str | Path, device: str = "cpu"):
+    """The base model's logits on a batch, `(input_ids, attention_mask) -> logits`, for the exact KL beside
+    `model` (a model of `method`): a LoRA arm's own model with its adapter switched off (the base's weights, no
+    second model in memory); for a full arm, a QLoRA arm (whose adapter-free model is the 4-bit base) and
+    the 4-bit base, the base loaded beside it. The logits are written into one reused buffer (`ReusedLogits`): each
+    call's are valid until the next; a caller that keeps them copies them. Its `release()` drops the buffer."""
+    if method == "lora":
+        adapter_off = ReusedLogits(model)
+
+        def logits(input_ids, attention_mask):
+            with model.disable_adapter():
+                return adapter_off(input_ids, attention_mask)
+        logits.release = adapter_off.release
+        return logits
+    return ReusedLogits(load_model(base_dir, device=device).eval())
 
 
 class StoredHidden:
-    """A model's last hidden states as its output layer multiplies them (in the compute dtype), per batch of token
-    ids, `input_ids -> [batch x width x hidden]`: what the base's evaluation computed, for the exact KL of an
-    arm's evaluation on the same batches, which then applies only the base's output layer (`ReusedLogits`): for
-    gemma-3-270m on 8 x 256 tokens in bf16 the decoder is 46% of its forward's time (a Zen 4 CPU; BENCHMARKS.md §12). A batch is found by
-    its token ids and shape, so the logits are those of the base's own forward on that batch, bit for bit; a
-    batch not stored raises ValueError (the two passes scored other rows, or batched them otherwise)."""
+    """A base model's decoder output per batch, kept by the base's evaluation (`keep_hidden`) for the exact KL of an
+    arm's evaluation of the same set (`stored_reference_logits`), which then runs only the base's output layer: for
+    gemma-3-270m on 8 x 256 tokens in bf16 the decoder is 46% of its forward's time (a Zen 4 CPU; BENCHMARKS.md §12).
+    Each batch's last hidden state is kept as the output layer multiplies it (cast to the compute dtype, as
+    `ReusedLogits` casts it), found again by the batch's token ids and shape: the logits are the base's own on that
+    batch, bit for bit. It stands in for the decoder, `(input_ids=, attention_mask=, use_cache=) -> .last_hidden_state`;
+    a batch not stored raises ValueError (the two passes scored other rows, or batched them otherwise)."""
 
-    def __init__(self):
+    def __init__(self, precision: str):
+        self.precision = precision
         self.batches: dict[tuple[tuple[int, ...], bytes], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
@@ -173,19 +183,19 @@ class StoredHidden:
         return tuple(input_ids.shape), input_ids.to(torch.int64).cpu().numpy().tobytes()
 
     def add(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Keep one batch's `hidden` [batch x width x hidden] for its `input_ids` [batch x width] (copied)."""
+        """Keep one batch's `hidden` [batch x width x hidden size] for its `input_ids` [batch x width] (copied)."""
         self.batches[self._key(input_ids)] = (input_ids.detach().cpu().clone(), hidden.detach().cpu().clone())
 
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> SimpleNamespace:
         found = self.batches.get(self._key(input_ids))
         if found is None:
             raise ValueError(f"no stored hidden states for this batch of {tuple(input_ids.shape)} tokens: the base was "
                              "scored on other rows or batches; score the base again")
-        return found[1].to(input_ids.device)
+        return SimpleNamespace(last_hidden_state=found[1].to(input_ids.device))
 
     def save(self, path: str | Path) -> Path:
-        """The batches as one safetensors file (tensors `{i}.input_ids`, `{i}.hidden`), written to a temporary name and
-        renamed."""
+        """The batches as one safetensors file (tensors `{i}.input_ids`, `{i}.hidden`; the precision in its metadata),
+        written to a temporary name and renamed."""
         from safetensors.torch import save_file
 
         from ftcore.io import atomic_path
@@ -194,44 +204,66 @@ class StoredHidden:
         for i, (ids, hidden) in enumerate(self.batches.values()):
             tensors[f"{i}.input_ids"], tensors[f"{i}.hidden"] = ids.contiguous(), hidden.contiguous()
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp))
+            save_file(tensors, str(tmp), metadata={"precision": self.precision})
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> StoredHidden:
-        """The batches `save` wrote. Raises ValueError when the file is damaged or not such a file."""
-        from safetensors import SafetensorError
+    def load(cls, path: str | Path, precision: str) -> StoredHidden:
+        """The batches `save` wrote, for a pass in `precision` ('fp32' or 'bf16'). Raises ValueError when the file is
+        damaged, not such a file, or was computed at another precision."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
+            with safe_open(str(path), framework="pt") as f:
+                stored = (f.metadata() or {}).get("precision")
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{path}: not a readable file of stored hidden states ({exc}); score the base again") from None
-        stored = cls()
+        if stored != precision:
+            raise ValueError(f"{path}: hidden states computed in {stored}, this pass scores in {precision}; score the "
+                             "base again at this precision")
+        out = cls(precision)
         for i in range(len(tensors) // 2):
             ids, hidden = tensors.get(f"{i}.input_ids"), tensors.get(f"{i}.hidden")
             if ids is None or hidden is None or hidden.shape[:2] != ids.shape:
                 raise ValueError(f"{path}: batch {i} is missing or its shapes disagree; score the base again")
-            stored.batches[cls._key(ids)] = (ids, hidden)
-        return stored
+            out.batches[cls._key(ids)] = (ids, hidden)
+        return out
 
 
-def reference_logits(method: str, model: torch.nn.Module, base_dir: str | Path, device: str = "cpu",
-                     hidden: StoredHidden | None = None):
-    """The base model's logits on a batch, `(input_ids, attention_mask) -> logits`, for the exact KL beside
-    `model` (a model of `method`): a LoRA arm's own model with its adapter switched off (the base's weights, no
-    second model in memory); for a full arm, a QLoRA arm (whose adapter-free model is the 4-bit base) and
-    the 4-bit base, the base loaded beside it. With `hidden` (the base's decoder output on these batches, from its
-    own evaluation) only the base's output layer runs: the same logits bit for bit. A model whose logits are not its
-    output layer on its last hidden state (`ReusedLogits`) runs whole, `hidden` unused. The logits are written into
-    one reused buffer (`ReusedLogits`): each call's are valid until the next; a caller that keeps them copies them.
-    Its `release()` drops the buffer."""
-    if method == "lora":
-        adapter_off = ReusedLogits(model, hidden)
+@contextlib.contextmanager
+def keep_hidden(model: torch.nn.Module, stored: StoredHidden):
+    """Within the block, every call of `model`'s decoder adds its batch's last hidden state to `stored`, cast to the
+    autocast dtype where autocast is on (what `ReusedLogits` multiplies by the output layer). Nothing is kept for a
+    model whose logits are not exactly that product (`ftcore.chunked_loss.splits_exactly`): an arm's KL against it
+    runs the whole model (`stored_reference_logits`)."""
+    from ftcore import chunked_loss
 
-        def logits(input_ids, attention_mask):
-            with model.disable_adapter():
-                return adapter_off(input_ids, attention_mask)
-        logits.release = adapter_off.release
-        return logits
-    return ReusedLogits(load_model(base_dir, device=device).eval(), hidden)
+    if not chunked_loss.splits_exactly(model):
+        yield stored
+        return
+
+    def keep(module, args, kwargs, output):
+        hidden = output.last_hidden_state
+        kind = hidden.device.type
+        stored.add(kwargs["input_ids"], hidden.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind)
+                   else hidden)
+    handle = chunked_loss.inner_model(model).get_decoder().register_forward_hook(keep, with_kwargs=True)
+    try:
+        yield stored
+    finally:
+        handle.remove()
+
+
+def stored_reference_logits(method: str, model: torch.nn.Module, base_dir: str | Path, device: str,
+                            stored: StoredHidden):
+    """`reference_logits` from the base's stored decoder output: only the base's output layer runs (a LoRA arm's own,
+    its adapter off: the output layer carries none where the logits split; a full or QLoRA arm's base loaded beside
+    it), the same logits bit for bit. A model whose logits are not its output layer on its last hidden state gets
+    `reference_logits`, the base run whole."""
+    reused = ReusedLogits(model if method == "lora" else load_model(base_dir, device=device).eval())
+    if reused.decoder is None:
+        return reference_logits(method, model, base_dir, device)
+    reused.decoder = stored  # it stands in for the base's decoder
+    return reused

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -30,9 +30,6 @@ import torch
 
 from ftcore.io import atomic_path
 from ftcore.progress import Progress
-
-if TYPE_CHECKING:
-    from ftcore.models import StoredHidden
 
 log = logging.getLogger("ftcore.perplexity")
 IGNORE = -100
@@ -231,7 +228,6 @@ def score_rows(
     top_k: int = 0,
     reference: TopK | None = None,
     reference_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    keep_hidden: StoredHidden | None = None,
 ) -> pd.DataFrame:
     """Summed NLL and predicted-token count per row; rows are batched longest-first to limit padding.
 
@@ -243,9 +239,7 @@ def score_rows(
     and with keep_tokens `token_kl` per position. `reference_logits(input_ids, attention_mask)`, the
     logits of a reference model on the same batch, adds the same columns with the exact KL over the
     whole vocabulary; they are read before its next call (`ftcore.models.ReusedLogits` reuses one buffer), and its
-    `release()`, where it has one, is called when the pass ends. `keep_hidden` (a `ftcore.models.StoredHidden`)
-    receives each batch's last hidden states as the output layer multiplies them, where the model's logits are
-    exactly that product (`ReusedLogits`); otherwise it stays empty.
+    `release()`, where it has one, is called when the pass ends.
     """
     from ftcore.models import ReusedLogits  # transformers: not imported by the light input checks that import this
 
@@ -271,8 +265,6 @@ def score_rows(
                 labels[j, : len(labs)] = torch.tensor(labs)
                 attention[j, : len(ids)] = 1
             logits = own(input_ids.to(device), attention.to(device))
-            if keep_hidden is not None and own.hidden is not None:
-                keep_hidden.add(input_ids, own.hidden)
             target = labels[:, 1:].to(device)
             ref = reference_logits(input_ids.to(device), attention.to(device)) if reference_logits else None
             compare = top_k or reference is not None or reference_logits is not None

@@ -15,6 +15,7 @@ fails does not stop the others: the report lists it and the result names it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -295,7 +296,7 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
     # The evaluation settings it uses (not the curves': they change no final evaluation).
     reads = {"eval": cfg.eval.model_dump(mode="json", include={"batch_size", "stride", "max_general_tokens", "precision",
                                                                 "kl_top_k"}), "chunk_len": cfg.chunk_len, "set": which,
-             "model": p.model.digest, "arm": scored.digest, "data": data.digest, "keeps_hidden": keeps_hidden,
+             "model": p.model.digest, "arm": scored.digest, "data": data.digest,
              "base": base.digest if base and (base.reference or base.hidden) else None}
 
     def compute(out: Path, device: str | None) -> dict[str, Any]:
@@ -309,17 +310,16 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
         tokenizer = models.load_tokenizer(base_dir)
         reference = (perplexity.read_reference(root / base.reference)
                      if base and base.reference and not scored.is_base else None)
-        exact = not scored.is_base and cfg.eval.kl_top_k is None
-        stored = models.StoredHidden.load(root / base.hidden) if exact and base and base.hidden else None
-        hidden = models.StoredHidden() if keeps_hidden else None
-        scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
-                                       label=f"eval-{scored.label}-{which}", keep_tokens=scored_set.token_docs is not None,
-                                       top_k=cfg.eval.kl_top_k if keeps_reference else 0, reference=reference,
-                                       reference_logits=models.reference_logits(scored.method, net, base_dir, where,
-                                                                                stored) if exact else None,
-                                       keep_hidden=hidden)
-        del net
-        if hidden is not None:  # empty where the model's logits are not its output layer's product alone
+        beside = _exact_reference(p, scored, net, base, where)
+        hidden = models.StoredHidden(cfg.eval.precision)
+        with models.keep_hidden(net, hidden) if keeps_hidden else contextlib.nullcontext():
+            scores = perplexity.score_rows(net, rows, cfg.eval.batch_size, tokenizer.pad_token_id, cfg.eval.precision,
+                                           label=f"eval-{scored.label}-{which}",
+                                           keep_tokens=scored_set.token_docs is not None,
+                                           top_k=cfg.eval.kl_top_k if keeps_reference else 0, reference=reference,
+                                           reference_logits=beside)
+        del net, beside
+        if keeps_hidden:  # empty where the model's logits are not its output layer's product alone
             hidden.save(out / "hidden.safetensors")
         if keeps_reference:
             perplexity.write_reference(perplexity.top_k_reference(scores), out / "reference.npz")
@@ -335,13 +335,25 @@ def evaluate(p: Prepared, which: str, scored: Scored, base: Evaluation | None = 
                 "scores": relative(root, out / "scores.parquet"), "docs": relative(root, out / "docs.parquet"),
                 "titles": data.docs if which == "general" else None, **summary,
                 "reference": relative(root, out / "reference.npz") if keeps_reference else None,
-                "hidden": relative(root, out / "hidden.safetensors") if hidden and hidden.batches else None}
+                "hidden": relative(root, out / "hidden.safetensors") if hidden.batches else None}
 
     outputs = ("scores.parquet", "docs.parquet", "summary.json", *(("reference.npz",) if keeps_reference else ()),
                *(("hidden.safetensors",) if keeps_hidden else ()))
     where = step_dir(root, f"eval-{scored.arm}-{which}", "evaluate", reads, evaluate)
     return Step("evaluate", f"eval-{scored.label}-{which}", where, compute, Evaluation, outputs=outputs, devices=1,
                 names={"label": scored.label})
+
+
+def _exact_reference(p: Prepared, scored: Scored, net, base: Evaluation | None, where: str):
+    """The base's logits beside `net` for an arm's exact KL (`models.reference_logits`): from the decoder output
+    the base's evaluation stored where it did, else the base run whole; None for the base itself and the top-k KL."""
+    if scored.is_base or p.cfg.eval.kl_top_k is not None:
+        return None
+    base_dir = p.model.locate(p.root)
+    if base and base.hidden:
+        stored = models.StoredHidden.load(p.root / base.hidden, p.cfg.eval.precision)
+        return models.stored_reference_logits(scored.method, net, base_dir, where, stored)
+    return models.reference_logits(scored.method, net, base_dir, where)
 
 
 def task(p: Prepared, ref: task_forgetting.TaskRef, scored: Scored) -> Step:

@@ -383,13 +383,14 @@ def test_reused_logits_equal_the_models_own_and_reuse_one_buffer(tiny_models, fa
 @pytest.mark.parametrize("family", ["llama", "gpt2", "neox"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_stored_hidden_states_give_the_models_own_logits(tiny_models, tmp_path, family, precision):
-    """ftcore.models.StoredHidden (the base's decoder output, kept by its evaluation for the arms' exact KL): through
-    a file and back, the output layer on it gives the base's own logits bit for bit, for the base loaded beside a
-    full arm and for a LoRA arm's adapter-off reference; a batch it does not hold, a file that is not one and a
-    precision other than the stored one are refused with what to do."""
+    """ftcore.models.StoredHidden (the base's decoder output, kept by its evaluation for the arms' exact KL): kept
+    while the base scores (`keep_hidden`), through a file and back, the output layer on it gives the base's own logits
+    bit for bit, for the base loaded beside a full arm and for a LoRA arm's adapter-off reference; a batch it does
+    not hold, a file that is not one and a precision other than the stored one are refused with what to do."""
     from peft import LoraConfig, get_peft_model
 
-    from ftcore.models import ReusedLogits, StoredHidden, load_model, reference_logits
+    from ftcore.models import (ReusedLogits, StoredHidden, keep_hidden, load_model, reference_logits,
+                               stored_reference_logits)
 
     torch.manual_seed(0)
     model = load_model(tiny_models[family]).eval()
@@ -397,26 +398,27 @@ def test_stored_hidden_states_give_the_models_own_logits(tiny_models, tmp_path, 
                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False))
     batches = [(torch.randint(3, 60, shape), torch.ones(shape, dtype=torch.long)) for shape in ((3, 11), (2, 7))]
     batches[0][1][-1, 8:] = 0
-    bf16 = precision == "bf16"
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        own, kept = ReusedLogits(model), StoredHidden()
-        expected = []
-        for ids, mask in batches:
-            expected.append(own(ids, mask).clone())
-            kept.add(ids, own.hidden)
-        stored = StoredHidden.load(kept.save(tmp_path / "hidden.safetensors"))
-        for reference in (reference_logits("full", lora, tiny_models[family], hidden=stored),
-                          reference_logits("lora", lora, tiny_models[family], hidden=stored)):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        kept = StoredHidden(precision)
+        with keep_hidden(model, kept):
+            own = ReusedLogits(model)
+            expected = [own(ids, mask).clone() for ids, mask in batches]
+        assert len(kept.batches) == 2
+        stored = StoredHidden.load(kept.save(tmp_path / "hidden.safetensors"), precision)
+        adapter_off = reference_logits("lora", lora, tiny_models[family])
+        for method in ("full", "lora"):
+            reference = stored_reference_logits(method, lora, tiny_models[family], "cpu", stored)
             for (ids, mask), want in zip(batches, expected):
                 assert torch.equal(reference(ids, mask), want)
+                assert torch.equal(want, adapter_off(ids, mask))  # what the LoRA arm's reference was before
         with pytest.raises(ValueError, match="no stored hidden states for this batch"):
-            ReusedLogits(model, stored)(torch.randint(3, 60, (3, 11)), torch.ones(3, 11, dtype=torch.long))
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not bf16):
-        with pytest.raises(ValueError, match="another precision"):
-            ReusedLogits(model, stored)(*batches[0])
+            reference(torch.randint(3, 60, (3, 11)), torch.ones(3, 11, dtype=torch.long))
+    other = "fp32" if precision == "bf16" else "bf16"
+    with pytest.raises(ValueError, match=f"computed in {precision}, this pass scores in {other}"):
+        StoredHidden.load(tmp_path / "hidden.safetensors", other)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="bad.safetensors: not a readable file of stored hidden states"):
-        StoredHidden.load(tmp_path / "bad.safetensors")
+        StoredHidden.load(tmp_path / "bad.safetensors", precision)
 
 
 def test_a_model_that_scales_its_logits_after_the_output_layer_keeps_its_own_forward():
