@@ -12,8 +12,10 @@ server, waiting between steps) is shown as one row.
 Model FLOPs per token (Kaplan et al. 2020, Table 1; PaLM's MFU convention, Chowdhery et al. 2022, App. B:
 recomputation under gradient checkpointing is not counted): a forward pass is 2 × the weights of every linear
 layer (the output layer included, tied or not) + 2 × n_layer × n_ctx × d_attn for attention; full fine-tuning
-trains at 3 forwards per token, LoRA at 2 (the frozen weights get no gradient, the activations still do). An
-arm's evaluation and its curve points score the base beside the arm for the exact KL: 2 forwards per token.
+trains at 3 forwards per token, LoRA at 2 (the frozen weights get no gradient, the activations still do). The
+curve points score the arm at every point and the base beside it once, at the first (its logits kept for the later
+points, `curves.ReferenceCache`, where they fit its budget, as demo-base's do); an arm's evaluation, given the
+base's stored decoder output (`models.StoredHidden`), 1 forward and the base's output layer (2 × its weights).
 The peak is a 4096² linear layer on 4096 rows, bf16 under autocast where the CPU computes bf16 natively (what
 precision 'auto' trains and scores in there), else fp32.
 """
@@ -44,8 +46,9 @@ def seconds(step) -> float:
     return json.loads(path.read_text())["seconds"]
 
 
-def forward_flops(model_dir: Path, n_ctx: int) -> float:
-    """Model FLOPs of one forward pass per token: 2 × linear weights + 2 × n_layer × n_ctx × d_attn."""
+def forward_flops(model_dir: Path, n_ctx: int) -> tuple[float, float]:
+    """Model FLOPs of one forward pass per token, 2 × linear weights + 2 × n_layer × n_ctx × d_attn, and of its
+    output layer alone (2 × its weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -54,7 +57,7 @@ def forward_flops(model_dir: Path, n_ctx: int) -> float:
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     text = config.get_text_config()
     d_attn = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
-    return 2.0 * linear + 2.0 * text.num_hidden_layers * n_ctx * d_attn
+    return 2.0 * linear + 2.0 * text.num_hidden_layers * n_ctx * d_attn, 2.0 * model.get_output_embeddings().weight.numel()
 
 
 def peak_gflops(size: int = 4096) -> tuple[float, str]:
@@ -89,7 +92,7 @@ def main() -> None:
     inputs = check_inputs(load_config(args.preset, **overrides), arms_in_process=False)
     p = study.prepare(inputs)
     cfg, root = p.cfg, p.root
-    fwd = forward_flops(p.model_dir, cfg.chunk_len)
+    fwd, head = forward_flops(p.model_dir, cfg.chunk_len)
     own = study.own_role(cfg) if getattr(cfg, "self_replay", None) is not None else None  # generated, not read
     read = [r for r in inputs.versions if r != own]
     rows = [stage("fingerprint corpora", sum(seconds(study.fingerprint(inputs, r)) for r in read)),
@@ -126,14 +129,16 @@ def main() -> None:
         if curve_s:
             points = [json.loads(line) for line in (root / arm.dir / "curves.jsonl").read_text().splitlines()]
             # curve_seconds times every point, step 0 (the model before training) included: so do the tokens.
-            rows.append(stage(f"curves {plan.label} ({len({pt['step'] for pt in points})} points)", curve_s,
-                              sum(pt["tokens"] for pt in points), 2 * fwd))
-        for which in ("domain", "general"):
-            e = study.evaluate(p, which, arm)
+            n_points, scored = len({pt["step"] for pt in points}), sum(pt["tokens"] for pt in points)
+            rows.append(stage(f"curves {plan.label} ({n_points} points)", curve_s, scored,
+                              fwd * (1 + 1 / n_points)))  # the base once, at the first point
+        for base in evals[:2]:  # the base's evaluations, as run_study hands them to an arm's
+            e = study.evaluate(p, base.set, arm, base)
             value = recorded(e)
             evals.append(value)
-            rows.append(stage(f"evaluate {plan.label}, {which} (+ base for KL)", seconds(e),
-                              domain_in if which == "domain" else value.tokens, 2 * fwd))
+            beside = "base's output layer" if base.hidden else "base"
+            rows.append(stage(f"evaluate {plan.label}, {base.set} (+ {beside} for KL)", seconds(e),
+                              domain_in if base.set == "domain" else value.tokens, fwd + (head if base.hidden else fwd)))
     rows.append(stage("report", seconds(study.write_report(p, evals, arms, {}, None))))
     total = sum(r["seconds"] for r in rows)
     if args.wall:
