@@ -12,10 +12,12 @@ install: $(STAMP)
 # The CPU build of torch first, through pip (on this machine's disk, seconds; pip's config and constraints
 # apply); pyproject's torch range then keeps it instead of pulling a multi-GB CUDA build. On a GPU machine
 # install the CUDA build first instead. The project's other ~200 packages through uv: the same versions as
-# pip's in 9 s instead of 73 (BENCHMARKS.md §14). uv reads neither pip.conf nor pip's constraints file: where a
-# package index is set for pip only, `make install PROJECT_INSTALL='$(PY) -m pip install --quiet'`.
+# pip's, `make install` 65 s instead of 104 (BENCHMARKS.md §14). Compiled to bytecode as pip does: where
+# PYTHONDONTWRITEBYTECODE is set (as on this machine) nothing else writes the .pyc files, and every process would
+# compile its imports again (3-4 s each; the suite 1.5x as long). uv reads neither pip.conf nor pip's constraints
+# file: where a package index is set for pip only, `make install PROJECT_INSTALL='$(PY) -m pip install --quiet'`.
 TORCH ?= torch==2.13.0
-PROJECT_INSTALL ?= $(VENV)/bin/uv pip install --quiet --python $(PY)
+PROJECT_INSTALL ?= $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
