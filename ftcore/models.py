@@ -168,41 +168,46 @@ def reference_logits(method: str, model: torch.nn.Module, base_dir: str | Path, 
 class StoredHidden:
     """A base model's decoder output per batch, kept by the base's evaluation (`keep_hidden`) for the exact KL of an
     arm's evaluation of the same set (`stored_reference_logits`), which then runs only the base's output layer: for
-    gemma-3-270m on 8 x 256 tokens in bf16 the decoder is 46% of its forward's time (a Zen 4 CPU; BENCHMARKS.md §12).
-    Each batch's last hidden state is kept as the output layer multiplies it (cast to the compute dtype, as
-    `ReusedLogits` casts it), found again by the batch's token ids and shape: the logits are the base's own on that
-    batch, bit for bit. It stands in for the decoder, `(input_ids=, attention_mask=, use_cache=) -> .last_hidden_state`;
+    gemma-3-270m on 8 x 256 tokens in bf16 the decoder is 42-46% of its forward's time (a Zen 4 CPU; BENCHMARKS.md
+    §12). Each batch's last hidden state is kept as the output layer multiplies it (cast to the compute dtype, as
+    `ReusedLogits` casts it), found again by the batch's token ids, attention mask and shape: the logits are the
+    base's own on that batch, bit for bit. It stands in for the decoder, `(input_ids=, attention_mask=, use_cache=) -> .last_hidden_state`;
     a batch not stored raises ValueError (the two passes scored other rows, or batched them otherwise)."""
 
     def __init__(self, precision: str):
         self.precision = precision
-        self.batches: dict[tuple[tuple[int, ...], bytes], tuple[torch.Tensor, torch.Tensor]] = {}
+        # (shape, ids, mask) -> (input_ids, attention_mask, hidden), all on the CPU
+        self.batches: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
-    def _key(input_ids: torch.Tensor) -> tuple[tuple[int, ...], bytes]:
-        return tuple(input_ids.shape), input_ids.to(torch.int64).cpu().numpy().tobytes()
+    def _key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+        return (tuple(input_ids.shape), input_ids.to(torch.int64).cpu().numpy().tobytes(),
+                attention_mask.to(torch.int64).cpu().numpy().tobytes())
 
-    def add(self, input_ids: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Keep one batch's `hidden` [batch x width x hidden size] for its `input_ids` [batch x width] (copied)."""
-        self.batches[self._key(input_ids)] = (input_ids.detach().cpu().clone(), hidden.detach().cpu().clone())
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Keep one batch's `hidden` [batch x width x hidden size] for its `input_ids` and `attention_mask`
+        [batch x width] (copied)."""
+        self.batches[self._key(input_ids, attention_mask)] = tuple(
+            t.detach().cpu().clone() for t in (input_ids, attention_mask, hidden))
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> SimpleNamespace:
-        found = self.batches.get(self._key(input_ids))
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> SimpleNamespace:
+        found = self.batches.get(self._key(input_ids, attention_mask))
         if found is None:
             raise ValueError(f"no stored hidden states for this batch of {tuple(input_ids.shape)} tokens: the base was "
                              "scored on other rows or batches; score the base again")
-        return SimpleNamespace(last_hidden_state=found[1].to(input_ids.device))
+        return SimpleNamespace(last_hidden_state=found[2].to(input_ids.device))
 
     def save(self, path: str | Path) -> Path:
-        """The batches as one safetensors file (tensors `{i}.input_ids`, `{i}.hidden`; the precision in its metadata),
-        written to a temporary name and renamed."""
+        """The batches as one safetensors file (tensors `{i}.input_ids`, `{i}.attention_mask`, `{i}.hidden`; the
+        precision in its metadata), written to a temporary name and renamed."""
         from safetensors.torch import save_file
 
         from ftcore.io import atomic_path
 
         tensors = {}
-        for i, (ids, hidden) in enumerate(self.batches.values()):
-            tensors[f"{i}.input_ids"], tensors[f"{i}.hidden"] = ids.contiguous(), hidden.contiguous()
+        for i, batch in enumerate(self.batches.values()):
+            for name, t in zip(("input_ids", "attention_mask", "hidden"), batch):
+                tensors[f"{i}.{name}"] = t.contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"precision": self.precision})
         return Path(path)
@@ -224,11 +229,11 @@ class StoredHidden:
             raise ValueError(f"{path}: hidden states computed in {stored}, this pass scores in {precision}; score the "
                              "base again at this precision")
         out = cls(precision)
-        for i in range(len(tensors) // 2):
-            ids, hidden = tensors.get(f"{i}.input_ids"), tensors.get(f"{i}.hidden")
-            if ids is None or hidden is None or hidden.shape[:2] != ids.shape:
+        for i in range(len(tensors) // 3):
+            ids, mask, hidden = (tensors.get(f"{i}.{name}") for name in ("input_ids", "attention_mask", "hidden"))
+            if ids is None or mask is None or hidden is None or mask.shape != ids.shape or hidden.shape[:2] != ids.shape:
                 raise ValueError(f"{path}: batch {i} is missing or its shapes disagree; score the base again")
-            out.batches[cls._key(ids)] = (ids, hidden)
+            out.batches[cls._key(ids, mask)] = (ids, mask, hidden)
         return out
 
 
@@ -247,8 +252,8 @@ def keep_hidden(model: torch.nn.Module, stored: StoredHidden):
     def keep(module, args, kwargs, output):
         hidden = output.last_hidden_state
         kind = hidden.device.type
-        stored.add(kwargs["input_ids"], hidden.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind)
-                   else hidden)
+        stored.add(kwargs["input_ids"], kwargs["attention_mask"],
+                   hidden.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else hidden)
     handle = chunked_loss.inner_model(model).get_decoder().register_forward_hook(keep, with_kwargs=True)
     try:
         yield stored

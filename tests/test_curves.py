@@ -180,8 +180,8 @@ def test_the_exact_kl_from_the_bases_stored_hidden_states_equals_the_base_run_be
     base = run_step(study.evaluate(prepared, which, BASE))
     lookups = []
     real_call = models.StoredHidden.__call__
-    monkeypatch.setattr(models.StoredHidden, "__call__",
-                        lambda self, input_ids, **kw: lookups.append(input_ids.shape) or real_call(self, input_ids, **kw))
+    monkeypatch.setattr(models.StoredHidden, "__call__", lambda self, input_ids, attention_mask, **kw:
+                        lookups.append(input_ids.shape) or real_call(self, input_ids, attention_mask, **kw))
     stored = run_step(study.evaluate(prepared, which, trained, base))
     batches = len(lookups)
     whole = run_step(study.evaluate(prepared, which, trained))

@@ -244,7 +244,7 @@ def _digests(package_dir=None) -> dict[str, str]:
     ("models.load_scored", {"evaluate", "task"}),  # the model an evaluation or a task scores
     ("models.reference_logits", {"evaluate", "train+curves"}),  # the base beside an arm for the exact KL
     ("perplexity.read_reference", {"evaluate"}),  # the base's top-k for the top-k KL
-    ("models.StoredHidden", {"evaluate"}),  # the base's decoder output for the arms' exact KL: no curve point's
+    ("models.StoredHidden", {"evaluate"}),  # the base's decoder output for the arms' exact KL (no curve point uses it)
     ("models.stored_reference_logits", {"evaluate"}), ("models.keep_hidden", {"evaluate"}),
     ("perplexity.score_rows", {"evaluate", "train+curves"}),  # scoring: also the curve points, when measured
     ("cards.base_line", {"report"}), ("cards.write_cards", {"report"}), ("report.markdown_table", {"report"}),

@@ -413,6 +413,8 @@ def test_stored_hidden_states_give_the_models_own_logits(tiny_models, tmp_path, 
                 assert torch.equal(want, adapter_off(ids, mask))  # what the LoRA arm's reference was before
         with pytest.raises(ValueError, match="no stored hidden states for this batch"):
             reference(torch.randint(3, 60, (3, 11)), torch.ones(3, 11, dtype=torch.long))
+        with pytest.raises(ValueError, match="no stored hidden states for this batch"):  # same tokens, another mask
+            reference(batches[0][0], torch.ones(3, 11, dtype=torch.long))
     other = "fp32" if precision == "bf16" else "bf16"
     with pytest.raises(ValueError, match=f"computed in {precision}, this pass scores in {other}"):
         StoredHidden.load(tmp_path / "hidden.safetensors", other)
