@@ -50,7 +50,7 @@ def child(preset: str, steps: int) -> None:
     from ftcore.inputs import check_inputs
     from tasks.heap import keep_freed_memory
 
-    if os.environ.get("BENCH_KEEP_FREED") == "1" and not keep_freed_memory():
+    if os.environ.get("BENCH_KEEP_FREED") == "1" and not keep_freed_memory("cpu"):
         raise SystemExit("keep-freed: glibc's mallopt refused")
 
     base = load_config(preset)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ftcore.hardware import resolve_device
 from ftcore.plan import ArmPlan
-from tasks.heap import frozen_imports, keep_freed_memory
+from tasks.heap import frozen_imports, give_back_when_short, keep_freed_memory
 
 
 class JsonLines(logging.Handler):
@@ -98,10 +98,12 @@ def main(root: str, plan_json: str | None = None) -> int:
         hide_unused_libraries([plan.method])
         with frozen_imports():  # as in the fork server (tasks.arm_libraries); a forked arm has them already
             from ftcore import training
-        keep_freed_memory(resolve_device(plan.device))  # on a CPU, each step reuses the last one's pages (tasks.heap)
+        # On a CPU, each step reuses the last one's pages, given back only when the machine runs short (tasks.heap).
+        kept = keep_freed_memory(resolve_device(plan.device))
 
         # Training only: the parent holds the step's lock and records the result (ftcore.steps.run_step).
-        training.train_arm(plan, root, on_progress=(lambda p: emit({"progress": p})) if first else None)
+        training.train_arm(plan, root, callbacks=[give_back_when_short()] if kept else None,
+                           on_progress=(lambda p: emit({"progress": p})) if first else None)
     except KeyboardInterrupt:
         end_by_sigint()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the arm with it

@@ -18,6 +18,15 @@ runs drift by about 5%), with the same numbers (BENCHMARKS.md §12). Only in the
 64-MiB heap whatever mallopt says, which is why the study's evaluations (Prefect tasks, in threads) reuse a buffer
 of their own for the logits instead (ftcore.models.ReusedLogits). Transparent huge pages for torch's allocations
 (THP_MEM_ALLOC_ENABLE) were slower there: 0.70x training, 0.80x evaluation.
+
+Given back when short. Kept freed memory only grows: the blocks a step frees are split by allocations of other
+sizes, and a later step's large block no longer fits any free one and extends the heap. demo-base's replay arm, a
+steady 4.7 GB in use, held 3.7 GB free after its first curve point and 9.5 GB after 20 steps, all of it resident
+(bench.arm_memory, a 2-core Zen 4); in a whole study its process reached 21.5 GB and was killed for memory beside the
+study's own. So an arm gives its freed pages back (malloc_trim) whenever less than an eighth of the machine's memory,
+or of its cgroup's limit, is available (give_back_when_short): on a machine with room nothing changes; when short,
+the next steps fault their pages in again (one give-back: about 15 s over the next five steps there) instead of the
+arm being killed.
 """
 
 from __future__ import annotations
@@ -25,7 +34,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 # mallopt(3)'s parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -63,3 +78,98 @@ def keep_freed_memory(device: str) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def give_back_freed_memory() -> bool:
+    """Hand the pages of every free block in glibc's heaps back to the kernel (malloc_trim(0): madvise DONTNEED on
+    each free block's whole pages, the heap's top cut). The blocks stay the heap's, so the next allocation there
+    faults its pages in afresh. Returns whether any memory was given back; False where the C library is not glibc.
+    Raises nothing."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return bool(trim(0))
+
+
+
+# Freed pages are given back when less memory than this share of the machine's (or the cgroup's limit) is
+# available: more than the largest burst between two checks (a training step's heap grew by at most 1.5 GB in
+# bench.arm_memory; a curve point's logits reuse the heap's free blocks).
+SHORT_SHARE = 1 / 8
+
+
+def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
+    """(available, total) in bytes for this process: the kernel's MemAvailable and MemTotal, or the headroom under
+    its cgroup's memory limit and that limit where one is set and lower (cgroup v2 memory.max and memory.current,
+    v1 memory.limit_in_bytes and memory.usage_in_bytes; the process's own cgroup, else the namespace's root). None
+    where /proc/meminfo cannot be read (not Linux). Raises nothing."""
+    try:
+        info = dict(line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)
+        available, total = (int(info[k].split()[0]) * 1024 for k in ("MemAvailable", "MemTotal"))
+    except (OSError, KeyError, ValueError):
+        return None
+    for limit, usage in _cgroup_memory(proc, cgroups):
+        if limit < total:
+            return min(available, max(limit - usage, 0)), limit
+    return available, total
+
+
+def _cgroup_memory(proc: Path, cgroups: Path) -> Iterator[tuple[int, int]]:
+    """(limit, usage) in bytes of the process's memory cgroup, where a limit is set (v2, then v1)."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        v2 = controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        top = cgroups if v2 else cgroups / "memory"
+        files = ("memory.max", "memory.current") if v2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        for where in (top / path.lstrip("/"), top):
+            try:
+                limit, usage = ((where / name).read_text().strip() for name in files)
+                yield int(limit), int(usage)  # "max" (v2, no limit): ValueError, skipped
+                break
+            except (OSError, ValueError):
+                continue
+
+
+def give_back_when_short(share: float = SHORT_SHARE,
+                         memory: Callable[[], tuple[int, int] | None] = available_memory,
+                         give_back: Callable[[], bool] = give_back_freed_memory) -> TrainerCallback:
+    """A trainer callback for an arm whose process keeps freed memory (keep_freed_memory): whenever less than
+    `share` of the machine's memory is `memory()`'s available (after each optimizer step, before the step's curve
+    point; after it; after each checkpoint), the freed pages are given back (`give_back`). Kept freed memory only
+    grows: the blocks a step frees are split by blocks of other sizes and the next step takes fresh ones (demo-base's
+    replay arm: +8 GB over 30 steps, bench.arm_memory), so on a machine that runs short an arm would be killed for
+    memory; given back, the next step faults its pages in again (a few seconds), so only when short. Raises nothing."""
+    from transformers import TrainerCallback
+
+    class GiveBackWhenShort(TrainerCallback):
+        given = 0
+
+        def check(self) -> None:
+            found = memory()
+            if found is None or found[0] >= share * found[1]:
+                return
+            give_back()
+            self.given += 1
+            if self.given == 1:
+                logging.getLogger("ftcore.arm").info(
+                    "memory short (%.1f of %.1f GB available): the arm gives its freed memory back whenever it "
+                    "is, and its next step is slower (tasks.heap)", found[0] / 1e9, found[1] / 1e9)
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.check()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.check()
+
+        def on_save(self, args, state, control, **kwargs):
+            self.check()
+
+    return GiveBackWhenShort()

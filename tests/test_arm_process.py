@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +17,9 @@ import pytest
 
 from ftcore import inputs, study
 from tasks.arm_process import EventReader, train_in_subprocess
+from ftcore.steps import run_step
 from tasks.devices import device_slot
+from tasks.heap import available_memory, give_back_when_short
 from tasks.runner import train_in_own_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -521,7 +524,7 @@ if sys.argv[1] == "fork-server":  # the server's preload, which every arm forked
     sys.exit()
 from ftcore import training
 import tasks.arm_worker as worker
-training.train_arm = lambda plan, root, on_progress=None: print(gc.get_freeze_count())
+training.train_arm = lambda plan, root, **kw: print(gc.get_freeze_count())
 worker.ArmPlan.model_validate_json = lambda data: type("Plan", (), {"method": "full", "device": "cpu"})()
 worker.main("/nonexistent", "{}")
 """
@@ -585,13 +588,81 @@ def test_an_arm_trains_with_freed_memory_kept():
     probe = MALLOC_PROBE + """
 from ftcore import training
 import tasks.arm_worker as worker
-training.train_arm = lambda plan, root, on_progress=None: print("mapped", mapped())
+training.train_arm = lambda plan, root, callbacks=None, **kw: print("mapped", mapped(), *map(type, callbacks or []))
 worker.ArmPlan.model_validate_json = lambda data: type("Plan", (), {"method": "full", "device": "cpu"})()
 worker.main("/nonexistent", "{}")
 """
     out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).parents[1], capture_output=True, text=True,
                          timeout=120)
-    assert "mapped False" in out.stdout, out.stdout + out.stderr
+    assert "mapped False <class 'tasks.heap.give_back_when_short.<locals>.GiveBackWhenShort'>" in out.stdout, \
+        out.stdout + out.stderr
+
+
+def test_freed_memory_kept_is_given_back_to_the_kernel_on_demand():
+    """tasks.heap.give_back_freed_memory: with freed memory kept, a freed 256-MiB block stays resident; given back, the
+    process's resident memory falls by about its size, though the block is not the heap's top."""
+    probe = MALLOC_PROBE + """
+from tasks.heap import give_back_freed_memory, keep_freed_memory
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+keep_freed_memory("cpu")
+ctypes.memset(block := libc.malloc(256 << 20), 1, 256 << 20)
+above = libc.malloc(1 << 10)  # live above it
+written = rss()
+libc.free(block)
+kept = rss()
+print(written - kept < 16 << 20, give_back_freed_memory(), kept - rss() > 240 << 20)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["True", "True", "True"], out.stdout + out.stderr
+
+
+def test_an_arm_gives_its_freed_memory_back_whenever_the_machine_runs_short(study_config, caplog):
+    """tasks.heap.give_back_when_short, in a real arm's training (a curve point every step, a checkpoint every 2 of 4
+    steps): with memory plenty, nothing is given back; short (under an eighth available), after each optimizer
+    step, each step's end (after its curve point) and each checkpoint, and the first time is logged once."""
+    prepared = study.prepare(study_config(arms=["full"], train={"max_steps": 4, "save_steps": 2, "logging_steps": 1},
+                                          eval={"every_steps": 1, "curve_tokens": 300}))
+    plan = study.plan_arms(prepared)[0]
+    memory, given = [(4e9, 24e9)], []
+    callback = give_back_when_short(memory=lambda: memory[0], give_back=lambda: given.append(1) or True)
+    run_step(study.train(plan, prepared.root, callbacks=[callback]))
+    assert given == []
+    memory[0] = (2.9e9, 24e9)
+    shutil.rmtree(Path(prepared.root) / plan.dir)
+    with caplog.at_level(logging.INFO, logger="ftcore.arm"):
+        run_step(study.train(plan, prepared.root, callbacks=[callback]))
+    assert len(given) == 4 + 4 + 1  # checkpoint at step 2 (none at the last step)
+    assert [r.getMessage()[:41] for r in caplog.records if r.name == "ftcore.arm"] == [
+        "memory short (2.9 of 24.0 GB available): "]
+
+
+AVAILABLE, TOTAL = 6_000_000 * 1024, 24_000_000 * 1024  # the fake machine's /proc/meminfo, in bytes
+
+
+@pytest.mark.parametrize("cgroup, files, answer", [
+    (None, None, (AVAILABLE, TOTAL)),  # no cgroup file: the machine's
+    ("0::/ftstudy.slice", {"memory.max": "8000000000", "memory.current": "7000000000"}, (1e9, 8e9)),  # v2, limited
+    ("0::/ftstudy.slice", {"memory.max": "max", "memory.current": "7000000000"}, (AVAILABLE, TOTAL)),  # v2, no limit
+    # v1: the machine's available memory is less than the headroom under the limit
+    ("4:memory:/docker/abc", {"memory.limit_in_bytes": "12000000000", "memory.usage_in_bytes": "2000000000"},
+     (AVAILABLE, 12e9)),
+], ids=["machine", "cgroup-v2", "cgroup-v2-unlimited", "cgroup-v1"])
+def test_available_memory_is_the_machines_or_the_headroom_under_the_processs_cgroup_limit(tmp_path, cgroup, files,
+                                                                                         answer):
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 24000000 kB\nMemFree: 1000 kB\nMemAvailable: 6000000 kB\n")
+    if cgroup:
+        (proc / "self" / "cgroup").write_text(f"9:pids:/\n{cgroup}\n")
+        _, controllers, path = cgroup.split(":", 2)
+        where = (cgroups / "memory" if controllers else cgroups) / path.lstrip("/")
+        where.mkdir(parents=True)
+        for name, value in files.items():
+            (where / name).write_text(value + "\n")
+    assert available_memory(proc, cgroups) == answer
+    assert available_memory(tmp_path / "nothing", cgroups) is None
 
 
 HAS_CUDA = ("import sys; from tasks.devices import device_count, has_cuda; "
