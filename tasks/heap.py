@@ -93,7 +93,6 @@ def give_back_freed_memory() -> bool:
     return bool(trim(0))
 
 
-
 # Freed pages are given back when less memory than this share of the machine's (or the cgroup's limit) is
 # available: more than the largest burst between two checks (a training step's heap grew by at most 1.5 GB in
 # bench.arm_memory; a curve point's logits reuse the heap's free blocks).
@@ -123,7 +122,10 @@ def _cgroup_memory(proc: Path, cgroups: Path) -> Iterator[tuple[int, int]]:
     except OSError:
         return
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
         v2 = controllers == ""
         if not v2 and "memory" not in controllers.split(","):
             continue

@@ -655,7 +655,7 @@ def test_available_memory_is_the_machines_or_the_headroom_under_the_processs_cgr
     (proc / "self").mkdir(parents=True)
     (proc / "meminfo").write_text("MemTotal: 24000000 kB\nMemFree: 1000 kB\nMemAvailable: 6000000 kB\n")
     if cgroup:
-        (proc / "self" / "cgroup").write_text(f"9:pids:/\n{cgroup}\n")
+        (proc / "self" / "cgroup").write_text(f"9:pids:/\nnot a cgroup line\n{cgroup}\n")
         _, controllers, path = cgroup.split(":", 2)
         where = (cgroups / "memory" if controllers else cgroups) / path.lstrip("/")
         where.mkdir(parents=True)
