@@ -145,7 +145,8 @@ def give_back_when_short(share: float = SHORT_SHARE,
                          give_back: Callable[[], bool] = give_back_freed_memory) -> TrainerCallback:
     """A trainer callback for an arm whose process keeps freed memory (keep_freed_memory): whenever less than
     `share` of the machine's memory is `memory()`'s available (after each optimizer step, before the step's curve
-    point; after it; after each checkpoint), the freed pages are given back (`give_back`). Kept freed memory only
+    point; after it; after each checkpoint), the freed pages are given back (`give_back`); the first time and, when
+    training ends, how often are logged (ftcore.arm, INFO). Kept freed memory only
     grows: the blocks a step frees are split by blocks of other sizes and the next step takes fresh ones (demo-base's
     replay arm: +8 GB over 30 steps, bench.arm_memory), so on a machine that runs short an arm would be killed for
     memory; given back, the next step faults its pages in again (a few seconds), so only when short. Raises nothing."""
@@ -173,5 +174,12 @@ def give_back_when_short(share: float = SHORT_SHARE,
 
         def on_save(self, args, state, control, **kwargs):
             self.check()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.given:  # how often: each time cost the next steps their page faults
+                logging.getLogger("ftcore.arm").info(
+                    "memory was short %d time(s) by step %d; each time the arm gave its freed memory back "
+                    "(tasks.heap)", self.given, state.global_step)
+            self.given = 0
 
     return GiveBackWhenShort()

@@ -621,7 +621,8 @@ print(written - kept < 16 << 20, give_back_freed_memory(), kept - rss() > 240 <<
 def test_an_arm_gives_its_freed_memory_back_whenever_the_machine_runs_short(study_config, caplog):
     """tasks.heap.give_back_when_short, in a real arm's training (a curve point every step, a checkpoint every 2 of 4
     steps): with memory plenty, nothing is given back; short (under an eighth available), after each optimizer
-    step, each step's end (after its curve point) and each checkpoint, and the first time is logged once."""
+    step, each step's end (after its curve point) and each checkpoint; the first time logged, and at the end how
+    often."""
     prepared = study.prepare(study_config(arms=["full"], train={"max_steps": 4, "save_steps": 2, "logging_steps": 1},
                                           eval={"every_steps": 1, "curve_tokens": 300}))
     plan = study.plan_arms(prepared)[0]
@@ -635,7 +636,7 @@ def test_an_arm_gives_its_freed_memory_back_whenever_the_machine_runs_short(stud
         run_step(study.train(plan, prepared.root, callbacks=[callback]))
     assert len(given) == 4 + 4 + 1  # checkpoint at step 2 (none at the last step)
     assert [r.getMessage()[:41] for r in caplog.records if r.name == "ftcore.arm"] == [
-        "memory short (2.9 of 24.0 GB available): "]
+        "memory short (2.9 of 24.0 GB available): ", "memory was short 9 time(s) by step 4; eac"]
 
 
 AVAILABLE, TOTAL = 6_000_000 * 1024, 24_000_000 * 1024  # the fake machine's /proc/meminfo, in bytes
