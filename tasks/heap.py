@@ -102,8 +102,8 @@ SHORT_SHARE = 1 / 8
 def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
     """(available, total) in bytes for this process: the kernel's MemAvailable and MemTotal, or the headroom under
     its cgroup's memory limit and that limit where one is set and lower (cgroup v2 memory.max and memory.current,
-    v1 memory.limit_in_bytes and memory.usage_in_bytes; the process's own cgroup, else the namespace's root). None
-    where /proc/meminfo cannot be read (not Linux). Raises nothing."""
+    v1 memory.limit_in_bytes and memory.usage_in_bytes, less the inactive file cache; the process's own cgroup,
+    else the namespace's root). None where /proc/meminfo cannot be read (not Linux). Raises nothing."""
     try:
         info = dict(line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)
         available, total = (int(info[k].split()[0]) * 1024 for k in ("MemAvailable", "MemTotal"))
@@ -116,7 +116,9 @@ def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/c
 
 
 def _cgroup_memory(proc: Path, cgroups: Path) -> Iterator[tuple[int, int]]:
-    """(limit, usage) in bytes of the process's memory cgroup, where a limit is set (v2, then v1)."""
+    """(limit, working set) in bytes of the process's memory cgroup, where a limit is set (v2, then v1). The working
+    set is the usage less the inactive file cache (memory.stat), which the kernel reclaims before it kills anything
+    (the container runtimes' and Kubernetes' measure); cache read from the model's files would otherwise count."""
     try:
         lines = (proc / "self" / "cgroup").read_text().splitlines()
     except OSError:
@@ -133,11 +135,20 @@ def _cgroup_memory(proc: Path, cgroups: Path) -> Iterator[tuple[int, int]]:
         files = ("memory.max", "memory.current") if v2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
         for where in (top / path.lstrip("/"), top):
             try:
-                limit, usage = ((where / name).read_text().strip() for name in files)
-                yield int(limit), int(usage)  # "max" (v2, no limit): ValueError, skipped
-                break
+                limit, usage = (int((where / name).read_text().strip()) for name in files)  # v2 "max": ValueError
             except (OSError, ValueError):
                 continue
+            yield limit, usage - _inactive_file(where / "memory.stat", "inactive_file" if v2 else "total_inactive_file")
+            break
+
+
+def _inactive_file(stat: Path, key: str) -> int:
+    """The cgroup's inactive file cache in bytes (0 where memory.stat cannot be read)."""
+    try:
+        fields = dict(line.split() for line in stat.read_text().splitlines() if len(line.split()) == 2)
+        return int(fields.get(key, 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def give_back_when_short(share: float = SHORT_SHARE,

@@ -645,11 +645,17 @@ AVAILABLE, TOTAL = 6_000_000 * 1024, 24_000_000 * 1024  # the fake machine's /pr
 @pytest.mark.parametrize("cgroup, files, answer", [
     (None, None, (AVAILABLE, TOTAL)),  # no cgroup file: the machine's
     ("0::/ftstudy.slice", {"memory.max": "8000000000", "memory.current": "7000000000"}, (1e9, 8e9)),  # v2, limited
+    # v2, limited, 0.5 GB of its usage inactive file cache (reclaimable): 1.5 GB of headroom
+    ("0::/ftstudy.slice", {"memory.max": "8000000000", "memory.current": "7000000000",
+                           "memory.stat": "anon 6000000000\ninactive_file 500000000\nactive_file 500000000"},
+     (1.5e9, 8e9)),
     ("0::/ftstudy.slice", {"memory.max": "max", "memory.current": "7000000000"}, (AVAILABLE, TOTAL)),  # v2, no limit
     # v1: the machine's available memory is less than the headroom under the limit
     ("4:memory:/docker/abc", {"memory.limit_in_bytes": "12000000000", "memory.usage_in_bytes": "2000000000"},
      (AVAILABLE, 12e9)),
-], ids=["machine", "cgroup-v2", "cgroup-v2-unlimited", "cgroup-v1"])
+    ("4:memory:/docker/abc", {"memory.limit_in_bytes": "12000000000", "memory.usage_in_bytes": "11000000000",
+                              "memory.stat": "cache 3000000000\ntotal_inactive_file 2000000000"}, (3e9, 12e9)),
+], ids=["machine", "cgroup-v2", "cgroup-v2-file-cache", "cgroup-v2-unlimited", "cgroup-v1", "cgroup-v1-file-cache"])
 def test_available_memory_is_the_machines_or_the_headroom_under_the_processs_cgroup_limit(tmp_path, cgroup, files,
                                                                                          answer):
     proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
