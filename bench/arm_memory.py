@@ -108,7 +108,7 @@ def child(preset: str, arm: str, steps: int, every: int, save_every: int, varian
     steps_s = [r["seconds"] for r in rec.rows if r["event"] == "step" and r["step"] % every and r["seconds"]]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"variant": variant, "given_back_in_steps": given, "train_loss": summary["train_loss"],
-                      "points": points, "median_step_s": statistics.median(steps_s),
+                      "points": points, "median_step_s": statistics.median(steps_s) if steps_s else None,
                       "peak_rss_mb": round(usage.ru_maxrss / 1024), "last_rss_mb": rec.rows[-1]["rss"],
                       "minor_faults": usage.ru_minflt, "rows": rec.rows}))
 

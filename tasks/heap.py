@@ -100,28 +100,31 @@ SHORT_SHARE = 1 / 8
 
 
 def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
-    """(available, total) in bytes for this process: the kernel's MemAvailable and MemTotal, or the headroom under
-    its cgroup's memory limit and that limit where one is set and lower (cgroup v2 memory.max and memory.current,
-    v1 memory.limit_in_bytes and memory.usage_in_bytes, less the inactive file cache; the process's own cgroup,
-    else the namespace's root). None where /proc/meminfo cannot be read (not Linux). Raises nothing."""
+    """(available, total) in bytes for this process: the kernel's MemAvailable and MemTotal, or the headroom under a
+    cgroup memory limit and that limit where one is set lower, on the process's cgroup or any above it (a systemd
+    slice's or a pod's limit; cgroup v2 memory.max and memory.current, v1 memory.limit_in_bytes and
+    memory.usage_in_bytes, each less the inactive file cache), the level with the least headroom. None where
+    /proc/meminfo cannot be read (not Linux). Raises nothing."""
     try:
         info = dict(line.split(":", 1) for line in (proc / "meminfo").read_text().splitlines() if ":" in line)
         available, total = (int(info[k].split()[0]) * 1024 for k in ("MemAvailable", "MemTotal"))
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, IndexError, UnicodeDecodeError):
         return None
-    for limit, usage in _cgroup_memory(proc, cgroups):
-        if limit < total:
-            return min(available, max(limit - usage, 0)), limit
-    return available, total
+    limited = [(limit, used) for limit, used in _cgroup_memory(proc, cgroups) if limit < total]
+    if not limited:
+        return available, total
+    limit, used = min(limited, key=lambda level: level[0] - level[1])
+    return min(available, max(limit - used, 0)), limit
 
 
 def _cgroup_memory(proc: Path, cgroups: Path) -> Iterator[tuple[int, int]]:
-    """(limit, working set) in bytes of the process's memory cgroup, where a limit is set (v2, then v1). The working
-    set is the usage less the inactive file cache (memory.stat), which the kernel reclaims before it kills anything
-    (the container runtimes' and Kubernetes' measure); cache read from the model's files would otherwise count."""
+    """(limit, working set) in bytes of the process's memory cgroup and of each above it up to the mount's top (v2,
+    v1), where they can be read (an unlimited v2 level, "max", is skipped). The working set is the usage less the
+    inactive file cache (memory.stat), which the kernel reclaims before it kills anything (the container runtimes'
+    and Kubernetes' measure); cache read from the model's files would otherwise count."""
     try:
         lines = (proc / "self" / "cgroup").read_text().splitlines()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return
     for line in lines:
         parts = line.split(":", 2)
@@ -133,13 +136,17 @@ def _cgroup_memory(proc: Path, cgroups: Path) -> Iterator[tuple[int, int]]:
             continue
         top = cgroups if v2 else cgroups / "memory"
         files = ("memory.max", "memory.current") if v2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
-        for where in (top / path.lstrip("/"), top):
+        where = top / path.lstrip("/")
+        for level in (where, *where.parents):
             try:
-                limit, usage = (int((where / name).read_text().strip()) for name in files)  # v2 "max": ValueError
-            except (OSError, ValueError):
-                continue
-            yield limit, usage - _inactive_file(where / "memory.stat", "inactive_file" if v2 else "total_inactive_file")
-            break
+                limit, usage = (int((level / name).read_text().strip()) for name in files)  # v2 "max": ValueError
+            except (OSError, ValueError, UnicodeDecodeError):
+                pass
+            else:
+                cache = _inactive_file(level / "memory.stat", "inactive_file" if v2 else "total_inactive_file")
+                yield limit, usage - cache
+            if level == top:
+                break
 
 
 def _inactive_file(stat: Path, key: str) -> int:
@@ -147,7 +154,7 @@ def _inactive_file(stat: Path, key: str) -> int:
     try:
         fields = dict(line.split() for line in stat.read_text().splitlines() if len(line.split()) == 2)
         return int(fields.get(key, 0))
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnicodeDecodeError):
         return 0
 
 

@@ -642,32 +642,55 @@ def test_an_arm_gives_its_freed_memory_back_whenever_the_machine_runs_short(stud
 AVAILABLE, TOTAL = 6_000_000 * 1024, 24_000_000 * 1024  # the fake machine's /proc/meminfo, in bytes
 
 
-@pytest.mark.parametrize("cgroup, files, answer", [
-    (None, None, (AVAILABLE, TOTAL)),  # no cgroup file: the machine's
-    ("0::/ftstudy.slice", {"memory.max": "8000000000", "memory.current": "7000000000"}, (1e9, 8e9)),  # v2, limited
+V1_UNLIMITED = "9223372036854771712"  # what cgroup v1 reports where no limit is set
+
+
+@pytest.mark.parametrize("cgroup, levels, answer", [
+    (None, {}, (AVAILABLE, TOTAL)),  # no cgroup file: the machine's
+    ("0::/ftstudy.slice", {"ftstudy.slice": {"memory.max": "8000000000", "memory.current": "7000000000"}},
+     (1e9, 8e9)),  # v2, limited
     # v2, limited, 0.5 GB of its usage inactive file cache (reclaimable): 1.5 GB of headroom
-    ("0::/ftstudy.slice", {"memory.max": "8000000000", "memory.current": "7000000000",
-                           "memory.stat": "anon 6000000000\ninactive_file 500000000\nactive_file 500000000"},
+    ("0::/ftstudy.slice", {"ftstudy.slice": {"memory.max": "8000000000", "memory.current": "7000000000",
+                                             "memory.stat": "anon 6000000000\ninactive_file 500000000\n"}},
      (1.5e9, 8e9)),
-    ("0::/ftstudy.slice", {"memory.max": "max", "memory.current": "7000000000"}, (AVAILABLE, TOTAL)),  # v2, no limit
+    ("0::/ftstudy.slice", {"ftstudy.slice": {"memory.max": "max", "memory.current": "7000000000"}},
+     (AVAILABLE, TOTAL)),  # v2, no limit
+    # v2, the limit on a parent (a slice's, a pod's), the process's own cgroup unlimited
+    ("0::/job/step/task", {"job/step/task": {"memory.max": "max", "memory.current": "1000000000"},
+                           "job/step": {"memory.max": "max", "memory.current": "7000000000"},
+                           "job": {"memory.max": "8000000000", "memory.current": "7900000000"}}, (1e8, 8e9)),
+    # v2, two limits: the one with less headroom
+    ("0::/a/b", {"a/b": {"memory.max": "6000000000", "memory.current": "1000000000"},
+                 "a": {"memory.max": "10000000000", "memory.current": "9000000000"}}, (1e9, 10e9)),
     # v1: the machine's available memory is less than the headroom under the limit
-    ("4:memory:/docker/abc", {"memory.limit_in_bytes": "12000000000", "memory.usage_in_bytes": "2000000000"},
-     (AVAILABLE, 12e9)),
-    ("4:memory:/docker/abc", {"memory.limit_in_bytes": "12000000000", "memory.usage_in_bytes": "11000000000",
-                              "memory.stat": "cache 3000000000\ntotal_inactive_file 2000000000"}, (3e9, 12e9)),
-], ids=["machine", "cgroup-v2", "cgroup-v2-file-cache", "cgroup-v2-unlimited", "cgroup-v1", "cgroup-v1-file-cache"])
-def test_available_memory_is_the_machines_or_the_headroom_under_the_processs_cgroup_limit(tmp_path, cgroup, files,
-                                                                                         answer):
+    ("4:memory:/docker/abc", {"docker/abc": {"memory.limit_in_bytes": "12000000000",
+                                             "memory.usage_in_bytes": "2000000000"}}, (AVAILABLE, 12e9)),
+    ("4:memory:/docker/abc", {"docker/abc": {"memory.limit_in_bytes": "12000000000",
+                                             "memory.usage_in_bytes": "11000000000",
+                                             "memory.stat": "cache 3000000000\ntotal_inactive_file 2000000000\n"}},
+     (3e9, 12e9)),
+    # v1, the process's own cgroup unlimited, its parent limited
+    ("4:memory:/user/job", {"user/job": {"memory.limit_in_bytes": V1_UNLIMITED, "memory.usage_in_bytes": "1"},
+                            "user": {"memory.limit_in_bytes": "4000000000", "memory.usage_in_bytes": "3500000000"}},
+     (5e8, 4e9)),
+    # v1 without a cgroup namespace: the process's path is not under the mount; its top holds the limit
+    ("4:memory:/docker/abc", {"": {"memory.limit_in_bytes": "5000000000", "memory.usage_in_bytes": "4000000000"}},
+     (1e9, 5e9)),
+], ids=["machine", "v2", "v2-file-cache", "v2-unlimited", "v2-parent", "v2-least-headroom", "v1", "v1-file-cache",
+        "v1-parent", "v1-top"])
+def test_available_memory_is_the_machines_or_the_headroom_under_a_cgroup_limit(tmp_path, cgroup, levels, answer):
+    """tasks.heap.available_memory: a limit on the process's cgroup or any above it, its working set (usage less the
+    inactive file cache) against it; the machine's where no level is limited below the machine's memory."""
     proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
     (proc / "self").mkdir(parents=True)
     (proc / "meminfo").write_text("MemTotal: 24000000 kB\nMemFree: 1000 kB\nMemAvailable: 6000000 kB\n")
     if cgroup:
         (proc / "self" / "cgroup").write_text(f"9:pids:/\nnot a cgroup line\n{cgroup}\n")
-        _, controllers, path = cgroup.split(":", 2)
-        where = (cgroups / "memory" if controllers else cgroups) / path.lstrip("/")
-        where.mkdir(parents=True)
-        for name, value in files.items():
-            (where / name).write_text(value + "\n")
+        top = cgroups / "memory" if cgroup.split(":")[1] else cgroups
+        for level, files in levels.items():
+            (top / level).mkdir(parents=True, exist_ok=True)
+            for name, value in files.items():
+                (top / level / name).write_text(value + "\n")
     assert available_memory(proc, cgroups) == answer
     assert available_memory(tmp_path / "nothing", cgroups) is None
 
