@@ -21,7 +21,7 @@ of their own for the logits instead (ftcore.models.ReusedLogits). Transparent hu
 
 Given back when short. Kept freed memory only grows: the blocks a step frees are split by allocations of other
 sizes, and a later step's large block no longer fits any free one and extends the heap. demo-base's replay arm, a
-steady 4.7 GB in use, held 3.7 GB free after its first curve point and 9.5 GB after 20 steps, all of it resident
+steady 4.9 GB in use, held 3.9 GB free after its first curve point and 10.0 GB after 20 steps, all of it resident
 (bench.arm_memory, a 2-core Zen 4); in a whole study its process reached 21.5 GB and was killed for memory beside the
 study's own. So an arm gives its freed pages back (malloc_trim) whenever less than an eighth of the machine's memory,
 or of its cgroup's limit, is available (give_back_when_short): on a machine with room nothing changes; when short,
@@ -94,8 +94,8 @@ def give_back_freed_memory() -> bool:
 
 
 # Freed pages are given back when less memory than this share of the machine's (or the cgroup's limit) is
-# available: more than the largest burst between two checks (a training step's heap grew by at most 1.5 GB in
-# bench.arm_memory; a curve point's logits reuse the heap's free blocks).
+# available: more than the largest burst between two checks (in bench.arm_memory the heap's free part grew by at most
+# 1.9 GB in a step, its step 2; a curve point's logits reuse the heap's free blocks).
 SHORT_SHARE = 1 / 8
 
 
@@ -164,10 +164,11 @@ def give_back_when_short(share: float = SHORT_SHARE,
     """A trainer callback for an arm whose process keeps freed memory (keep_freed_memory): whenever less than
     `share` of the machine's memory is `memory()`'s available (after each optimizer step, before the step's curve
     point; after it; after each checkpoint), the freed pages are given back (`give_back`); the first time and, when
-    training ends, how often are logged (ftcore.arm, INFO). Kept freed memory only
-    grows: the blocks a step frees are split by blocks of other sizes and the next step takes fresh ones (demo-base's
-    replay arm: +8 GB over 30 steps, bench.arm_memory), so on a machine that runs short an arm would be killed for
-    memory; given back, the next step faults its pages in again (a few seconds), so only when short. Raises nothing."""
+    training ends, how often are logged (ftcore.arm, INFO). Kept freed memory only grows: the blocks a step frees are
+    split by blocks of other sizes and the next step takes fresh ones (demo-base's replay arm: 3.9 GB free after its
+    first curve point, 10.0 GB after 20 steps, bench.arm_memory), so on a machine that runs short an arm would be
+    killed for memory; given back, the next steps fault their pages in again (about 15 s over five demo-base steps),
+    so only when short. Raises nothing."""
     from transformers import TrainerCallback
 
     class GiveBackWhenShort(TrainerCallback):
