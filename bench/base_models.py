@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.base_models [--models gemma-3-270m SmolLM2-135M-Instruct] [--set field=value ...]
 
 For each base model, the `demo-base` preset's study (the seed's learning rate 5e-5 for full and replay,
-LoRA at 2e-4, 30 steps of 8 x 256 tokens on the demo's arXiv abstracts, WikiText-2 as the general set,
+LoRA at 2e-4, 40 steps of 8 x 256 tokens on the demo's arXiv abstracts (30 before b26abc7, as in
+results/base_models.json: `--set train.max_steps=30`), WikiText-2 as the general set,
 State of the Union speeches as replay) run by ftstudy itself (ftcore.study.run_study, no Prefect),
 into the same artifacts root as `make demo-base`: a study already run there is read from its cache.
 It prints and keeps (bench/results/base_models.json) the base perplexities and every arm's change

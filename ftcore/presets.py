@@ -181,9 +181,10 @@ PRESETS: dict[str, dict[str, Any]] = {"seed": SEED, "demo": DEMO, "demo-base": D
 # what `ftstudy run --help` lists.
 ABOUT: dict[str, str] = {
     "demo-base": "the main job: the seed's experiment on a pretrained base (gemma-3-270m, offline), compared at equal "
-                 "domain gain (23–48 min on 2 CPU cores with native bf16, depending on the CPU, installing included: BENCHMARKS.md §12)",
+                 "domain gain, 40 steps (24 min on a 2-core Zen 5 from a fresh clone, installing included; longer on "
+                 "slower CPUs: BENCHMARKS.md §12)",
     "demo": "the fast tour of every feature (SmolLM2-135M-Instruct at a raised lr, offline; 19 min on 2 CPU cores with native bf16)",
-    "demo-frontier": "demo-base with each method at three learning rates and replay at 1% and 10% (8 arms to demo-base's 3; 2 h 21 min on 2 CPU cores, docs/results.md)",
+    "demo-frontier": "demo-base at 30 steps with each method at three learning rates and replay at 1% and 10% (8 arms to demo-base's 3; 2 h 21 min on 2 CPU cores, docs/results.md)",
     "demo-sweep": "six arms x two seeds on the demo's data (under an hour)",
     "smoke": "a tiny random model on slices of the offline data (about a minute)",
     "seed": "the reference recipe: gpt2-medium, Hub data, a GPU (hours)",
