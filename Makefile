@@ -1,4 +1,4 @@
-# Two commands from a fresh clone: `make test` and `make demo`. Both create .venv and install first.
+# From a fresh clone (README's Quickstart): `make smoke`, `make demo-base`, `make test`; each creates .venv and installs first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -46,7 +46,7 @@ demo-base: $(STAMP)
 demo-sweep: $(STAMP)
 	$(VENV)/bin/ftstudy run --preset demo-sweep
 
-# demo-base with each method at three learning rates and replay at 1% and 10%:
+# demo-base at its earlier 30 steps with each method at three learning rates and replay at 1% and 10%:
 # the arms at equal gain, each at its best.
 demo-frontier: $(STAMP)
 	$(VENV)/bin/ftstudy run --preset demo-frontier

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the study flow and print the table",
                          epilog="exit codes: 0 done; 1 failed (an arm or a step; the finished ones and the report are "
                          "kept); 2 bad input (refused before any model was trained or scored); 3 over the forgetting budget (gate: the study finished and "
-                         "a gated arm forgot more than forgetting_budget_pct); 130 interrupted (rerun to resume)",
+                         "a gated arm forgot more than forgetting_budget_pct); 130 interrupted (rerun to resume); 141 the reader of its output closed the pipe",
                          description="The config is built in this order, each source overriding the one before, "
                          "field by field: the defaults, --preset, --config, each --set, --artifacts. Without "
                          "--preset and --config the smoke preset runs.")

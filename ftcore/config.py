@@ -493,7 +493,8 @@ class EvalSpec(_Frozen):
     every_steps: int | None = Field(
         None, ge=0, description="Learning and forgetting curves: every N optimizer steps while an arm trains, score "
         "its domain and general perplexity on a fixed subsample (step 0 = the model before training, the last step "
-        "always), with the final evaluation's scoring code; None = about 10 points per arm, 0 = off.")
+        "always), with the final evaluation's scoring code; None = about 10 points per arm, 0 = off. Keep it below "
+        "the arm's steps: the comparison at equal domain gain needs a point between step 0 and the last.")
     curve_tokens: int | None = Field(
         4096, gt=1, description="Size of each curve subsample in tokens: the first held-out domain rows until this "
         "many predicted tokens, the first this many tokens of the general stream; None = the whole evaluation sets "

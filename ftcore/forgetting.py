@@ -27,6 +27,9 @@ import pandas as pd
 from ftcore import curves, matched_gain, plots
 
 MIN_POINTS = 4  # trained points (step > 0) a fit needs
+# Curve points the KL's rank correlation with forgetting needs: with 4, even a perfect ρ of ±1 has a two-sided exact
+# p of 2/24 = 0.083 (every order of 4 equally likely), so no ρ could be told from chance at 5%; with 5, 2/120.
+MIN_RANKED = 5
 POOR_FIT = 0.9  # R² under this is reported as a poor fit
 
 
@@ -186,9 +189,9 @@ def kl_predicts(df: pd.DataFrame) -> list[str]:
     wide = df[df.step > 0].pivot_table(index=["arm", "seed", "step"], columns="set", values=["kl", "change_pct"])
     wide = wide.dropna()
     n, runs = len(wide), wide.reset_index()[["arm", "seed"]].drop_duplicates().shape[0]
-    if n < 3:
+    if n < MIN_RANKED:
         return [f"KL and forgetting: {n} trained curve points, too few to say how well the KL predicts the general "
-                "change."]
+                f"change (with fewer than {MIN_RANKED}, no Spearman ρ could be told from chance at 5%)."]
     y = wide[("change_pct", "general")].to_numpy()
     lines = [f"Over n = {n} curve points ({runs} runs: every arm and seed, each step after 0), how well the "
              "KL(base ‖ model) per token predicts the general change in perplexity (Shenfeld et al. 2025, \"RL's "

@@ -10,7 +10,9 @@ domain gain g:
 - the gain of a point is the % fall in domain perplexity against step 0; the general change at g
   is interpolated linearly between the two measured points that bracket g where the arm *first*
   reaches it (a curve need not be monotone); an arm that never reaches g has no value there ("not
-  reached") — nothing is extrapolated;
+  reached") — nothing is extrapolated; a run whose curve has no point between step 0 and its last step
+  (eval.every_steps not below its steps) is not read at all, the section saying why, since its value at g
+  would be the straight line from the base to the end of training;
 - g is by default the largest gain every compared run (arm and seed) reaches, as measured and in at
   least 95% of the bootstrap resamples (at the largest measured one, an arm's curve only just touches
   g and many resamples of it would not reach it), and any gains the user lists (config
@@ -35,6 +37,10 @@ from ftcore import stats
 # A bootstrap value is reported only when at least this share of resamples reaches g; the default g is the
 # largest gain every arm reaches in this share of them.
 MIN_REACHED = 0.95
+# Trained points (step > 0) each run's curve needs: with only its last one, "the general change at gain g" would be
+# read off the straight line from the base to the end of training (eval.every_steps not below the arm's steps), a
+# number that looks measured and is not.
+MIN_TRAINED_POINTS = 2
 
 
 def at_gain(gain: np.ndarray, value: np.ndarray, g: float) -> np.ndarray:
@@ -73,6 +79,16 @@ def changes(nll: np.ndarray, tokens: np.ndarray, weights: np.ndarray) -> np.ndar
 def runs_of(curves: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
     """Each arm's and seed's curve, in the curves' order (ftcore.forgetting.load)."""
     return {key: g for key, g in curves.groupby(["arm", "seed"], sort=False)}
+
+
+def too_few_points(curves: pd.DataFrame) -> str:
+    """The runs (arm, or arm and seed) whose curve has fewer than MIN_TRAINED_POINTS points after step 0, in words;
+    "" when every run has enough."""
+    runs = runs_of(curves)
+    seeds = len({seed for _, seed in runs}) > 1
+    thin = [f"{arm} (seed {seed})" if seeds else arm for (arm, seed), run in runs.items()
+            if run.loc[run.step > 0, "step"].nunique() < MIN_TRAINED_POINTS]
+    return ", ".join(thin)
 
 
 def resampled_paths(curves: pd.DataFrame, resamples: int = stats.RESAMPLES) -> dict[tuple[str, int], dict]:
@@ -256,6 +272,11 @@ def section(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], 
     """
     if curves.empty or "unit_nll" not in curves:
         return {}
+    if thin := too_few_points(curves):
+        note = (f"Not compared at equal domain gain: the curve of {thin} has no point between step 0 and its last step, "
+                "so its general change at a common gain would be read off a straight line from the base to the end of "
+                "training, not measured. Set eval.every_steps below the arm's steps (unset: about 10 points per arm).")
+        return {"headline": note, "lines": [note], "gain": math.nan, "gains": []}
     paths = resampled_paths(curves)
     g = common_gain(paths, [[a] for a in order])
     first = next(iter(runs_of(curves).values()))

@@ -57,7 +57,7 @@ SEED: dict[str, Any] = {
 }
 
 # Without the Hub on 2 CPU cores: SmolLM2-135M-Instruct from its PyPI wheel and ../shared/data. Sizes are cut
-# for a CPU (30 steps of 8 x <=256 tokens, about half an epoch): 15 minutes from a fresh clone with the
+# for a CPU (30 steps of 8 x <=256 tokens, about half an epoch): 19 minutes on 2 cores (README) with the
 # curves, the exact KL and the lm-eval cross-check (docs/results.md). The lr is
 # raised because at the seed's 5e-5 (and at 3e-4 for 40 steps, measured here) this short run lowers
 # general perplexity too: the base is an instruction-tuned, 4-bit-dequantized model that plain text
@@ -105,7 +105,7 @@ DEMO_BASE: dict[str, Any] = deep_merge(DEMO, {
     # within 25 minutes from a fresh clone on a 2-core Zen 5 (BENCHMARKS.md §12).
     "train": {"learning_rate": 5e-5, "warmup_ratio": 0.03, "max_steps": 40},
     "lora": {"learning_rate": 2e-4},
-    # Curves every 5 steps on ~2k tokens of each set (about 13 held-out abstracts, and 8 general windows spread
+    # Curves every 5 steps on ~2k tokens of each set (about 10 held-out abstracts, and 8 general windows spread
     # over the 4 scored articles): the points the comparison at equal domain gain reads off (docs/results.md:
     # what they cost).
     "eval": {"every_steps": 5, "curve_tokens": 2048},

@@ -466,8 +466,11 @@ def write_report(p: Prepared, evals: list[Evaluation], arms: list[TrainedArm], f
 
 def data_stats(p: Prepared) -> dict[str, dict[str, int]]:
     """What tokenizing read and cut, per set: the report's Data section (`domain`: what reading the domain
-    corpus dropped before the split)."""
-    data = {("domain" if split == "corpus" else f"domain {split}"): st for split, st in p.domain.stats.items()}
+    corpus dropped before the split), in one order: training before held-out whether the splits' stats come from
+    this run or from a cached result's JSON (its keys sorted)."""
+    order = {"corpus": 0, "train": 1, "test": 2}
+    splits = sorted(p.domain.stats.items(), key=lambda item: order.get(item[0], len(order)))
+    data = {("domain" if split == "corpus" else f"domain {split}"): st for split, st in splits}
     own = {"self replay": p.self_replay.stats} if p.self_replay and p.self_replay is not p.replay else {}
     return data | {"general": p.general.stats} | ({"replay": p.replay.stats} if p.replay else {}) | own
 

@@ -182,8 +182,8 @@ def give_back_when_short(share: float = SHORT_SHARE,
             self.given += 1
             if self.given == 1:
                 logging.getLogger("ftcore.arm").info(
-                    "memory short (%.1f of %.1f GB available): the arm gives its freed memory back whenever it "
-                    "is, and its next step is slower (tasks.heap)", found[0] / 1e9, found[1] / 1e9)
+                    "memory short (%.1f of %.1f GB available): the arm gives its freed memory back each time memory "
+                    "is short, and the steps after are slower (tasks.heap)", found[0] / 1e9, found[1] / 1e9)
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             self.check()

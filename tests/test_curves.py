@@ -290,6 +290,24 @@ def test_top_k_kl_is_a_lower_bound_of_the_full_kl():
 
 # --- the analysis: fit, budget table, report -----------------------------------------------------------
 
+def test_the_kls_rank_correlation_with_forgetting_needs_five_points():
+    """Over 3 or 4 curve points any ρ is ±1 or near it and could be chance (seen: ρ +1.00 "closely" over n = 3);
+    from 5 on it is reported."""
+    from ftcore import forgetting
+
+    def points(n):
+        return pd.DataFrame([{"arm": "full", "seed": 0, "step": 10 * i, "set": which, "kl": 0.01 * i,
+                              "change_pct": 0.5 * i + (0.1 if which == "domain" else 0.0)}
+                             for i in range(n + 1) for which in ("domain", "general")])
+
+    for n in (3, 4):
+        assert forgetting.kl_predicts(points(n)) == [
+            f"KL and forgetting: {n} trained curve points, too few to say how well the KL predicts the general change "
+            "(with fewer than 5, no Spearman ρ could be told from chance at 5%)."]
+    lines = forgetting.kl_predicts(points(5))
+    assert lines[0].startswith("Over n = 5 curve points") and "| KL on the general text | +1.00 | 1.00 |" in lines
+
+
 def test_the_power_law_fit_recovers_a_known_law_and_says_when_it_cannot():
     from ftcore import forgetting
 

@@ -184,3 +184,21 @@ def test_a_change_that_prints_as_zero_is_not_called_worse():
                                          + math.log(1.0004) * general["docs"].loc[3, "n_tokens"])
     text = "\n".join(forgetting_summary(analyse(evals).general_docs, ["full"]))
     assert "- full: 0 of 40 documents got worse" in text and "No document got worse" in text
+
+
+def test_the_data_section_lists_training_before_held_out_whatever_order_the_stats_come_in():
+    """A cached tokenize result's stats come back from JSON with sorted keys ("test" before "train"), a fresh one's
+    in the order tokenizing wrote them: the report, rendered again from cache, reordered its Data table."""
+    from types import SimpleNamespace
+
+    from ftcore.study import data_stats
+
+    def prepared(stats):
+        return SimpleNamespace(domain=SimpleNamespace(stats=stats), general=SimpleNamespace(stats={"docs": 3}),
+                               replay=None, self_replay=None)
+
+    fresh = {"corpus": {"docs": 9}, "train": {"docs": 7}, "test": {"docs": 2}}
+    cached = dict(sorted(fresh.items()))
+    assert list(cached) == ["corpus", "test", "train"]
+    for stats in (fresh, cached):
+        assert list(data_stats(prepared(stats))) == ["domain", "domain train", "domain test", "general"]
