@@ -81,14 +81,13 @@ def runs_of(curves: pd.DataFrame) -> dict[tuple[str, int], pd.DataFrame]:
     return {key: g for key, g in curves.groupby(["arm", "seed"], sort=False)}
 
 
-def too_few_points(curves: pd.DataFrame) -> str:
-    """The runs (arm, or arm and seed) whose curve has fewer than MIN_TRAINED_POINTS points after step 0, in words;
-    "" when every run has enough."""
+def too_few_points(curves: pd.DataFrame) -> dict[str, int]:
+    """The runs whose curve has fewer than MIN_TRAINED_POINTS points after step 0: {"arm" (or "arm, seed s"
+    with several seeds): its last step}; empty when every run has enough."""
     runs = runs_of(curves)
     seeds = len({seed for _, seed in runs}) > 1
-    thin = [f"{arm} (seed {seed})" if seeds else arm for (arm, seed), run in runs.items()
-            if run.loc[run.step > 0, "step"].nunique() < MIN_TRAINED_POINTS]
-    return ", ".join(thin)
+    return {f"{arm}, seed {seed}" if seeds else str(arm): int(run.step.max()) for (arm, seed), run in runs.items()
+            if run.loc[run.step > 0, "step"].nunique() < MIN_TRAINED_POINTS}
 
 
 def resampled_paths(curves: pd.DataFrame, resamples: int = stats.RESAMPLES) -> dict[tuple[str, int], dict]:
@@ -273,9 +272,13 @@ def section(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], 
     if curves.empty or "unit_nll" not in curves:
         return {}
     if thin := too_few_points(curves):
-        note = (f"Not compared at equal domain gain: the curve of {thin} has no point between step 0 and its last step, "
-                "so its general change at a common gain would be read off a straight line from the base to the end of "
-                "training, not measured. Set eval.every_steps below the arm's steps (unset: about 10 points per arm).")
+        runs = ", ".join(f"{run} (trained {steps} steps)" for run, steps in thin.items())
+        curve = "the curves of {} hold" if len(thin) > 1 else "the curve of {} holds"
+        last = min(thin.values())
+        note = (f"Not compared at equal domain gain: {curve.format(runs)} no point between step 0 and the last step, so "
+                "a general change at a common gain would be read off a straight line from the base to the end of "
+                "training, not measured; no arm is compared. Set eval.every_steps below "
+                f"{last} (e.g. --set eval.every_steps={max(1, last // 4)}), or to null for about 10 points per arm.")
         return {"headline": note, "lines": [note], "gain": math.nan, "gains": []}
     paths = resampled_paths(curves)
     g = common_gain(paths, [[a] for a in order])

@@ -47,10 +47,15 @@ def test_a_curve_without_a_point_between_step_0_and_its_end_is_not_read_at_equal
     arms = [("full", "full"), ("lora", "lora")]
     rows = (_curve("full", 0, [0, 5, 10, 15], [0, 2, 4, 6], 30, 20) + _curve("lora", 0, [0, 9], [0, 1.5], 30, 20))
     section = matched_gain.section(pd.DataFrame(rows), [], ["full", "lora"], "full", arms)
-    assert section["headline"].startswith("Not compared at equal domain gain: the curve of lora has no point")
+    assert section["headline"] == (
+        "Not compared at equal domain gain: the curve of lora (trained 10 steps) holds no point between step 0 and the "
+        "last step, so a general change at a common gain would be read off a straight line from the base to the end "
+        "of training, not measured; no arm is compared. Set eval.every_steps below 10 (e.g. --set "
+        "eval.every_steps=2), or to null for about 10 points per arm.")
     assert section["lines"] == [section["headline"]] and section["gains"] == [] and "table" not in section
-    seeds = pd.DataFrame(_curve("full", 0, [0, 5, 10], [0, 2, 4], 30, 20) + _curve("full", 1, [0, 10], [0, 4], 30, 20))
-    assert "the curve of full (seed 1) has" in matched_gain.section(seeds, [], ["full"], None, arms[:1])["headline"]
+    seeds = pd.DataFrame(_curve("full", 0, [0, 5], [0, 2], 30, 20) + _curve("full", 1, [0, 10], [0, 4], 30, 20))
+    assert "the curves of full, seed 0 (trained 10 steps), full, seed 1 (trained 10 steps) hold" in (
+        matched_gain.section(seeds, [], ["full"], None, arms[:1])["headline"])
     enough = pd.DataFrame(_curve("full", 0, [0, 5, 10], [0, 2, 4], 30, 20) + _curve("lora", 0, [0, 6, 9], [0, 1, 1.5], 30, 20))
     assert matched_gain.section(enough, [], ["full", "lora"], "full", arms)["headline"].startswith("**At a domain gain")
 
