@@ -275,10 +275,12 @@ def section(curves: pd.DataFrame, gains: Sequence[float], order: Sequence[str], 
         runs = ", ".join(f"{run} (trained {steps} steps)" for run, steps in thin.items())
         curve = "the curves of {} hold" if len(thin) > 1 else "the curve of {} holds"
         last = min(thin.values())
+        # An arm of one step (or none recorded) has no step in between to measure: only more steps can help.
+        remedy = (f"Set eval.every_steps below {last} (e.g. --set eval.every_steps={max(1, last // 4)}), or to null for "
+                  "about 10 points per arm." if last >= 2 else "Train more than one step (train.max_steps).")
         note = (f"Not compared at equal domain gain: {curve.format(runs)} no point between step 0 and the last step, so "
                 "a general change at a common gain would be read off a straight line from the base to the end of "
-                "training, not measured; no arm is compared. Set eval.every_steps below "
-                f"{last} (e.g. --set eval.every_steps={max(1, last // 4)}), or to null for about 10 points per arm.")
+                f"training, not measured; no arm is compared. {remedy}")
         return {"headline": note, "lines": [note], "gain": math.nan, "gains": []}
     paths = resampled_paths(curves)
     g = common_gain(paths, [[a] for a in order])

@@ -60,6 +60,16 @@ def test_a_curve_without_a_point_between_step_0_and_its_end_is_not_read_at_equal
     assert matched_gain.section(enough, [], ["full", "lora"], "full", arms)["headline"].startswith("**At a domain gain")
 
 
+def test_an_arm_of_one_step_is_told_to_train_more_not_to_lower_every_steps():
+    """With one step there is no step in between to measure: "set eval.every_steps below 1" would be no remedy."""
+    rows = _curve("full", 0, [0, 4], [0, 1], 30, 20)
+    for row in rows:
+        row["step"] //= 10  # the points at steps 0 and 1
+    headline = matched_gain.section(pd.DataFrame(rows), [], ["full"], None, [("full", "full")])["headline"]
+    assert "the curve of full (trained 1 steps) holds no point" in headline
+    assert headline.endswith("no arm is compared. Train more than one step (train.max_steps).")
+
+
 def test_the_comparison_at_equal_gain_with_its_default_gain_and_the_reference():
     rows = (_curve("full", 0, [0, 5, 10, 15], [0, 2, 4, 6], 30, 20)
             + _curve("lora", 0, [0, 3, 6, 9], [0, 0.5, 1.0, 1.5], 30, 20))
